@@ -1,0 +1,28 @@
+# One entry point for people and CI. `make install` then `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTHON ?= python3
+
+.PHONY: install test lint format emulator check
+
+install:  ## a local virtual environment with everything (runtime, emulator, tests, checks)
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade --quiet pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+
+test:  ## the whole test suite (needs Redis at $$REDIS_URL, default redis://127.0.0.1:6379/0)
+	$(PY) -m pytest
+
+lint:  ## ruff lint + format check, strict mypy
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m mypy
+
+format:
+	$(PY) -m ruff format .
+	$(PY) -m ruff check --fix .
+
+check: lint test
+
+emulator:  ## the DashScope emulator in the foreground on :8765
+	$(PY) -m emulator --port 8765

@@ -1,0 +1,64 @@
+"""The emulator's knobs: quotas, task durations, retention and URL lifetime, all settable from the CLI."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+DETECT_MODEL = "animate-anyone-detect-gen2"
+TEMPLATE_MODEL = "animate-anyone-template-gen2"
+VIDEO_MODEL = "animate-anyone-gen2"
+
+# endpoint suffix under /services/aigc/image2video/ -> the models it serves
+ENDPOINT_MODELS: dict[str, tuple[str, ...]] = {
+    "aa-detect": (DETECT_MODEL,),
+    "aa-template-generation": (TEMPLATE_MODEL,),
+    "video-synthesis": (VIDEO_MODEL,),
+}
+ASYNC_MODELS = (TEMPLATE_MODEL, VIDEO_MODEL)
+
+
+@dataclass
+class EmulatorConfig:
+    """Everything the emulator can be told at start-up (and most of it later, via the admin API)."""
+
+    # Accepted keys: empty means every non-empty key is accepted and is its own account.
+    # Otherwise key -> account name; several keys may share an account (RAM users).
+    api_keys: dict[str, str] = field(default_factory=dict)
+
+    # Quotas (per account, per second), documented in §6.4 of the API notes.
+    submit_rate: float = 1.0  # per async model
+    detect_rate: float = 5.0
+    query_rate: float = 20.0  # task query, list and cancel together
+    policy_rate: float = 100.0  # upload policy, per model
+    concurrency: int = 1  # running tasks per (account, model); the rest wait PENDING, FIFO
+
+    # Task durations in seconds (the real service takes minutes).
+    preprocess_seconds: float = 0.5
+    generation_seconds: float = 2.0
+    postprocess_seconds: float = 0.5
+    template_seconds: float = 2.0
+
+    retention_seconds: float = 86400.0  # a finished task reads UNKNOWN after this
+    url_ttl_seconds: float = 86400.0  # video_url lifetime, counted from end_time
+    upload_ttl_seconds: float = 48 * 3600.0  # oss:// temporary files
+    policy_ttl_seconds: float = 300.0  # an upload policy's lifetime
+
+    # Output video: 720P at the job's ratio, unless shrunk for speed.
+    video_short_side: int = 720
+    video_pad_bytes: int = 0  # pad every output MP4 up to this size (copy benchmarks)
+
+    fetch_timeout_seconds: float = 10.0  # downloading an input image or video
+    seed: int | None = None  # fault injection randomness
+    public_url: str | None = (
+        None  # base URL put into video_url/upload_host; default from the request
+    )
+
+    def account_for(self, key: str) -> str | None:
+        """The account a key belongs to, or None when the key is refused."""
+        if not key:
+            return None
+        if self.api_keys:
+            return self.api_keys.get(key)
+        # An account name must never reveal the key: it shows up in template ids and stats.
+        return "acct-" + hashlib.sha256(key.encode()).hexdigest()[:12]
