@@ -103,13 +103,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         server.stop()
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"DashScope emulator listening on {server.url} (base URL {server.base_url})", flush=True)
 
     async def wait_for_signal() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
+        # Announce only once a signal can be handled: callers wait for this line.
+        print(
+            f"DashScope emulator listening on {server.url} (base URL {server.base_url})", flush=True
+        )
         await stop.wait()
 
     try:
