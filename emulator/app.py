@@ -56,6 +56,7 @@ DETECT_REASONS = {
 REQUEST_ID = web.RequestKey("request_id", str)
 ACCOUNT = web.RequestKey("account", str)
 MODEL = web.RequestKey("model", str)
+FAULT = web.RequestKey("fault", Fault)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -195,6 +196,7 @@ class Emulator:
         fault = self.faults.pick(group) if group else None
         try:
             if fault is not None:
+                request[FAULT] = fault
                 early = await self._fault_before(request, fault, group or "any")
                 if early is not None:
                     return early
@@ -757,12 +759,25 @@ class Emulator:
         if task is None:
             return oss_error(404, "NoSuchKey", "The specified key does not exist.", "")
         path = await self.render(task)
+        fault = request.get(FAULT)
+        if fault is not None and fault.kind == "truncate":
+            return await self._truncated(request, path)
 
         def sent(size: int) -> None:
             self.stats.add(task.account, task.model, "video_downloads")
             self.stats.add(task.account, task.model, "video_bytes_served", size)
 
         return CountingFileResponse(path, sent, headers={"Content-Type": "video/mp4"})
+
+    async def _truncated(self, request: web.Request, path: Path) -> web.StreamResponse:
+        """Announce the whole file, send half of it, and hang up."""
+        data = path.read_bytes()
+        response = web.StreamResponse(headers={"Content-Type": "video/mp4"})
+        response.content_length = len(data)
+        await response.prepare(request)
+        await response.write(data[: len(data) // 2])
+        self._drop(request)
+        return response
 
     async def render(self, task: tasks.Task) -> Path:
         """The output MP4 for a task, rendered once per distinct input and size, then reused."""

@@ -13,6 +13,8 @@ Fault kinds:
   closed without an answer: the ambiguous submission.
 * ``slow``: the answer comes ``seconds`` late, before anything is done.
 * ``slow_after``: the request is handled at once and the answer is held back ``seconds``.
+* ``truncate`` (``video`` only): the full ``Content-Length`` is announced, half the body is sent,
+  then the connection is closed: a download that ends short.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from urllib.parse import parse_qs, urlsplit
 ROUTES = frozenset(
     {"submit", "detect", "query", "list", "cancel", "policy", "upload", "video", "any"}
 )
-KINDS = frozenset({"500", "503", "429", "drop", "drop_after", "slow", "slow_after"})
+KINDS = frozenset({"500", "503", "429", "drop", "drop_after", "slow", "slow_after", "truncate"})
 RANDOM_KINDS = ("500", "503", "429", "drop", "slow")
 
 

@@ -735,6 +735,19 @@ class TestFaults:
         listed = api.http.get("/api/v1/tasks", headers=api.auth).json()
         assert listed["total"] == 1
 
+    def test_truncated_video(self, api: Api) -> None:
+        """truncate: the body ends at half the announced Content-Length, then the line drops."""
+        task_id = api.submit().json()["output"]["task_id"]
+        url = api.wait(task_id)["output"]["video_url"]
+        size = len(api.http.get(url).content)
+        api.admin("POST", "faults/next", json={"route": "video", "kind": "truncate"})
+        received = bytearray()
+        with pytest.raises(httpx.RemoteProtocolError), api.http.stream("GET", url) as r:
+            assert int(r.headers["content-length"]) == size
+            for chunk in r.iter_raw():
+                received += chunk
+        assert len(received) == size // 2
+
     def test_slow(self, api: Api) -> None:
         """A slow fault delays the answer by the given seconds."""
         api.admin("POST", "faults/next", json={"route": "query", "kind": "slow", "seconds": 0.6})

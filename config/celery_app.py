@@ -1,0 +1,90 @@
+"""The Celery app, ``config.celery_app``: ``celery -A config.celery_app worker`` (or ``flower``).
+
+Each setting that matters carries its reason; most come from ../shared/docs/celery-pitfalls.md.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from celery import Celery
+from celery.signals import worker_init, worker_process_init
+
+from config.settings import Settings, SettingsError, get_settings
+
+QUEUE_INTAKE = "celery"  # Celery's default: a bare send_task("animate.generate") lands here
+QUEUE_DASHSCOPE = "dashscope"  # submit and poll: short calls, bound by DashScope's quota
+QUEUE_TRANSFER = "transfer"  # copies: long downloads must never delay a poll
+
+try:
+    settings: Settings = get_settings()
+except SettingsError as exc:
+    sys.exit(f"animate-queue: {exc}")
+
+app = Celery("animate_queue", include=["workers.tasks"])
+transport = {
+    # Redis re-delivers any message not acknowledged within this time, including countdown
+    # messages waiting in a worker. Settings check that it is >= 4x the longest countdown and
+    # above the copy's hard time limit. Every process on this broker must use the same value.
+    "visibility_timeout": settings.visibility_timeout,
+}
+app.conf.update(
+    broker_url=settings.broker_url,
+    result_backend=settings.result_backend,
+    broker_transport_options=transport,
+    result_backend_transport_options=transport,
+    broker_connection_retry_on_startup=True,
+    # Messages come from other services: JSON only, never pickle.
+    task_serializer="json",
+    result_serializer="json",
+    accept_content=["json"],
+    event_serializer="json",
+    # Flower is fed by events: from workers (-E) and from producers (sent events).
+    worker_send_task_events=True,
+    task_send_sent_event=True,
+    task_track_started=True,
+    # Job state lives in our job store; tasks keep no results of their own. In particular the
+    # intake task must not write a result under the job id (producers will read that id).
+    task_ignore_result=True,
+    result_expires=settings.result_expires_seconds,
+    result_extended=True,
+    # One message at a time per process; countdown messages are held in memory regardless of
+    # prefetch, so cap them too.
+    worker_prefetch_multiplier=1,
+    worker_eta_task_limit=1000,
+    # Acknowledge after the work: a worker that dies mid-task leaves the message for another.
+    # Every task is idempotent (compare-and-set with a fencing version). A child killed by the
+    # OS is acknowledged (no redelivery loop); the job record stays for the watchdog.
+    task_acks_late=True,
+    task_reject_on_worker_lost=False,
+    worker_cancel_long_running_tasks_on_connection_loss=True,
+    # On SIGTERM give running tasks a grace period, then requeue what is left, including
+    # countdown messages held while idle.
+    worker_soft_shutdown_timeout=30.0,
+    worker_enable_soft_shutdown_on_idle=True,
+    task_default_queue=QUEUE_INTAKE,
+    task_routes={
+        "animate.submit": {"queue": QUEUE_DASHSCOPE},
+        "animate.poll": {"queue": QUEUE_DASHSCOPE},
+        "animate.copy": {"queue": QUEUE_TRANSFER},
+    },
+    worker_hijack_root_logger=False,
+)
+
+
+@worker_init.connect
+def _require_worker_settings(**_: Any) -> None:
+    """A worker without a key or bucket stops at start-up, saying which is missing."""
+    try:
+        settings.require_worker()
+    except SettingsError as exc:
+        sys.exit(f"animate-queue: {exc}")
+
+
+@worker_process_init.connect
+def _fresh_clients(**_: Any) -> None:
+    """Each forked process builds its own HTTP, S3 and Redis clients."""
+    from workers import wiring
+
+    wiring.reset()

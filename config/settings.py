@@ -1,0 +1,141 @@
+"""Settings: the only place that reads the environment. Validated once, at start-up.
+
+Every name below is an environment variable (upper case). A bad value stops the process with a
+message naming the variable. AWS credentials are left to boto3's own chain (``AWS_ACCESS_KEY_ID``,
+``AWS_SECRET_ACCESS_KEY``, profiles, instance roles) and are never held here.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Literal
+
+from pydantic import Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ChecksumMode = Literal["when_required", "when_supported"]
+
+
+class SettingsError(Exception):
+    """The environment holds a value the service cannot run with."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(case_sensitive=False, extra="ignore", frozen=True)
+
+    # --- Redis and Celery
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    celery_broker_url: str | None = None  # default: REDIS_URL
+    celery_result_backend: str | None = None  # default: REDIS_URL
+    # Redis re-delivers an unacknowledged message after this long. It must sit far above the
+    # longest countdown and the copy's hard time limit, or polls and copies run twice.
+    visibility_timeout: int = Field(default=1800, ge=60)
+    result_expires_seconds: int = Field(default=7 * 24 * 3600, ge=60)
+    job_retention_seconds: int = Field(default=30 * 24 * 3600, ge=3600)  # final job records
+    key_prefix: str = "animate-queue"
+
+    # --- DashScope
+    dashscope_api_key: SecretStr | None = None  # required by workers, not by producers
+    dashscope_base_url: str = "https://dashscope.aliyuncs.com/api/v1"
+    dashscope_model: str = "animate-anyone-gen2"
+    dashscope_endpoint: str = "video-synthesis"  # under /services/aigc/image2video/
+    dashscope_connect_timeout: float = Field(default=5.0, gt=0)
+    dashscope_read_timeout: float = Field(default=30.0, gt=0)
+
+    # --- S3
+    s3_bucket: str | None = None  # required by workers
+    s3_prefix: str = "animate-queue/videos"
+    aws_endpoint_url: str | None = None  # S3-compatible servers (MinIO, moto)
+    aws_default_region: str | None = None
+    # boto3 >= 1.36 sends CRC checksums by default; several S3-compatible servers refuse them.
+    aws_request_checksum_calculation: ChecksumMode = "when_required"
+    aws_response_checksum_validation: ChecksumMode = "when_required"
+    s3_addressing_style: Literal["auto", "path", "virtual"] = "auto"
+    copy_part_size_mb: int = Field(default=8, ge=5, le=5120)
+    copy_concurrency: int = Field(default=4, ge=1, le=32)
+    copy_read_timeout: float = Field(default=60.0, gt=0)
+    copy_time_limit: int = Field(default=1500, ge=60)  # hard limit of one copy attempt (seconds)
+    copy_max_attempts: int = Field(default=20, ge=1)
+    copy_backoff_base: float = Field(default=5.0, gt=0)
+    copy_backoff_max: float = Field(default=300.0, gt=0)
+
+    # --- Intake
+    image_check_timeout: float = Field(default=10.0, gt=0)
+
+    # --- Submitting and polling
+    submit_max_attempts: int = Field(default=8, ge=1)
+    submit_backoff_base: float = Field(default=2.0, gt=0)
+    submit_backoff_max: float = Field(default=120.0, gt=0)
+    poll_first_seconds: float = Field(default=2.0, gt=0)
+    poll_running_seconds: float = Field(default=3.0, gt=0)
+    poll_pending_seconds: float = Field(default=5.0, gt=0)
+    poll_pending_max_seconds: float = Field(default=30.0, gt=0)
+    poll_error_backoff_max: float = Field(default=60.0, gt=0)
+    job_remote_deadline_seconds: float = Field(default=6 * 3600.0, gt=0)
+
+    @model_validator(mode="after")
+    def _coherent(self) -> Settings:
+        longest_countdown = max(
+            self.poll_pending_max_seconds,
+            self.poll_error_backoff_max,
+            self.submit_backoff_max,
+            self.copy_backoff_max,
+        )
+        if longest_countdown * 4 > self.visibility_timeout:
+            raise ValueError(
+                f"VISIBILITY_TIMEOUT ({self.visibility_timeout}) must be at least 4x the longest "
+                f"countdown ({longest_countdown:.0f} s), or Redis re-delivers waiting messages"
+            )
+        if self.copy_time_limit + 60 > self.visibility_timeout:
+            raise ValueError(
+                f"COPY_TIME_LIMIT ({self.copy_time_limit}) must end at least 60 s before "
+                f"VISIBILITY_TIMEOUT ({self.visibility_timeout}), or a long copy is re-delivered"
+            )
+        return self
+
+    @property
+    def broker_url(self) -> str:
+        return self.celery_broker_url or self.redis_url
+
+    @property
+    def result_backend(self) -> str:
+        return self.celery_result_backend or self.redis_url
+
+    def require_worker(self) -> None:
+        """Workers need a key and a bucket; producers and Flower do not."""
+        missing = [
+            name
+            for name, value in (
+                ("DASHSCOPE_API_KEY", self.dashscope_api_key),
+                ("S3_BUCKET", self.s3_bucket),
+            )
+            if not value or (isinstance(value, SecretStr) and not value.get_secret_value())
+        ]
+        if missing:
+            raise SettingsError(f"workers need {' and '.join(missing)} set in the environment")
+
+
+def describe_error(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        name = ".".join(str(p) for p in err["loc"]).upper() or "settings"
+        lines.append(f"{name}: {err['msg']}")
+    return "; ".join(lines)
+
+
+def load_settings(environ: dict[str, str] | None = None) -> Settings:
+    """Settings from ``environ`` (default: the process environment), or :class:`SettingsError`."""
+    try:
+        if environ is None:
+            return Settings()
+        lowered = {k.lower(): v for k, v in environ.items()}
+        return Settings.model_validate(
+            {k: v for k, v in lowered.items() if k in Settings.model_fields}
+        )
+    except ValidationError as exc:
+        raise SettingsError(f"bad configuration: {describe_error(exc)}") from None
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return load_settings()

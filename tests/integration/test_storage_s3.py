@@ -1,0 +1,326 @@
+"""workers.storage against a real S3 API (moto's threaded server) and the real emulator's videos.
+
+Also the truncation trap (pitfall #9): a naive file-like whose ``read(n)`` returns one network chunk
+makes ``upload_fileobj`` store a fraction of the stream without any error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import io
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import boto3
+import httpx
+import pytest
+from boto3.s3.transfer import TransferConfig
+from moto.server import ThreadedMotoServer
+
+from emulator.server import EmulatorServer
+from workers.errors import SourceExpired, SourceUnavailable, StorageUnavailable
+from workers.storage import S3Copier, SourceReader, make_s3_client
+
+MiB = 1024 * 1024
+
+
+# ---------------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def moto_endpoint() -> Iterator[str]:
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def aws_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture
+def s3(moto_endpoint: str, aws_env: None) -> Any:
+    return make_s3_client(endpoint_url=moto_endpoint, region="us-east-1")
+
+
+@pytest.fixture
+def bucket(s3: Any) -> str:
+    name = f"videos-{uuid.uuid4().hex[:12]}"
+    s3.create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture
+def http_client() -> Iterator[httpx.Client]:
+    with httpx.Client(timeout=httpx.Timeout(10.0)) as client:
+        yield client
+
+
+def video_url(emulator: EmulatorServer, api_key: str) -> str:
+    """A real signed video_url: seed a template, submit a generation, poll until SUCCEEDED."""
+    auth = {"Authorization": f"Bearer {api_key}"}
+    with httpx.Client(base_url=emulator.url, timeout=10) as client:
+        seeded = client.post("/_emulator/templates", json={"api_key": api_key, "seconds": 2})
+        template_id = seeded.raise_for_status().json()["template_id"]
+        submitted = client.post(
+            "/api/v1/services/aigc/image2video/video-synthesis",
+            headers={**auth, "X-DashScope-Async": "enable"},
+            json={
+                "model": "animate-anyone-gen2",
+                "input": {
+                    "image_url": f"{emulator.url}/_emulator/samples/person.png",
+                    "template_id": template_id,
+                },
+                "parameters": {},
+            },
+        )
+        task_id = submitted.raise_for_status().json()["output"]["task_id"]
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            output = client.get(f"/api/v1/tasks/{task_id}", headers=auth).json()["output"]
+            if output["task_status"] == "SUCCEEDED":
+                return str(output["video_url"])
+            assert output["task_status"] not in ("FAILED", "CANCELED", "UNKNOWN"), output
+            time.sleep(0.1)
+    raise AssertionError(f"task {task_id} did not succeed in time")
+
+
+def uploads_in_progress(s3: Any, bucket: str) -> list[Any]:
+    return list(s3.list_multipart_uploads(Bucket=bucket).get("Uploads", []))
+
+
+class Truncating(http.server.BaseHTTPRequestHandler):
+    """Announces ``size`` bytes, sends half of them, and hangs up."""
+
+    size = 0
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "video/mp4")
+        self.send_header("Content-Length", str(self.size))
+        self.end_headers()
+        half = self.size // 2
+        block = bytes(range(256)) * 4096  # 1 MiB
+        sent = 0
+        while sent < half:
+            n = min(len(block), half - sent)
+            self.wfile.write(block[:n])
+            sent += n
+        self.wfile.flush()
+        self.close_connection = True
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def truncating_server() -> Iterator[type[Truncating]]:
+    handler = type("Handler", (Truncating,), {})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    handler.url = f"http://127.0.0.1:{server.server_address[1]}/results/t.mp4?Signature=abc123"  # type: ignore[attr-defined]
+    try:
+        yield handler
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+# ---------------------------------------------------------------------------------- the trap
+
+
+class NaiveReader:
+    """The tempting wrapper: ``read(n)`` returns whatever chunk comes next, whatever n is."""
+
+    def __init__(self, chunks: Iterator[bytes]) -> None:
+        self._chunks = chunks
+
+    def read(self, n: int = -1) -> bytes:
+        return next(self._chunks, b"")
+
+
+def chunks_of(data: bytes, size: int) -> Iterator[bytes]:
+    for i in range(0, len(data), size):
+        yield data[i : i + size]
+
+
+def test_naive_reader_silently_truncates_and_ours_does_not(s3: Any, bucket: str) -> None:
+    data = bytes(range(256)) * (20 * MiB // 256)
+    config = TransferConfig(multipart_threshold=8 * MiB, multipart_chunksize=8 * MiB)
+
+    s3.upload_fileobj(NaiveReader(chunks_of(data, 64 * 1024)), bucket, "naive", Config=config)
+    naive = s3.head_object(Bucket=bucket, Key="naive")["ContentLength"]
+    assert naive == 128 * 1024  # 2 of 320 chunks: the first read, then "read to the end"; no error
+
+    reader = SourceReader(chunks_of(data, 64 * 1024), expected_size=len(data), source="test")
+    s3.upload_fileobj(io.BufferedReader(reader, buffer_size=MiB), bucket, "ours", Config=config)
+    stored = s3.get_object(Bucket=bucket, Key="ours")["Body"].read()
+    assert len(stored) == len(data) == reader.size
+    assert hashlib.sha256(stored).hexdigest() == reader.sha256 == hashlib.sha256(data).hexdigest()
+
+
+def test_an_exception_raised_in_read_surfaces_as_itself_and_aborts(s3: Any, bucket: str) -> None:
+    """What s3transfer does with an error from read(): re-raises the same object, aborts the MPU."""
+
+    def failing() -> Iterator[bytes]:
+        yield from chunks_of(b"x" * (12 * MiB), 64 * 1024)
+        raise httpx.ReadError("reset")
+
+    reader = SourceReader(failing(), expected_size=20 * MiB, source="test")
+    config = TransferConfig(multipart_threshold=8 * MiB, multipart_chunksize=8 * MiB)
+    with pytest.raises(SourceUnavailable) as info:
+        s3.upload_fileobj(io.BufferedReader(reader, MiB), bucket, "k", Config=config)
+    assert info.value is reader.error  # not wrapped in S3UploadFailedError
+    assert uploads_in_progress(s3, bucket) == []
+    assert s3.list_objects_v2(Bucket=bucket).get("KeyCount") == 0
+
+
+# ---------------------------------------------------------------------------------- the copier
+
+
+def test_copy_happy_path_find_and_repeat(
+    emulator: EmulatorServer, api_key: str, s3: Any, bucket: str, http_client: httpx.Client
+) -> None:
+    url = video_url(emulator, api_key)
+    direct = httpx.get(url, timeout=10).raise_for_status().content
+    copier = S3Copier(s3, http_client, bucket=bucket)
+    key = "jobs/job-1.mp4"
+
+    stored = copier.copy(url, key, metadata={"job-id": "job-1"})
+
+    body = s3.get_object(Bucket=bucket, Key=key)
+    assert body["Body"].read() == direct
+    assert stored.size == len(direct)
+    assert stored.sha256 == hashlib.sha256(direct).hexdigest()
+    assert body["ContentType"] == "video/mp4"
+    assert body["Metadata"] == {"job-id": "job-1", "sha256": stored.sha256}
+    assert stored.uri == f"s3://{bucket}/{key}"
+    assert copier.find(key) == stored
+    assert copier.find("jobs/other.mp4") is None
+
+    again = copier.copy(url, key, metadata={"job-id": "job-1"})
+    assert (again.size, again.sha256) == (stored.size, stored.sha256)
+    assert s3.list_objects_v2(Bucket=bucket)["KeyCount"] == 1
+    assert s3.get_object(Bucket=bucket, Key=key)["Body"].read() == direct
+
+
+def test_copy_big_padded_video_goes_multipart(
+    emulator: EmulatorServer, api_key: str, s3: Any, bucket: str, http_client: httpx.Client
+) -> None:
+    pad = 20_000_000
+    httpx.patch(
+        f"{emulator.url}/_emulator/config", json={"video_pad_bytes": pad}
+    ).raise_for_status()
+    url = video_url(emulator, api_key)
+    copier = S3Copier(s3, http_client, bucket=bucket)
+    parts: list[int] = []
+    s3.meta.events.register(
+        "provide-client-params.s3.UploadPart",
+        lambda params, **_: parts.append(params["PartNumber"]),
+    )
+
+    stored = copier.copy(url, "big.mp4", metadata={"job-id": "big"})
+
+    assert stored.size == pad
+    assert sorted(parts) == [1, 2, 3]  # 8 + 8 + 3.07 MiB
+    head = s3.head_object(Bucket=bucket, Key="big.mp4")
+    assert head["ContentLength"] == pad
+    digest = hashlib.sha256()
+    for chunk in s3.get_object(Bucket=bucket, Key="big.mp4")["Body"].iter_chunks(MiB):
+        digest.update(chunk)
+    assert digest.hexdigest() == stored.sha256 == head["Metadata"]["sha256"]
+
+
+def test_expired_url_is_source_expired_and_stores_nothing(
+    emulator: EmulatorServer, api_key: str, s3: Any, bucket: str, http_client: httpx.Client
+) -> None:
+    url = video_url(emulator, api_key)
+    httpx.post(f"{emulator.url}/_emulator/clock", json={"advance": 86500}).raise_for_status()
+    copier = S3Copier(s3, http_client, bucket=bucket)
+    with pytest.raises(SourceExpired) as info:
+        copier.copy(url, "k.mp4", metadata={})
+    assert "403" in str(info.value) and "Request has expired." in str(info.value)
+    assert "Signature=" not in str(info.value)
+    assert copier.find("k.mp4") is None
+
+
+def test_dropped_connection_is_source_unavailable(
+    emulator: EmulatorServer, api_key: str, s3: Any, bucket: str, http_client: httpx.Client
+) -> None:
+    url = video_url(emulator, api_key)
+    fault = {"route": "video", "kind": "drop"}
+    httpx.post(f"{emulator.url}/_emulator/faults/next", json=fault).raise_for_status()
+    copier = S3Copier(s3, http_client, bucket=bucket)
+    with pytest.raises(SourceUnavailable):
+        copier.copy(url, "k.mp4", metadata={})
+    assert copier.find("k.mp4") is None
+    assert copier.copy(url, "k.mp4", metadata={}).size > 0  # the next try works
+
+
+@pytest.mark.parametrize("size", [2 * MiB, 24 * MiB], ids=["single-put", "multipart"])
+def test_truncated_body_is_source_unavailable_and_leaves_nothing(
+    truncating_server: Any, size: int, s3: Any, bucket: str, http_client: httpx.Client
+) -> None:
+    truncating_server.size = size
+    copier = S3Copier(s3, http_client, bucket=bucket)
+    with pytest.raises(SourceUnavailable) as info:
+        copier.copy(truncating_server.url, "short.mp4", metadata={"job-id": "j"})
+    assert "abc123" not in str(info.value)
+    assert copier.find("short.mp4") is None
+    assert s3.list_objects_v2(Bucket=bucket)["KeyCount"] == 0
+    assert uploads_in_progress(s3, bucket) == []
+
+
+def test_missing_bucket_is_storage_unavailable(
+    emulator: EmulatorServer, api_key: str, s3: Any, http_client: httpx.Client
+) -> None:
+    url = video_url(emulator, api_key)
+    copier = S3Copier(s3, http_client, bucket=f"missing-{uuid.uuid4().hex[:8]}")
+    with pytest.raises(StorageUnavailable, match="NoSuchBucket"):
+        copier.copy(url, "k.mp4", metadata={})
+
+
+@pytest.mark.parametrize("mode", ["when_required", "when_supported"])
+def test_both_checksum_modes_work_against_moto(
+    emulator: EmulatorServer,
+    api_key: str,
+    moto_endpoint: str,
+    aws_env: None,
+    bucket: str,
+    http_client: httpx.Client,
+    mode: str,
+) -> None:
+    httpx.patch(
+        f"{emulator.url}/_emulator/config", json={"video_pad_bytes": 9 * MiB}
+    ).raise_for_status()  # just over the threshold: multipart with checksums on every part
+    client = make_s3_client(
+        endpoint_url=moto_endpoint,
+        region="us-east-1",
+        checksum_calculation=mode,
+        checksum_validation=mode,
+    )
+    assert client.meta.config.request_checksum_calculation == mode
+    url = video_url(emulator, api_key)
+    copier = S3Copier(client, http_client, bucket=bucket)
+    stored = copier.copy(url, f"{mode}.mp4", metadata={"mode": mode})
+    assert stored.size == 9 * MiB
+    assert copier.find(f"{mode}.mp4") == stored
+    direct = boto3.client("s3", endpoint_url=moto_endpoint, region_name="us-east-1")
+    body = direct.get_object(Bucket=bucket, Key=f"{mode}.mp4")["Body"].read()
+    assert hashlib.sha256(body).hexdigest() == stored.sha256

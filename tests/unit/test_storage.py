@@ -1,0 +1,563 @@
+"""workers.storage without a network: the reader, the client factory, and S3Copier over fakes.
+
+The source is an ``httpx.MockTransport``; S3 is ``FakeS3``, which reads the body the way
+s3transfer's non-seekable path does (``read(threshold)``, then ``read(chunksize)`` until empty) and
+stores nothing when a read raises, as an aborted multipart upload does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import random
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+import pytest
+from boto3.exceptions import S3UploadFailedError
+from botocore.exceptions import ClientError, EndpointConnectionError, ReadTimeoutError
+
+from workers import storage
+from workers.errors import (
+    CopyMismatch,
+    SourceExpired,
+    SourceRejected,
+    SourceUnavailable,
+    StorageUnavailable,
+)
+from workers.storage import S3Copier, SourceReader, StoredObject, make_s3_client
+
+MiB = 1024 * 1024
+SIGNATURE = "c0ffee0123456789abcdef0123456789"
+URL = f"https://bucket.oss-cn-beijing.aliyuncs.com/results/t1.mp4?Expires=1700000000&OSSAccessKeyId=LTAIx&Signature={SIGNATURE}"
+
+
+def payload(size: int, seed: int = 1) -> bytes:
+    return random.Random(seed).randbytes(size)
+
+
+def chunked(data: bytes, sizes: Iterator[int] | None = None, chunk: int = 65536) -> Iterator[bytes]:
+    pos = 0
+    while pos < len(data):
+        n = next(sizes) if sizes is not None else chunk
+        yield data[pos : pos + n]
+        pos += n
+
+
+def client_error(code: str, status: int, operation: str = "PutObject") -> ClientError:
+    return ClientError(
+        {"Error": {"Code": code, "Message": code}, "ResponseMetadata": {"HTTPStatusCode": status}},
+        operation,
+    )
+
+
+# ---------------------------------------------------------------------------------- the reader
+
+
+def test_reader_yields_exact_bytes_and_sha256() -> None:
+    data = payload(3 * MiB + 17)
+    rng = random.Random(2)
+    sizes = iter(lambda: rng.choice([0, 1, 7, 4096, 65536, 300_000]), None)
+    reader = SourceReader(chunked(data, sizes), expected_size=len(data), source="s")
+    got = io.BufferedReader(reader, buffer_size=MiB).read()
+    assert got == data
+    assert reader.finished
+    assert reader.size == len(data)
+    assert reader.sha256 == hashlib.sha256(data).hexdigest()
+    assert not reader.seekable()
+
+
+def test_buffered_read_n_returns_n_bytes_until_eof() -> None:
+    data = payload(10 * MiB + 5)
+    reader = SourceReader(chunked(data, chunk=65536), expected_size=len(data), source="s")
+    body = io.BufferedReader(reader, buffer_size=MiB)
+    sizes = []
+    while part := body.read(3 * MiB):
+        sizes.append(len(part))
+    assert sizes == [3 * MiB, 3 * MiB, 3 * MiB, MiB + 5]
+    assert body.read(3 * MiB) == b""
+
+
+def test_reader_short_body_raises_at_eof_instead_of_ending() -> None:
+    data = payload(MiB)
+    reader = SourceReader(chunked(data), expected_size=len(data) + 1, source="https://h/p.mp4")
+    body = io.BufferedReader(reader, buffer_size=MiB)
+    with pytest.raises(SourceUnavailable, match="ended short: 1048576 of 1048577"):
+        body.read()
+    assert reader.error is not None
+    assert not reader.finished
+    with pytest.raises(SourceUnavailable):  # and stays failed: never a quiet b""
+        body.read(10)
+
+
+def test_reader_longer_body_than_content_length_raises() -> None:
+    reader = SourceReader(iter([b"abc", b"def"]), expected_size=4, source="s")
+    with pytest.raises(SourceUnavailable, match="more than its Content-Length"):
+        io.BufferedReader(reader).read()
+
+
+def test_reader_without_content_length_counts_what_came() -> None:
+    reader = SourceReader(iter([b"abc", b"", b"de"]), expected_size=None, source="s")
+    assert io.BufferedReader(reader).read() == b"abcde"
+    assert reader.finished and reader.size == 5
+
+
+def test_reader_wraps_httpx_errors_mid_stream() -> None:
+    def chunks() -> Iterator[bytes]:
+        yield b"x" * 1000
+        raise httpx.ReadError("connection reset")
+
+    reader = SourceReader(chunks(), expected_size=5000, source="https://h/p.mp4")
+    with pytest.raises(SourceUnavailable, match="failed after 1000 bytes") as info:
+        io.BufferedReader(reader).read()
+    assert isinstance(info.value.__cause__, httpx.ReadError)
+    assert reader.error is info.value
+
+
+def test_part_size_keeps_parts_under_10000() -> None:
+    assert storage._part_size_for(None, 8 * MiB) == 8 * MiB
+    assert storage._part_size_for(200 * MiB, 8 * MiB) == 8 * MiB
+    size = 100 * 1024 * MiB  # 100 GiB: 8 MiB parts would need 12,800
+    part = storage._part_size_for(size, 8 * MiB)
+    assert part % MiB == 0
+    assert -(-size // part) <= 10_000
+    assert part == 11 * MiB
+
+
+def test_redact_url_keeps_no_query() -> None:
+    assert storage.redact_url(URL) == "https://bucket.oss-cn-beijing.aliyuncs.com/results/t1.mp4"
+    assert storage.redact_url("http://user:pw@127.0.0.1:8080/a?b=c") == "http://127.0.0.1:8080/a"
+
+
+# ---------------------------------------------------------------------------------- the client
+
+
+def test_make_s3_client_passes_its_config() -> None:
+    client = make_s3_client(
+        endpoint_url="http://127.0.0.1:9",
+        region="eu-west-1",
+        connect_timeout=1.5,
+        read_timeout=7.0,
+        max_attempts=5,
+        addressing_style="path",
+    )
+    config = client.meta.config
+    assert config.request_checksum_calculation == "when_required"
+    assert config.response_checksum_validation == "when_required"
+    assert config.connect_timeout == 1.5
+    assert config.read_timeout == 7.0
+    assert config.retries == {"total_max_attempts": 5, "mode": "standard"}  # 5 requests in all
+    assert config.s3 == {"addressing_style": "path"}
+    assert client.meta.region_name == "eu-west-1"
+    assert client.meta.endpoint_url == "http://127.0.0.1:9"
+
+    supported = make_s3_client(
+        endpoint_url=None,
+        region="us-east-1",
+        checksum_calculation="when_supported",
+        checksum_validation="when_supported",
+    )
+    assert supported.meta.config.request_checksum_calculation == "when_supported"
+    assert supported.meta.config.response_checksum_validation == "when_supported"
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"checksum_calculation": "always"},
+        {"checksum_validation": "WHEN_REQUIRED"},
+        {"addressing_style": "dns"},
+        {"max_attempts": 0},
+    ],
+)
+def test_make_s3_client_refuses_bad_values(kwargs: dict[str, Any]) -> None:
+    with pytest.raises(ValueError):
+        make_s3_client(endpoint_url=None, region="us-east-1", **kwargs)
+
+
+# ---------------------------------------------------------------------------------- the copier
+
+
+class FakeS3:
+    """Just enough of an S3 client for S3Copier, reading bodies like s3transfer does."""
+
+    def __init__(self) -> None:
+        self.objects: dict[str, dict[str, Any]] = {}
+        self.calls: list[tuple[str, dict[str, Any]]] = []
+        self.configs: list[Any] = []
+        self.upload_error: BaseException | None = None
+        self.stop_after: int | None = None  # store only the first N bytes, then stop reading
+        self.size_lie: int = 0  # added to ContentLength on HEAD
+        self.head_error: BaseException | None = None
+        self.copy_error: BaseException | None = None
+        self._etags = 0
+
+    def _etag(self) -> str:
+        self._etags += 1
+        return f'"etag-{self._etags}"'
+
+    def upload_fileobj(self, Fileobj, Bucket, Key, ExtraArgs=None, Config=None):
+        self.calls.append(
+            ("upload_fileobj", {"Bucket": Bucket, "Key": Key, "ExtraArgs": ExtraArgs})
+        )
+        self.configs.append(Config)
+        parts = [Fileobj.read(Config.multipart_threshold)]
+        while (self.stop_after is None or sum(map(len, parts)) < self.stop_after) and (
+            part := Fileobj.read(Config.multipart_chunksize)
+        ):
+            parts.append(part)
+        if self.upload_error is not None:
+            raise self.upload_error
+        data = b"".join(parts)
+        if self.stop_after is not None:
+            data = data[: self.stop_after]
+        self.objects[Key] = {
+            "Body": data,
+            "Metadata": {k.lower(): v for k, v in ExtraArgs.get("Metadata", {}).items()},
+            "ContentType": ExtraArgs.get("ContentType"),
+            "ETag": self._etag(),
+        }
+
+    def head_object(self, Bucket, Key):
+        self.calls.append(("head_object", {"Bucket": Bucket, "Key": Key}))
+        if self.head_error is not None:
+            raise self.head_error
+        if Key not in self.objects:
+            raise client_error("404", 404, "HeadObject")
+        obj = self.objects[Key]
+        return {
+            "ContentLength": len(obj["Body"]) + self.size_lie,
+            "Metadata": dict(obj["Metadata"]),
+            "ContentType": obj["ContentType"],
+            "ETag": obj["ETag"],
+        }
+
+    def copy_object(self, **kwargs: Any) -> dict[str, Any]:
+        self.calls.append(("copy_object", kwargs))
+        if self.copy_error is not None:
+            raise self.copy_error
+        source = self.objects[kwargs["CopySource"]["Key"]]
+        assert kwargs.get("CopySourceIfMatch") in (None, source["ETag"])
+        assert kwargs["MetadataDirective"] == "REPLACE"
+        etag = self._etag()
+        self.objects[kwargs["Key"]] = {
+            "Body": source["Body"],
+            "Metadata": {k.lower(): v for k, v in kwargs["Metadata"].items()},
+            "ContentType": kwargs["ContentType"],
+            "ETag": etag,
+        }
+        return {"CopyObjectResult": {"ETag": etag}}
+
+    def delete_object(self, Bucket, Key):
+        self.calls.append(("delete_object", {"Bucket": Bucket, "Key": Key}))
+        self.objects.pop(Key, None)
+        return {}
+
+    def called(self, name: str) -> list[dict[str, Any]]:
+        return [args for op, args in self.calls if op == name]
+
+
+def source(
+    body: bytes = b"",
+    *,
+    status: int = 200,
+    headers: dict[str, str] | None = None,
+    stream: Callable[[], Iterator[bytes]] | None = None,
+    error: Exception | None = None,
+) -> httpx.Client:
+    def handler(request: httpx.Request) -> httpx.Response:
+        if error is not None:
+            raise error
+        assert request.headers["accept-encoding"] == "identity"
+        hdrs = {"content-type": "video/mp4", "content-length": str(len(body))}
+        hdrs.update(headers or {})
+        content = stream() if stream is not None else chunked(body)
+        return httpx.Response(status, headers=hdrs, content=content)
+
+    return httpx.Client(transport=httpx.MockTransport(handler))
+
+
+def copier(s3: FakeS3, http: httpx.Client, **kwargs: Any) -> S3Copier:
+    return S3Copier(s3, http, bucket="videos", **kwargs)  # type: ignore[arg-type]
+
+
+def test_copy_streams_verifies_and_stamps_sha256() -> None:
+    data = payload(20 * MiB + 3)
+    s3 = FakeS3()
+    stored = copier(s3, source(data)).copy(URL, "jobs/j1.mp4", metadata={"Job-Id": "j1"})
+    sha = hashlib.sha256(data).hexdigest()
+    assert stored == StoredObject("videos", "jobs/j1.mp4", len(data), sha, '"etag-2"')
+    assert stored.uri == "s3://videos/jobs/j1.mp4"
+    assert stored.metadata == {"job-id": "j1", "sha256": sha}
+    obj = s3.objects["jobs/j1.mp4"]
+    assert obj["Body"] == data
+    assert obj["Metadata"] == {"job-id": "j1", "sha256": sha}
+    assert obj["ContentType"] == "video/mp4"
+    [upload] = s3.called("upload_fileobj")
+    assert upload["ExtraArgs"] == {"Metadata": {"Job-Id": "j1"}, "ContentType": "video/mp4"}
+    [config] = s3.configs
+    assert (config.multipart_threshold, config.multipart_chunksize) == (8 * MiB, 8 * MiB)
+    assert (config.max_concurrency, config.max_in_memory_upload_chunks) == (4, 2)
+    assert config.preferred_transfer_client == "classic"
+    [stamp] = s3.called("copy_object")
+    assert stamp["CopySourceIfMatch"] == '"etag-1"'
+    assert stamp["ContentType"] == "video/mp4"
+    assert [op for op, _ in s3.calls] == ["upload_fileobj", "head_object", "copy_object"]
+
+    found = copier(s3, source()).find("jobs/j1.mp4")
+    assert found == stored
+    assert found is not None and found.metadata == stored.metadata
+
+
+def test_copy_without_content_length_still_verifies_the_counted_bytes() -> None:
+    data = payload(MiB)
+    s3 = FakeS3()
+
+    def no_length(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, headers={"transfer-encoding": "chunked"}, content=chunked(data))
+
+    http = httpx.Client(transport=httpx.MockTransport(no_length))
+    stored = copier(s3, http).copy(URL, "k", metadata={})
+    assert stored.size == len(data)
+    assert s3.objects["k"]["Body"] == data
+
+
+def test_copy_sizes_parts_from_content_length() -> None:
+    size = 200 * 1024 * MiB  # announced, never sent: the fake fails the upload at once
+    s3 = FakeS3()
+    s3.upload_error = client_error("AccessDenied", 403)
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, headers={"content-length": str(size)}, content=iter([b""]))
+
+    with pytest.raises(SourceUnavailable):  # the reader failed first: it is what surfaces
+        copier(s3, httpx.Client(transport=httpx.MockTransport(handler))).copy(URL, "k", metadata={})
+    assert s3.configs[0].multipart_chunksize == 21 * MiB
+    assert s3.configs[0].multipart_threshold == 8 * MiB
+
+
+def test_expired_url_is_source_expired_without_the_signature() -> None:
+    body = (
+        '<?xml version="1.0" encoding="UTF-8"?>\n<Error>\n  <Code>AccessDenied</Code>\n'
+        f"  <Message>Request has expired.</Message>\n  <Signature>{SIGNATURE}</Signature>\n</Error>\n"
+    ).encode()
+    s3 = FakeS3()
+    with pytest.raises(SourceExpired) as info:
+        copier(s3, source(body, status=403)).copy(URL, "k", metadata={})
+    message = str(info.value)
+    assert "403" in message and "Request has expired." in message
+    assert "bucket.oss-cn-beijing.aliyuncs.com/results/t1.mp4" in message
+    assert SIGNATURE not in message and "Expires=" not in message and "t1.mp4?" not in message
+    assert s3.calls == []
+
+
+@pytest.mark.parametrize(
+    ("status", "error"),
+    [
+        (404, SourceRejected),
+        (410, SourceRejected),
+        (400, SourceRejected),
+        (408, SourceUnavailable),
+        (429, SourceUnavailable),
+        (500, SourceUnavailable),
+        (503, SourceUnavailable),
+    ],
+)
+def test_source_status_mapping(status: int, error: type[Exception]) -> None:
+    s3 = FakeS3()
+    with pytest.raises(error, match=f"HTTP {status}"):
+        copier(s3, source(b"<Error/>", status=status)).copy(URL, "k", metadata={})
+    assert s3.calls == []
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        httpx.ConnectError("refused"),
+        httpx.ConnectTimeout("slow"),
+        httpx.ReadTimeout("slow"),
+        httpx.RemoteProtocolError("Server disconnected without sending a response."),
+    ],
+)
+def test_transport_errors_before_the_body_are_source_unavailable(exc: Exception) -> None:
+    s3 = FakeS3()
+    with pytest.raises(SourceUnavailable) as info:
+        copier(s3, source(error=exc)).copy(URL, "k", metadata={})
+    assert info.value.__cause__ is exc
+    assert SIGNATURE not in str(info.value)
+    assert s3.calls == []
+
+
+def test_bad_scheme_is_source_rejected() -> None:
+    with pytest.raises(SourceRejected):
+        copier(FakeS3(), httpx.Client()).copy("ftp://h/v.mp4", "k", metadata={})
+
+
+@pytest.mark.parametrize("size", [MiB, 20 * MiB])  # single PUT and multipart paths
+def test_error_mid_body_stores_nothing(size: int) -> None:
+    data = payload(size)
+
+    def broken() -> Iterator[bytes]:
+        yield from chunked(data[: size // 2])
+        raise httpx.ReadTimeout("timed out")
+
+    s3 = FakeS3()
+    with pytest.raises(SourceUnavailable, match="ReadTimeout") as info:
+        copier(s3, source(data, stream=broken)).copy(URL, "k", metadata={})
+    assert isinstance(info.value.__cause__, httpx.ReadTimeout)
+    assert s3.objects == {}
+
+
+@pytest.mark.parametrize("size", [MiB, 20 * MiB])
+def test_body_shorter_than_content_length_stores_nothing(size: int) -> None:
+    data = payload(size)
+    s3 = FakeS3()
+    http = source(data, stream=lambda: chunked(data[: size // 2]))
+    with pytest.raises(SourceUnavailable, match="ended short"):
+        copier(s3, http).copy(URL, "k", metadata={})
+    assert s3.objects == {}
+    assert copier(s3, http).find("k") is None
+
+
+def test_reader_error_wins_over_a_wrapping_upload_error() -> None:
+    """If s3transfer ever wrapped our error (as boto3's upload_file does), it still surfaces."""
+    data = payload(MiB)
+
+    class Wrapping(FakeS3):
+        def upload_fileobj(self, Fileobj, *args, **kwargs):
+            try:
+                super().upload_fileobj(Fileobj, *args, **kwargs)
+            except SourceUnavailable as exc:
+                raise S3UploadFailedError("Failed to upload") from exc
+
+    s3 = Wrapping()
+    with pytest.raises(SourceUnavailable, match="ended short"):
+        copier(s3, source(data, stream=lambda: iter([data[:10]]))).copy(URL, "k", metadata={})
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        client_error("NoSuchBucket", 404),
+        client_error("AccessDenied", 403),
+        client_error("InternalError", 500),
+        EndpointConnectionError(endpoint_url="http://127.0.0.1:9"),
+        ReadTimeoutError(endpoint_url="http://127.0.0.1:9"),
+        S3UploadFailedError("Failed to upload"),
+    ],
+)
+def test_s3_failures_are_storage_unavailable(exc: Exception) -> None:
+    s3 = FakeS3()
+    s3.upload_error = exc
+    with pytest.raises(StorageUnavailable) as info:
+        copier(s3, source(payload(MiB))).copy(URL, "k", metadata={})
+    assert info.value.__cause__ is exc
+    assert "s3://videos/k" in str(info.value)
+
+
+def test_head_and_stamp_failures_are_storage_unavailable() -> None:
+    s3 = FakeS3()
+    s3.copy_error = client_error("PreconditionFailed", 412, "CopyObject")
+    with pytest.raises(StorageUnavailable, match="PreconditionFailed"):
+        copier(s3, source(payload(MiB))).copy(URL, "k", metadata={})
+    assert copier(s3, source()).find("k") is None  # uploaded but never stamped: not a copy
+
+    s3 = FakeS3()
+    s3.head_error = client_error("InternalError", 500, "HeadObject")
+    with pytest.raises(StorageUnavailable):
+        copier(s3, source()).find("k")
+
+
+def test_size_mismatch_deletes_and_raises_copy_mismatch() -> None:
+    s3 = FakeS3()
+    s3.size_lie = -1
+    with pytest.raises(CopyMismatch, match="holds 1048575 bytes but 1048576"):
+        copier(s3, source(payload(MiB))).copy(URL, "k", metadata={})
+    assert s3.objects == {}
+    assert s3.called("delete_object") == [{"Bucket": "videos", "Key": "k"}]
+    assert s3.called("copy_object") == []
+
+
+def test_an_uploader_that_stops_reading_early_is_caught() -> None:
+    """The naive-reader trap seen from the other side: S3 got less than the source had."""
+    s3 = FakeS3()
+    s3.stop_after = 8 * MiB
+    with pytest.raises(CopyMismatch, match="stopped after"):
+        copier(s3, source(payload(20 * MiB))).copy(URL, "k", metadata={})
+    assert s3.objects == {}
+
+
+def test_objects_over_5_gib_skip_the_stamping_copy(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(storage, "_MAX_COPY_OBJECT_SIZE", 1000)
+    s3 = FakeS3()
+    data = payload(2000)
+    stored = copier(s3, source(data)).copy(URL, "k", metadata={"job-id": "j"})
+    assert stored.sha256 == hashlib.sha256(data).hexdigest()
+    assert stored.etag == '"etag-1"'
+    assert s3.called("copy_object") == []
+    assert copier(s3, source()).find("k") is None
+
+
+def test_repeat_copy_overwrites_with_the_same_content() -> None:
+    data = payload(MiB)
+    s3 = FakeS3()
+    first = copier(s3, source(data)).copy(URL, "k", metadata={"job-id": "j"})
+    second = copier(s3, source(data)).copy(URL, "k", metadata={"job-id": "j"})
+    assert (first.size, first.sha256) == (second.size, second.sha256)
+    assert len(s3.objects) == 1
+
+
+def test_find_absent_is_none() -> None:
+    assert copier(FakeS3(), source()).find("nope") is None
+
+
+def test_metadata_and_constructor_are_checked() -> None:
+    c = copier(FakeS3(), source(b"x"))
+    with pytest.raises(ValueError, match="reserved"):
+        c.copy(URL, "k", metadata={"SHA256": "x"})
+    with pytest.raises(ValueError, match="ASCII"):
+        c.copy(URL, "k", metadata={"job": "é"})
+    with pytest.raises(ValueError):
+        copier(FakeS3(), source(), part_size=MiB)
+    with pytest.raises(ValueError):
+        copier(FakeS3(), source(), max_concurrency=0)
+
+
+def test_logs_never_carry_the_signature(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    copier(FakeS3(), source(payload(1000))).copy(URL, "k", metadata={})
+    with pytest.raises(SourceExpired):
+        copier(FakeS3(), source(b"denied", status=403)).copy(URL, "k", metadata={})
+    assert "copied https://bucket.oss-cn-beijing.aliyuncs.com/results/t1.mp4" in caplog.text
+    assert SIGNATURE not in caplog.text
+    assert "Signature=***" in caplog.text  # httpx's own request line, redacted by our filter
+
+
+def test_redact_filter_blanks_signed_query_values() -> None:
+    record = logging.LogRecord("httpx", logging.INFO, __file__, 1, "GET %s", (URL,), None)
+    assert storage.RedactSignedUrls().filter(record)
+    assert record.getMessage() == (
+        "GET https://bucket.oss-cn-beijing.aliyuncs.com/results/t1.mp4"
+        "?Expires=1700000000&OSSAccessKeyId=***&Signature=***"
+    )
+    presigned = "https://s3/x?X-Amz-Credential=AKIA%2F&X-Amz-Signature=abc&X-Amz-Security-Token=t"
+    record = logging.LogRecord("x", logging.INFO, __file__, 1, presigned, None, None)
+    storage.RedactSignedUrls().filter(record)
+    assert record.getMessage() == (
+        "https://s3/x?X-Amz-Credential=***&X-Amz-Signature=***&X-Amz-Security-Token=***"
+    )
+
+
+@pytest.mark.parametrize(
+    ("mode", "algorithm"), [("when_supported", "CRC32"), ("when_required", None)]
+)
+def test_stamping_copy_asks_for_a_fresh_checksum_only_when_checksums_are_on(
+    mode: str, algorithm: str | None
+) -> None:
+    s3 = FakeS3()
+    s3.meta = type("Meta", (), {"config": type("C", (), {"request_checksum_calculation": mode})})  # type: ignore[attr-defined]
+    copier(s3, source(payload(1000))).copy(URL, "k", metadata={})
+    [stamp] = s3.called("copy_object")
+    assert stamp.get("ChecksumAlgorithm") == algorithm

@@ -1,0 +1,144 @@
+"""``animate-queue``: submit a job, show its status, wait for it (with progress)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from config.settings import SettingsError, get_settings
+from workers.client import AnimateQueue, JobTimeout
+
+console = Console(stderr=True)
+
+
+def _queue() -> AnimateQueue:
+    try:
+        settings = get_settings()
+    except SettingsError as exc:
+        raise click.ClickException(str(exc)) from None
+    return AnimateQueue(
+        settings.redis_url, broker_url=settings.broker_url, key_prefix=settings.key_prefix
+    )
+
+
+def render(view: dict[str, Any]) -> Table:
+    table = Table(show_header=False, box=None)
+    table.add_column(style="bold")
+    table.add_column()
+    rows = [
+        ("job", view["job_id"]),
+        ("state", view["state"]),
+        ("remote", f"{view['remote_task_id'] or '-'} ({view['remote_status'] or '-'})"),
+        ("s3", view["s3_uri"] or "-"),
+        ("bytes", str(view["bytes"]) if view["bytes"] is not None else "-"),
+        ("sha256", view["sha256"] or "-"),
+        ("video seconds", str(view["video_duration"] or "-")),
+    ]
+    if view["error_code"]:
+        rows.append(("error", f"{view['error_code']}: {view['error_message']}"))
+    seconds = view["seconds"]
+    rows.append(
+        (
+            "seconds",
+            ", ".join(f"{k} {v}" for k, v in seconds.items() if v is not None) or "-",
+        )
+    )
+    for name, value in rows:
+        table.add_row(name, value)
+    return table
+
+
+@click.group()
+def main() -> None:
+    """Enqueue AnimateAnyone video jobs and follow them (REDIS_URL says where)."""
+
+
+@main.command()
+@click.option("--image-url", required=True)
+@click.option("--template-id", required=True)
+@click.option("--use-ref-img-bg/--no-use-ref-img-bg", default=None)
+@click.option("--video-ratio", type=click.Choice(["9:16", "3:4"]))
+@click.option("--job-id", help="idempotency key: the same id twice makes one job")
+@click.option("--metadata", help="a JSON object kept with the job")
+@click.option("--wait", "wait_", is_flag=True, help="wait for the job to end")
+def submit(
+    image_url: str,
+    template_id: str,
+    use_ref_img_bg: bool | None,
+    video_ratio: str | None,
+    job_id: str | None,
+    metadata: str | None,
+    wait_: bool,
+) -> None:
+    """Enqueue a job and print its id."""
+    meta = None
+    if metadata:
+        try:
+            meta = json.loads(metadata)
+        except ValueError as exc:
+            raise click.BadParameter(f"not JSON: {exc}", param_hint="--metadata") from None
+    queue = _queue()
+    job = queue.submit(
+        image_url,
+        template_id,
+        use_ref_img_bg=use_ref_img_bg,
+        video_ratio=video_ratio,
+        job_id=job_id,
+        metadata=meta,
+    )
+    click.echo(job)
+    if wait_:
+        _wait(queue, job, None)
+
+
+@main.command()
+@click.argument("job_id")
+@click.option("--json", "as_json", is_flag=True, help="print the record as JSON")
+def status(job_id: str, as_json: bool) -> None:
+    """Show a job's record."""
+    view = _queue().get(job_id)
+    if view is None:
+        raise click.ClickException(f"no job {job_id}")
+    if as_json:
+        click.echo(json.dumps(view, indent=2, sort_keys=True))
+    else:
+        Console().print(render(view))
+
+
+@main.command()
+@click.argument("job_id")
+@click.option("--timeout", type=float, default=None, help="give up waiting after this many s")
+@click.option("--json", "as_json", is_flag=True, help="print the final record as JSON")
+def wait(job_id: str, timeout: float | None, as_json: bool) -> None:
+    """Wait for a job to end, showing its progress; exit 1 unless it was STORED."""
+    view = _wait(_queue(), job_id, timeout)
+    if as_json:
+        click.echo(json.dumps(view, indent=2, sort_keys=True))
+    sys.exit(0 if view["state"] == "STORED" else 1)
+
+
+def _wait(queue: AnimateQueue, job_id: str, timeout: float | None) -> dict[str, Any]:
+    with console.status(f"job {job_id}: waiting") as spinner:
+
+        def progress(view: dict[str, Any] | None) -> None:
+            if view is None:
+                spinner.update(f"job {job_id}: not yet received by a worker")
+            else:
+                remote = f" (remote {view['remote_status']})" if view["remote_status"] else ""
+                spinner.update(f"job {job_id}: {view['state']}{remote}")
+
+        try:
+            view = queue.wait(job_id, timeout, on_progress=progress)
+        except JobTimeout as exc:
+            raise click.ClickException(str(exc)) from None
+    console.print(render(view))
+    return view
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,153 @@
+"""The producers' Python API: ``submit``, ``get``, ``wait``. It needs only the Redis URL.
+
+>>> queue = AnimateQueue("redis://127.0.0.1:6379/0")
+>>> job_id = queue.submit("https://example.com/me.png", "AACT.xxx", job_id="order-42")
+>>> queue.wait(job_id, timeout=900)["state"]
+'STORED'
+
+Submitting sends the public ``animate.generate`` message (JSON kwargs) to Celery's default queue;
+reading goes straight to the job records. No DashScope key or AWS credential is needed here.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import redis
+from celery import Celery
+
+from workers.jobs import FINAL_STATES, Job
+from workers.store import RedisJobStore
+
+INTAKE_TASK = "animate.generate"
+INTAKE_QUEUE = "celery"
+
+
+def job_view(job: Job) -> dict[str, Any]:
+    """A job as producers see it: JSON-safe, no signed URL, with the time each step took."""
+
+    def span(start: float | None, end: float | None) -> float | None:
+        return round(end - start, 3) if start is not None and end is not None else None
+
+    return {
+        "job_id": job.job_id,
+        "state": job.state.value,
+        "final": job.final,
+        "remote_task_id": job.remote_task_id,
+        "remote_status": job.remote_status,
+        "error_code": job.error_code,
+        "error_message": job.error_message,
+        "s3_bucket": job.s3_bucket,
+        "s3_key": job.s3_key,
+        "s3_uri": job.s3_uri,
+        "bytes": job.bytes,
+        "sha256": job.sha256,
+        "video_duration": job.video_duration,
+        "video_url_expires_at": job.video_expires_at,
+        "request": {
+            "image_url": job.request.image_url,
+            "template_id": job.request.template_id,
+            "use_ref_img_bg": job.request.use_ref_img_bg,
+            "video_ratio": job.request.video_ratio,
+        },
+        "metadata": job.request.metadata,
+        "attempts": {
+            "submit": job.submit_attempts,
+            "polls": job.polls,
+            "copy": job.copy_attempts,
+        },
+        "duplicates": job.duplicates,
+        "created_at": job.created_at,
+        "submitted_at": job.submitted_at,
+        "remote_started_at": job.remote_started_at,
+        "remote_ended_at": job.remote_ended_at,
+        "copy_started_at": job.copy_started_at,
+        "finished_at": job.finished_at,
+        "updated_at": job.updated_at,
+        "seconds": {
+            "queued": span(job.created_at, job.submitted_at),
+            "remote": span(job.submitted_at, job.remote_ended_at),
+            "copy": span(job.remote_ended_at, job.finished_at if job.s3_key else None),
+            "total": span(job.created_at, job.finished_at),
+        },
+    }
+
+
+class JobTimeout(TimeoutError):
+    """The job did not reach a final state in time (it goes on; ask again later)."""
+
+
+class AnimateQueue:
+    """Enqueue jobs and read their records."""
+
+    def __init__(
+        self,
+        redis_url: str,
+        *,
+        broker_url: str | None = None,
+        key_prefix: str = "animate-queue",
+    ) -> None:
+        self.celery = Celery("animate_queue_producer", broker=broker_url or redis_url)
+        self.celery.conf.update(
+            task_serializer="json",
+            accept_content=["json"],
+            task_send_sent_event=True,  # Flower sees the job the moment it is sent
+            broker_connection_retry_on_startup=True,
+        )
+        client = redis.Redis.from_url(redis_url, socket_timeout=10, socket_connect_timeout=5)
+        self.store = RedisJobStore(client, prefix=key_prefix, final_ttl=0)
+
+    def submit(
+        self,
+        image_url: str,
+        template_id: str,
+        *,
+        use_ref_img_bg: bool | None = None,
+        video_ratio: str | None = None,
+        job_id: str | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> str:
+        """Enqueue a job; its id (``job_id`` if given, else the message id)."""
+        kwargs: dict[str, Any] = {"image_url": image_url, "template_id": template_id}
+        optional = {
+            "use_ref_img_bg": use_ref_img_bg,
+            "video_ratio": video_ratio,
+            "job_id": job_id,
+            "metadata": metadata,
+        }
+        kwargs.update({k: v for k, v in optional.items() if v is not None})
+        message_id = str(uuid.uuid4())
+        self.celery.send_task(INTAKE_TASK, kwargs=kwargs, queue=INTAKE_QUEUE, task_id=message_id)
+        return job_id or message_id
+
+    def get(self, job_id: str) -> dict[str, Any] | None:
+        """The job's record as a dict, or None if there is none (yet)."""
+        job = self.store.get(job_id)
+        return job_view(job) if job else None
+
+    def wait(
+        self,
+        job_id: str,
+        timeout: float | None = None,
+        *,
+        interval: float = 0.5,
+        on_progress: Callable[[dict[str, Any] | None], None] | None = None,
+    ) -> dict[str, Any]:
+        """Block (in the producer, never in a worker) until the job is final; its record."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            view = self.get(job_id)
+            if on_progress is not None:
+                on_progress(view)
+            if view is not None and view["state"] in {s.value for s in FINAL_STATES}:
+                return view
+            if deadline is not None and time.monotonic() >= deadline:
+                raise JobTimeout(f"job {job_id} is not final after {timeout} s")
+            time.sleep(interval)
+
+    def close(self) -> None:
+        self.store.redis.close()
+        self.celery.close()

@@ -1,0 +1,537 @@
+"""The DashScope adapter: AnimateAnyone's async task API (submit, query, cancel, list, detect) over httpx.
+
+It owns the wire format (URLs, headers, bodies, Beijing-time stamps) and maps every HTTP outcome onto
+``workers.errors``. It never retries, sleeps or sets timeouts: the injected ``httpx.Client`` does.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta, timezone
+from enum import StrEnum
+from typing import Any, NoReturn
+from urllib.parse import urlsplit
+
+import httpx
+
+from workers.errors import (
+    DashScopeBadResponse,
+    DashScopeRejected,
+    DashScopeThrottled,
+    DashScopeUnavailable,
+)
+
+logger = logging.getLogger(__name__)
+
+# DashScope prints task times (and reads list bounds) in Beijing time, which has no DST.
+BEIJING = timezone(timedelta(hours=8), "UTC+08:00")
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_TASK_TIME_FORMATS = ("%Y-%m-%d %H:%M:%S.%f", "%Y-%m-%d %H:%M:%S")
+_LIST_TIME_FORMAT = "%Y%m%d%H%M%S"
+_SERVICES = "/services/aigc/image2video"
+_DETECT_ENDPOINT = "aa-detect"
+_MAX_ERROR_TEXT = 200  # of a non-JSON error body (an HTML page from a proxy, say)
+_MAX_ERROR_MESSAGE = 500  # of DashScope's own error message
+
+# httpx transport failures, most specific first, and how a job record names them.
+_TRANSPORT_FAILURES: tuple[tuple[type[httpx.RequestError], str], ...] = (
+    (httpx.ConnectTimeout, "connect timed out"),
+    (httpx.ReadTimeout, "read timed out"),
+    (httpx.WriteTimeout, "write timed out"),
+    (httpx.PoolTimeout, "no free connection in the pool"),
+    (httpx.TimeoutException, "timed out"),
+    (httpx.ProxyError, "proxy failed"),
+    (httpx.UnsupportedProtocol, "unsupported URL scheme"),
+    (httpx.ConnectError, "could not connect"),
+    (httpx.RemoteProtocolError, "connection dropped"),
+    (httpx.LocalProtocolError, "could not send the request"),
+    (httpx.ReadError, "read failed"),
+    (httpx.WriteError, "write failed"),
+    (httpx.DecodingError, "could not decode the response"),
+)
+
+
+class RemoteStatus(StrEnum):
+    """``output.task_status`` of a DashScope async task.
+
+    A string DashScope sends that is not listed here (the SDK knows ``SUSPENDED``) parses as
+    ``UNKNOWN``; the string itself stays in ``RemoteTask.raw_status``.
+    """
+
+    PENDING = "PENDING"
+    PRE_PROCESSING = "PRE-PROCESSING"
+    RUNNING = "RUNNING"
+    POST_PROCESSING = "POST-PROCESSING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    CANCELED = "CANCELED"
+    UNKNOWN = "UNKNOWN"
+
+    @classmethod
+    def parse(cls, raw: str) -> RemoteStatus:
+        """The member for ``raw``, or ``UNKNOWN`` for a string this module does not know."""
+        try:
+            return cls(raw)
+        except ValueError:
+            return cls.UNKNOWN
+
+
+@dataclass(frozen=True)
+class VideoRequest:
+    """One ``animate-anyone-gen2`` job: the person image and the action template to apply."""
+
+    image_url: str
+    template_id: str
+    use_ref_img_bg: bool | None = None  # omitted from ``parameters`` when None (DashScope: false)
+    video_ratio: str | None = None  # omitted when None (DashScope: "9:16")
+
+
+@dataclass(frozen=True)
+class SubmittedTask:
+    """DashScope's answer to an accepted async submit."""
+
+    task_id: str
+    status: RemoteStatus
+    request_id: str | None
+
+
+@dataclass(frozen=True)
+class RemoteTask:
+    """One ``GET /tasks/{id}`` answer. Times are aware datetimes in UTC."""
+
+    task_id: str
+    status: RemoteStatus
+    raw_status: str
+    video_url: str | None  # SUCCEEDED video tasks; valid 24 h after end_time
+    template_id: str | None  # SUCCEEDED template tasks
+    video_duration: float | None  # usage.video_duration, the billed seconds
+    code: str | None  # FAILED (or UNKNOWN, if DashScope sends one)
+    message: str | None
+    submit_time: datetime | None
+    scheduled_time: datetime | None
+    end_time: datetime | None
+    request_id: str | None
+
+
+@dataclass(frozen=True)
+class TaskListItem:
+    """One row of ``GET /tasks``. ``status`` is DashScope's string as sent."""
+
+    task_id: str
+    status: str
+    model_name: str | None
+    created_at: datetime | None  # gmt_create, aware UTC
+    request_id: str | None
+
+
+@dataclass(frozen=True)
+class TaskPage:
+    """One page of ``GET /tasks``."""
+
+    items: tuple[TaskListItem, ...]
+    total: int
+    page_no: int
+    total_page: int
+
+
+class DashScopeClient:
+    """DashScope's AnimateAnyone endpoints and task API, one call per method.
+
+    ``http`` carries the connection pool and the timeouts, so the caller must configure them
+    (``httpx.Client(timeout=httpx.Timeout(...))``); httpx's default of 5 s everywhere may be short for
+    a submit, where DashScope may fetch the input before it answers. Every URL is built from ``base_url``
+    (``https://dashscope.aliyuncs.com/api/v1``), so any ``base_url`` on ``http`` itself is ignored.
+
+    Failures raise ``workers.errors``: ``DashScopeUnavailable`` (transport errors, timeouts, 5xx,
+    408), ``DashScopeThrottled`` (429), ``DashScopeRejected`` (other 4xx, with DashScope's code) and
+    ``DashScopeBadResponse`` (a 200 without the documented shape). Nothing is retried here.
+    """
+
+    def __init__(
+        self,
+        http: httpx.Client,
+        *,
+        api_key: str,
+        base_url: str,
+        model: str = "animate-anyone-gen2",
+        endpoint: str = "video-synthesis",
+        oss_resolve: bool = False,
+    ) -> None:
+        # A key with spaces or control characters would make httpx raise an error quoting the header.
+        if not api_key or not all("!" <= c <= "~" for c in api_key):
+            raise ValueError("api_key must be non-empty printable ASCII without spaces")
+        parts = urlsplit(base_url)
+        if parts.scheme not in ("http", "https") or not parts.netloc or parts.query:
+            raise ValueError(
+                f"base_url must be an absolute http(s) URL without a query: {base_url!r}"
+            )
+        _check_segment(endpoint, "endpoint")
+        self._http = http
+        self._api_key = api_key
+        self._base_url = base_url.rstrip("/")
+        self._model = model
+        self._endpoint = endpoint
+        self._oss_resolve = oss_resolve
+
+    def __repr__(self) -> str:
+        return f"DashScopeClient(base_url={self._base_url!r}, model={self._model!r})"
+
+    # ------------------------------------------------------------------ public API
+
+    def submit_video(self, request: VideoRequest) -> SubmittedTask:
+        """Start one video generation (``X-DashScope-Async: enable``); every call is a paid task."""
+        parameters: dict[str, Any] = {}
+        if request.use_ref_img_bg is not None:
+            parameters["use_ref_img_bg"] = request.use_ref_img_bg
+        if request.video_ratio is not None:
+            parameters["video_ratio"] = request.video_ratio
+        return self.submit_async(
+            self._endpoint,
+            self._model,
+            {"image_url": request.image_url, "template_id": request.template_id},
+            parameters,
+        )
+
+    def submit_async(
+        self,
+        endpoint: str,
+        model: str,
+        input: dict[str, Any],
+        parameters: dict[str, Any] | None = None,
+    ) -> SubmittedTask:
+        """Start any async task under ``/services/aigc/image2video/{endpoint}``.
+
+        For example ``submit_async("aa-template-generation", "animate-anyone-template-gen2",
+        {"video_url": ...})``.
+        """
+        _check_segment(endpoint, "endpoint")
+        headers = {"X-DashScope-Async": "enable", **self._oss_header(input)}
+        body = {"model": model, "input": input, "parameters": parameters or {}}
+        response = self._send(
+            "submit", "POST", f"{_SERVICES}/{endpoint}", json_body=body, headers=headers
+        )
+        data = _json_object("submit", response)
+        output = _output("submit", data)
+        raw_status = _required_str("submit", output, "task_status")
+        return SubmittedTask(
+            task_id=_required_str("submit", output, "task_id"),
+            status=RemoteStatus.parse(raw_status),
+            request_id=_optional_str("submit", data, "request_id"),
+        )
+
+    def get_task(self, task_id: str) -> RemoteTask:
+        """Query one task. An unknown or expired id is HTTP 200 with status ``UNKNOWN``, not an error."""
+        _check_segment(task_id, "task_id")
+        response = self._send("query", "GET", f"/tasks/{task_id}")
+        return _parse_task("query", _json_object("query", response), task_id)
+
+    def cancel_task(self, task_id: str) -> None:
+        """Cancel a PENDING task; any other state gives ``DashScopeRejected("UnsupportedOperation")``."""
+        _check_segment(task_id, "task_id")
+        # The answer is only {"request_id": ...}: a 2xx is success whatever its body.
+        self._send("cancel", "POST", f"/tasks/{task_id}/cancel")
+
+    def list_tasks(
+        self,
+        *,
+        start: datetime,
+        end: datetime,
+        model: str | None = None,
+        status: str | None = None,
+        page_no: int = 1,
+        page_size: int = 100,
+    ) -> TaskPage:
+        """One page of the account's tasks submitted between ``start`` and ``end`` (aware datetimes).
+
+        DashScope allows a window of at most 24 h and truncates the bounds to whole seconds.
+        """
+        if start.tzinfo is None or end.tzinfo is None:
+            raise ValueError("start and end must be timezone-aware")
+        if end < start:
+            raise ValueError("end is before start")
+        if page_no < 1 or page_size < 1:
+            raise ValueError("page_no and page_size start at 1")
+        params: dict[str, str] = {
+            "start_time": start.astimezone(BEIJING).strftime(_LIST_TIME_FORMAT),
+            "end_time": end.astimezone(BEIJING).strftime(_LIST_TIME_FORMAT),
+        }
+        if model is not None:
+            params["model_name"] = model
+        if status is not None:
+            params["status"] = status
+        params["page_no"] = str(page_no)
+        params["page_size"] = str(page_size)
+        response = self._send("list", "GET", "/tasks", params=params)
+        return _parse_page(_json_object("list", response), page_no, page_size)
+
+    def detect(self, image_url: str, model: str = "animate-anyone-detect-gen2") -> dict[str, Any]:
+        """Run the sync image check and return its ``output``: ``check_pass``, ``bodystyle``, ``reason``.
+
+        A failed check is a business answer (HTTP 200, ``check_pass`` false), not an exception.
+        """
+        body = {"model": model, "input": {"image_url": image_url}, "parameters": {}}
+        response = self._send(
+            "detect",
+            "POST",
+            f"{_SERVICES}/{_DETECT_ENDPOINT}",
+            json_body=body,
+            headers=self._oss_header(body["input"]),
+        )
+        output = _output("detect", _json_object("detect", response))
+        if not isinstance(output.get("check_pass"), bool):
+            raise DashScopeBadResponse(
+                "detect: output.check_pass missing"
+                if output.get("check_pass") is None
+                else "detect: output.check_pass is not a boolean"
+            )
+        return dict(output)
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _oss_header(self, inputs: object) -> dict[str, str]:
+        # oss:// temporary-upload URLs resolve only with this header (docs §7).
+        if self._oss_resolve or _mentions_oss(inputs):
+            return {"X-DashScope-OssResourceResolve": "enable"}
+        return {}
+
+    def _send(
+        self,
+        op: str,
+        method: str,
+        path: str,
+        *,
+        json_body: Mapping[str, Any] | None = None,
+        params: Mapping[str, str] | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> httpx.Response:
+        request_headers = {"Authorization": f"Bearer {self._api_key}"}
+        if json_body is not None:
+            request_headers["Content-Type"] = "application/json"
+        request_headers.update(headers or {})
+        try:
+            response = self._http.request(
+                method,
+                self._base_url + path,
+                json=json_body,
+                params=params,
+                headers=request_headers,
+            )
+        except httpx.RequestError as exc:
+            logger.debug("%s %s failed: %s", method, path, type(exc).__name__)
+            raise DashScopeUnavailable(f"{op}: {_describe(exc)}") from exc
+        logger.debug("%s %s -> %d", method, path, response.status_code)
+        if not response.is_success:
+            self._raise_for_status(op, response)
+        return response
+
+    def _raise_for_status(self, op: str, response: httpx.Response) -> NoReturn:
+        status = response.status_code
+        code, text, request_id = _error_details(response)
+        message = f"{op}: HTTP {status}"
+        if text:
+            message += f": {text}"
+        if request_id:
+            message += f" (request_id {request_id})"
+        # Never echo the key, even if a server or proxy put it into its answer.
+        message = message.replace(self._api_key, "***")
+        if code is not None:
+            code = code.replace(self._api_key, "***")
+        if status == 429:
+            raise DashScopeThrottled(message, code=code or "Throttling")
+        if status >= 500 or status == 408:
+            raise DashScopeUnavailable(message, code=code or f"HTTP{status}")
+        if status >= 400:
+            raise DashScopeRejected(message, code=code or f"HTTP{status}", status=status)
+        # 1xx/3xx: redirects are not followed, and DashScope never sends one (a wrong base_url?).
+        raise DashScopeBadResponse(f"{op}: unexpected HTTP {status}")
+
+
+# ---------------------------------------------------------------------- parsing helpers
+
+
+def _check_segment(value: str, what: str) -> None:
+    # Ids go into the URL path: only ids DashScope handed out are expected, so refuse anything that
+    # would change the path or the query rather than escape it.
+    if (
+        not isinstance(value, str)
+        or not value
+        or value in (".", "..")
+        or any(c in "/?#%\\" or c.isspace() or not c.isprintable() for c in value)
+    ):
+        raise ValueError(f"{what} is not a URL-path-safe DashScope id: {value!r:.80}")
+
+
+def _mentions_oss(value: object) -> bool:
+    if isinstance(value, str):
+        return value.startswith("oss://")
+    if isinstance(value, Mapping):
+        return any(_mentions_oss(v) for v in value.values())
+    if isinstance(value, list | tuple):
+        return any(_mentions_oss(v) for v in value)
+    return False
+
+
+def _describe(exc: httpx.RequestError) -> str:
+    for kind, text in _TRANSPORT_FAILURES:
+        if isinstance(exc, kind):
+            return f"{text} ({type(exc).__name__})"
+    return f"transport error ({type(exc).__name__})"
+
+
+def _error_details(response: httpx.Response) -> tuple[str | None, str, str | None]:
+    """(code, message, request_id) of an error answer; the body may be anything."""
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if isinstance(body, dict):
+        code = body.get("code")
+        message = body.get("message") or body.get("msg")
+        request_id = body.get("request_id")
+        return (
+            code if isinstance(code, str) and code else None,
+            message[:_MAX_ERROR_MESSAGE]
+            if isinstance(message, str) and message
+            else response.reason_phrase,
+            request_id if isinstance(request_id, str) and request_id else None,
+        )
+    try:
+        text = response.text[:_MAX_ERROR_TEXT].strip()
+    except (LookupError, ValueError):  # an unknown or lying charset
+        text = ""
+    return None, text or response.reason_phrase, None
+
+
+def _json_object(op: str, response: httpx.Response) -> dict[str, Any]:
+    try:
+        body = response.json()
+    except ValueError as exc:
+        raise DashScopeBadResponse(f"{op}: body is not JSON") from exc
+    if not isinstance(body, dict):
+        raise DashScopeBadResponse(f"{op}: body is not a JSON object")
+    return body
+
+
+def _output(op: str, body: Mapping[str, Any]) -> dict[str, Any]:
+    output = body.get("output")
+    if isinstance(output, dict):
+        return output
+    problem = "output missing" if output is None else "output is not an object"
+    code = body.get("code")
+    if isinstance(code, str) and code:
+        problem += f" (code {code!r:.80})"
+    raise DashScopeBadResponse(f"{op}: {problem}")
+
+
+def _required_str(op: str, obj: Mapping[str, Any], key: str, where: str = "output") -> str:
+    value = obj.get(key)
+    if value is None or value == "":
+        raise DashScopeBadResponse(f"{op}: {where}.{key} missing")
+    if not isinstance(value, str):
+        raise DashScopeBadResponse(f"{op}: {where}.{key} is not a string")
+    return value
+
+
+def _optional_str(op: str, obj: Mapping[str, Any], key: str, where: str = "") -> str | None:
+    value = obj.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise DashScopeBadResponse(f"{op}: {where}{key} is not a string")
+    return value
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _beijing_time(value: object) -> datetime | None:
+    """``YYYY-MM-DD HH:mm:ss.SSS`` in Beijing time as an aware UTC datetime.
+
+    Informational only, so a stamp in another format reads as None instead of failing a paid task.
+    """
+    if not isinstance(value, str):
+        return None
+    for fmt in _TASK_TIME_FORMATS:
+        try:
+            return datetime.strptime(value, fmt).replace(tzinfo=BEIJING).astimezone(UTC)
+        except ValueError:
+            continue
+    return None
+
+
+def _parse_task(op: str, body: dict[str, Any], task_id: str) -> RemoteTask:
+    output = _output(op, body)
+    returned_id = _required_str(op, output, "task_id")
+    if returned_id != task_id:
+        raise DashScopeBadResponse(
+            f"{op}: output.task_id {returned_id!r:.80} is not the one asked for"
+        )
+    raw_status = _required_str(op, output, "task_status")
+    usage = body.get("usage")
+    if usage is not None and not isinstance(usage, dict):
+        raise DashScopeBadResponse(f"{op}: usage is not an object")
+    duration = (usage or {}).get("video_duration")
+    if duration is not None and not (_is_number(duration) and math.isfinite(duration)):
+        raise DashScopeBadResponse(f"{op}: usage.video_duration is not a number")
+    return RemoteTask(
+        task_id=returned_id,
+        status=RemoteStatus.parse(raw_status),
+        raw_status=raw_status,
+        video_url=_optional_str(op, output, "video_url", "output.") or None,
+        template_id=_optional_str(op, output, "template_id", "output.") or None,
+        video_duration=float(duration) if duration is not None else None,
+        code=_optional_str(op, output, "code", "output.") or None,
+        message=_optional_str(op, output, "message", "output.") or None,
+        submit_time=_beijing_time(output.get("submit_time")),
+        scheduled_time=_beijing_time(output.get("scheduled_time")),
+        end_time=_beijing_time(output.get("end_time")),
+        request_id=_optional_str(op, body, "request_id"),
+    )
+
+
+def _parse_page(body: dict[str, Any], page_no: int, page_size: int) -> TaskPage:
+    data = body.get("data")
+    if data is None:
+        data = []
+    if not isinstance(data, list):
+        raise DashScopeBadResponse("list: data is not a list")
+    items = tuple(_parse_row(i, row) for i, row in enumerate(data))
+    total = _optional_int(body, "total")
+    total = len(items) if total is None else total
+    page = _optional_int(body, "page_no")
+    total_page = _optional_int(body, "total_page")
+    return TaskPage(
+        items=items,
+        total=total,
+        page_no=page_no if page is None else page,
+        total_page=math.ceil(total / page_size) if total_page is None else total_page,
+    )
+
+
+def _optional_int(body: Mapping[str, Any], key: str) -> int | None:
+    value = body.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise DashScopeBadResponse(f"list: {key} is not an integer")
+    return value
+
+
+def _parse_row(index: int, row: object) -> TaskListItem:
+    where = f"data[{index}]"
+    if not isinstance(row, dict):
+        raise DashScopeBadResponse(f"list: {where} is not an object")
+    created = row.get("gmt_create")
+    if created is not None and not (_is_number(created) and math.isfinite(created)):
+        raise DashScopeBadResponse(f"list: {where}.gmt_create is not epoch milliseconds")
+    return TaskListItem(
+        task_id=_required_str("list", row, "task_id", where),
+        status=_required_str("list", row, "status", where),
+        model_name=_optional_str("list", row, "model_name", f"{where}."),
+        created_at=_EPOCH + timedelta(milliseconds=created) if created is not None else None,
+        request_id=_optional_str("list", row, "request_id", f"{where}."),
+    )

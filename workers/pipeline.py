@@ -1,0 +1,503 @@
+"""The use cases: intake, submit, poll, copy. Each loads a job, decides, applies with compare-and-set.
+
+Adapters sit behind the small ports below; this module imports none of celery, httpx, boto3 or
+redis. A use case returns the next wake-up (:class:`Next`) for the task layer to schedule. Every
+message carries the job version it was scheduled at; a message whose version is stale does nothing,
+which makes redeliveries and duplicate chains harmless.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+from workers.errors import (
+    CopyMismatch,
+    DashScopeRejected,
+    InvalidJobRequest,
+    PermanentError,
+    TransientError,
+    WorkerError,
+)
+from workers.jobs import (
+    CopyPolicy,
+    Finish,
+    ImageFacts,
+    Job,
+    JobRequest,
+    JobState,
+    PollPolicy,
+    RemoteSnapshot,
+    RetryCopy,
+    StartCopy,
+    SubmitPolicy,
+    Wait,
+    can_move,
+    check_image,
+    copy_expired,
+    decide_copy_error,
+    decide_poll,
+    decide_poll_error,
+    parse_request,
+    s3_key,
+)
+
+log = logging.getLogger(__name__)
+
+# ----------------------------------------------------------------------------- ports
+
+
+class JobStore(Protocol):
+    def create(self, job: Job) -> tuple[Job, bool]: ...
+    def get(self, job_id: str) -> Job | None: ...
+    def transition(self, job: Job, state: JobState, **changes: Any) -> Job | None: ...
+    def claim_remote_task(self, task_id: str) -> bool: ...
+    def note_duplicate(self, job_id: str) -> None: ...
+
+
+class VideoApi(Protocol):
+    def submit(self, request: JobRequest) -> str:
+        """Create the remote task; its id. Raises Transient/Permanent errors."""
+
+    def submit_is_ambiguous(self, exc: TransientError) -> bool:
+        """Whether a failed submit may still have created a task (the request was sent)."""
+
+    def poll(self, task_id: str) -> RemoteSnapshot: ...
+    def cancel(self, task_id: str) -> None: ...
+    def recent_tasks(self, since: float, until: float) -> list[str]:
+        """Ids of this account's tasks for the model created in [since, until]."""
+
+
+@dataclass(frozen=True)
+class StoredCopy:
+    bucket: str
+    key: str
+    size: int
+    sha256: str
+
+
+class Copier(Protocol):
+    def copy(self, url: str, key: str, metadata: dict[str, str]) -> StoredCopy: ...
+    def find(self, key: str) -> StoredCopy | None: ...
+
+
+class ImageProbe(Protocol):
+    def probe(self, url: str) -> ImageFacts: ...
+
+
+@dataclass
+class Services:
+    store: JobStore
+    api: VideoApi
+    copier: Copier
+    images: ImageProbe
+    s3_prefix: str
+    poll: PollPolicy = field(default_factory=PollPolicy)
+    submit: SubmitPolicy = field(default_factory=SubmitPolicy)
+    copy: CopyPolicy = field(default_factory=CopyPolicy)
+    clock: Callable[[], float] = time.time
+    rand: Callable[[], float] = random.random
+
+
+# ----------------------------------------------------------------------------- results
+
+Step = Literal["submit", "poll", "copy"]
+
+
+@dataclass(frozen=True)
+class Next:
+    """Wake ``step`` for ``job_id`` after ``countdown`` seconds, carrying ``version``."""
+
+    step: Step
+    job_id: str
+    version: int
+    countdown: float
+
+
+@dataclass(frozen=True)
+class IntakeResult:
+    job_id: str
+    state: JobState
+    created: bool
+    next: Next | None = None
+
+
+# ----------------------------------------------------------------------------- intake
+
+
+def intake(
+    svc: Services, kwargs: Mapping[str, Any], args: tuple[Any, ...], message_id: str
+) -> IntakeResult:
+    """Validate a producer's request, create the job (or find it), check the image.
+
+    Bad input still creates a record, in REJECTED with the reason, so the producer can see why.
+    """
+    now = svc.clock()
+    raw_id = kwargs.get("job_id") if isinstance(kwargs, Mapping) else None
+    try:
+        request = parse_request(kwargs, args)
+    except InvalidJobRequest as exc:
+        job_id = raw_id if isinstance(raw_id, str) and _usable_id(raw_id) else message_id
+        placeholder = JobRequest(image_url="", template_id="", job_id=job_id)
+        job = Job(
+            job_id=job_id,
+            state=JobState.REJECTED,
+            version=1,
+            request=placeholder,
+            created_at=now,
+            updated_at=now,
+            intake_message_id=message_id,
+            finished_at=now,
+            error_code=exc.code,
+            error_message=exc.message,
+        )
+        stored, created = svc.store.create(job)
+        log.info("job %s rejected at intake: %s", stored.job_id, exc)
+        return IntakeResult(stored.job_id, stored.state, created)
+
+    job_id = request.job_id or message_id
+    job = Job(
+        job_id=job_id,
+        state=JobState.QUEUED,
+        version=1,
+        request=request,
+        created_at=now,
+        updated_at=now,
+        intake_message_id=message_id,
+        next_action_at=now,
+    )
+    stored, created = svc.store.create(job)
+    if not created and stored.intake_message_id != message_id:
+        # Same job_id from another message: the idempotency key did its job.
+        log.info("job %s already exists (state %s); duplicate intake ignored", job_id, stored.state)
+        svc.store.note_duplicate(job_id)  # no version bump: in-flight messages stay valid
+        return IntakeResult(job_id, stored.state, False)
+    if stored.state != JobState.QUEUED:
+        return IntakeResult(job_id, stored.state, created)  # a redelivered intake, already past
+    try:
+        check_image(svc.images.probe(request.image_url))
+    except InvalidJobRequest as exc:
+        finish(svc, stored, Finish(JobState.REJECTED, exc.code, exc.message))
+        return IntakeResult(job_id, JobState.REJECTED, created)
+    except TransientError as exc:
+        # The image could not be fetched right now. Without a look at it we may not spend money,
+        # so the job is refused with the reason; the producer may enqueue it again.
+        finish(svc, stored, Finish(JobState.REJECTED, "InvalidImage.Unreachable", exc.message))
+        return IntakeResult(job_id, JobState.REJECTED, created)
+    return IntakeResult(job_id, JobState.QUEUED, created, Next("submit", job_id, stored.version, 0))
+
+
+def _usable_id(value: str) -> bool:
+    from workers.jobs import JOB_ID_RE
+
+    return bool(JOB_ID_RE.match(value))
+
+
+# ----------------------------------------------------------------------------- submit
+
+
+def submit(svc: Services, job_id: str, version: int) -> Next | None:
+    """Submit the job once. Claims SUBMITTING first; only the claimant talks to DashScope."""
+    job = _load(svc, job_id, version)
+    if job is None:
+        return None
+    now = svc.clock()
+    if job.state == JobState.QUEUED:
+        claimed = svc.store.transition(
+            job, JobState.SUBMITTING, updated_at=now, next_action_at=now + 60
+        )
+        if claimed is None:
+            return None
+        job = claimed
+    elif job.state != JobState.SUBMITTING:
+        return None
+
+    if job.submit_ambiguous:
+        try:
+            adopted = _reconcile(svc, job, now)
+        except TransientError as exc:
+            return _submit_failed(svc, job, exc, was_ambiguous=True)
+        if adopted is not None:
+            return adopted
+        # Nothing adopted: carry on with the job as loaded. Its version is still our fencing
+        # token, so if another worker moved the job meanwhile (claimed the next attempt, or
+        # adopted a task), the compare-and-set below fails instead of submitting a second time.
+
+    started = svc.clock()
+    was_ambiguous = job.submit_ambiguous
+    attempting = svc.store.transition(
+        job,
+        JobState.SUBMITTING,
+        submit_attempts=job.submit_attempts + 1,
+        submit_started_at=started,
+        # Until its answer is recorded the POST may have created a task: a worker that dies in
+        # between leaves the job marked, so whoever resumes it reconciles instead of resubmitting.
+        submit_ambiguous=True,
+        updated_at=started,
+        next_action_at=started + 120,
+    )
+    if attempting is None:
+        return None
+    job = attempting
+    try:
+        task_id = svc.api.submit(job.request)
+    except DashScopeRejected as exc:
+        finish(svc, job, Finish(JobState.FAILED, exc.code, exc.message))
+        return None
+    except PermanentError as exc:
+        finish(svc, job, Finish(JobState.FAILED, exc.code, exc.message))
+        return None
+    except TransientError as exc:
+        return _submit_failed(svc, job, exc, was_ambiguous=was_ambiguous)
+    return _submitted(svc, job, task_id)
+
+
+def _submitted(svc: Services, job: Job, task_id: str) -> Next | None:
+    now = svc.clock()
+    svc.store.claim_remote_task(task_id)
+    done = svc.store.transition(
+        job,
+        JobState.SUBMITTED,
+        remote_task_id=task_id,
+        remote_status="PENDING",
+        submitted_at=now,
+        submit_ambiguous=False,
+        updated_at=now,
+        next_action_at=now + svc.poll.first_delay,
+    )
+    if done is None:
+        log.error("job %s: submitted as %s but lost the record race", job.job_id, task_id)
+        return None
+    log.info("job %s submitted as DashScope task %s", job.job_id, task_id)
+    return Next("poll", job.job_id, done.version, svc.poll.first_delay)
+
+
+def _submit_failed(
+    svc: Services, job: Job, exc: TransientError, *, was_ambiguous: bool
+) -> Next | None:
+    """``was_ambiguous``: whether an earlier attempt may have created a task (the flag as it was
+    before this attempt marked the job while its POST was in flight)."""
+    ambiguous = svc.api.submit_is_ambiguous(exc)
+    if job.submit_attempts >= svc.submit.max_attempts:
+        code = "SubmitAmbiguous" if ambiguous else "SubmitRetriesExhausted"
+        finish(
+            svc,
+            job,
+            Finish(JobState.FAILED, code, f"{job.submit_attempts} submit attempts: {exc}"),
+        )
+        return None
+    delay = svc.submit.backoff.delay(job.submit_attempts, svc.rand)
+    now = svc.clock()
+    waiting = svc.store.transition(
+        job,
+        JobState.SUBMITTING,
+        submit_ambiguous=was_ambiguous or ambiguous,
+        error_code=exc.code,
+        error_message=exc.message,
+        updated_at=now,
+        next_action_at=now + delay,
+    )
+    if waiting is None:
+        return None
+    log.warning("job %s: submit attempt %d failed (%s); again in %.1fs", job.job_id,
+                job.submit_attempts, exc, delay)  # fmt: skip
+    return Next("submit", job.job_id, waiting.version, delay)
+
+
+def _reconcile(svc: Services, job: Job, now: float) -> Next | None:
+    """An earlier POST may have created a task. Look before submitting again.
+
+    DashScope's list shows this account's tasks but not their inputs, so a task created in the
+    window of the ambiguous attempt that no other job owns is taken as ours.
+    """
+    since = (job.submit_started_at or job.created_at) - 5
+    candidates = svc.api.recent_tasks(since, now + 5)
+    for task_id in candidates:
+        if svc.store.claim_remote_task(task_id):
+            log.warning("job %s: adopting task %s from an ambiguous submit", job.job_id, task_id)
+            return _submitted(svc, job, task_id)
+    return None
+
+
+# ----------------------------------------------------------------------------- poll
+
+
+def poll(svc: Services, job_id: str, version: int) -> Next | None:
+    job = _load(svc, job_id, version)
+    if job is None or job.state != JobState.SUBMITTED or not job.remote_task_id:
+        return None
+    now = svc.clock()
+    try:
+        remote = svc.api.poll(job.remote_task_id)
+    except TransientError as exc:
+        retry = decide_poll_error(job, now, svc.poll, svc.rand)
+        if isinstance(retry, Finish):
+            finish(svc, job, retry)
+            return None
+        moved = svc.store.transition(
+            job,
+            JobState.SUBMITTED,
+            poll_errors=job.poll_errors + 1,
+            updated_at=now,
+            next_action_at=now + retry.seconds,
+        )
+        log.warning("job %s: poll failed (%s); again in %.1fs", job_id, exc, retry.seconds)
+        return Next("poll", job_id, moved.version, retry.seconds) if moved else None
+    except PermanentError as exc:
+        finish(svc, job, Finish(JobState.FAILED, exc.code, exc.message))
+        return None
+
+    decision = decide_poll(job, remote, now, svc.poll)
+    common: dict[str, Any] = {
+        "remote_status": remote.raw_status,
+        "polls": job.polls + 1,
+        "poll_errors": 0,
+        "updated_at": now,
+    }
+    if remote.status.value in ("PRE-PROCESSING", "RUNNING", "POST-PROCESSING"):
+        common["remote_started_at"] = job.remote_started_at or now
+    if isinstance(decision, Wait):
+        moved = svc.store.transition(
+            job,
+            JobState.SUBMITTED,
+            pending_polls=job.pending_polls + (decision.reason == "pending"),
+            unknown_polls=job.unknown_polls + (decision.reason == "unknown"),
+            next_action_at=now + decision.seconds,
+            **common,
+        )
+        return Next("poll", job_id, moved.version, decision.seconds) if moved else None
+    if isinstance(decision, StartCopy):
+        moved = svc.store.transition(
+            job,
+            JobState.COPYING,
+            video_url=decision.video_url,
+            video_expires_at=decision.expires_at,
+            video_duration=decision.video_duration,
+            remote_ended_at=remote.end_time or now,
+            next_action_at=now,
+            **common,
+        )
+        return Next("copy", job_id, moved.version, 0) if moved else None
+    if decision.cancel_remote:
+        try:
+            svc.api.cancel(job.remote_task_id)
+        except WorkerError as exc:
+            log.warning("job %s: could not cancel remote task: %s", job_id, exc)
+    moved = svc.store.transition(job, job.state, **common)
+    finish(svc, moved or job, decision)
+    return None
+
+
+# ----------------------------------------------------------------------------- copy
+
+
+def copy(svc: Services, job_id: str, version: int) -> Next | None:
+    job = _load(svc, job_id, version)
+    if job is None or job.state != JobState.COPYING or not job.video_url:
+        return None
+    now = svc.clock()
+    if copy_expired(job, now):
+        finish(
+            svc,
+            job,
+            Finish(JobState.EXPIRED, "VideoUrlExpired", "the video URL expired before the copy"),
+        )
+        return None
+    attempt = svc.store.transition(
+        job,
+        JobState.COPYING,
+        copy_attempts=job.copy_attempts + 1,
+        copy_started_at=job.copy_started_at or now,
+        updated_at=now,
+        next_action_at=now + 1800,
+    )
+    if attempt is None:
+        return None
+    job = attempt
+    key = s3_key(svc.s3_prefix, job.job_id)
+    metadata = {"job-id": job.job_id}
+    if job.remote_task_id:
+        metadata["dashscope-task-id"] = job.remote_task_id
+    try:
+        stored = svc.copier.copy(job.video_url or "", key, metadata)
+    except (TransientError, CopyMismatch) as exc:
+        return _copy_failed(svc, job, exc, transient=True)
+    except PermanentError as exc:
+        return _copy_failed(svc, job, exc, transient=False)
+    done = svc.clock()
+    final = svc.store.transition(
+        job,
+        JobState.STORED,
+        s3_bucket=stored.bucket,
+        s3_key=stored.key,
+        bytes=stored.size,
+        sha256=stored.sha256,
+        finished_at=done,
+        updated_at=done,
+        error_code=None,
+        error_message=None,
+        next_action_at=None,
+    )
+    if final is None:
+        log.warning("job %s: copy finished but the job moved on (stale copy)", job_id)
+    else:
+        log.info("job %s stored at %s (%d bytes)", job_id, final.s3_uri, stored.size)
+    return None
+
+
+def _copy_failed(svc: Services, job: Job, exc: WorkerError, *, transient: bool) -> Next | None:
+    now = svc.clock()
+    decision = decide_copy_error(job, exc.code, exc.message, transient, now, svc.copy, svc.rand)
+    if isinstance(decision, Finish):
+        finish(svc, job, decision)
+        return None
+    assert isinstance(decision, RetryCopy)
+    moved = svc.store.transition(
+        job,
+        JobState.COPYING,
+        error_code=exc.code,
+        error_message=exc.message,
+        updated_at=now,
+        next_action_at=now + decision.seconds,
+    )
+    log.warning("job %s: copy failed (%s); again in %.1fs", job.job_id, exc, decision.seconds)
+    return Next("copy", job.job_id, moved.version, decision.seconds) if moved else None
+
+
+# ----------------------------------------------------------------------------- shared
+
+
+def finish(svc: Services, job: Job, decision: Finish) -> Job | None:
+    """Move a job to a final state with its reason (compare-and-set like every move)."""
+    if not can_move(job.state, decision.state):
+        log.error("job %s: refusing %s -> %s", job.job_id, job.state, decision.state)
+        return None
+    now = svc.clock()
+    done = svc.store.transition(
+        job,
+        decision.state,
+        error_code=decision.code,
+        error_message=decision.message,
+        finished_at=now,
+        updated_at=now,
+        next_action_at=None,
+    )
+    if done is not None:
+        log.info("job %s %s: %s %s", job.job_id, decision.state, decision.code, decision.message)
+    return done
+
+
+def _load(svc: Services, job_id: str, version: int) -> Job | None:
+    job = svc.store.get(job_id)
+    if job is None:
+        log.warning("job %s: no record (expired or never created)", job_id)
+        return None
+    if job.version != version:
+        log.info("job %s: stale message (version %d, job at %d); ignored", job_id, version,
+                 job.version)  # fmt: skip
+        return None
+    return job

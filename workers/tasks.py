@@ -1,0 +1,62 @@
+"""The Celery tasks: thin shells around :mod:`workers.pipeline`. Task names are a wire contract.
+
+``animate.generate`` is public (other services ``send_task`` it). ``animate.submit``,
+``animate.poll`` and ``animate.copy`` are internal, but their names are still fixed: countdown
+messages wait in Redis across deploys. Arguments are always ``(job_id, version)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Task
+
+from config.celery_app import app, settings
+from workers import pipeline
+from workers.errors import StoreUnavailable
+from workers.wiring import services
+
+RETRY: dict[str, Any] = {
+    # Only the job store can fail outside the pipeline's own handling; DashScope and S3 errors
+    # are decided on by the pipeline (which never uses Celery retries for "not ready yet").
+    "autoretry_for": (StoreUnavailable,),
+    "retry_backoff": 2,
+    "retry_backoff_max": 60,
+    "retry_jitter": True,
+    "max_retries": 8,
+}
+
+
+def schedule(step: pipeline.Next | None) -> None:
+    if step is None:
+        return
+    task = {"submit": submit_job, "poll": poll_job, "copy": copy_job}[step.step]
+    task.apply_async((step.job_id, step.version), countdown=max(0.0, step.countdown))
+
+
+@app.task(name="animate.generate", bind=True, **RETRY)
+def generate(self: Task[Any, Any], *args: Any, **kwargs: Any) -> None:
+    """Intake: validate, create the job (id = ``job_id`` or this message's id), then submit."""
+    result = pipeline.intake(services(), kwargs, args, str(self.request.id))
+    schedule(result.next)
+
+
+@app.task(name="animate.submit", bind=True, **RETRY)
+def submit_job(self: Task[Any, Any], job_id: str, version: int) -> None:
+    schedule(pipeline.submit(services(), job_id, version))
+
+
+@app.task(name="animate.poll", bind=True, **RETRY)
+def poll_job(self: Task[Any, Any], job_id: str, version: int) -> None:
+    schedule(pipeline.poll(services(), job_id, version))
+
+
+@app.task(
+    name="animate.copy",
+    bind=True,
+    time_limit=settings.copy_time_limit,
+    soft_time_limit=settings.copy_time_limit - 30,
+    **RETRY,
+)
+def copy_job(self: Task[Any, Any], job_id: str, version: int) -> None:
+    schedule(pipeline.copy(services(), job_id, version))

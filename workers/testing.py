@@ -1,0 +1,257 @@
+"""Fakes of the pipeline's ports for tests: an in-memory job store, a scripted DashScope, copier and probe.
+
+Nothing here imports celery, httpx, boto3 or redis. Build a whole :class:`Services` with
+:func:`make_services` and override what a test cares about.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from collections import deque
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
+
+from workers.errors import TransientError
+from workers.jobs import FINAL_STATES, ImageFacts, Job, JobRequest, JobState, RemoteSnapshot
+from workers.pipeline import Services, StoredCopy
+
+T = TypeVar("T")
+
+START = 1_700_000_000.0  # the FakeClock's default "now" (2023-11-14, epoch seconds)
+
+_FIELDS = {f.name: f for f in dataclasses.fields(Job)}
+_FIXED = frozenset({"job_id", "state", "version"})
+
+
+def _default(name: str) -> Any:
+    spec = _FIELDS[name]
+    if spec.default is not dataclasses.MISSING:
+        return spec.default
+    raise ValueError(f"Job.{name} has no default; it cannot be removed")
+
+
+class InMemoryJobStore:
+    """The :class:`workers.pipeline.JobStore` port in a dict, with RedisJobStore's semantics.
+
+    A transition is a compare-and-set on the version; a change to None removes the field (it reads
+    back as the field's default, as a deleted hash field does); the version goes up by one.
+    ``note_duplicate`` counts without a version bump. TTLs are not modelled.
+    """
+
+    def __init__(self) -> None:
+        self.jobs: dict[str, Job] = {}
+        self.remote_tasks: set[str] = set()
+        self.lock = threading.Lock()
+
+    def create(self, job: Job) -> tuple[Job, bool]:
+        """Store a new job, unless one with that id exists: (the stored job, created?)."""
+        with self.lock:
+            existing = self.jobs.get(job.job_id)
+            if existing is not None:
+                return existing, False
+            self.jobs[job.job_id] = job
+            return job, True
+
+    def get(self, job_id: str) -> Job | None:
+        with self.lock:
+            return self.jobs.get(job_id)
+
+    def transition(self, job: Job, state: JobState, **changes: Any) -> Job | None:
+        """Move ``job`` (as loaded, at its version) to ``state`` with ``changes``; None if it lost."""
+        unknown = set(changes) - set(_FIELDS)
+        if unknown or set(changes) & _FIXED:
+            raise TypeError(f"transition cannot change {sorted(unknown | (set(changes) & _FIXED))}")
+        values = {
+            name: _default(name) if value is None else value for name, value in changes.items()
+        }
+        with self.lock:
+            stored = self.jobs.get(job.job_id)
+            if stored is None or stored.version != job.version:
+                return None
+            updated = dataclasses.replace(stored, state=state, version=stored.version + 1, **values)
+            self.jobs[job.job_id] = updated
+            return updated
+
+    def claim_remote_task(self, task_id: str) -> bool:
+        """Mark a DashScope task id as owned; False if some job owns it already."""
+        with self.lock:
+            if task_id in self.remote_tasks:
+                return False
+            self.remote_tasks.add(task_id)
+            return True
+
+    def note_duplicate(self, job_id: str) -> None:
+        """Count a repeated intake without touching the version (a missing job stays missing)."""
+        with self.lock:
+            stored = self.jobs.get(job_id)
+            if stored is not None:
+                self.jobs[job_id] = dataclasses.replace(stored, duplicates=stored.duplicates + 1)
+
+    def count_by_state(self) -> dict[str, int]:
+        with self.lock:
+            counts = dict.fromkeys((s.value for s in JobState), 0)
+            for job in self.jobs.values():
+                counts[job.state.value] += 1
+            return counts
+
+    def due(self, now: float, limit: int = 100) -> list[str]:
+        """Job ids whose next wake-up was due by ``now``, earliest first (the deadline index)."""
+        with self.lock:
+            pending = [
+                (job.next_action_at, job.job_id)
+                for job in self.jobs.values()
+                if job.next_action_at is not None
+                and job.state not in FINAL_STATES
+                and job.next_action_at <= now
+            ]
+        return [job_id for _, job_id in sorted(pending)[:limit]]
+
+
+def ambiguous(exc: TransientError) -> TransientError:
+    """Mark a transient error as sent-but-unanswered: :class:`FakeVideoApi` calls it ambiguous."""
+    exc.ambiguous = True  # type: ignore[attr-defined]
+    return exc
+
+
+def _next(script: deque[T | BaseException], what: str) -> T:
+    if not script:
+        raise AssertionError(f"unexpected {what}: nothing scripted")
+    item = script.popleft()
+    if isinstance(item, BaseException):
+        raise item
+    return item
+
+
+class FakeVideoApi:
+    """The ``VideoApi`` port, scripted: each call takes the next queued answer or raises it.
+
+    A call with nothing scripted fails the test (an unexpected submit must never pass silently).
+    ``submit_is_ambiguous`` is true for an error marked with :func:`ambiguous`. ``on_recent_tasks``
+    and ``on_submit`` run before the answer, so a test can interleave another worker there.
+    """
+
+    def __init__(
+        self,
+        *,
+        submit: Iterable[str | BaseException] = (),
+        poll: Iterable[RemoteSnapshot | BaseException] = (),
+        recent: Iterable[str] = (),
+        cancel: Iterable[BaseException | None] = (),
+    ) -> None:
+        self.submit_script: deque[str | BaseException] = deque(submit)
+        self.poll_script: deque[RemoteSnapshot | BaseException] = deque(poll)
+        self.cancel_script: deque[BaseException | None] = deque(cancel)
+        self.recent: list[str] = list(recent)
+        self.recent_error: BaseException | None = None
+        self.submits: list[JobRequest] = []
+        self.polls: list[str] = []
+        self.cancels: list[str] = []
+        self.recent_calls: list[tuple[float, float]] = []
+        self.on_submit: Callable[[JobRequest], None] | None = None
+        self.on_recent_tasks: Callable[[], None] | None = None
+        self.lock = threading.Lock()
+
+    def submit(self, request: JobRequest) -> str:
+        if self.on_submit is not None:
+            self.on_submit(request)
+        with self.lock:
+            self.submits.append(request)
+            return _next(self.submit_script, "submit")
+
+    def submit_is_ambiguous(self, exc: TransientError) -> bool:
+        return getattr(exc, "ambiguous", False) is True
+
+    def poll(self, task_id: str) -> RemoteSnapshot:
+        with self.lock:
+            self.polls.append(task_id)
+            return _next(self.poll_script, "poll")
+
+    def cancel(self, task_id: str) -> None:
+        with self.lock:
+            self.cancels.append(task_id)
+            error = self.cancel_script.popleft() if self.cancel_script else None
+        if error is not None:
+            raise error
+
+    def recent_tasks(self, since: float, until: float) -> list[str]:
+        hook, self.on_recent_tasks = self.on_recent_tasks, None  # one shot: no recursion
+        if hook is not None:
+            hook()
+        with self.lock:
+            self.recent_calls.append((since, until))
+            if self.recent_error is not None:
+                raise self.recent_error
+            return list(self.recent)
+
+
+def stored_copy(key: str, *, bucket: str = "videos-bucket", size: int = 1234) -> StoredCopy:
+    """A plausible successful copy of ``key``."""
+    return StoredCopy(bucket, key, size, "ab" * 32)
+
+
+class FakeCopier:
+    """The ``Copier`` port, scripted: each copy takes the next queued answer or raises it.
+
+    ``calls`` records ``(url, key, metadata)``; a successful copy is kept for ``find``.
+    """
+
+    def __init__(self, results: Iterable[StoredCopy | BaseException] = ()) -> None:
+        self.script: deque[StoredCopy | BaseException] = deque(results)
+        self.calls: list[tuple[str, str, dict[str, str]]] = []
+        self.objects: dict[str, StoredCopy] = {}
+
+    def copy(self, url: str, key: str, metadata: dict[str, str]) -> StoredCopy:
+        self.calls.append((url, key, dict(metadata)))
+        stored = _next(self.script, "copy")
+        self.objects[stored.key] = stored
+        return stored
+
+    def find(self, key: str) -> StoredCopy | None:
+        return self.objects.get(key)
+
+
+VALID_IMAGE = ImageFacts("PNG", 200_000, 768, 1024)
+
+
+class FakeImageProbe:
+    """The ``ImageProbe`` port: returns ``facts``, or raises it when it is an exception."""
+
+    def __init__(self, facts: ImageFacts | BaseException = VALID_IMAGE) -> None:
+        self.facts = facts
+        self.probes: list[str] = []
+
+    def probe(self, url: str) -> ImageFacts:
+        self.probes.append(url)
+        if isinstance(self.facts, BaseException):
+            raise self.facts
+        return self.facts
+
+
+class FakeClock:
+    """A clock that moves only when told: call it for "now"."""
+
+    def __init__(self, now: float = START) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> float:
+        self.now += seconds
+        return self.now
+
+
+def make_services(**overrides: Any) -> Services:
+    """Services over fresh fakes, a :class:`FakeClock` and a fixed ``rand`` (0.5), overridden by name."""
+    values: dict[str, Any] = {
+        "store": InMemoryJobStore(),
+        "api": FakeVideoApi(),
+        "copier": FakeCopier(),
+        "images": FakeImageProbe(),
+        "s3_prefix": "videos",
+        "clock": FakeClock(),
+        "rand": lambda: 0.5,
+    }
+    values.update(overrides)
+    return Services(**values)

@@ -1,0 +1,112 @@
+"""The composition root: build the pipeline's services from settings, once per worker process.
+
+Clients are made lazily after the prefork fork (never at import), so no socket is shared between
+processes.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import httpx
+import redis
+
+from config.settings import Settings, get_settings
+from workers.adapters import DashScopeVideoApi, S3CopierPort
+from workers.dashscope import DashScopeClient
+from workers.images import HttpImageProbe
+from workers.jobs import Backoff, CopyPolicy, PollPolicy, SubmitPolicy
+from workers.pipeline import Services
+from workers.storage import S3Copier, make_s3_client
+from workers.store import RedisJobStore
+
+_lock = threading.Lock()
+_services: Services | None = None
+
+
+def redis_client(settings: Settings) -> redis.Redis:
+    return redis.Redis.from_url(
+        settings.redis_url, socket_timeout=10, socket_connect_timeout=5, health_check_interval=30
+    )
+
+
+def job_store(settings: Settings) -> RedisJobStore:
+    return RedisJobStore(
+        redis_client(settings), prefix=settings.key_prefix, final_ttl=settings.job_retention_seconds
+    )
+
+
+def build_services(settings: Settings) -> Services:
+    settings.require_worker()
+    assert settings.dashscope_api_key is not None and settings.s3_bucket is not None
+    api_http = httpx.Client(
+        timeout=httpx.Timeout(
+            settings.dashscope_read_timeout, connect=settings.dashscope_connect_timeout
+        )
+    )
+    client = DashScopeClient(
+        api_http,
+        api_key=settings.dashscope_api_key.get_secret_value(),
+        base_url=settings.dashscope_base_url,
+        model=settings.dashscope_model,
+        endpoint=settings.dashscope_endpoint,
+    )
+    download = httpx.Client(
+        timeout=httpx.Timeout(settings.copy_read_timeout, connect=10.0), follow_redirects=True
+    )
+    s3 = make_s3_client(
+        endpoint_url=settings.aws_endpoint_url,
+        region=settings.aws_default_region,
+        checksum_calculation=settings.aws_request_checksum_calculation,
+        checksum_validation=settings.aws_response_checksum_validation,
+        addressing_style=settings.s3_addressing_style,
+    )
+    copier = S3Copier(
+        s3,
+        download,
+        bucket=settings.s3_bucket,
+        part_size=settings.copy_part_size_mb * 1024 * 1024,
+        max_concurrency=settings.copy_concurrency,
+    )
+    image_http = httpx.Client(
+        timeout=httpx.Timeout(settings.image_check_timeout), follow_redirects=True
+    )
+    return Services(
+        store=job_store(settings),
+        api=DashScopeVideoApi(client, settings.dashscope_model),
+        copier=S3CopierPort(copier),
+        images=HttpImageProbe(image_http),
+        s3_prefix=settings.s3_prefix,
+        poll=PollPolicy(
+            first_delay=settings.poll_first_seconds,
+            running_interval=settings.poll_running_seconds,
+            pending_interval=settings.poll_pending_seconds,
+            pending_max=settings.poll_pending_max_seconds,
+            deadline=settings.job_remote_deadline_seconds,
+            error_backoff=Backoff(base=1.0, cap=settings.poll_error_backoff_max),
+        ),
+        submit=SubmitPolicy(
+            max_attempts=settings.submit_max_attempts,
+            backoff=Backoff(base=settings.submit_backoff_base, cap=settings.submit_backoff_max),
+        ),
+        copy=CopyPolicy(
+            max_attempts=settings.copy_max_attempts,
+            backoff=Backoff(base=settings.copy_backoff_base, cap=settings.copy_backoff_max),
+        ),
+    )
+
+
+def services() -> Services:
+    """This process's services, built on first use."""
+    global _services
+    if _services is None:
+        with _lock:
+            if _services is None:
+                _services = build_services(get_settings())
+    return _services
+
+
+def reset() -> None:
+    """Forget the services (after a fork, or in tests)."""
+    global _services
+    _services = None
