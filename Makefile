@@ -3,12 +3,19 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON ?= python3
 
-.PHONY: install test lint format emulator check
+.PHONY: install test lint format emulator check demo
 
 install:  ## a local virtual environment with everything (runtime, emulator, tests, checks)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade --quiet pip
 	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(MAKE) install
+
+demo: $(VENV)/.installed  ## one job end to end on the emulator, a local S3 and Redis
+	$(PY) -m devstack.demo
 
 test:  ## the whole test suite (needs Redis at $$REDIS_URL, default redis://127.0.0.1:6379/0)
 	$(PY) -m pytest

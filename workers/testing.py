@@ -127,8 +127,9 @@ class FakeVideoApi:
     """The ``VideoApi`` port, scripted: each call takes the next queued answer or raises it.
 
     A call with nothing scripted fails the test (an unexpected submit must never pass silently).
-    ``submit_is_ambiguous`` is true for an error marked with :func:`ambiguous`. ``on_recent_tasks``
-    and ``on_submit`` run before the answer, so a test can interleave another worker there.
+    ``submit_is_ambiguous`` is true for an error marked with :func:`ambiguous`. ``on_submit`` runs
+    after the call is recorded and before the answer (the POST is in flight), ``on_recent_tasks``
+    once before the list is read, so a test can interleave another worker or a crash there.
     """
 
     def __init__(
@@ -153,10 +154,11 @@ class FakeVideoApi:
         self.lock = threading.Lock()
 
     def submit(self, request: JobRequest) -> str:
+        with self.lock:
+            self.submits.append(request)
         if self.on_submit is not None:
             self.on_submit(request)
         with self.lock:
-            self.submits.append(request)
             return _next(self.submit_script, "submit")
 
     def submit_is_ambiguous(self, exc: TransientError) -> bool:
@@ -194,15 +196,19 @@ class FakeCopier:
     """The ``Copier`` port, scripted: each copy takes the next queued answer or raises it.
 
     ``calls`` records ``(url, key, metadata)``; a successful copy is kept for ``find``.
+    ``on_copy`` runs while the copy is under way (after the call is recorded).
     """
 
     def __init__(self, results: Iterable[StoredCopy | BaseException] = ()) -> None:
         self.script: deque[StoredCopy | BaseException] = deque(results)
         self.calls: list[tuple[str, str, dict[str, str]]] = []
         self.objects: dict[str, StoredCopy] = {}
+        self.on_copy: Callable[[], None] | None = None
 
     def copy(self, url: str, key: str, metadata: dict[str, str]) -> StoredCopy:
         self.calls.append((url, key, dict(metadata)))
+        if self.on_copy is not None:
+            self.on_copy()
         stored = _next(self.script, "copy")
         self.objects[stored.key] = stored
         return stored

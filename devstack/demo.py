@@ -1,0 +1,161 @@
+"""``make demo``: one job end to end on embedded defaults, then show where the video went.
+
+It uses ``REDIS_URL`` if that answers, else starts a redis-server of its own; starts the DashScope
+emulator, a local S3 API (moto) and a real Celery worker; makes an action template from a generated
+dance clip; enqueues a job with the bundled character image; waits with progress; downloads the
+stored object to ``demo-output/<job_id>.mp4``; prints a summary; and stops everything it started.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import httpx
+from rich.console import Console
+from rich.table import Table
+
+from devstack import RedisServer, S3Server, Worker, redis_answers
+from emulator.config import EmulatorConfig
+from emulator.server import EmulatorServer
+from workers.client import AnimateQueue
+from workers.dashscope import DashScopeClient, RemoteStatus
+
+ASSETS = Path(__file__).parent / "assets"
+BUCKET = "animate-queue-demo"
+API_KEY = "sk-demo-not-a-real-key"
+DEMO_DB = 13  # on a Redis that is already running
+console = Console()
+
+
+def make_template(emulator: EmulatorServer) -> str:
+    """Action-template generation through the emulator, from a generated 3 s dance clip."""
+    with httpx.Client(timeout=30) as http:
+        client = DashScopeClient(http, api_key=API_KEY, base_url=emulator.base_url)
+        clip = f"{emulator.url}/_emulator/samples/dance.mp4?seconds=3&fps=24&width=360&height=640"
+        task = client.submit_async(
+            "aa-template-generation", "animate-anyone-template-gen2", {"video_url": clip}
+        )
+        while True:
+            remote = client.get_task(task.task_id)
+            if remote.status not in (RemoteStatus.PENDING, RemoteStatus.RUNNING):
+                break
+            time.sleep(0.3)
+    if remote.status != RemoteStatus.SUCCEEDED or not remote.template_id:
+        raise SystemExit(f"template generation ended {remote.raw_status}: {remote.message}")
+    return remote.template_id
+
+
+def host_image(emulator: EmulatorServer) -> str:
+    data = (ASSETS / "person.png").read_bytes()
+    r = httpx.put(
+        f"{emulator.url}/_emulator/files/person.png",
+        content=data,
+        headers={"Content-Type": "image/png"},
+    )
+    r.raise_for_status()
+    return str(r.json()["url"])
+
+
+def summary(view: dict[str, Any], local: Path) -> Table:
+    table = Table(title="animate-queue demo", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    seconds = view["seconds"]
+    for name, value in (
+        ("job id", view["job_id"]),
+        ("state", view["state"]),
+        ("S3 URI", view["s3_uri"]),
+        ("bytes", f"{view['bytes']:,}" if view["bytes"] else "-"),
+        ("SHA-256", view["sha256"]),
+        ("video seconds", str(view["video_duration"])),
+        ("queued -> submitted", f"{seconds['queued']} s"),
+        ("remote generation", f"{seconds['remote']} s"),
+        ("copy to S3", f"{seconds['copy']} s"),
+        ("total", f"{seconds['total']} s"),
+        ("local copy", str(local)),
+    ):
+        table.add_row(name, str(value))
+    return table
+
+
+def main() -> int:
+    out_dir = Path(os.environ.get("DEMO_OUTPUT", "demo-output"))
+    with contextlib.ExitStack() as stack:
+        redis_url = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+        if redis_answers(redis_url):
+            # A shared server: its own database number and key prefix keep the demo's queues
+            # and jobs apart from any worker already using that Redis.
+            redis_url = urlunsplit(urlsplit(redis_url)._replace(path=f"/{DEMO_DB}"))
+            prefix = f"animate-queue-demo-{os.getpid()}"
+            console.print(f"[green]✓[/] Redis at {redis_url}")
+        else:
+            server = stack.enter_context(RedisServer(install=True))
+            redis_url, prefix = server.url, "animate-queue"
+            console.print(f"[green]✓[/] started redis-server at {redis_url}")
+        emulator = stack.enter_context(
+            EmulatorServer(
+                EmulatorConfig(
+                    preprocess_seconds=0.5,
+                    generation_seconds=2.0,
+                    postprocess_seconds=0.5,
+                    template_seconds=1.0,
+                )
+            )
+        )
+        console.print(f"[green]✓[/] DashScope emulator at {emulator.base_url}")
+        s3 = stack.enter_context(S3Server())
+        s3.create_bucket(BUCKET)
+        console.print(f"[green]✓[/] S3 API (moto) at {s3.endpoint}, bucket {BUCKET}")
+        env = {
+            "REDIS_URL": redis_url,
+            "KEY_PREFIX": prefix,
+            "DASHSCOPE_API_KEY": API_KEY,
+            "DASHSCOPE_BASE_URL": emulator.base_url,
+            "S3_BUCKET": BUCKET,
+            "S3_PREFIX": "videos",
+            "AWS_ENDPOINT_URL": s3.endpoint,
+            **S3Server.CREDENTIALS,
+            "POLL_FIRST_SECONDS": "0.5",
+            "POLL_RUNNING_SECONDS": "0.5",
+            "POLL_PENDING_SECONDS": "1",
+        }
+        worker = stack.enter_context(Worker(env))
+        console.print(f"[green]✓[/] Celery worker running (log: {worker.log_path})")
+
+        template_id = make_template(emulator)
+        console.print(f"[green]✓[/] action template {template_id}")
+        image_url = host_image(emulator)
+
+        queue = AnimateQueue(redis_url, key_prefix=prefix)
+        stack.callback(queue.close)
+        job_id = queue.submit(image_url, template_id, metadata={"source": "make demo"})
+        console.print(f"[green]✓[/] enqueued job {job_id}")
+        with console.status("waiting") as status:
+
+            def progress(view: dict[str, Any] | None) -> None:
+                state = view["state"] if view else "sent"
+                remote = (
+                    f" (remote {view['remote_status']})" if view and view["remote_status"] else ""
+                )
+                status.update(f"job {job_id}: {state}{remote}")
+
+            view = queue.wait(job_id, timeout=300, interval=0.25, on_progress=progress)
+        if view["state"] != "STORED":
+            console.print(f"[red]job ended {view['state']}: {view['error_code']}[/]")
+            console.print(worker.log()[-4000:])
+            return 1
+        out_dir.mkdir(parents=True, exist_ok=True)
+        local = out_dir / f"{job_id}.mp4"
+        s3.client().download_file(BUCKET, view["s3_key"], str(local))
+        console.print(summary(view, local))
+    console.print("[green]✓[/] stopped everything the demo started")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

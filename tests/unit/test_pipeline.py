@@ -1,0 +1,926 @@
+"""workers.pipeline over the fakes in workers.testing: intake, submit, poll and copy, judged by the store."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, replace
+from typing import Any
+
+import pytest
+
+from workers import pipeline
+from workers.errors import (
+    CopyMismatch,
+    DashScopeBadResponse,
+    DashScopeRejected,
+    DashScopeUnavailable,
+    InvalidJobRequest,
+    JobNotFound,
+    SourceExpired,
+    SourceRejected,
+    SourceUnavailable,
+    StorageUnavailable,
+)
+from workers.jobs import (
+    URL_TTL_SECONDS,
+    CopyPolicy,
+    Finish,
+    ImageFacts,
+    Job,
+    JobRequest,
+    JobState,
+    PollPolicy,
+    RemoteSnapshot,
+    RemoteStatus,
+    SubmitPolicy,
+)
+from workers.pipeline import IntakeResult, Next, Services, StoredCopy
+from workers.testing import (
+    START,
+    FakeClock,
+    FakeCopier,
+    FakeImageProbe,
+    FakeVideoApi,
+    InMemoryJobStore,
+    ambiguous,
+    make_services,
+    stored_copy,
+)
+
+IMAGE = "https://img.test/person.png"
+TEMPLATE = "AACT.acct.1234-5678"
+JOB = "order-1"
+MSG = "msg-1"
+EXPIRES = int(START) + 86_000
+VIDEO = f"https://bucket.oss.test/out/task-1.mp4?Expires={EXPIRES}&Signature=s"
+KEY = f"videos/{JOB}.mp4"
+
+
+@dataclass
+class World:
+    """The fakes behind one Services, kept typed so tests can script and inspect them."""
+
+    store: InMemoryJobStore
+    api: FakeVideoApi
+    copier: FakeCopier
+    images: FakeImageProbe
+    clock: FakeClock
+    svc: Services
+
+    def job(self, job_id: str = JOB) -> Job:
+        job = self.store.get(job_id)
+        assert job is not None, f"no job {job_id}"
+        return job
+
+
+def make_world(
+    *, store: InMemoryJobStore | None = None, images: FakeImageProbe | None = None, **policies: Any
+) -> World:
+    store = store or InMemoryJobStore()
+    images = images or FakeImageProbe()
+    api, copier, clock = FakeVideoApi(), FakeCopier(), FakeClock()
+    svc = make_services(store=store, api=api, copier=copier, images=images, clock=clock, **policies)
+    return World(store, api, copier, images, clock, svc)
+
+
+@pytest.fixture
+def w() -> World:
+    return make_world()
+
+
+def kwargs(**changes: Any) -> dict[str, Any]:
+    return {"image_url": IMAGE, "template_id": TEMPLATE, "job_id": JOB, **changes}
+
+
+def snap(status: RemoteStatus, raw: str | None = None, **fields: Any) -> RemoteSnapshot:
+    return RemoteSnapshot(status=status, raw_status=raw or status.value, **fields)
+
+
+def queued(w: World) -> Next:
+    result = pipeline.intake(w.svc, kwargs(), (), MSG)
+    assert result.next is not None
+    return result.next
+
+
+def submitted(w: World, task_id: str = "task-1") -> Next:
+    w.api.submit_script.append(task_id)
+    step = pipeline.submit(w.svc, JOB, queued(w).version)
+    assert step is not None and step.step == "poll"
+    return step
+
+
+def copying(w: World) -> Next:
+    poll = submitted(w)
+    w.api.poll_script.append(
+        snap(RemoteStatus.SUCCEEDED, video_url=VIDEO, video_duration=5.0, end_time=START)
+    )
+    step = pipeline.poll(w.svc, JOB, poll.version)
+    assert step is not None and step.step == "copy"
+    return step
+
+
+# ---------------------------------------------------------------------------------------- intake
+
+
+class TestIntake:
+    def test_valid_request_is_queued(self, w: World) -> None:
+        """A valid request becomes a QUEUED job and asks for a submit now; nothing is sent yet."""
+        result = pipeline.intake(w.svc, kwargs(metadata={"user": 7}), (), MSG)
+        assert result == IntakeResult(JOB, JobState.QUEUED, True, Next("submit", JOB, 1, 0))
+        job = w.job()
+        assert (job.state, job.version) == (JobState.QUEUED, 1)
+        assert job.request == JobRequest(IMAGE, TEMPLATE, None, None, JOB, {"user": 7})
+        assert job.intake_message_id == MSG
+        assert job.created_at == job.updated_at == job.next_action_at == START
+        assert w.images.probes == [IMAGE]
+        assert w.api.submits == []
+
+    def test_message_id_when_no_job_id(self, w: World) -> None:
+        """Without a job_id the message id names the job."""
+        result = pipeline.intake(w.svc, {"image_url": IMAGE, "template_id": TEMPLATE}, (), MSG)
+        assert result.job_id == MSG
+        assert w.job(MSG).state == JobState.QUEUED
+
+    def test_invalid_request_is_rejected_with_code(self, w: World) -> None:
+        """Bad input leaves a REJECTED record under the producer's job_id; nothing is probed or sent."""
+        result = pipeline.intake(w.svc, kwargs(video_ratio="9:16"), (), MSG)
+        assert result == IntakeResult(JOB, JobState.REJECTED, True, None)
+        job = w.job()
+        assert job.state == JobState.REJECTED
+        assert job.error_code == "InvalidRequest.VideoRatioWithoutRefBg"
+        assert job.error_message
+        assert job.finished_at == START
+        assert job.next_action_at is None
+        assert job.intake_message_id == MSG
+        assert w.images.probes == []
+        assert w.api.submits == []
+
+    @pytest.mark.parametrize("job_id", ["bad id!", 12, "x\n"])
+    def test_invalid_job_id_falls_back_to_message_id(self, w: World, job_id: Any) -> None:
+        """When the job_id itself is unusable, the REJECTED record is kept under the message id."""
+        result = pipeline.intake(w.svc, kwargs(job_id=job_id), (), MSG)
+        assert (result.job_id, result.state) == (MSG, JobState.REJECTED)
+        assert w.job(MSG).error_code == "InvalidRequest.JobId"
+        assert list(w.store.jobs) == [MSG]
+
+    def test_positional_args_rejected(self, w: World) -> None:
+        """Positional args are refused at intake like any other rule."""
+        result = pipeline.intake(w.svc, kwargs(), (IMAGE,), MSG)
+        assert result.state == JobState.REJECTED
+        assert w.job().error_code == "InvalidRequest.PositionalArgs"
+
+    def test_rejected_intake_redelivered(self, w: World) -> None:
+        """A redelivered bad request finds its REJECTED record; nothing new is made."""
+        pipeline.intake(w.svc, kwargs(bogus=1), (), MSG)
+        again = pipeline.intake(w.svc, kwargs(bogus=1), (), MSG)
+        assert again == IntakeResult(JOB, JobState.REJECTED, False, None)
+        assert w.job().version == 1
+
+    def test_duplicate_job_id_from_another_message(self, w: World) -> None:
+        """Same job_id, another message: no new job, the duplicate is counted, version unchanged."""
+        first = queued(w)
+        again = pipeline.intake(w.svc, kwargs(template_id="AACT.other"), (), "msg-2")
+        assert again == IntakeResult(JOB, JobState.QUEUED, False, None)
+        pipeline.intake(w.svc, kwargs(), (), "msg-3")
+        job = w.job()
+        assert job.duplicates == 2
+        assert job.version == first.version
+        assert job.request.template_id == TEMPLATE
+        assert job.intake_message_id == MSG
+        assert len(w.store.jobs) == 1
+        assert w.images.probes == [IMAGE]  # the duplicates were not probed
+
+    def test_duplicate_keeps_inflight_messages_valid(self, w: World) -> None:
+        """The submit message scheduled before the duplicate still works (no version bump)."""
+        step = queued(w)
+        pipeline.intake(w.svc, kwargs(), (), "msg-2")
+        w.api.submit_script.append("task-1")
+        assert pipeline.submit(w.svc, JOB, step.version) is not None
+
+    def test_redelivered_intake_continues(self, w: World) -> None:
+        """The same message again (a redelivery) carries on: another submit wake-up, same version."""
+        first = queued(w)
+        again = pipeline.intake(w.svc, kwargs(), (), MSG)
+        assert again == IntakeResult(JOB, JobState.QUEUED, False, first)
+        assert w.job().duplicates == 0
+
+    def test_redelivered_intake_after_submit_stops(self, w: World) -> None:
+        """A redelivery after the job moved on reports the state and schedules nothing."""
+        submitted(w)
+        again = pipeline.intake(w.svc, kwargs(), (), MSG)
+        assert again == IntakeResult(JOB, JobState.SUBMITTED, False, None)
+
+    @pytest.mark.parametrize(
+        ("facts", "code"),
+        [
+            (ImageFacts("GIF", 100, 500, 500), "InvalidImage.Format"),
+            (ImageFacts("PNG", 6 * 1024 * 1024, 500, 500), "InvalidImage.Size"),
+            (ImageFacts("PNG", 100, 5000, 4000), "InvalidImage.LongestSide"),
+            (ImageFacts("PNG", 100, 300, 100), "InvalidImage.AspectRatio"),
+            (
+                InvalidJobRequest("not an image", code="InvalidImage.Unreadable"),
+                "InvalidImage.Unreadable",
+            ),
+        ],
+    )
+    def test_image_rejected(self, facts: ImageFacts | Exception, code: str) -> None:
+        """An image DashScope would refuse ends the job REJECTED with InvalidImage.*; zero submits."""
+        w = make_world(images=FakeImageProbe(facts))
+        result = pipeline.intake(w.svc, kwargs(), (), MSG)
+        assert result == IntakeResult(JOB, JobState.REJECTED, True, None)
+        job = w.job()
+        assert (job.state, job.error_code, job.version) == (JobState.REJECTED, code, 2)
+        assert job.finished_at == START
+        assert w.api.submits == []
+
+    def test_image_unreachable_is_rejected(self, w: World) -> None:
+        """A transient probe failure still refuses the job (we never pay blind): InvalidImage.Unreachable."""
+        w.images.facts = SourceUnavailable("image host answered 503")
+        result = pipeline.intake(w.svc, kwargs(), (), MSG)
+        assert result.state == JobState.REJECTED
+        job = w.job()
+        assert job.error_code == "InvalidImage.Unreachable"
+        assert job.error_message == "image host answered 503"
+        assert w.api.submits == []
+
+
+# ---------------------------------------------------------------------------------------- submit
+
+
+class TestSubmit:
+    def test_submits_once_and_schedules_poll(self, w: World) -> None:
+        """QUEUED -> SUBMITTED with the task id; the poll comes after first_delay."""
+        step = queued(w)
+        w.clock.advance(10)
+        w.api.submit_script.append("task-1")
+        nxt = pipeline.submit(w.svc, JOB, step.version)
+        job = w.job()
+        assert nxt == Next("poll", JOB, job.version, PollPolicy().first_delay)
+        assert job.state == JobState.SUBMITTED
+        assert (job.remote_task_id, job.remote_status) == ("task-1", "PENDING")
+        assert job.submit_attempts == 1
+        assert job.submitted_at == job.submit_started_at == START + 10
+        assert job.submit_ambiguous is False
+        assert job.next_action_at == START + 10 + PollPolicy().first_delay
+        assert w.api.submits == [job.request]
+        assert not w.store.claim_remote_task("task-1")  # recorded as owned
+
+    def test_duplicate_submit_message_does_nothing(self, w: World) -> None:
+        """A second submit message with the same version finds a stale version: one api.submit."""
+        step = queued(w)
+        w.api.submit_script.append("task-1")
+        assert pipeline.submit(w.svc, JOB, step.version) is not None
+        before = w.job()
+        assert pipeline.submit(w.svc, JOB, step.version) is None
+        assert w.job() == before
+        assert len(w.api.submits) == 1
+
+    def test_concurrent_submit_messages(self) -> None:
+        """Two workers load the same version at once: exactly one calls api.submit."""
+        gate = threading.Barrier(2, timeout=5)
+
+        class RacingStore(InMemoryJobStore):
+            racing = False
+
+            def get(self, job_id: str) -> Job | None:
+                job = super().get(job_id)
+                if self.racing:
+                    gate.wait()  # both workers hold the same version before either moves
+                return job
+
+        store = RacingStore()
+        w = make_world(store=store)
+        step = queued(w)
+        w.api.submit_script.extend(["task-1", "task-2"])
+        store.racing = True
+        results: list[Next | None] = []
+        threads = [
+            threading.Thread(
+                target=lambda: results.append(pipeline.submit(w.svc, JOB, step.version))
+            )
+            for _ in range(2)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(5)
+        store.racing = False
+        assert len(results) == 2
+        assert sum(r is not None for r in results) == 1
+        assert len(w.api.submits) == 1
+        assert w.job().remote_task_id == "task-1"
+
+    def test_stale_or_missing_or_moved_on(self, w: World) -> None:
+        """A stale version, an unknown job, or a job past SUBMITTING: nothing happens."""
+        step = submitted(w)
+        assert pipeline.submit(w.svc, JOB, step.version - 1) is None
+        assert pipeline.submit(w.svc, "nope", 1) is None
+        assert pipeline.submit(w.svc, JOB, step.version) is None  # SUBMITTED at that version
+        assert len(w.api.submits) == 1
+
+    def test_rejected_by_dashscope(self, w: World) -> None:
+        """A 4xx ends the job FAILED with DashScope's code and message; no retry."""
+        step = queued(w)
+        w.api.submit_script.append(DashScopeRejected("bad template", code="InvalidParameter"))
+        assert pipeline.submit(w.svc, JOB, step.version) is None
+        job = w.job()
+        assert (job.state, job.error_code, job.error_message) == (
+            JobState.FAILED,
+            "InvalidParameter",
+            "bad template",
+        )
+        assert job.finished_at == START
+        assert job.next_action_at is None
+
+    def test_other_permanent_error(self, w: World) -> None:
+        """Any permanent error from submit ends the job FAILED with its code."""
+        step = queued(w)
+        w.api.submit_script.append(DashScopeBadResponse("no task_id"))
+        assert pipeline.submit(w.svc, JOB, step.version) is None
+        assert w.job().error_code == "DashScopeBadResponse"
+
+    def test_transient_error_retries_with_backoff(self, w: World) -> None:
+        """A transient, unambiguous failure schedules another submit after the backoff."""
+        step = queued(w)
+        w.api.submit_script.append(DashScopeUnavailable("503"))
+        nxt = pipeline.submit(w.svc, JOB, step.version)
+        job = w.job()
+        delay = SubmitPolicy().backoff.delay(1, lambda: 0.5)
+        assert nxt == Next("submit", JOB, job.version, delay)
+        assert job.state == JobState.SUBMITTING
+        assert job.submit_attempts == 1
+        assert job.submit_ambiguous is False
+        assert (job.error_code, job.error_message) == ("DashScopeUnavailable", "503")
+        assert job.next_action_at == START + delay
+
+        w.clock.advance(delay)
+        w.api.submit_script.append("task-1")
+        assert nxt is not None
+        poll = pipeline.submit(w.svc, JOB, nxt.version)
+        assert poll is not None and poll.step == "poll"
+        job = w.job()
+        assert (job.state, job.submit_attempts) == (JobState.SUBMITTED, 2)
+        assert w.api.recent_calls == []  # nothing ambiguous: no reconciliation
+
+    def test_gives_up_after_max_attempts(self) -> None:
+        """After max_attempts transient failures: FAILED, SubmitRetriesExhausted."""
+        w = make_world(submit=SubmitPolicy(max_attempts=3))
+        step: Next | None = queued(w)
+        delays = []
+        for _ in range(3):
+            w.api.submit_script.append(DashScopeUnavailable("503"))
+            assert step is not None
+            step = pipeline.submit(w.svc, JOB, step.version)
+            if step is not None:
+                delays.append(step.countdown)
+        assert step is None
+        assert delays == [1.5, 3.0]  # the backoff grows
+        job = w.job()
+        assert (job.state, job.error_code, job.submit_attempts) == (
+            JobState.FAILED,
+            "SubmitRetriesExhausted",
+            3,
+        )
+        assert len(w.api.submits) == 3
+
+    def test_gives_up_ambiguous(self) -> None:
+        """Giving up after an ambiguous last attempt says so (a task may exist)."""
+        w = make_world(submit=SubmitPolicy(max_attempts=1))
+        w.api.submit_script.append(ambiguous(DashScopeUnavailable("read timeout")))
+        assert pipeline.submit(w.svc, JOB, queued(w).version) is None
+        assert w.job().error_code == "SubmitAmbiguous"
+
+    def test_ambiguous_then_adopts_unclaimed_task(self, w: World) -> None:
+        """After an ambiguous failure the next attempt reads the task list first and adopts."""
+        step = queued(w)
+        w.api.submit_script.append(ambiguous(DashScopeUnavailable("read timeout")))
+        retry = pipeline.submit(w.svc, JOB, step.version)
+        assert retry is not None and retry.step == "submit"
+        job = w.job()
+        assert job.submit_ambiguous is True
+        started = job.submit_started_at
+        assert started == START
+
+        w.clock.advance(30)
+        w.api.recent = ["task-lost"]
+        poll = pipeline.submit(w.svc, JOB, retry.version)
+        job = w.job()
+        assert poll == Next("poll", JOB, job.version, PollPolicy().first_delay)
+        assert (job.state, job.remote_task_id) == (JobState.SUBMITTED, "task-lost")
+        assert job.submit_ambiguous is False
+        assert job.submit_attempts == 1  # no second attempt was made
+        assert len(w.api.submits) == 1  # zero extra submits
+        assert w.api.recent_calls == [(started - 5, START + 30 + 5)]
+
+    def test_task_claimed_by_another_job_is_not_adopted(self, w: World) -> None:
+        """A listed task that another job owns is skipped; with nothing else, submit again."""
+        assert w.store.claim_remote_task("task-other")
+        step = queued(w)
+        w.api.submit_script.append(ambiguous(DashScopeUnavailable("read timeout")))
+        retry = pipeline.submit(w.svc, JOB, step.version)
+        assert retry is not None
+        w.api.recent = ["task-other"]
+        w.api.submit_script.append("task-new")
+        assert pipeline.submit(w.svc, JOB, retry.version) is not None
+        job = w.job()
+        assert job.remote_task_id == "task-new"
+        assert (job.submit_attempts, job.submit_ambiguous) == (2, False)
+        assert len(w.api.submits) == 2
+        assert len(w.api.recent_calls) == 1
+
+    def test_skips_claimed_and_adopts_next(self, w: World) -> None:
+        """Owned tasks are skipped, the first unowned one is adopted."""
+        w.store.claim_remote_task("task-a")
+        w.api.submit_script.append(ambiguous(DashScopeUnavailable("read timeout")))
+        retry = pipeline.submit(w.svc, JOB, queued(w).version)
+        assert retry is not None
+        w.api.recent = ["task-a", "task-b", "task-c"]
+        pipeline.submit(w.svc, JOB, retry.version)
+        assert w.job().remote_task_id == "task-b"
+        assert w.store.claim_remote_task("task-c")  # not taken
+
+    def test_reconcile_failure_retries_without_submitting(self, w: World) -> None:
+        """If the task list cannot be read, nothing is submitted: retry later, still ambiguous."""
+        w.api.submit_script.append(ambiguous(DashScopeUnavailable("read timeout")))
+        retry = pipeline.submit(w.svc, JOB, queued(w).version)
+        assert retry is not None
+        w.api.recent_error = DashScopeUnavailable("list 503")
+        again = pipeline.submit(w.svc, JOB, retry.version)
+        assert again is not None and again.step == "submit"
+        job = w.job()
+        assert (job.state, job.submit_ambiguous, job.submit_attempts) == (
+            JobState.SUBMITTING,
+            True,
+            1,
+        )
+        assert job.error_message == "list 503"
+        assert len(w.api.submits) == 1
+
+    def test_ambiguity_survives_a_later_plain_failure(self, w: World) -> None:
+        """An unambiguous failure after an ambiguous one keeps the job marked for reconciliation."""
+        w.api.submit_script.append(ambiguous(DashScopeUnavailable("read timeout")))
+        retry = pipeline.submit(w.svc, JOB, queued(w).version)
+        assert retry is not None
+        w.api.submit_script.append(DashScopeUnavailable("connect refused"))
+        retry = pipeline.submit(w.svc, JOB, retry.version)
+        assert retry is not None
+        assert w.job().submit_ambiguous is True
+        assert len(w.api.recent_calls) == 1
+
+    def test_duplicate_during_reconciliation_does_not_resubmit(self, w: World) -> None:
+        """Two messages at one version: while one reconciles, the other claims the attempt.
+
+        The first must not reload the job and submit on top of the other's POST in flight.
+        """
+        w.api.submit_script.append(ambiguous(DashScopeUnavailable("read timeout")))
+        retry = pipeline.submit(w.svc, JOB, queued(w).version)
+        assert retry is not None
+        loaded = w.job()
+
+        def other_worker_claims_the_attempt() -> None:
+            claimed = w.store.transition(
+                loaded, JobState.SUBMITTING, submit_attempts=loaded.submit_attempts + 1
+            )
+            assert claimed is not None
+
+        w.api.on_recent_tasks = other_worker_claims_the_attempt
+        assert pipeline.submit(w.svc, JOB, retry.version) is None
+        assert len(w.api.submits) == 1
+
+    def test_crash_mid_post_is_reconciled_on_resume(self, w: World) -> None:
+        """A worker dying while its POST is in flight leaves the job marked ambiguous.
+
+        Whoever resumes the job (the watchdog, with the current version) lists tasks before
+        anything is submitted again, and adopts the one the dead worker created.
+        """
+
+        class Crash(BaseException):
+            pass
+
+        def die(request: JobRequest) -> None:
+            raise Crash
+
+        w.api.on_submit = die
+        with pytest.raises(Crash):
+            pipeline.submit(w.svc, JOB, queued(w).version)
+        job = w.job()
+        assert (job.state, job.submit_ambiguous, job.submit_attempts) == (
+            JobState.SUBMITTING,
+            True,
+            1,
+        )
+        w.api.on_submit = None
+        w.api.recent = ["task-created-before-crash"]
+        assert pipeline.submit(w.svc, JOB, job.version) is not None
+        assert w.job().remote_task_id == "task-created-before-crash"
+        assert len(w.api.submits) == 1
+
+
+# ---------------------------------------------------------------------------------------- poll
+
+
+class TestPoll:
+    def test_pending_waits_longer_each_time(self, w: World) -> None:
+        """PENDING: poll again after 5 s, then 7.5 s; the counters move, the state does not."""
+        step: Next | None = submitted(w)
+        countdowns = []
+        for _ in range(2):
+            w.api.poll_script.append(snap(RemoteStatus.PENDING))
+            assert step is not None
+            w.clock.advance(step.countdown)
+            step = pipeline.poll(w.svc, JOB, step.version)
+            assert step is not None and step.step == "poll"
+            countdowns.append(step.countdown)
+        assert countdowns == [5.0, 7.5]
+        job = w.job()
+        assert step is not None and step.version == job.version
+        assert (job.state, job.remote_status) == (JobState.SUBMITTED, "PENDING")
+        assert (job.polls, job.pending_polls, job.poll_errors) == (2, 2, 0)
+        assert job.next_action_at == w.clock.now + 7.5
+        assert job.remote_started_at is None
+        assert w.api.polls == ["task-1", "task-1"]
+
+    @pytest.mark.parametrize(
+        "status", [RemoteStatus.PRE_PROCESSING, RemoteStatus.RUNNING, RemoteStatus.POST_PROCESSING]
+    )
+    def test_running_statuses(self, w: World, status: RemoteStatus) -> None:
+        """Active statuses poll at the running interval and note when the work started."""
+        step = submitted(w)
+        w.clock.advance(2)
+        w.api.poll_script.append(snap(status))
+        nxt = pipeline.poll(w.svc, JOB, step.version)
+        job = w.job()
+        assert nxt == Next("poll", JOB, job.version, PollPolicy().running_interval)
+        assert (job.remote_status, job.remote_started_at) == (status.value, START + 2)
+
+        w.clock.advance(3)
+        w.api.poll_script.append(snap(RemoteStatus.RUNNING))
+        assert nxt is not None
+        pipeline.poll(w.svc, JOB, nxt.version)
+        assert w.job().remote_started_at == START + 2  # the first sighting is kept
+
+    def test_succeeded_starts_copy(self, w: World) -> None:
+        """SUCCEEDED -> COPYING with the URL, its expiry and the duration; copy now."""
+        step = submitted(w)
+        w.clock.advance(60)
+        w.api.poll_script.append(
+            snap(RemoteStatus.SUCCEEDED, video_url=VIDEO, video_duration=5.0, end_time=START + 55)
+        )
+        nxt = pipeline.poll(w.svc, JOB, step.version)
+        job = w.job()
+        assert nxt == Next("copy", JOB, job.version, 0)
+        assert job.state == JobState.COPYING
+        assert (job.video_url, job.video_expires_at, job.video_duration) == (
+            VIDEO,
+            float(EXPIRES),
+            5.0,
+        )
+        assert job.remote_ended_at == START + 55
+        assert job.remote_status == "SUCCEEDED"
+        assert job.next_action_at == START + 60
+
+    def test_succeeded_without_expires_uses_end_time(self, w: World) -> None:
+        """A URL without Expires is taken to live 24 h from the task's end."""
+        step = submitted(w)
+        w.api.poll_script.append(
+            snap(RemoteStatus.SUCCEEDED, video_url="https://b.test/x.mp4", end_time=START + 5)
+        )
+        pipeline.poll(w.svc, JOB, step.version)
+        assert w.job().video_expires_at == START + 5 + URL_TTL_SECONDS
+
+    def test_succeeded_without_url_fails(self, w: World) -> None:
+        """SUCCEEDED without a video_url: FAILED, DashScopeBadResponse."""
+        step = submitted(w)
+        w.api.poll_script.append(snap(RemoteStatus.SUCCEEDED))
+        assert pipeline.poll(w.svc, JOB, step.version) is None
+        job = w.job()
+        assert (job.state, job.error_code) == (JobState.FAILED, "DashScopeBadResponse")
+
+    def test_remote_failed(self, w: World) -> None:
+        """FAILED remotely: FAILED with DashScope's code and message, last status recorded."""
+        step = submitted(w)
+        w.clock.advance(9)
+        w.api.poll_script.append(
+            snap(RemoteStatus.FAILED, code="DataInspectionFailed", message="no")
+        )
+        assert pipeline.poll(w.svc, JOB, step.version) is None
+        job = w.job()
+        assert (job.state, job.error_code, job.error_message) == (
+            JobState.FAILED,
+            "DataInspectionFailed",
+            "no",
+        )
+        assert (job.remote_status, job.polls) == ("FAILED", 1)
+        assert job.finished_at == START + 9
+        assert job.next_action_at is None
+        assert w.api.cancels == []
+
+    def test_remote_canceled(self, w: World) -> None:
+        """CANCELED remotely ends the job CANCELED."""
+        step = submitted(w)
+        w.api.poll_script.append(snap(RemoteStatus.CANCELED))
+        assert pipeline.poll(w.svc, JOB, step.version) is None
+        assert w.job().state == JobState.CANCELED
+
+    def test_unknown_grace_then_failed(self, w: World) -> None:
+        """UNKNOWN right after submit is tolerated briefly, then the job FAILS."""
+        step: Next | None = submitted(w)
+        for _ in range(PollPolicy().unknown_grace - 1):
+            w.api.poll_script.append(snap(RemoteStatus.UNKNOWN))
+            assert step is not None
+            step = pipeline.poll(w.svc, JOB, step.version)
+            assert step is not None and step.countdown == PollPolicy().running_interval
+        assert w.job().unknown_polls == PollPolicy().unknown_grace - 1
+        w.api.poll_script.append(snap(RemoteStatus.UNKNOWN))
+        assert step is not None
+        assert pipeline.poll(w.svc, JOB, step.version) is None
+        job = w.job()
+        assert (job.state, job.error_code) == (JobState.FAILED, "RemoteTaskUnknown")
+
+    def test_unrecognised_status_waits(self, w: World) -> None:
+        """An undocumented status is recorded raw and polled at the slow interval."""
+        step = submitted(w)
+        w.api.poll_script.append(snap(RemoteStatus.UNKNOWN, raw="SUSPENDED"))
+        nxt = pipeline.poll(w.svc, JOB, step.version)
+        assert nxt is not None and nxt.countdown == PollPolicy().pending_max
+        job = w.job()
+        assert (job.state, job.remote_status, job.unknown_polls) == (
+            JobState.SUBMITTED,
+            "SUSPENDED",
+            0,
+        )
+
+    def test_stale_version_ignored(self, w: World) -> None:
+        """A poll message from an older version neither asks DashScope nor changes the job."""
+        step = submitted(w)
+        w.api.poll_script.append(snap(RemoteStatus.PENDING))
+        nxt = pipeline.poll(w.svc, JOB, step.version)
+        assert nxt is not None
+        before = w.job()
+        assert pipeline.poll(w.svc, JOB, step.version) is None
+        assert w.job() == before
+        assert len(w.api.polls) == 1
+
+    def test_not_submitted_ignored(self, w: World) -> None:
+        """A poll for a job in another state, or an unknown job, does nothing."""
+        step = queued(w)
+        assert pipeline.poll(w.svc, JOB, step.version) is None
+        assert pipeline.poll(w.svc, "nope", 1) is None
+        assert w.api.polls == []
+
+    def test_transient_error_counts_and_retries(self, w: World) -> None:
+        """A failed poll: poll again after the error backoff, poll_errors + 1, state unchanged."""
+        step = submitted(w)
+        w.api.poll_script.append(snap(RemoteStatus.RUNNING))
+        step2 = pipeline.poll(w.svc, JOB, step.version)
+        assert step2 is not None
+        w.api.poll_script.extend([DashScopeUnavailable("timeout"), DashScopeUnavailable("502")])
+        first = pipeline.poll(w.svc, JOB, step2.version)
+        assert first is not None
+        second = pipeline.poll(w.svc, JOB, first.version)
+        job = w.job()
+        assert second == Next("poll", JOB, job.version, 3.0)
+        assert first.countdown == 1.5
+        assert (job.state, job.remote_status, job.poll_errors, job.polls) == (
+            JobState.SUBMITTED,
+            "RUNNING",
+            2,
+            1,
+        )
+        w.api.poll_script.append(snap(RemoteStatus.RUNNING))
+        assert second is not None
+        pipeline.poll(w.svc, JOB, second.version)
+        assert w.job().poll_errors == 0  # consecutive errors only
+
+    def test_transient_error_past_deadline_fails(self, w: World) -> None:
+        """A failed poll after the deadline ends the job FAILED, without a cancel."""
+        step = submitted(w)
+        w.clock.advance(PollPolicy().deadline)
+        w.api.poll_script.append(DashScopeUnavailable("timeout"))
+        assert pipeline.poll(w.svc, JOB, step.version) is None
+        job = w.job()
+        assert (job.state, job.error_code) == (JobState.FAILED, "PollDeadlineExceeded")
+        assert w.api.cancels == []
+
+    def test_permanent_poll_error_fails(self, w: World) -> None:
+        """A permanent error while polling ends the job FAILED with its code."""
+        step = submitted(w)
+        w.api.poll_script.append(DashScopeRejected("no such task", code="InvalidParameter"))
+        assert pipeline.poll(w.svc, JOB, step.version) is None
+        assert w.job().error_code == "InvalidParameter"
+
+    def test_deadline_while_pending_cancels_remote(self, w: World) -> None:
+        """Past the deadline and still PENDING: cancel the (free) remote task, then FAILED."""
+        step = submitted(w)
+        w.clock.advance(PollPolicy().deadline)
+        w.api.poll_script.append(snap(RemoteStatus.PENDING))
+        assert pipeline.poll(w.svc, JOB, step.version) is None
+        job = w.job()
+        assert (job.state, job.error_code, job.remote_status) == (
+            JobState.FAILED,
+            "PollDeadlineExceeded",
+            "PENDING",
+        )
+        assert w.api.cancels == ["task-1"]
+
+    def test_deadline_while_running_does_not_cancel(self, w: World) -> None:
+        """Past the deadline while RUNNING: FAILED, and no cancel (it would not be free)."""
+        step = submitted(w)
+        w.clock.advance(PollPolicy().deadline)
+        w.api.poll_script.append(snap(RemoteStatus.RUNNING))
+        assert pipeline.poll(w.svc, JOB, step.version) is None
+        assert w.job().state == JobState.FAILED
+        assert w.api.cancels == []
+
+    def test_cancel_failure_still_finishes(self, w: World) -> None:
+        """A cancel that fails is logged; the job still ends FAILED."""
+        step = submitted(w)
+        w.clock.advance(PollPolicy().deadline)
+        w.api.poll_script.append(snap(RemoteStatus.PENDING))
+        w.api.cancel_script.append(DashScopeUnavailable("503"))
+        assert pipeline.poll(w.svc, JOB, step.version) is None
+        assert w.job().state == JobState.FAILED
+        assert w.api.cancels == ["task-1"]
+
+
+# ---------------------------------------------------------------------------------------- copy
+
+
+class TestCopy:
+    def test_success_stores(self, w: World) -> None:
+        """A verified copy: STORED with bucket, key, bytes and sha256; the error is cleared."""
+        step = copying(w)
+        w.clock.advance(20)
+        w.copier.script.append(StoredCopy("bkt", KEY, 4321, "f" * 64))
+        assert pipeline.copy(w.svc, JOB, step.version) is None
+        job = w.job()
+        assert job.state == JobState.STORED
+        assert (job.s3_bucket, job.s3_key, job.bytes, job.sha256) == ("bkt", KEY, 4321, "f" * 64)
+        assert job.s3_uri == f"s3://bkt/{KEY}"
+        assert job.copy_attempts == 1
+        assert job.copy_started_at == START + 20
+        assert job.finished_at == START + 20
+        assert (job.error_code, job.error_message, job.next_action_at) == (None, None, None)
+        assert w.copier.calls == [
+            (VIDEO, KEY, {"job-id": JOB, "dashscope-task-id": "task-1"}),
+        ]
+
+    def test_transient_failure_retries(self, w: World) -> None:
+        """A transient failure schedules another copy after the backoff, then succeeds."""
+        step = copying(w)
+        w.copier.script.extend([SourceUnavailable("reset"), stored_copy(KEY)])
+        retry = pipeline.copy(w.svc, JOB, step.version)
+        job = w.job()
+        delay = CopyPolicy().backoff.delay(1, lambda: 0.5)
+        assert retry == Next("copy", JOB, job.version, delay)
+        assert (job.state, job.copy_attempts, job.error_code) == (
+            JobState.COPYING,
+            1,
+            "SourceUnavailable",
+        )
+        assert job.next_action_at == START + delay
+        w.clock.advance(delay)
+        assert retry is not None
+        assert pipeline.copy(w.svc, JOB, retry.version) is None
+        job = w.job()
+        assert (job.state, job.copy_attempts, job.error_code) == (JobState.STORED, 2, None)
+        assert job.copy_started_at == START  # the first attempt's start is kept
+
+    @pytest.mark.parametrize("error", [StorageUnavailable("S3 503"), CopyMismatch("size differs")])
+    def test_mismatch_and_storage_errors_are_retried(self, w: World, error: Exception) -> None:
+        """CopyMismatch (S3 holds another size) is retried like a transient error."""
+        step = copying(w)
+        w.copier.script.append(error)
+        retry = pipeline.copy(w.svc, JOB, step.version)
+        assert retry is not None and retry.step == "copy"
+        assert w.job().state == JobState.COPYING
+
+    def test_expired_source(self, w: World) -> None:
+        """A 403 from the signed URL: EXPIRED."""
+        step = copying(w)
+        w.copier.script.append(SourceExpired("403"))
+        assert pipeline.copy(w.svc, JOB, step.version) is None
+        job = w.job()
+        assert (job.state, job.error_code) == (JobState.EXPIRED, "VideoUrlExpired")
+
+    def test_url_already_expired(self, w: World) -> None:
+        """A copy that starts after the URL's expiry ends EXPIRED without trying."""
+        step = copying(w)
+        w.clock.now = float(EXPIRES)
+        assert pipeline.copy(w.svc, JOB, step.version) is None
+        assert w.job().state == JobState.EXPIRED
+        assert w.copier.calls == []
+
+    def test_permanent_failure(self, w: World) -> None:
+        """A permanent failure: FAILED with its code."""
+        step = copying(w)
+        w.copier.script.append(SourceRejected("404 from the bucket"))
+        assert pipeline.copy(w.svc, JOB, step.version) is None
+        job = w.job()
+        assert (job.state, job.error_code, job.error_message) == (
+            JobState.FAILED,
+            "VideoUrlRejected",
+            "404 from the bucket",
+        )
+
+    def test_attempts_exhausted(self) -> None:
+        """After max_attempts failures: FAILED, CopyRetriesExhausted."""
+        w = make_world(copy=CopyPolicy(max_attempts=2))
+        step: Next | None = copying(w)
+        w.copier.script.extend([StorageUnavailable("503"), StorageUnavailable("503")])
+        for _ in range(2):
+            assert step is not None
+            step = pipeline.copy(w.svc, JOB, step.version)
+        assert step is None
+        assert w.job().error_code == "CopyRetriesExhausted"
+
+    def test_stale_version_ignored(self, w: World) -> None:
+        """A copy message from an older version does nothing."""
+        step = copying(w)
+        w.copier.script.append(SourceUnavailable("reset"))
+        assert pipeline.copy(w.svc, JOB, step.version) is not None
+        before = w.job()
+        assert pipeline.copy(w.svc, JOB, step.version) is None
+        assert w.job() == before
+        assert len(w.copier.calls) == 1
+
+    def test_not_copying_ignored(self, w: World) -> None:
+        """A copy message for a job in another state, or an unknown job, does nothing."""
+        step = submitted(w)
+        assert pipeline.copy(w.svc, JOB, step.version) is None
+        assert pipeline.copy(w.svc, "nope", 1) is None
+        assert w.copier.calls == []
+        assert w.job().state == JobState.SUBMITTED
+
+    def test_copy_finishing_after_job_moved_on(self, w: World) -> None:
+        """If the job moved while the copy ran (the URL expired meanwhile), the copy records nothing."""
+        step = copying(w)
+
+        def expire_meanwhile() -> None:
+            job = w.job()
+            assert w.store.transition(job, JobState.EXPIRED, error_code="VideoUrlExpired")
+
+        w.copier.on_copy = expire_meanwhile
+        w.copier.script.append(stored_copy(KEY))
+        assert pipeline.copy(w.svc, JOB, step.version) is None
+        job = w.job()
+        assert (job.state, job.s3_key) == (JobState.EXPIRED, None)
+
+
+# ---------------------------------------------------------------------------------------- whole
+
+
+class TestWholeJob:
+    def test_happy_path_follows_each_next(self, w: World) -> None:
+        """intake -> submit -> poll (PENDING, RUNNING, SUCCEEDED) -> copy -> STORED."""
+        w.api.submit_script.append("task-1")
+        w.api.poll_script.extend(
+            [
+                snap(RemoteStatus.PENDING),
+                snap(RemoteStatus.RUNNING),
+                snap(RemoteStatus.SUCCEEDED, video_url=VIDEO, end_time=START + 30),
+            ]
+        )
+        w.copier.script.append(stored_copy(KEY))
+        steps = {"submit": pipeline.submit, "poll": pipeline.poll, "copy": pipeline.copy}
+        step = pipeline.intake(w.svc, kwargs(), (), MSG).next
+        trail = []
+        while step is not None:
+            trail.append(step.step)
+            w.clock.advance(step.countdown)
+            step = steps[step.step](w.svc, step.job_id, step.version)
+        assert trail == ["submit", "poll", "poll", "poll", "copy"]
+        job = w.job()
+        assert job.state == JobState.STORED
+        assert job.s3_uri == f"s3://videos-bucket/{KEY}"
+        assert len(w.api.submits) == 1
+
+
+class TestFinish:
+    def test_refuses_an_illegal_move(self, w: World) -> None:
+        """finish() will not move a job out of a final state."""
+        pipeline.intake(w.svc, kwargs(bogus=1), (), MSG)
+        job = w.job()
+        assert pipeline.finish(w.svc, job, Finish(JobState.FAILED, "X", "y")) is None
+        assert w.job() == job
+
+    def test_services_are_plain_data(self) -> None:
+        """make_services fills every port and a fixed rand."""
+        svc = make_services()
+        assert svc.rand() == 0.5
+        assert svc.clock() == START
+        assert isinstance(svc.store, InMemoryJobStore)
+        other = replace(svc, s3_prefix="elsewhere")
+        assert other.store is svc.store
+
+    def test_unexpected_call_fails_loudly(self) -> None:
+        """The fakes refuse calls nobody scripted."""
+        api = FakeVideoApi()
+        with pytest.raises(AssertionError):
+            api.submit(JobRequest(IMAGE, TEMPLATE))
+        with pytest.raises(AssertionError):
+            api.poll("task-1")
+        with pytest.raises(AssertionError):
+            FakeCopier().copy(VIDEO, KEY, {})
+        with pytest.raises(JobNotFound):
+            FakeImageProbe(JobNotFound("x")).probe(IMAGE)
