@@ -1,4 +1,4 @@
-"""Fakes of the pipeline's ports for tests: an in-memory job store, a scripted DashScope, copier and probe.
+"""Fakes of the pipeline's ports for tests: an in-memory job store; a scripted API, copier, probe.
 
 Nothing here imports celery, httpx, boto3 or redis. Build a whole :class:`Services` with
 :func:`make_services` and override what a test cares about.
@@ -58,7 +58,7 @@ class InMemoryJobStore:
             return self.jobs.get(job_id)
 
     def transition(self, job: Job, state: JobState, **changes: Any) -> Job | None:
-        """Move ``job`` (as loaded, at its version) to ``state`` with ``changes``; None if it lost."""
+        """Move ``job`` (as loaded, at its version) to ``state``; None if it lost."""
         unknown = set(changes) - set(_FIELDS)
         if unknown or set(changes) & _FIXED:
             raise TypeError(f"transition cannot change {sorted(unknown | (set(changes) & _FIXED))}")
@@ -249,7 +249,7 @@ class FakeClock:
 
 
 def make_services(**overrides: Any) -> Services:
-    """Services over fresh fakes, a :class:`FakeClock` and a fixed ``rand`` (0.5), overridden by name."""
+    """Services over fresh fakes, a :class:`FakeClock` and ``rand`` fixed at 0.5; override by name."""
     values: dict[str, Any] = {
         "store": InMemoryJobStore(),
         "api": FakeVideoApi(),

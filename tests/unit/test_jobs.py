@@ -1,4 +1,4 @@
-"""workers.jobs, the pure core: request and image rules, transitions, backoff, and every decision."""
+"""workers.jobs, the pure core: request and image rules, transitions, backoff, every decision."""
 
 from __future__ import annotations
 
@@ -112,7 +112,7 @@ class TestParseRequest:
         ["", "-starts-with-dash", ".dot", "has space", "slash/x", "x" * 129, 42, "ok\n", "é"],
     )
     def test_bad_job_id(self, job_id: Any) -> None:
-        """job_id: 1-128 of letters, digits and . _ : -, starting alphanumeric (a trailing newline too)."""
+        """job_id: 1-128 of letters, digits and . _ : -, alphanumeric first; no trailing newline."""
         assert rejected(valid(job_id=job_id)) == "InvalidRequest.JobId"
 
     @pytest.mark.parametrize("job_id", ["a", "A" * 128, "0.1_2:3-4", None])

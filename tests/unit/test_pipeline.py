@@ -1,4 +1,4 @@
-"""workers.pipeline over the fakes in workers.testing: intake, submit, poll and copy, judged by the store."""
+"""workers.pipeline over workers.testing's fakes: intake, submit, poll, copy, judged by the store."""
 
 from __future__ import annotations
 
@@ -142,7 +142,7 @@ class TestIntake:
         assert w.job(MSG).state == JobState.QUEUED
 
     def test_invalid_request_is_rejected_with_code(self, w: World) -> None:
-        """Bad input leaves a REJECTED record under the producer's job_id; nothing is probed or sent."""
+        """Bad input leaves a REJECTED record under the producer's job_id; nothing probed or sent."""
         result = pipeline.intake(w.svc, kwargs(video_ratio="9:16"), (), MSG)
         assert result == IntakeResult(JOB, JobState.REJECTED, True, None)
         job = w.job()
@@ -198,7 +198,7 @@ class TestIntake:
         assert pipeline.submit(w.svc, JOB, step.version) is not None
 
     def test_redelivered_intake_continues(self, w: World) -> None:
-        """The same message again (a redelivery) carries on: another submit wake-up, same version."""
+        """The same message again (a redelivery) carries on: another submit, same version."""
         first = queued(w)
         again = pipeline.intake(w.svc, kwargs(), (), MSG)
         assert again == IntakeResult(JOB, JobState.QUEUED, False, first)
@@ -224,7 +224,7 @@ class TestIntake:
         ],
     )
     def test_image_rejected(self, facts: ImageFacts | Exception, code: str) -> None:
-        """An image DashScope would refuse ends the job REJECTED with InvalidImage.*; zero submits."""
+        """An image DashScope would refuse: REJECTED with InvalidImage.*, zero submits."""
         w = make_world(images=FakeImageProbe(facts))
         result = pipeline.intake(w.svc, kwargs(), (), MSG)
         assert result == IntakeResult(JOB, JobState.REJECTED, True, None)
@@ -234,7 +234,7 @@ class TestIntake:
         assert w.api.submits == []
 
     def test_image_unreachable_is_rejected(self, w: World) -> None:
-        """A transient probe failure still refuses the job (we never pay blind): InvalidImage.Unreachable."""
+        """A transient probe failure refuses the job too (never pay blind): InvalidImage.Unreachable."""
         w.images.facts = SourceUnavailable("image host answered 503")
         result = pipeline.intake(w.svc, kwargs(), (), MSG)
         assert result.state == JobState.REJECTED
@@ -853,7 +853,7 @@ class TestCopy:
         assert w.job().state == JobState.SUBMITTED
 
     def test_copy_finishing_after_job_moved_on(self, w: World) -> None:
-        """If the job moved while the copy ran (the URL expired meanwhile), the copy records nothing."""
+        """If the job moved on while the copy ran, the finished copy records nothing."""
         step = copying(w)
 
         def expire_meanwhile() -> None:

@@ -1,0 +1,135 @@
+"""Operating the pipeline: Flower sees it, logs keep secrets, duplicates are harmless, bad config stops."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Any
+
+import httpx
+import pytest
+
+from devstack import RedisServer, Worker, free_port
+from workers.client import AnimateQueue
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def test_logs_keep_secrets(queue: AnimateQueue, remote: Any, worker: Worker, job_id: str) -> None:
+    """After a whole job the worker's log has neither the API key nor a URL signature."""
+    queue.submit(remote.image(), remote.template(), job_id=job_id)
+    assert queue.wait(job_id, timeout=60)["state"] == "STORED"
+    log = worker.log()
+    assert job_id in log  # the log does talk about the job...
+    assert remote.api_key not in log  # ...but never shows the key
+    assert "Signature=" not in log or "Signature=***" in log
+    assert "Signature=" not in log.replace("Signature=***", "")
+
+
+def test_duplicate_poll_chain_is_harmless(
+    queue: AnimateQueue, remote: Any, worker: Worker, job_id: str
+) -> None:
+    """Extra poll messages carrying the current version: one chain survives, one copy, one payment."""
+    remote.config(generation_seconds=3)
+    queue.submit(remote.image(), remote.template(), job_id=job_id)
+    deadline = time.monotonic() + 30
+    while True:
+        job = queue.store.get(job_id)
+        if job and job.state.value == "SUBMITTED":
+            break
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    for _ in range(3):
+        queue.celery.send_task("animate.poll", args=(job_id, job.version), queue="dashscope")
+    view = queue.wait(job_id, timeout=60)
+    assert view["state"] == "STORED"
+    assert view["attempts"]["copy"] == 1
+    assert remote.counters()["submitted"] == 1
+    stale = [line for line in worker.log().splitlines() if job_id in line and "stale" in line]
+    assert len(stale) >= 2
+
+
+def test_cli_submit_and_wait(
+    remote: Any, redis_server: RedisServer, worker: Worker, job_id: str
+) -> None:
+    """``animate-queue submit --wait`` prints the job id and ends with the record; wait exits 0."""
+    env = {"REDIS_URL": redis_server.url, "PATH": os.environ["PATH"]}
+    cli = [sys.executable, "-m", "workers.cli"]
+    done = subprocess.run(
+        [*cli, "submit", "--image-url", remote.image(), "--template-id", remote.template(),
+         "--job-id", job_id, "--metadata", '{"who": "cli"}', "--wait"],
+        capture_output=True, text=True, timeout=60, env=env, check=True,
+    )  # fmt: skip
+    assert done.stdout.strip() == job_id
+    assert "STORED" in done.stderr
+    waited = subprocess.run(
+        [*cli, "wait", job_id, "--json"], capture_output=True, text=True, timeout=30, env=env
+    )
+    assert waited.returncode == 0
+    assert json.loads(waited.stdout)["metadata"] == {"who": "cli"}
+    missing = subprocess.run(
+        [*cli, "status", "no-such-job"], capture_output=True, text=True, timeout=30, env=env
+    )
+    assert missing.returncode == 1 and "no job no-such-job" in missing.stderr
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        ({"DASHSCOPE_API_KEY": ""}, "DASHSCOPE_API_KEY"),
+        ({"POLL_RUNNING_SECONDS": "soon"}, "POLL_RUNNING_SECONDS"),
+        ({"VISIBILITY_TIMEOUT": "120"}, "VISIBILITY_TIMEOUT"),
+    ],
+)
+def test_bad_configuration_stops_the_worker(
+    worker_env: dict[str, str], change: dict[str, str], named: str
+) -> None:
+    """A worker with a bad or missing setting exits at start-up, naming the variable."""
+    w = Worker({**worker_env, **change})
+    with pytest.raises(RuntimeError, match="exited at start-up") as info:
+        w.start(timeout=30)
+    assert named in str(info.value)
+
+
+def test_flower_sees_jobs(
+    queue: AnimateQueue, remote: Any, worker_env: dict[str, str], worker: Worker, job_id: str
+) -> None:
+    """Flower, started for real, lists the worker and the job's tasks, and shows no secret."""
+    port = free_port()
+    env = {**os.environ, **worker_env, "FLOWER_UNAUTHENTICATED_API": "true"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "config.celery_app", "flower",
+         f"--port={port}", "--address=127.0.0.1"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(f"{base}/healthcheck", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "flower did not start"
+            time.sleep(0.2)
+        time.sleep(1.5)  # flower enables events on the workers
+        queue.submit(remote.image(), remote.template(), job_id=job_id)
+        assert queue.wait(job_id, timeout=60)["state"] == "STORED"
+        deadline = time.monotonic() + 20
+        while True:
+            tasks = httpx.get(f"{base}/api/tasks", timeout=5).json()
+            names = {t["name"] for t in tasks.values() if job_id in json.dumps(t)}
+            if {"animate.generate", "animate.submit", "animate.poll", "animate.copy"} <= names:
+                break
+            assert time.monotonic() < deadline, names
+            time.sleep(0.5)
+        assert remote.api_key not in json.dumps(tasks)
+        workers = httpx.get(f"{base}/api/workers", timeout=10).json()
+        assert any(name.startswith("aq-") for name in workers)
+    finally:
+        proc.terminate()
+        proc.wait(10)

@@ -1,0 +1,352 @@
+"""The JobStore contract, run on InMemoryJobStore and RedisJobStore alike, plus Redis's indexes.
+
+Redis is the real one at ``REDIS_URL`` (default ``redis://127.0.0.1:6379/0``). Each test works
+under its own ``test-<uuid>`` key prefix and deletes exactly those keys afterwards (never FLUSHDB).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import threading
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+
+from workers.jobs import FINAL_STATES, Job, JobRequest, JobState
+from workers.pipeline import JobStore
+from workers.store import RedisJobStore
+from workers.testing import InMemoryJobStore
+
+REDIS_URL = os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0"
+FINAL_TTL = 3600
+T0 = 1_700_000_000.123456789  # more digits than a float keeps: what survives must be exact
+IMAGE = "https://img.test/person.png"
+TEMPLATE = "AACT.acct.1234-5678"
+
+
+@pytest.fixture(scope="module")
+def redis_client() -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        client.close()
+        pytest.skip(f"no Redis at {REDIS_URL}: {exc}")
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def redis_store(redis_client: redis.Redis) -> Iterator[RedisJobStore]:
+    prefix = f"test-{uuid.uuid4().hex}"
+    yield RedisJobStore(redis_client, prefix=prefix, final_ttl=FINAL_TTL)
+    keys = list(redis_client.scan_iter(match=f"{prefix}:*", count=500))
+    if keys:
+        redis_client.delete(*keys)
+
+
+@pytest.fixture(params=["memory", "redis"])
+def store(request: pytest.FixtureRequest) -> JobStore:
+    if request.param == "memory":
+        return InMemoryJobStore()
+    store: RedisJobStore = request.getfixturevalue("redis_store")
+    return store
+
+
+def new_job(job_id: str = "job-1", **changes: Any) -> Job:
+    job = Job(
+        job_id=job_id,
+        state=JobState.QUEUED,
+        version=1,
+        request=JobRequest(IMAGE, TEMPLATE, job_id=job_id),
+        created_at=T0,
+        updated_at=T0,
+        next_action_at=T0,
+    )
+    return dataclasses.replace(job, **changes)
+
+
+def full_job(job_id: str = "full-1") -> Job:
+    """A job with every field set to a value of its own type (none left at None)."""
+    metadata = {"user": {"id": 7, "tags": ["a", "ü"]}, "ok": True, "none": None, "f": 0.1}
+    job = Job(
+        job_id=job_id,
+        state=JobState.COPYING,
+        version=7,
+        request=JobRequest(IMAGE, TEMPLATE, True, "9:16", job_id, metadata),
+        created_at=T0,
+        updated_at=0.1 + 0.2,
+        intake_message_id="3f1e6c1a-msg",
+        remote_task_id="task-1",
+        remote_status="SUCCEEDED",
+        remote_request_id="req-1",
+        submit_attempts=3,
+        submit_started_at=T0 + 1.000001,
+        submit_ambiguous=True,
+        submitted_at=T0 + 2.5,
+        remote_started_at=T0 + 1e-6,
+        remote_ended_at=1e-300,
+        polls=12,
+        poll_errors=2,
+        unknown_polls=1,
+        pending_polls=4,
+        next_action_at=T0 + 3.3,
+        video_url="https://b.test/out.mp4?Expires=1700086400&Signature=a%2Fb",
+        video_expires_at=1_700_086_400.0,
+        video_duration=5.123456789012345,
+        copy_attempts=2,
+        copy_started_at=T0 + 4,
+        s3_bucket="bucket",
+        s3_key="videos/full-1.mp4",
+        bytes=12_345_678_901_234,
+        sha256="ab" * 32,
+        finished_at=T0 + 5,
+        error_code="SourceUnavailable",
+        error_message="reset — retry ✓",
+        duplicates=5,
+    )
+    assert all(getattr(job, f.name) is not None for f in dataclasses.fields(Job))
+    return job
+
+
+class TestJobStoreContract:
+    def test_roundtrip_every_field(self, store: JobStore) -> None:
+        """Every field comes back equal: floats to the last bit, bools, ints, the metadata dict."""
+        job = full_job()
+        assert store.create(job) == (job, True)
+        got = store.get(job.job_id)
+        assert got == job
+        assert got is not None
+        assert got.updated_at == 0.30000000000000004
+        assert got.created_at.hex() == T0.hex()
+        assert got.submit_ambiguous is True
+        assert isinstance(got.bytes, int) and isinstance(got.polls, int)
+        assert got.request.metadata == job.request.metadata
+
+    def test_roundtrip_defaults(self, store: JobStore) -> None:
+        """A fresh job's unset fields come back as None, and its defaults as defaults."""
+        job = new_job(next_action_at=None)
+        store.create(job)
+        got = store.get(job.job_id)
+        assert got == job
+        assert got is not None
+        assert got.remote_task_id is None and got.submit_ambiguous is False and got.polls == 0
+
+    def test_get_missing(self, store: JobStore) -> None:
+        """An unknown id reads as None."""
+        assert store.get("nope") is None
+
+    def test_create_twice_returns_existing(self, store: JobStore) -> None:
+        """A second create with the same id changes nothing and returns the stored job."""
+        first = new_job()
+        store.create(first)
+        moved = store.transition(first, JobState.SUBMITTING)
+        assert moved is not None
+        again = new_job(request=JobRequest(IMAGE, "AACT.other", job_id="job-1"))
+        existing, created = store.create(again)
+        assert not created
+        assert existing == store.get("job-1")
+        assert (existing.state, existing.version) == (JobState.SUBMITTING, 2)
+        assert existing.request.template_id == TEMPLATE
+
+    def test_transition_applies_and_bumps_version(self, store: JobStore) -> None:
+        """A transition sets the state and the changes, and the version goes up by one."""
+        job = new_job()
+        store.create(job)
+        moved = store.transition(
+            job, JobState.SUBMITTING, submit_attempts=1, submit_started_at=T0 + 1
+        )
+        assert moved is not None
+        assert (moved.state, moved.version, moved.submit_attempts) == (JobState.SUBMITTING, 2, 1)
+        assert store.get(job.job_id) == moved
+        again = store.transition(moved, JobState.SUBMITTING, submit_attempts=2)
+        assert again is not None and again.version == 3  # a self-move is progress too
+        assert store.get(job.job_id) == again
+
+    def test_compare_and_set_one_winner(self, store: JobStore) -> None:
+        """Two transitions from one loaded version: the first wins, the second changes nothing."""
+        store.create(new_job())
+        loaded = store.get("job-1")
+        assert loaded is not None
+        winner = store.transition(loaded, JobState.SUBMITTING, updated_at=T0 + 1)
+        loser = store.transition(loaded, JobState.CANCELED, error_code="Canceled")
+        assert winner is not None and loser is None
+        assert store.get("job-1") == winner
+
+    def test_stale_and_missing(self, store: JobStore) -> None:
+        """A version that moved on, or a job that does not exist, loses."""
+        job = new_job()
+        store.create(job)
+        store.transition(job, JobState.SUBMITTING)
+        assert store.transition(dataclasses.replace(job, version=5), JobState.FAILED) is None
+        assert store.transition(new_job("ghost"), JobState.SUBMITTING) is None
+        assert store.get("ghost") is None
+
+    def test_none_change_deletes_field(self, store: JobStore) -> None:
+        """A change to None removes the field: it reads back as None."""
+        job = full_job()
+        store.create(job)
+        moved = store.transition(
+            job, JobState.STORED, error_code=None, error_message=None, next_action_at=None
+        )
+        assert moved is not None
+        got = store.get(job.job_id)
+        assert got == moved
+        assert got is not None
+        assert (got.error_code, got.error_message, got.next_action_at) == (None, None, None)
+        assert got.s3_key == job.s3_key  # untouched fields stay
+
+    def test_note_duplicate_keeps_version(self, store: JobStore) -> None:
+        """note_duplicate counts without a version bump, so in-flight messages stay valid."""
+        job = new_job()
+        store.create(job)
+        store.note_duplicate("job-1")
+        store.note_duplicate("job-1")
+        got = store.get("job-1")
+        assert got is not None
+        assert (got.duplicates, got.version) == (2, 1)
+        assert store.transition(job, JobState.SUBMITTING) is not None  # the token still holds
+        after = store.get("job-1")
+        assert after is not None and after.duplicates == 2  # a transition keeps the count
+
+    def test_note_duplicate_on_missing_job(self, store: JobStore) -> None:
+        """Counting a duplicate of a job that is gone (expired) creates nothing."""
+        store.note_duplicate("gone")
+        assert store.get("gone") is None
+        assert store.create(new_job("gone"))[1]
+
+    def test_claim_remote_task(self, store: JobStore) -> None:
+        """A task id can be claimed once."""
+        assert store.claim_remote_task("task-1") is True
+        assert store.claim_remote_task("task-1") is False
+        assert store.claim_remote_task("task-2") is True
+
+    def test_due_and_counts(self, store: JobStore) -> None:
+        """The deadline index lists non-final jobs that are due, earliest first; counts by state."""
+        assert isinstance(store, InMemoryJobStore | RedisJobStore)
+        a = new_job("a", next_action_at=T0 + 10)
+        b = new_job("b", next_action_at=T0 + 5)
+        c = new_job("c", next_action_at=T0 + 100)
+        for job in (a, b, c):
+            store.create(job)
+        assert store.due(T0 + 10) == ["b", "a"]
+        store.transition(b, JobState.CANCELED)
+        assert store.due(T0 + 1000) == ["a", "c"]
+        store.transition(a, JobState.SUBMITTING, next_action_at=None)
+        assert store.due(T0 + 1000) == ["c"]
+        counts = store.count_by_state()
+        assert (counts["QUEUED"], counts["SUBMITTING"], counts["CANCELED"]) == (1, 1, 1)
+
+
+class TestConcurrency:
+    def test_twenty_threads_one_winner(self, store: JobStore) -> None:
+        """20 threads race one transition from the same version: exactly one wins."""
+        job = new_job()
+        store.create(job)
+        start = threading.Barrier(20, timeout=10)
+        results: list[Job | None] = []
+        lock = threading.Lock()
+
+        def race(n: int) -> None:
+            start.wait()
+            result = store.transition(job, JobState.SUBMITTING, submit_attempts=n + 1)
+            with lock:
+                results.append(result)
+
+        threads = [threading.Thread(target=race, args=(n,)) for n in range(20)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(10)
+        assert len(results) == 20
+        winners = [r for r in results if r is not None]
+        assert len(winners) == 1
+        stored = store.get(job.job_id)
+        assert stored is not None
+        assert stored.version == 2
+        assert stored.submit_attempts == winners[0].submit_attempts
+
+
+class TestRedisIndexes:
+    """What only Redis keeps: state sets, the deadline zset, TTLs, absent fields."""
+
+    @staticmethod
+    def members(store: RedisJobStore, state: JobState) -> set[bytes | str]:
+        return set(store.redis.smembers(f"{store.prefix}:state:{state.value}"))
+
+    @staticmethod
+    def deadline(store: RedisJobStore, job_id: str) -> float | None:
+        score = store.redis.zscore(f"{store.prefix}:deadlines", job_id)
+        return None if score is None else float(score)
+
+    def test_none_fields_absent(self, redis_store: RedisJobStore) -> None:
+        """None fields are not written at all; the rest are plain strings."""
+        job = new_job()
+        redis_store.create(job)
+        raw = redis_store.redis.hgetall(redis_store.key("job-1"))
+        fields = {k.decode() if isinstance(k, bytes) else k for k in raw}
+        absent = {f.name for f in dataclasses.fields(Job) if getattr(job, f.name) is None}
+        assert absent and not fields & absent
+        assert raw[b"state"] == b"QUEUED" and raw[b"version"] == b"1"
+
+    def test_state_index_moves(self, redis_store: RedisJobStore) -> None:
+        """The job id moves between the per-state sets with each transition."""
+        job = new_job()
+        redis_store.create(job)
+        assert b"job-1" in self.members(redis_store, JobState.QUEUED)
+        moved = redis_store.transition(job, JobState.SUBMITTING)
+        assert moved is not None
+        assert b"job-1" not in self.members(redis_store, JobState.QUEUED)
+        assert b"job-1" in self.members(redis_store, JobState.SUBMITTING)
+        again = redis_store.transition(moved, JobState.SUBMITTING)
+        assert again is not None
+        assert self.members(redis_store, JobState.SUBMITTING) == {b"job-1"}
+        assert redis_store.transition(job, JobState.FAILED) is None  # a loser moves nothing
+        assert self.members(redis_store, JobState.FAILED) == set()
+
+    def test_deadlines_follow_next_action_at(self, redis_store: RedisJobStore) -> None:
+        """The deadline score is next_action_at, updated or removed with it."""
+        job = new_job()
+        redis_store.create(job)
+        assert self.deadline(redis_store, "job-1") == T0
+        moved = redis_store.transition(job, JobState.SUBMITTING, next_action_at=T0 + 60.25)
+        assert moved is not None
+        assert self.deadline(redis_store, "job-1") == T0 + 60.25
+        kept = redis_store.transition(moved, JobState.SUBMITTING, polls=1)
+        assert kept is not None
+        assert self.deadline(redis_store, "job-1") == T0 + 60.25  # unchanged when not named
+        cleared = redis_store.transition(kept, JobState.SUBMITTING, next_action_at=None)
+        assert cleared is not None
+        assert self.deadline(redis_store, "job-1") is None
+
+    @pytest.mark.parametrize("final", sorted(FINAL_STATES - {JobState.REJECTED}))
+    def test_final_leaves_deadlines_and_gets_ttl(
+        self, redis_store: RedisJobStore, final: JobState
+    ) -> None:
+        """A final state leaves the deadline index (even with next_action_at set) and expires."""
+        job = new_job(state=JobState.COPYING)
+        redis_store.create(job)
+        key = redis_store.key("job-1")
+        assert redis_store.redis.ttl(key) == -1  # live jobs never expire
+        assert self.deadline(redis_store, "job-1") == T0
+        done = redis_store.transition(job, final)
+        assert done is not None
+        assert self.deadline(redis_store, "job-1") is None
+        assert 0 < redis_store.redis.ttl(key) <= FINAL_TTL
+        assert b"job-1" in self.members(redis_store, final)
+
+    def test_rejected_at_create_gets_ttl(self, redis_store: RedisJobStore) -> None:
+        """A job created final (REJECTED at intake) expires too, and is not in the deadlines."""
+        redis_store.create(new_job(state=JobState.REJECTED, next_action_at=None))
+        assert 0 < redis_store.redis.ttl(redis_store.key("job-1")) <= FINAL_TTL
+        assert self.deadline(redis_store, "job-1") is None
+        assert b"job-1" in self.members(redis_store, JobState.REJECTED)
+
+    def test_note_duplicate_leaves_no_orphan(self, redis_store: RedisJobStore) -> None:
+        """Counting a duplicate of an expired job writes no hash (it could never be decoded)."""
+        redis_store.note_duplicate("gone")
+        assert not redis_store.redis.exists(redis_store.key("gone"))
