@@ -14,7 +14,7 @@ from workers.storage import S3Copier
 
 # Errors raised after the request left us: DashScope may have acted on it.
 _AMBIGUOUS = (httpx.ReadTimeout, httpx.WriteTimeout, httpx.ReadError, httpx.WriteError,
-              httpx.RemoteProtocolError)  # fmt: skip
+              httpx.RemoteProtocolError, httpx.DecodingError)  # fmt: skip
 
 
 class DashScopeVideoApi:

@@ -316,7 +316,7 @@ class PollPolicy:
     pending_interval: float = 5.0  # first interval while queued remotely...
     pending_max: float = 30.0  # ...growing by half each time up to this
     deadline: float = 6 * 3600.0  # from submission; DashScope itself gives up after 3 h
-    unknown_grace: int = 3  # UNKNOWN polls tolerated right after a submit
+    unknown_grace: int = 3  # UNKNOWN answers in a row that end the job
     error_backoff: Backoff = Backoff(base=2.0, cap=60.0)
 
 

@@ -220,7 +220,7 @@ def submit(svc: Services, job_id: str, version: int) -> Next | None:
         try:
             adopted = _reconcile(svc, job, now)
         except TransientError as exc:
-            return _submit_failed(svc, job, exc, was_ambiguous=True)
+            return _submit_failed(svc, job, exc, was_ambiguous=True, count_attempt=True)
         if adopted is not None:
             return adopted
         # Nothing adopted: carry on with the job as loaded. Its version is still our fencing
@@ -277,25 +277,33 @@ def _submitted(svc: Services, job: Job, task_id: str) -> Next | None:
 
 
 def _submit_failed(
-    svc: Services, job: Job, exc: TransientError, *, was_ambiguous: bool
+    svc: Services,
+    job: Job,
+    exc: TransientError,
+    *,
+    was_ambiguous: bool,
+    count_attempt: bool = False,
 ) -> Next | None:
     """``was_ambiguous``: whether an earlier attempt may have created a task (the flag as it was
-    before this attempt marked the job while its POST was in flight)."""
-    ambiguous = svc.api.submit_is_ambiguous(exc)
-    if job.submit_attempts >= svc.submit.max_attempts:
+    before this attempt marked the job while its POST was in flight). ``count_attempt``: the
+    failure happened outside a POST (reconciling) and still counts against the attempts."""
+    ambiguous = was_ambiguous or svc.api.submit_is_ambiguous(exc)
+    attempts = job.submit_attempts + count_attempt
+    if attempts >= svc.submit.max_attempts:
         code = "SubmitAmbiguous" if ambiguous else "SubmitRetriesExhausted"
         finish(
             svc,
             job,
-            Finish(JobState.FAILED, code, f"{job.submit_attempts} submit attempts: {exc}"),
+            Finish(JobState.FAILED, code, f"{attempts} submit attempts: {exc}"),
         )
         return None
-    delay = svc.submit.backoff.delay(job.submit_attempts, svc.rand)
+    delay = svc.submit.backoff.delay(attempts, svc.rand)
     now = svc.clock()
     waiting = svc.store.transition(
         job,
         JobState.SUBMITTING,
-        submit_ambiguous=was_ambiguous or ambiguous,
+        submit_attempts=attempts,
+        submit_ambiguous=ambiguous,
         error_code=exc.code,
         error_message=exc.message,
         updated_at=now,
@@ -333,7 +341,10 @@ def poll(svc: Services, job_id: str, version: int) -> Next | None:
     now = svc.clock()
     try:
         remote = svc.api.poll(job.remote_task_id)
-    except TransientError as exc:
+    except WorkerError as exc:
+        # Whatever the query's error (network, 5xx, a garbled body, even a 4xx after a key
+        # rotation), the task itself may be running and paid for: keep asking, with backoff, until
+        # the deadline, and show the error on the job meanwhile.
         retry = decide_poll_error(job, now, svc.poll, svc.rand)
         if isinstance(retry, Finish):
             finish(svc, job, retry)
@@ -342,14 +353,13 @@ def poll(svc: Services, job_id: str, version: int) -> Next | None:
             job,
             JobState.SUBMITTED,
             poll_errors=job.poll_errors + 1,
+            error_code=exc.code,
+            error_message=exc.message,
             updated_at=now,
             next_action_at=now + retry.seconds,
         )
         log.warning("job %s: poll failed (%s); again in %.1fs", job_id, exc, retry.seconds)
         return Next("poll", job_id, moved.version, retry.seconds) if moved else None
-    except PermanentError as exc:
-        finish(svc, job, Finish(JobState.FAILED, exc.code, exc.message))
-        return None
 
     decision = decide_poll(job, remote, now, svc.poll)
     common: dict[str, Any] = {
@@ -358,6 +368,8 @@ def poll(svc: Services, job_id: str, version: int) -> Next | None:
         "poll_errors": 0,
         "updated_at": now,
     }
+    if job.poll_errors:
+        common.update(error_code=None, error_message=None)
     if remote.status.value in ("PRE-PROCESSING", "RUNNING", "POST-PROCESSING"):
         common["remote_started_at"] = job.remote_started_at or now
     if isinstance(decision, Wait):
@@ -423,7 +435,9 @@ def copy(svc: Services, job_id: str, version: int) -> Next | None:
     if job.remote_task_id:
         metadata["dashscope-task-id"] = job.remote_task_id
     try:
-        stored = svc.copier.copy(job.video_url or "", key, metadata)
+        # An earlier attempt may have stored and verified the object, then lost its worker
+        # before recording it: the verified object (it carries its SHA-256) is taken as is.
+        stored = svc.copier.find(key) or svc.copier.copy(job.video_url or "", key, metadata)
     except (TransientError, CopyMismatch) as exc:
         return _copy_failed(svc, job, exc, transient=True)
     except PermanentError as exc:

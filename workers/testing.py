@@ -249,7 +249,7 @@ class FakeClock:
 
 
 def make_services(**overrides: Any) -> Services:
-    """Services over fresh fakes, a :class:`FakeClock` and ``rand`` fixed at 0.5; override by name."""
+    """Services over fresh fakes, a :class:`FakeClock` and rand fixed at 0.5; override by name."""
     values: dict[str, Any] = {
         "store": InMemoryJobStore(),
         "api": FakeVideoApi(),

@@ -1,4 +1,4 @@
-"""workers.pipeline over workers.testing's fakes: intake, submit, poll, copy, judged by the store."""
+"""workers.pipeline over the fakes of workers.testing: each use case, judged by the store."""
 
 from __future__ import annotations
 
@@ -142,7 +142,7 @@ class TestIntake:
         assert w.job(MSG).state == JobState.QUEUED
 
     def test_invalid_request_is_rejected_with_code(self, w: World) -> None:
-        """Bad input leaves a REJECTED record under the producer's job_id; nothing probed or sent."""
+        """Bad input: a REJECTED record under the producer's job_id; nothing probed or sent."""
         result = pipeline.intake(w.svc, kwargs(video_ratio="9:16"), (), MSG)
         assert result == IntakeResult(JOB, JobState.REJECTED, True, None)
         job = w.job()
@@ -234,7 +234,7 @@ class TestIntake:
         assert w.api.submits == []
 
     def test_image_unreachable_is_rejected(self, w: World) -> None:
-        """A transient probe failure refuses the job too (never pay blind): InvalidImage.Unreachable."""
+        """A transient probe failure refuses the job (never pay blind): InvalidImage.Unreachable."""
         w.images.facts = SourceUnavailable("image host answered 503")
         result = pipeline.intake(w.svc, kwargs(), (), MSG)
         assert result.state == JobState.REJECTED
@@ -451,9 +451,21 @@ class TestSubmit:
         assert (job.state, job.submit_ambiguous, job.submit_attempts) == (
             JobState.SUBMITTING,
             True,
-            1,
+            2,  # a failed reconciliation counts, so a task list that never answers ends it
         )
         assert job.error_message == "list 503"
+        assert len(w.api.submits) == 1
+
+    def test_reconcile_failures_are_bounded(self, w: World) -> None:
+        """A task list that never answers ends the job SubmitAmbiguous after max_attempts."""
+        w.api.submit_script.append(ambiguous(DashScopeUnavailable("read timeout")))
+        step = pipeline.submit(w.svc, JOB, queued(w).version)
+        w.api.recent_error = DashScopeUnavailable("list 503")
+        while step is not None:
+            step = pipeline.submit(w.svc, JOB, step.version)
+        job = w.job()
+        assert (job.state, job.error_code) == (JobState.FAILED, "SubmitAmbiguous")
+        assert job.error_message.startswith(f"{SubmitPolicy().max_attempts} submit attempts")
         assert len(w.api.submits) == 1
 
     def test_ambiguity_survives_a_later_plain_failure(self, w: World) -> None:
@@ -702,12 +714,21 @@ class TestPoll:
         assert (job.state, job.error_code) == (JobState.FAILED, "PollDeadlineExceeded")
         assert w.api.cancels == []
 
-    def test_permanent_poll_error_fails(self, w: World) -> None:
-        """A permanent error while polling ends the job FAILED with its code."""
+    def test_permanent_poll_error_keeps_polling(self, w: World) -> None:
+        """Even a 4xx on a query does not abandon a task that may be paid for: retry, show why."""
         step = submitted(w)
-        w.api.poll_script.append(DashScopeRejected("no such task", code="InvalidParameter"))
-        assert pipeline.poll(w.svc, JOB, step.version) is None
-        assert w.job().error_code == "InvalidParameter"
+        w.api.poll_script.append(DashScopeRejected("bad key", code="InvalidApiKey"))
+        retry = pipeline.poll(w.svc, JOB, step.version)
+        assert retry is not None and retry.step == "poll"
+        job = w.job()
+        assert (job.state, job.error_code, job.poll_errors) == (
+            JobState.SUBMITTED,
+            "InvalidApiKey",
+            1,
+        )
+        w.api.poll_script.append(snap(RemoteStatus.RUNNING))
+        pipeline.poll(w.svc, JOB, retry.version)
+        assert (w.job().error_code, w.job().poll_errors) == (None, 0)
 
     def test_deadline_while_pending_cancels_remote(self, w: World) -> None:
         """Past the deadline and still PENDING: cancel the (free) remote task, then FAILED."""
