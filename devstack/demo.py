@@ -23,7 +23,8 @@ from devstack import RedisServer, S3Server, Worker, redis_answers
 from emulator.config import EmulatorConfig
 from emulator.server import EmulatorServer
 from workers.client import AnimateQueue
-from workers.dashscope import DashScopeClient, RemoteStatus
+from workers.dashscope import DashScopeClient
+from workers.jobs import RemoteStatus
 
 ASSETS = Path(__file__).parent / "assets"
 BUCKET = "animate-queue-demo"

@@ -8,7 +8,7 @@ import httpx
 
 from workers.dashscope import DashScopeClient, RemoteTask, VideoRequest
 from workers.errors import TransientError
-from workers.jobs import JobRequest, RemoteSnapshot, RemoteStatus
+from workers.jobs import JobRequest, RemoteSnapshot
 from workers.pipeline import StoredCopy
 from workers.storage import S3Copier
 
@@ -55,12 +55,8 @@ class DashScopeVideoApi:
 
 
 def snapshot(task: RemoteTask) -> RemoteSnapshot:
-    try:
-        status = RemoteStatus(task.raw_status)
-    except ValueError:
-        status = RemoteStatus.UNKNOWN
     return RemoteSnapshot(
-        status=status,
+        status=task.status,
         raw_status=task.raw_status,
         video_url=task.video_url,
         video_duration=task.video_duration,

@@ -11,7 +11,6 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
-from enum import StrEnum
 from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
@@ -23,6 +22,7 @@ from workers.errors import (
     DashScopeThrottled,
     DashScopeUnavailable,
 )
+from workers.jobs import RemoteStatus as RemoteStatus  # re-exported: part of this API
 
 logger = logging.getLogger(__name__)
 
@@ -52,31 +52,6 @@ _TRANSPORT_FAILURES: tuple[tuple[type[httpx.RequestError], str], ...] = (
     (httpx.WriteError, "write failed"),
     (httpx.DecodingError, "could not decode the response"),
 )
-
-
-class RemoteStatus(StrEnum):
-    """``output.task_status`` of a DashScope async task.
-
-    A string DashScope sends that is not listed here (the SDK knows ``SUSPENDED``) parses as
-    ``UNKNOWN``; the string itself stays in ``RemoteTask.raw_status``.
-    """
-
-    PENDING = "PENDING"
-    PRE_PROCESSING = "PRE-PROCESSING"
-    RUNNING = "RUNNING"
-    POST_PROCESSING = "POST-PROCESSING"
-    SUCCEEDED = "SUCCEEDED"
-    FAILED = "FAILED"
-    CANCELED = "CANCELED"
-    UNKNOWN = "UNKNOWN"
-
-    @classmethod
-    def parse(cls, raw: str) -> RemoteStatus:
-        """The member for ``raw``, or ``UNKNOWN`` for a string this module does not know."""
-        try:
-            return cls(raw)
-        except ValueError:
-            return cls.UNKNOWN
 
 
 @dataclass(frozen=True)

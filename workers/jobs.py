@@ -64,7 +64,11 @@ def can_move(source: JobState, target: JobState) -> bool:
 
 
 class RemoteStatus(StrEnum):
-    """DashScope's task_status values (the core's own copy; the client has the wire version)."""
+    """DashScope's ``output.task_status`` values.
+
+    A string DashScope sends that is not listed here (the SDK knows ``SUSPENDED``) parses as
+    ``UNKNOWN``; the string itself is kept alongside as the raw status.
+    """
 
     PENDING = "PENDING"
     PRE_PROCESSING = "PRE-PROCESSING"
@@ -74,6 +78,14 @@ class RemoteStatus(StrEnum):
     FAILED = "FAILED"
     CANCELED = "CANCELED"
     UNKNOWN = "UNKNOWN"
+
+    @classmethod
+    def parse(cls, raw: str) -> RemoteStatus:
+        """The member for ``raw``, or ``UNKNOWN`` for a string this module does not know."""
+        try:
+            return cls(raw)
+        except ValueError:
+            return cls.UNKNOWN
 
 
 ACTIVE_REMOTE = frozenset(
