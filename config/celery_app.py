@@ -68,6 +68,7 @@ app.conf.update(
         "animate.submit": {"queue": QUEUE_DASHSCOPE},
         "animate.poll": {"queue": QUEUE_DASHSCOPE},
         "animate.copy": {"queue": QUEUE_TRANSFER},
+        "animate.cancel": {"queue": QUEUE_DASHSCOPE},
     },
     worker_hijack_root_logger=False,
 )

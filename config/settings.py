@@ -7,6 +7,7 @@ message naming the variable. AWS credentials are left to boto3's own chain (``AW
 
 from __future__ import annotations
 
+import json
 from functools import lru_cache
 from typing import Literal
 
@@ -34,8 +35,19 @@ class Settings(BaseSettings):
     job_retention_seconds: int = Field(default=30 * 24 * 3600, ge=3600)  # final job records
     key_prefix: str = "animate-queue"
 
-    # --- DashScope
+    # --- DashScope accounts. DASHSCOPE_API_KEY is the account named "default"; more accounts
+    # come as JSON: DASHSCOPE_ACCOUNTS='{"main": "sk-...", "backup": "sk-..."}'.
     dashscope_api_key: SecretStr | None = None  # required by workers, not by producers
+    dashscope_accounts: dict[str, SecretStr] = Field(default_factory=dict)
+    dashscope_default_account: str = "default"
+    # Each account's quota as this fleet spends it, kept under DashScope's documented limits
+    # (1 submit/s per model, 20 queries/s, 5 detections/s) so jitter never earns a 429.
+    dashscope_submit_rate: float = Field(default=0.8, gt=0)
+    dashscope_query_rate: float = Field(default=15.0, gt=0)
+    dashscope_detect_rate: float = Field(default=4.0, gt=0)
+    dashscope_concurrency: int = Field(default=1, ge=1)  # tasks DashScope runs at once
+    # Remote-queued tasks kept behind the running ones, so the slot never idles between tasks.
+    admission_lookahead: int = Field(default=1, ge=0)
     dashscope_base_url: str = "https://dashscope.aliyuncs.com/api/v1"
     dashscope_model: str = "animate-anyone-gen2"
     dashscope_endpoint: str = "video-synthesis"  # under /services/aigc/image2video/
@@ -67,7 +79,7 @@ class Settings(BaseSettings):
     submit_backoff_base: float = Field(default=2.0, gt=0)
     submit_backoff_max: float = Field(default=120.0, gt=0)
     poll_first_seconds: float = Field(default=2.0, gt=0)
-    poll_running_seconds: float = Field(default=3.0, gt=0)
+    poll_running_seconds: float = Field(default=1.0, gt=0)
     poll_pending_seconds: float = Field(default=5.0, gt=0)
     poll_pending_max_seconds: float = Field(default=30.0, gt=0)
     poll_error_backoff_max: float = Field(default=60.0, gt=0)
@@ -93,6 +105,15 @@ class Settings(BaseSettings):
             )
         return self
 
+    @model_validator(mode="after")
+    def _account_names(self) -> Settings:
+        import re
+
+        for name in self.dashscope_accounts:
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", name):
+                raise ValueError(f"DASHSCOPE_ACCOUNTS: {name!r} is not a usable account name")
+        return self
+
     @property
     def broker_url(self) -> str:
         return self.celery_broker_url or self.redis_url
@@ -101,18 +122,33 @@ class Settings(BaseSettings):
     def result_backend(self) -> str:
         return self.celery_result_backend or self.redis_url
 
+    def accounts(self) -> dict[str, str]:
+        """Account name -> API key (a secret: never log this)."""
+        keys = {name: key.get_secret_value() for name, key in self.dashscope_accounts.items()}
+        if self.dashscope_api_key is not None and self.dashscope_api_key.get_secret_value():
+            keys.setdefault("default", self.dashscope_api_key.get_secret_value())
+        return {name: key for name, key in keys.items() if key}
+
     def require_worker(self) -> None:
         """Workers need a key and a bucket; producers and Flower do not."""
         missing = [
             name
-            for name, value in (
-                ("DASHSCOPE_API_KEY", self.dashscope_api_key),
-                ("S3_BUCKET", self.s3_bucket),
+            for name, ok in (
+                ("DASHSCOPE_API_KEY", bool(self.accounts())),
+                ("S3_BUCKET", bool(self.s3_bucket)),
             )
-            if not value or (isinstance(value, SecretStr) and not value.get_secret_value())
+            if not ok
         ]
         if missing:
             raise SettingsError(f"workers need {' and '.join(missing)} set in the environment")
+        if self.dashscope_default_account not in self.accounts():
+            raise SettingsError(
+                f"DASHSCOPE_DEFAULT_ACCOUNT {self.dashscope_default_account!r} is not among the "
+                f"configured accounts {sorted(self.accounts())}"
+            )
+
+
+_JSON_FIELDS = frozenset({"dashscope_accounts"})
 
 
 def describe_error(exc: ValidationError) -> str:
@@ -128,12 +164,18 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
     try:
         if environ is None:
             return Settings()
-        lowered = {k.lower(): v for k, v in environ.items()}
-        return Settings.model_validate(
-            {k: v for k, v in lowered.items() if k in Settings.model_fields}
-        )
-    except ValidationError as exc:
-        raise SettingsError(f"bad configuration: {describe_error(exc)}") from None
+        values: dict[str, object] = {}
+        for key, value in environ.items():
+            name = key.lower()
+            if name not in Settings.model_fields:
+                continue
+            # Complex values arrive as JSON, as pydantic-settings reads them from os.environ.
+            values[name] = json.loads(value) if name in _JSON_FIELDS and value else value
+        return Settings.model_validate(values)
+    except ValueError as exc:
+        if isinstance(exc, ValidationError):
+            raise SettingsError(f"bad configuration: {describe_error(exc)}") from None
+        raise SettingsError(f"bad configuration: not JSON: {exc}") from None
 
 
 @lru_cache(maxsize=1)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import UTC, datetime
 
 import httpx
 
 from workers.dashscope import DashScopeClient, RemoteTask, VideoRequest
-from workers.errors import TransientError
+from workers.errors import DashScopeRejected, TransientError
 from workers.jobs import JobRequest, RemoteSnapshot
 from workers.pipeline import StoredCopy
 from workers.storage import S3Copier
@@ -18,14 +19,22 @@ _AMBIGUOUS = (httpx.ReadTimeout, httpx.WriteTimeout, httpx.ReadError, httpx.Writ
 
 
 class DashScopeVideoApi:
-    """The pipeline's ``VideoApi`` over :class:`DashScopeClient`."""
+    """The pipeline's ``VideoApi`` over one :class:`DashScopeClient` per account."""
 
-    def __init__(self, client: DashScopeClient, model: str) -> None:
-        self.client = client
+    def __init__(self, clients: Mapping[str, DashScopeClient], model: str) -> None:
+        self.clients = dict(clients)
         self.model = model
 
-    def submit(self, request: JobRequest) -> str:
-        submitted = self.client.submit_video(
+    def _client(self, account: str) -> DashScopeClient:
+        try:
+            return self.clients[account]
+        except KeyError:
+            raise DashScopeRejected(
+                f"account {account!r} is not configured on this worker", code="UnknownAccount"
+            ) from None
+
+    def submit(self, account: str, request: JobRequest) -> str:
+        submitted = self._client(account).submit_video(
             VideoRequest(
                 image_url=request.image_url,
                 template_id=request.template_id,
@@ -38,14 +47,14 @@ class DashScopeVideoApi:
     def submit_is_ambiguous(self, exc: TransientError) -> bool:
         return isinstance(exc.__cause__, _AMBIGUOUS)
 
-    def poll(self, task_id: str) -> RemoteSnapshot:
-        return snapshot(self.client.get_task(task_id))
+    def poll(self, account: str, task_id: str) -> RemoteSnapshot:
+        return snapshot(self._client(account).get_task(task_id))
 
-    def cancel(self, task_id: str) -> None:
-        self.client.cancel_task(task_id)
+    def cancel(self, account: str, task_id: str) -> None:
+        self._client(account).cancel_task(task_id)
 
-    def recent_tasks(self, since: float, until: float) -> list[str]:
-        page = self.client.list_tasks(
+    def recent_tasks(self, account: str, since: float, until: float) -> list[str]:
+        page = self._client(account).list_tasks(
             start=datetime.fromtimestamp(since, UTC),
             end=datetime.fromtimestamp(until, UTC),
             model=self.model,

@@ -97,8 +97,21 @@ ACTIVE_REMOTE = frozenset(
 
 VIDEO_RATIOS = ("9:16", "3:4")
 REQUEST_FIELDS = frozenset(
-    {"image_url", "template_id", "use_ref_img_bg", "video_ratio", "job_id", "metadata"}
+    {
+        "image_url",
+        "template_id",
+        "use_ref_img_bg",
+        "video_ratio",
+        "job_id",
+        "metadata",
+        "account",
+        "priority",
+        "producer",
+    }
 )
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")  # accounts and producers
+PRIORITY_RANGE = (-100, 100)
+DEFAULT_PRODUCER = "default"
 # \Z, not $: "$" also matches before a trailing newline, which would let "id\n" through.
 JOB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}\Z")
 TEMPLATE_ID_RE = re.compile(r"^AACT\.[A-Za-z0-9][A-Za-z0-9._-]{1,254}\Z")
@@ -116,6 +129,9 @@ class JobRequest:
     video_ratio: str | None = None
     job_id: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    account: str | None = None  # None: the template's owner, else the default account
+    priority: int = 0  # higher first, among this account's queued jobs
+    producer: str = DEFAULT_PRODUCER  # fair round-robin between producers of one priority
 
     def remote_fields(self) -> dict[str, Any]:
         return {
@@ -205,7 +221,28 @@ def parse_request(kwargs: Mapping[str, Any], args: tuple[Any, ...] = ()) -> JobR
         raise reject(
             "InvalidRequest.Metadata", f"metadata is {size} bytes; at most {MAX_METADATA_BYTES}"
         )
-    return JobRequest(image_url, template_id, use_bg, ratio, job_id, metadata)
+    account = kwargs.get("account")
+    if account is not None and not (isinstance(account, str) and NAME_RE.match(account)):
+        raise reject("InvalidRequest.Account", "account must be a configured account's name")
+    priority = kwargs.get("priority", 0)
+    if (
+        isinstance(priority, bool)
+        or not isinstance(priority, int)
+        or not PRIORITY_RANGE[0] <= priority <= PRIORITY_RANGE[1]
+    ):
+        raise reject(
+            "InvalidRequest.Priority",
+            f"priority must be an integer from {PRIORITY_RANGE[0]} to {PRIORITY_RANGE[1]}",
+        )
+    producer = kwargs.get("producer", DEFAULT_PRODUCER)
+    if not isinstance(producer, str) or not NAME_RE.match(producer):
+        raise reject(
+            "InvalidRequest.Producer",
+            "producer must be 1-64 characters of letters, digits and . _ -",
+        )
+    return JobRequest(
+        image_url, template_id, use_bg, ratio, job_id, metadata, account, priority, producer
+    )
 
 
 # DashScope's documented image limits for animate-anyone-gen2.
@@ -262,7 +299,12 @@ class Job:
     request: JobRequest
     created_at: float
     updated_at: float
+    account: str = "default"  # the DashScope account (API key) the job runs under
     intake_message_id: str | None = None
+    admitted_at: float | None = None  # left our queue for the remote one
+    token_waits: int = 0  # times a step waited for the account's quota
+    throttled: int = 0  # 429s DashScope answered this job with
+    cancel_requested: bool = False
     remote_task_id: str | None = None
     remote_status: str | None = None
     remote_request_id: str | None = None

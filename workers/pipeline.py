@@ -18,6 +18,7 @@ from typing import Any, Literal, Protocol
 from workers.errors import (
     CopyMismatch,
     DashScopeRejected,
+    DashScopeThrottled,
     InvalidJobRequest,
     PermanentError,
     TransientError,
@@ -57,19 +58,40 @@ class JobStore(Protocol):
     def transition(self, job: Job, state: JobState, **changes: Any) -> Job | None: ...
     def claim_remote_task(self, task_id: str) -> bool: ...
     def note_duplicate(self, job_id: str) -> None: ...
+    def template_owner(self, template_id: str) -> str | None: ...
 
 
 class VideoApi(Protocol):
-    def submit(self, request: JobRequest) -> str:
+    """DashScope, one API key per account."""
+
+    def submit(self, account: str, request: JobRequest) -> str:
         """Create the remote task; its id. Raises Transient/Permanent errors."""
 
     def submit_is_ambiguous(self, exc: TransientError) -> bool:
         """Whether a failed submit may still have created a task (the request was sent)."""
 
-    def poll(self, task_id: str) -> RemoteSnapshot: ...
-    def cancel(self, task_id: str) -> None: ...
-    def recent_tasks(self, since: float, until: float) -> list[str]:
-        """Ids of this account's tasks for the model created in [since, until]."""
+    def poll(self, account: str, task_id: str) -> RemoteSnapshot: ...
+    def cancel(self, account: str, task_id: str) -> None: ...
+    def recent_tasks(self, account: str, since: float, until: float) -> list[str]:
+        """Ids of the account's tasks for the model created in [since, until]."""
+
+
+class Governor(Protocol):
+    """Fleet-wide quota buckets and the admission queue of each account."""
+
+    def take(self, account: str, kind: str) -> float:
+        """Take a ``submit``/``query``/``detect`` token: 0 when granted, else seconds to wait."""
+
+    def throttled(self, account: str, kind: str) -> None:
+        """A 429 arrived anyway: slow that bucket down."""
+
+    def enqueue(self, job: Job) -> None: ...
+    def dequeue(self, job: Job) -> bool: ...
+    def admit(self, account: str) -> list[str]:
+        """Queued job ids that may now go to DashScope, in order."""
+
+    def release(self, account: str, job_id: str) -> None:
+        """The job no longer holds or waits for the remote slot."""
 
 
 @dataclass(frozen=True)
@@ -96,6 +118,11 @@ class Services:
     copier: Copier
     images: ImageProbe
     s3_prefix: str
+    governor: Governor
+    accounts: frozenset[str] = frozenset({"default"})
+    default_account: str = "default"
+    wake: Callable[[Next], None] = field(default_factory=lambda: _unscheduled)
+    max_throttled: int = 50  # 429s one job may collect before it fails
     poll: PollPolicy = field(default_factory=PollPolicy)
     submit: SubmitPolicy = field(default_factory=SubmitPolicy)
     copy: CopyPolicy = field(default_factory=CopyPolicy)
@@ -116,6 +143,10 @@ class Next:
     job_id: str
     version: int
     countdown: float
+
+
+def _unscheduled(step: Next) -> None:
+    raise RuntimeError(f"no scheduler for {step}")  # the task layer always injects one
 
 
 @dataclass(frozen=True)
@@ -160,6 +191,7 @@ def intake(
         return IntakeResult(stored.job_id, stored.state, created)
 
     job_id = request.job_id or message_id
+    account, refusal = _account_for(svc, request)
     job = Job(
         job_id=job_id,
         state=JobState.QUEUED,
@@ -167,8 +199,8 @@ def intake(
         request=request,
         created_at=now,
         updated_at=now,
+        account=account,
         intake_message_id=message_id,
-        next_action_at=now,
     )
     stored, created = svc.store.create(job)
     if not created and stored.intake_message_id != message_id:
@@ -176,8 +208,11 @@ def intake(
         log.info("job %s already exists (state %s); duplicate intake ignored", job_id, stored.state)
         svc.store.note_duplicate(job_id)  # no version bump: in-flight messages stay valid
         return IntakeResult(job_id, stored.state, False)
-    if stored.state != JobState.QUEUED:
+    if stored.state != JobState.QUEUED or stored.admitted_at is not None:
         return IntakeResult(job_id, stored.state, created)  # a redelivered intake, already past
+    if refusal is not None:
+        finish(svc, stored, Finish(JobState.REJECTED, refusal.code, refusal.message))
+        return IntakeResult(job_id, JobState.REJECTED, created)
     try:
         check_image(svc.images.probe(request.image_url))
     except InvalidJobRequest as exc:
@@ -188,7 +223,67 @@ def intake(
         # so the job is refused with the reason; the producer may enqueue it again.
         finish(svc, stored, Finish(JobState.REJECTED, "InvalidImage.Unreachable", exc.message))
         return IntakeResult(job_id, JobState.REJECTED, created)
-    return IntakeResult(job_id, JobState.QUEUED, created, Next("submit", job_id, stored.version, 0))
+    # Into our own queue: nothing is sent until the account has room (admission control).
+    svc.governor.enqueue(stored)
+    admit(svc, stored.account)
+    return IntakeResult(job_id, JobState.QUEUED, created)
+
+
+def _account_for(svc: Services, request: JobRequest) -> tuple[str, InvalidJobRequest | None]:
+    """The account a job runs under: the one it names, else its template's owner, else the
+    default. A template only works under the account that made it."""
+    owner = svc.store.template_owner(request.template_id)
+    account = request.account or owner or svc.default_account
+    if account not in svc.accounts:
+        return svc.default_account, InvalidJobRequest(
+            f"account {account!r} is not configured (configured: {', '.join(sorted(svc.accounts))})",
+            code="InvalidRequest.Account",
+        )
+    if owner is not None and owner != account:
+        return account, InvalidJobRequest(
+            f"template {request.template_id} belongs to account {owner!r}, not {account!r}",
+            code="InvalidRequest.TemplateAccount",
+        )
+    return account, None
+
+
+def admit(svc: Services, account: str) -> None:
+    """Let queued jobs go to DashScope while the account has room; wake their submit steps."""
+    for job_id in svc.governor.admit(account):
+        job = svc.store.get(job_id)
+        if job is None or job.state != JobState.QUEUED:
+            svc.governor.release(account, job_id)
+            continue
+        now = svc.clock()
+        moved = svc.store.transition(
+            job, JobState.QUEUED, admitted_at=now, updated_at=now, next_action_at=now + 60
+        )
+        if moved is None:
+            svc.governor.release(account, job_id)
+            continue
+        svc.wake(Next("submit", job_id, moved.version, 0))
+
+
+def _free_slot(svc: Services, job: Job) -> None:
+    """The job has left DashScope's slot (or never reached it): let the next one in."""
+    svc.governor.release(job.account, job.job_id)
+    admit(svc, job.account)
+
+
+def _wait_for_token(svc: Services, job: Job, kind: str, step: Step) -> Next | None:
+    """None when a ``kind`` token was granted; else the same step later, at the same state.
+
+    Waiting for the quota is not a failure: it uses no attempt and no Celery retry.
+    """
+    wait = svc.governor.take(job.account, kind)
+    if wait <= 0:
+        return None
+    now = svc.clock()
+    delay = wait + svc.rand() * 0.05  # spread the waiters a little
+    moved = svc.store.transition(
+        job, job.state, token_waits=job.token_waits + 1, updated_at=now, next_action_at=now + delay
+    )
+    return Next(step, job.job_id, moved.version, delay) if moved else None
 
 
 def _usable_id(value: str) -> bool:
@@ -203,8 +298,13 @@ def _usable_id(value: str) -> bool:
 def submit(svc: Services, job_id: str, version: int) -> Next | None:
     """Submit the job once. Claims SUBMITTING first; only the claimant talks to DashScope."""
     job = _load(svc, job_id, version)
-    if job is None:
+    if job is None or job.state not in (JobState.QUEUED, JobState.SUBMITTING):
         return None
+    if job.state == JobState.QUEUED and job.admitted_at is None:
+        return None  # not admitted: it waits in our queue
+    waiting = _wait_for_token(svc, job, "submit", "submit")
+    if waiting is not None:
+        return waiting
     now = svc.clock()
     if job.state == JobState.QUEUED:
         claimed = svc.store.transition(
@@ -213,8 +313,6 @@ def submit(svc: Services, job_id: str, version: int) -> Next | None:
         if claimed is None:
             return None
         job = claimed
-    elif job.state != JobState.SUBMITTING:
-        return None
 
     if job.submit_ambiguous:
         try:
@@ -244,7 +342,9 @@ def submit(svc: Services, job_id: str, version: int) -> Next | None:
         return None
     job = attempting
     try:
-        task_id = svc.api.submit(job.request)
+        task_id = svc.api.submit(job.account, job.request)
+    except DashScopeThrottled as exc:
+        return _submit_throttled(svc, job, exc, was_ambiguous=was_ambiguous)
     except DashScopeRejected as exc:
         finish(svc, job, Finish(JobState.FAILED, exc.code, exc.message))
         return None
@@ -274,6 +374,30 @@ def _submitted(svc: Services, job: Job, task_id: str) -> Next | None:
         return None
     log.info("job %s submitted as DashScope task %s", job.job_id, task_id)
     return Next("poll", job.job_id, done.version, svc.poll.first_delay)
+
+
+def _submit_throttled(
+    svc: Services, job: Job, exc: DashScopeThrottled, *, was_ambiguous: bool
+) -> Next | None:
+    """429: DashScope did nothing. Slow the account's bucket; the attempt does not count."""
+    svc.governor.throttled(job.account, "submit")
+    if job.throttled + 1 >= svc.max_throttled:
+        finish(svc, job, Finish(JobState.FAILED, exc.code, f"{job.throttled + 1} 429s: {exc}"))
+        return None
+    now = svc.clock()
+    delay = max(svc.governor.take(job.account, "submit"), 0.5) + svc.rand() * 0.5
+    moved = svc.store.transition(
+        job,
+        JobState.SUBMITTING,
+        submit_attempts=job.submit_attempts - 1,
+        submit_ambiguous=was_ambiguous,
+        throttled=job.throttled + 1,
+        error_code=exc.code,
+        error_message=exc.message,
+        updated_at=now,
+        next_action_at=now + delay,
+    )
+    return Next("submit", job.job_id, moved.version, delay) if moved else None
 
 
 def _submit_failed(
@@ -323,7 +447,7 @@ def _reconcile(svc: Services, job: Job, now: float) -> Next | None:
     window of the ambiguous attempt that no other job owns is taken as ours.
     """
     since = (job.submit_started_at or job.created_at) - 5
-    candidates = svc.api.recent_tasks(since, now + 5)
+    candidates = svc.api.recent_tasks(job.account, since, now + 5)
     for task_id in candidates:
         if svc.store.claim_remote_task(task_id):
             log.warning("job %s: adopting task %s from an ambiguous submit", job.job_id, task_id)
@@ -338,10 +462,17 @@ def poll(svc: Services, job_id: str, version: int) -> Next | None:
     job = _load(svc, job_id, version)
     if job is None or job.state != JobState.SUBMITTED or not job.remote_task_id:
         return None
+    waiting = _wait_for_token(svc, job, "query", "poll")
+    if waiting is not None:
+        return waiting
+    if job.cancel_requested and job.remote_status in (None, "PENDING"):
+        return _cancel_remote(svc, job)
     now = svc.clock()
     try:
-        remote = svc.api.poll(job.remote_task_id)
+        remote = svc.api.poll(job.account, job.remote_task_id)
     except WorkerError as exc:
+        if isinstance(exc, DashScopeThrottled):
+            svc.governor.throttled(job.account, "query")
         # Whatever the query's error (network, 5xx, a garbled body, even a 4xx after a key
         # rotation), the task itself may be running and paid for: keep asking, with backoff, until
         # the deadline, and show the error on the job meanwhile.
@@ -353,6 +484,7 @@ def poll(svc: Services, job_id: str, version: int) -> Next | None:
             job,
             JobState.SUBMITTED,
             poll_errors=job.poll_errors + 1,
+            throttled=job.throttled + isinstance(exc, DashScopeThrottled),
             error_code=exc.code,
             error_message=exc.message,
             updated_at=now,
@@ -383,6 +515,7 @@ def poll(svc: Services, job_id: str, version: int) -> Next | None:
         )
         return Next("poll", job_id, moved.version, decision.seconds) if moved else None
     if isinstance(decision, StartCopy):
+        _free_slot(svc, job)
         moved = svc.store.transition(
             job,
             JobState.COPYING,
@@ -396,7 +529,7 @@ def poll(svc: Services, job_id: str, version: int) -> Next | None:
         return Next("copy", job_id, moved.version, 0) if moved else None
     if decision.cancel_remote:
         try:
-            svc.api.cancel(job.remote_task_id)
+            svc.api.cancel(job.account, job.remote_task_id)
         except WorkerError as exc:
             log.warning("job %s: could not cancel remote task: %s", job_id, exc)
     moved = svc.store.transition(job, job.state, **common)
@@ -482,6 +615,102 @@ def _copy_failed(svc: Services, job: Job, exc: WorkerError, *, transient: bool) 
     return Next("copy", job.job_id, moved.version, decision.seconds) if moved else None
 
 
+# ----------------------------------------------------------------------------- cancel
+
+
+@dataclass(frozen=True)
+class CancelResult:
+    job_id: str
+    state: JobState | None
+    outcome: Literal["canceled", "requested", "too_late", "final", "not_found"]
+    message: str
+
+
+def cancel(svc: Services, job_id: str) -> CancelResult:
+    """Cancel a job: free while it waits in our queue, DashScope's cancel while remote PENDING.
+
+    A job that DashScope already runs cannot be cancelled there: that is recorded, and the paid
+    video is still copied.
+    """
+    for _ in range(5):  # compare-and-set: retry if the job moved under us
+        job = svc.store.get(job_id)
+        if job is None:
+            return CancelResult(job_id, None, "not_found", "no such job")
+        if job.final:
+            return CancelResult(job_id, job.state, "final", f"the job already ended {job.state}")
+        if job.state == JobState.QUEUED:
+            svc.governor.dequeue(job)
+            done = finish(
+                svc,
+                job,
+                Finish(JobState.CANCELED, "Canceled", "cancelled before submission; nothing paid"),
+            )
+            if done is not None:
+                return CancelResult(job_id, done.state, "canceled", "nothing was sent")
+            continue
+        if job.state in (JobState.SUBMITTING, JobState.SUBMITTED):
+            marked = svc.store.transition(
+                job, job.state, cancel_requested=True, updated_at=svc.clock()
+            )
+            if marked is None:
+                continue
+            if job.state == JobState.SUBMITTED and job.remote_status in (None, "PENDING"):
+                step = _cancel_remote(svc, marked)
+                if step is not None:
+                    svc.wake(step)
+                latest = svc.store.get(job_id) or marked
+                if latest.state == JobState.CANCELED:
+                    return CancelResult(job_id, latest.state, "canceled", "cancelled at DashScope")
+                return _too_late(job_id, latest)
+            if job.state == JobState.SUBMITTING:
+                return CancelResult(
+                    job_id, marked.state, "requested", "cancelled at DashScope once submitted"
+                )
+            return _too_late(job_id, marked)
+        marked = svc.store.transition(job, job.state, cancel_requested=True)
+        return _too_late(job_id, marked or job)
+    return CancelResult(job_id, None, "not_found", "the job kept changing; try again")
+
+
+def _too_late(job_id: str, job: Job) -> CancelResult:
+    return CancelResult(
+        job_id,
+        job.state,
+        "too_late",
+        "DashScope is already generating the video (it cannot cancel a running task); "
+        "it is paid for and will be copied",
+    )
+
+
+def _cancel_remote(svc: Services, job: Job) -> Next | None:
+    """DashScope's cancel for a remote-PENDING task; if it has started, carry on polling."""
+    assert job.remote_task_id is not None
+    try:
+        svc.api.cancel(job.account, job.remote_task_id)
+    except DashScopeRejected:
+        # UnsupportedOperation: it left PENDING in the meantime. Keep it (and poll it).
+        now = svc.clock()
+        moved = svc.store.transition(
+            job,
+            JobState.SUBMITTED,
+            remote_status="RUNNING",
+            error_code="CancelTooLate",
+            error_message="cancel asked after DashScope started the task; the video is copied",
+            updated_at=now,
+            next_action_at=now + svc.poll.running_interval,
+        )
+        return Next("poll", job.job_id, moved.version, svc.poll.running_interval) if moved else None
+    except TransientError as exc:
+        log.warning("job %s: remote cancel failed (%s); will try again on the next poll",
+                    job.job_id, exc)  # fmt: skip
+        now = svc.clock()
+        moved = svc.store.transition(job, JobState.SUBMITTED, updated_at=now,
+                                     next_action_at=now + 1)  # fmt: skip
+        return Next("poll", job.job_id, moved.version, 1.0) if moved else None
+    finish(svc, job, Finish(JobState.CANCELED, "Canceled", "cancelled while queued at DashScope"))
+    return None
+
+
 # ----------------------------------------------------------------------------- shared
 
 
@@ -502,6 +731,8 @@ def finish(svc: Services, job: Job, decision: Finish) -> Job | None:
     )
     if done is not None:
         log.info("job %s %s: %s %s", job.job_id, decision.state, decision.code, decision.message)
+        if job.state in (JobState.QUEUED, JobState.SUBMITTING, JobState.SUBMITTED):
+            _free_slot(svc, done)
     return done
 
 

@@ -221,6 +221,20 @@ class RedisJobStore:
         except redis.RedisError as exc:
             raise StoreUnavailable(f"updating job: {exc}") from exc
 
+    def template_owner(self, template_id: str) -> str | None:
+        """The account a template was registered to (templates belong to one account)."""
+        try:
+            owner = self.redis.hget(f"{self.prefix}:templates", template_id)
+        except redis.RedisError as exc:
+            raise StoreUnavailable(f"reading templates: {exc}") from exc
+        return _text(owner) if owner is not None else None
+
+    def register_template(self, template_id: str, account: str) -> None:
+        try:
+            self.redis.hset(f"{self.prefix}:templates", template_id, account)
+        except redis.RedisError as exc:
+            raise StoreUnavailable(f"writing templates: {exc}") from exc
+
     def count_by_state(self) -> dict[str, int]:
         pipe = self.redis.pipeline()
         for state in JobState:

@@ -1,6 +1,7 @@
 """The Celery tasks: thin shells around :mod:`workers.pipeline`. Task names are a wire contract.
 
-``animate.generate`` is public (other services ``send_task`` it). ``animate.submit``,
+``animate.generate`` and ``animate.cancel`` are public (other services ``send_task`` them).
+``animate.submit``,
 ``animate.poll`` and ``animate.copy`` are internal, but their names are still fixed: countdown
 messages wait in Redis across deploys. Arguments are always ``(job_id, version)``.
 """
@@ -14,7 +15,7 @@ from celery import Task
 from config.celery_app import app, settings
 from workers import pipeline
 from workers.errors import StoreUnavailable
-from workers.wiring import services
+from workers.wiring import services as _services
 
 RETRY: dict[str, Any] = {
     # Only the job store can fail outside the pipeline's own handling; DashScope and S3 errors
@@ -32,6 +33,12 @@ def schedule(step: pipeline.Next | None) -> None:
         return
     task = {"submit": submit_job, "poll": poll_job, "copy": copy_job}[step.step]
     task.apply_async((step.job_id, step.version), countdown=max(0.0, step.countdown))
+
+
+def services() -> pipeline.Services:
+    svc = _services()
+    svc.wake = schedule  # wake-ups the use cases ask for on the side (admissions)
+    return svc
 
 
 @app.task(name="animate.generate", bind=True, **RETRY)
@@ -60,3 +67,15 @@ def poll_job(self: Task[Any, Any], job_id: str, version: int) -> None:
 )
 def copy_job(self: Task[Any, Any], job_id: str, version: int) -> None:
     schedule(pipeline.copy(services(), job_id, version))
+
+
+@app.task(name="animate.cancel", bind=True, ignore_result=False, **RETRY)
+def cancel_job(self: Task[Any, Any], job_id: str) -> dict[str, Any]:
+    """Cancel a job (free while queued; DashScope's cancel while remote PENDING)."""
+    result = pipeline.cancel(services(), str(job_id))
+    return {
+        "job_id": result.job_id,
+        "state": result.state.value if result.state else None,
+        "outcome": result.outcome,
+        "message": result.message,
+    }

@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 from workers.errors import TransientError
 from workers.jobs import FINAL_STATES, ImageFacts, Job, JobRequest, JobState, RemoteSnapshot
-from workers.pipeline import Services, StoredCopy
+from workers.pipeline import Next, Services, StoredCopy
 
 T = TypeVar("T")
 
@@ -40,6 +40,7 @@ class InMemoryJobStore:
     """
 
     def __init__(self) -> None:
+        self.templates: dict[str, str] = {}
         self.jobs: dict[str, Job] = {}
         self.remote_tasks: set[str] = set()
         self.lock = threading.Lock()
@@ -87,6 +88,12 @@ class InMemoryJobStore:
             stored = self.jobs.get(job_id)
             if stored is not None:
                 self.jobs[job_id] = dataclasses.replace(stored, duplicates=stored.duplicates + 1)
+
+    def template_owner(self, template_id: str) -> str | None:
+        return self.templates.get(template_id)
+
+    def register_template(self, template_id: str, account: str) -> None:
+        self.templates[template_id] = account
 
     def count_by_state(self) -> dict[str, int]:
         with self.lock:
@@ -146,6 +153,7 @@ class FakeVideoApi:
         self.recent: list[str] = list(recent)
         self.recent_error: BaseException | None = None
         self.submits: list[JobRequest] = []
+        self.accounts_used: list[str] = []
         self.polls: list[str] = []
         self.cancels: list[str] = []
         self.recent_calls: list[tuple[float, float]] = []
@@ -153,9 +161,10 @@ class FakeVideoApi:
         self.on_recent_tasks: Callable[[], None] | None = None
         self.lock = threading.Lock()
 
-    def submit(self, request: JobRequest) -> str:
+    def submit(self, account: str, request: JobRequest) -> str:
         with self.lock:
             self.submits.append(request)
+            self.accounts_used.append(account)
         if self.on_submit is not None:
             self.on_submit(request)
         with self.lock:
@@ -164,19 +173,19 @@ class FakeVideoApi:
     def submit_is_ambiguous(self, exc: TransientError) -> bool:
         return getattr(exc, "ambiguous", False) is True
 
-    def poll(self, task_id: str) -> RemoteSnapshot:
+    def poll(self, account: str, task_id: str) -> RemoteSnapshot:
         with self.lock:
             self.polls.append(task_id)
             return _next(self.poll_script, "poll")
 
-    def cancel(self, task_id: str) -> None:
+    def cancel(self, account: str, task_id: str) -> None:
         with self.lock:
             self.cancels.append(task_id)
             error = self.cancel_script.popleft() if self.cancel_script else None
         if error is not None:
             raise error
 
-    def recent_tasks(self, since: float, until: float) -> list[str]:
+    def recent_tasks(self, account: str, since: float, until: float) -> list[str]:
         hook, self.on_recent_tasks = self.on_recent_tasks, None  # one shot: no recursion
         if hook is not None:
             hook()
@@ -185,6 +194,79 @@ class FakeVideoApi:
             if self.recent_error is not None:
                 raise self.recent_error
             return list(self.recent)
+
+
+class InMemoryGovernor:
+    """The ``Governor`` port in memory, with RedisGovernor's order: priority, then producers in
+    turn, then arrival. Tokens are unlimited unless ``waits`` scripts a wait for a kind."""
+
+    def __init__(self, capacity: int = 2) -> None:
+        self.capacity = capacity
+        self.waits: dict[str, deque[float]] = {}
+        self.throttles: list[tuple[str, str]] = []
+        self.takes: list[tuple[str, str]] = []
+        # account -> priority -> producer -> job ids; and each priority's producer turn order
+        self.queues: dict[str, dict[int, dict[str, deque[str]]]] = {}
+        self.turns: dict[str, dict[int, deque[str]]] = {}
+        self.inflight: dict[str, set[str]] = {}
+        self.lock = threading.Lock()
+
+    def take(self, account: str, kind: str) -> float:
+        with self.lock:
+            self.takes.append((account, kind))
+            script = self.waits.get(kind)
+            return script.popleft() if script else 0.0
+
+    def throttled(self, account: str, kind: str) -> None:
+        with self.lock:
+            self.throttles.append((account, kind))
+
+    def enqueue(self, job: Job) -> None:
+        with self.lock:
+            prio, producer = job.request.priority, job.request.producer
+            lines = self.queues.setdefault(job.account, {}).setdefault(prio, {})
+            line = lines.setdefault(producer, deque())
+            if not line:
+                self.turns.setdefault(job.account, {}).setdefault(prio, deque()).append(producer)
+            line.append(job.job_id)
+
+    def dequeue(self, job: Job) -> bool:
+        with self.lock:
+            prio, producer = job.request.priority, job.request.producer
+            line = self.queues.get(job.account, {}).get(prio, {}).get(producer)
+            if not line or job.job_id not in line:
+                return False
+            line.remove(job.job_id)
+            if not line:
+                self.turns[job.account][prio].remove(producer)
+            return True
+
+    def admit(self, account: str) -> list[str]:
+        with self.lock:
+            inflight = self.inflight.setdefault(account, set())
+            turns = self.turns.get(account, {})
+            admitted: list[str] = []
+            while len(inflight) < self.capacity:
+                live = [p for p, order in turns.items() if order]
+                if not live:
+                    break
+                prio = max(live)
+                producer = turns[prio].popleft()
+                line = self.queues[account][prio][producer]
+                job_id = line.popleft()
+                if line:
+                    turns[prio].append(producer)
+                inflight.add(job_id)
+                admitted.append(job_id)
+            return admitted
+
+    def release(self, account: str, job_id: str) -> None:
+        with self.lock:
+            self.inflight.setdefault(account, set()).discard(job_id)
+
+    def queued(self, account: str = "default") -> int:
+        return sum(len(line) for lines in self.queues.get(account, {}).values()
+                   for line in lines.values())  # fmt: skip
 
 
 def stored_copy(key: str, *, bucket: str = "videos-bucket", size: int = 1234) -> StoredCopy:
@@ -250,9 +332,12 @@ class FakeClock:
 
 def make_services(**overrides: Any) -> Services:
     """Services over fresh fakes, a :class:`FakeClock` and rand fixed at 0.5; override by name."""
+    woken: list[Next] = []
     values: dict[str, Any] = {
         "store": InMemoryJobStore(),
         "api": FakeVideoApi(),
+        "governor": InMemoryGovernor(),
+        "wake": woken.append,
         "copier": FakeCopier(),
         "images": FakeImageProbe(),
         "s3_prefix": "videos",
@@ -260,4 +345,6 @@ def make_services(**overrides: Any) -> Services:
         "rand": lambda: 0.5,
     }
     values.update(overrides)
-    return Services(**values)
+    svc = Services(**values)
+    svc.woken = woken  # type: ignore[attr-defined]  # what the use cases asked to schedule
+    return svc

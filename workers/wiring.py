@@ -14,6 +14,7 @@ import redis
 from config.settings import Settings, get_settings
 from workers.adapters import DashScopeVideoApi, S3CopierPort
 from workers.dashscope import DashScopeClient
+from workers.governor import RedisGovernor
 from workers.images import HttpImageProbe
 from workers.jobs import Backoff, CopyPolicy, PollPolicy, SubmitPolicy
 from workers.pipeline import Services
@@ -36,21 +37,38 @@ def job_store(settings: Settings) -> RedisJobStore:
     )
 
 
+def governor(settings: Settings) -> RedisGovernor:
+    return RedisGovernor(
+        redis_client(settings),
+        prefix=settings.key_prefix,
+        model=settings.dashscope_model,
+        rates={
+            "submit": settings.dashscope_submit_rate,
+            "query": settings.dashscope_query_rate,
+            "detect": settings.dashscope_detect_rate,
+        },
+        capacity=settings.dashscope_concurrency + settings.admission_lookahead,
+    )
+
+
 def build_services(settings: Settings) -> Services:
     settings.require_worker()
-    assert settings.dashscope_api_key is not None and settings.s3_bucket is not None
+    assert settings.s3_bucket is not None
     api_http = httpx.Client(
         timeout=httpx.Timeout(
             settings.dashscope_read_timeout, connect=settings.dashscope_connect_timeout
         )
     )
-    client = DashScopeClient(
-        api_http,
-        api_key=settings.dashscope_api_key.get_secret_value(),
-        base_url=settings.dashscope_base_url,
-        model=settings.dashscope_model,
-        endpoint=settings.dashscope_endpoint,
-    )
+    clients = {
+        account: DashScopeClient(
+            api_http,
+            api_key=key,
+            base_url=settings.dashscope_base_url,
+            model=settings.dashscope_model,
+            endpoint=settings.dashscope_endpoint,
+        )
+        for account, key in settings.accounts().items()
+    }
     download = httpx.Client(
         timeout=httpx.Timeout(settings.copy_read_timeout, connect=10.0), follow_redirects=True
     )
@@ -73,7 +91,10 @@ def build_services(settings: Settings) -> Services:
     )
     return Services(
         store=job_store(settings),
-        api=DashScopeVideoApi(client, settings.dashscope_model),
+        api=DashScopeVideoApi(clients, settings.dashscope_model),
+        governor=governor(settings),
+        accounts=frozenset(clients),
+        default_account=settings.dashscope_default_account,
         copier=S3CopierPort(copier),
         images=HttpImageProbe(image_http),
         s3_prefix=settings.s3_prefix,

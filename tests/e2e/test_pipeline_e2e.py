@@ -99,7 +99,8 @@ def test_throttling_and_5xx_pay_once(queue: AnimateQueue, remote: Any, job_id: s
     assert view["state"] == "STORED", view
     counters = remote.counters()
     assert counters["submitted"] == 1
-    assert view["attempts"]["submit"] == 4
+    assert view["attempts"]["submit"] == 3  # a 429 is a wait, not a failed attempt
+    assert view["throttled_429"] == 2
 
 
 def test_dropped_submit_is_not_paid_twice(queue: AnimateQueue, remote: Any, job_id: str) -> None:

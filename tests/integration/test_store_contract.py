@@ -77,10 +77,17 @@ def full_job(job_id: str = "full-1") -> Job:
         job_id=job_id,
         state=JobState.COPYING,
         version=7,
-        request=JobRequest(IMAGE, TEMPLATE, True, "9:16", job_id, metadata),
+        request=JobRequest(
+            IMAGE, TEMPLATE, True, "9:16", job_id, metadata, "acct-b", -7, "svc.orders"
+        ),
         created_at=T0,
         updated_at=0.1 + 0.2,
+        account="acct-b",
         intake_message_id="3f1e6c1a-msg",
+        admitted_at=T0 + 0.5,
+        token_waits=3,
+        throttled=2,
+        cancel_requested=True,
         remote_task_id="task-1",
         remote_status="SUCCEEDED",
         remote_request_id="req-1",

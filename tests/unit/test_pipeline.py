@@ -96,10 +96,17 @@ def snap(status: RemoteStatus, raw: str | None = None, **fields: Any) -> RemoteS
     return RemoteSnapshot(status=status, raw_status=raw or status.value, **fields)
 
 
+def woken(w: World, step: str = "submit", job_id: str = JOB) -> list[Next]:
+    """The wake-ups the use cases asked the task layer for, for one job and step."""
+    return [n for n in w.svc.woken if n.step == step and n.job_id == job_id]  # type: ignore[attr-defined]
+
+
 def queued(w: World) -> Next:
+    """Intake, admission (the account has room): the submit wake-up it asked for."""
     result = pipeline.intake(w.svc, kwargs(), (), MSG)
-    assert result.next is not None
-    return result.next
+    assert result.state == JobState.QUEUED
+    (step,) = woken(w)
+    return step
 
 
 def submitted(w: World, task_id: str = "task-1") -> Next:
@@ -126,12 +133,13 @@ class TestIntake:
     def test_valid_request_is_queued(self, w: World) -> None:
         """A valid request becomes a QUEUED job and asks for a submit now; nothing is sent yet."""
         result = pipeline.intake(w.svc, kwargs(metadata={"user": 7}), (), MSG)
-        assert result == IntakeResult(JOB, JobState.QUEUED, True, Next("submit", JOB, 1, 0))
+        assert result == IntakeResult(JOB, JobState.QUEUED, True, None)
+        assert woken(w) == [Next("submit", JOB, 2, 0)]  # admitted at once: the account has room
         job = w.job()
-        assert (job.state, job.version) == (JobState.QUEUED, 1)
+        assert (job.state, job.version) == (JobState.QUEUED, 2)
         assert job.request == JobRequest(IMAGE, TEMPLATE, None, None, JOB, {"user": 7})
         assert job.intake_message_id == MSG
-        assert job.created_at == job.updated_at == job.next_action_at == START
+        assert job.created_at == job.updated_at == job.admitted_at == START
         assert w.images.probes == [IMAGE]
         assert w.api.submits == []
 
@@ -198,10 +206,11 @@ class TestIntake:
         assert pipeline.submit(w.svc, JOB, step.version) is not None
 
     def test_redelivered_intake_continues(self, w: World) -> None:
-        """The same message again (a redelivery) carries on: another submit, same version."""
+        """The same message again (a redelivery) after admission changes nothing."""
         first = queued(w)
         again = pipeline.intake(w.svc, kwargs(), (), MSG)
-        assert again == IntakeResult(JOB, JobState.QUEUED, False, first)
+        assert again == IntakeResult(JOB, JobState.QUEUED, False, None)
+        assert woken(w) == [first]
         assert w.job().duplicates == 0
 
     def test_redelivered_intake_after_submit_stops(self, w: World) -> None:
@@ -904,7 +913,8 @@ class TestWholeJob:
         )
         w.copier.script.append(stored_copy(KEY))
         steps = {"submit": pipeline.submit, "poll": pipeline.poll, "copy": pipeline.copy}
-        step = pipeline.intake(w.svc, kwargs(), (), MSG).next
+        pipeline.intake(w.svc, kwargs(), (), MSG)
+        step: Next | None = woken(w)[0]
         trail = []
         while step is not None:
             trail.append(step.step)
@@ -938,9 +948,9 @@ class TestFinish:
         """The fakes refuse calls nobody scripted."""
         api = FakeVideoApi()
         with pytest.raises(AssertionError):
-            api.submit(JobRequest(IMAGE, TEMPLATE))
+            api.submit("default", JobRequest(IMAGE, TEMPLATE))
         with pytest.raises(AssertionError):
-            api.poll("task-1")
+            api.poll("default", "task-1")
         with pytest.raises(AssertionError):
             FakeCopier().copy(VIDEO, KEY, {})
         with pytest.raises(JobNotFound):

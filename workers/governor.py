@@ -1,0 +1,264 @@
+"""The fleet's shared view of each DashScope account: quota buckets and the admission queue, in Redis.
+
+Every worker process on every host goes through the same Lua scripts, so the limits are global
+(Celery's ``rate_limit`` is per worker and cannot do this). Keys, with ``P`` the prefix and ``A``
+an account:
+
+* ``P:bucket:A:<kind>``         a token bucket (``submit`` is per account and model)
+* ``P:acct:A:prios``            priorities that have queued jobs (sorted, highest first)
+* ``P:acct:A:rot:<prio>``       the producers with queued jobs at that priority, in turn order
+* ``P:acct:A:q:<prio>:<prod>``  one producer's queued job ids, oldest first
+* ``P:acct:A:depth``            how many jobs wait in the queue
+* ``P:acct:A:inflight``         admitted jobs that hold or wait for DashScope's slot
+* ``P:acct:A:429:<kind>``       429s received
+* ``P:accounts``                accounts that have ever queued a job
+
+A queued job costs one list entry and its record: no message, no timer, no poll.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis
+
+from workers.errors import StoreUnavailable
+from workers.jobs import Job
+
+# Token bucket with 429 feedback. The clock is Redis's own, so hosts need not agree on time.
+# A 429 halves the bucket's rate (down to min_factor) and empties it; the rate then recovers
+# linearly. ARGV: rate, capacity, recovery per second, min factor, mode ('take' | 'throttle' |
+# 'peek'). Returns the seconds to wait (0: granted) as a string, and the tokens left.
+_BUCKET = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local rate, cap = tonumber(ARGV[1]), tonumber(ARGV[2])
+local recovery, minf, mode = tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
+local b = redis.call('HMGET', KEYS[1], 'tokens', 'ts', 'factor')
+local tokens = tonumber(b[1]) or cap
+local ts = tonumber(b[2]) or now
+local factor = tonumber(b[3]) or 1
+local elapsed = math.max(0, now - ts)
+factor = math.min(1, factor + elapsed * recovery)
+local eff = rate * factor
+tokens = math.min(cap, tokens + elapsed * eff)
+local wait = 0
+if mode == 'take' then
+  if tokens >= 1 then tokens = tokens - 1 else wait = (1 - tokens) / eff end
+elseif mode == 'throttle' then
+  factor = math.max(minf, factor / 2)
+  tokens = math.min(tokens, 0)
+end
+redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'ts', tostring(now), 'factor', tostring(factor))
+redis.call('EXPIRE', KEYS[1], 86400)
+return {tostring(wait), tostring(tokens), tostring(factor)}
+"""
+
+_ENQUEUE = """
+local p, a, prio, producer, id = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local base = p .. ':acct:' .. a
+local q = base .. ':q:' .. prio .. ':' .. producer
+redis.call('RPUSH', q, id)
+if redis.call('LLEN', q) == 1 then redis.call('RPUSH', base .. ':rot:' .. prio, producer) end
+redis.call('ZADD', base .. ':prios', -tonumber(prio), prio)
+redis.call('INCR', base .. ':depth')
+redis.call('SADD', p .. ':accounts', a)
+return 1
+"""
+
+_DEQUEUE = """
+local p, a, prio, producer, id = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local base = p .. ':acct:' .. a
+local q = base .. ':q:' .. prio .. ':' .. producer
+local removed = redis.call('LREM', q, 1, id)
+if removed == 0 then return 0 end
+redis.call('DECR', base .. ':depth')
+if redis.call('LLEN', q) == 0 then
+  local rot = base .. ':rot:' .. prio
+  redis.call('LREM', rot, 0, producer)
+  if redis.call('LLEN', rot) == 0 then redis.call('ZREM', base .. ':prios', prio) end
+end
+return 1
+"""
+
+# Admit queued jobs while fewer than ARGV[3] hold or wait for the remote slot. Members whose job
+# has moved past the slot (copying, final) or vanished are dropped first, so a lost release
+# cannot leak capacity. Highest priority first; within one priority, producers take turns.
+_ADMIT = """
+local p, a, cap = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local base = p .. ':acct:' .. a
+local inflight = base .. ':inflight'
+local gone = {STORED=1, FAILED=1, REJECTED=1, CANCELED=1, EXPIRED=1, COPYING=1}
+for _, id in ipairs(redis.call('SMEMBERS', inflight)) do
+  local st = redis.call('HGET', p .. ':job:' .. id, 'state')
+  if (not st) or gone[st] then redis.call('SREM', inflight, id) end
+end
+local admitted = {}
+local n = redis.call('SCARD', inflight)
+while n < cap do
+  local top = redis.call('ZRANGE', base .. ':prios', 0, 0)
+  if #top == 0 then break end
+  local prio = top[1]
+  local rot = base .. ':rot:' .. prio
+  local producer = redis.call('LPOP', rot)
+  if not producer then
+    redis.call('ZREM', base .. ':prios', prio)
+  else
+    local q = base .. ':q:' .. prio .. ':' .. producer
+    local id = redis.call('LPOP', q)
+    if redis.call('LLEN', q) > 0 then redis.call('RPUSH', rot, producer) end
+    if redis.call('LLEN', rot) == 0 then redis.call('ZREM', base .. ':prios', prio) end
+    if id then
+      redis.call('DECR', base .. ':depth')
+      if redis.call('HGET', p .. ':job:' .. id, 'state') == 'QUEUED' then
+        redis.call('SADD', inflight, id)
+        table.insert(admitted, id)
+        n = n + 1
+      end
+    end
+  end
+end
+return admitted
+"""
+
+RECOVERY_PER_SECOND = 0.05  # a halved rate is whole again after 10 s without a 429
+MIN_FACTOR = 0.1
+KINDS = ("submit", "query", "detect")
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class RedisGovernor:
+    """The pipeline's ``Governor`` port on Redis."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        *,
+        prefix: str,
+        model: str,
+        rates: dict[str, float],
+        capacity: int,
+    ) -> None:
+        self.redis = client
+        self.prefix = prefix
+        self.model = model
+        self.rates = rates
+        self.capacity = capacity
+        self._bucket = client.register_script(_BUCKET)
+        self._enqueue = client.register_script(_ENQUEUE)
+        self._dequeue = client.register_script(_DEQUEUE)
+        self._admit = client.register_script(_ADMIT)
+
+    def _bucket_key(self, account: str, kind: str) -> str:
+        suffix = f"submit:{self.model}" if kind == "submit" else kind
+        return f"{self.prefix}:bucket:{account}:{suffix}"
+
+    def _run_bucket(self, account: str, kind: str, mode: str) -> tuple[float, float, float]:
+        rate = self.rates[kind]
+        try:
+            wait, tokens, factor = self._bucket(
+                keys=[self._bucket_key(account, kind)],
+                args=[rate, max(1.0, rate), RECOVERY_PER_SECOND, MIN_FACTOR, mode],
+            )
+        except redis.RedisError as exc:
+            raise StoreUnavailable(f"quota bucket: {exc}") from exc
+        return float(wait), float(tokens), float(factor)
+
+    def take(self, account: str, kind: str) -> float:
+        """Take one token: 0 when granted, else the seconds until one is due."""
+        return self._run_bucket(account, kind, "take")[0]
+
+    def throttled(self, account: str, kind: str) -> None:
+        """DashScope answered 429 anyway: slow this bucket down and count it."""
+        self._run_bucket(account, kind, "throttle")
+        try:
+            self.redis.incr(f"{self.prefix}:acct:{account}:429:{kind}")
+        except redis.RedisError as exc:
+            raise StoreUnavailable(f"quota bucket: {exc}") from exc
+
+    def enqueue(self, job: Job) -> None:
+        self._call(self._enqueue, job.account, str(job.request.priority), job.request.producer,
+                   job.job_id)  # fmt: skip
+
+    def dequeue(self, job: Job) -> bool:
+        """Take a queued job out of the queue (cancel); False if it was not there."""
+        return bool(
+            self._call(
+                self._dequeue,
+                job.account,
+                str(job.request.priority),
+                job.request.producer,
+                job.job_id,
+            )
+        )
+
+    def admit(self, account: str) -> list[str]:
+        """Job ids moved from the queue into the remote slot's reach, in order."""
+        ids = self._call(self._admit, account, str(self.capacity))
+        return [_text(i) for i in ids]
+
+    def release(self, account: str, job_id: str) -> None:
+        """The job no longer holds or waits for the remote slot."""
+        try:
+            self.redis.srem(f"{self.prefix}:acct:{account}:inflight", job_id)
+        except redis.RedisError as exc:
+            raise StoreUnavailable(f"admission: {exc}") from exc
+
+    def _call(self, script: Any, *args: str) -> Any:
+        try:
+            return script(args=[self.prefix, *args])
+        except redis.RedisError as exc:
+            raise StoreUnavailable(f"admission: {exc}") from exc
+
+    # ------------------------------------------------------------------ observing
+
+    def accounts(self) -> list[str]:
+        return sorted(_text(a) for a in self.redis.smembers(f"{self.prefix}:accounts"))
+
+    def account_view(self, account: str) -> dict[str, Any]:
+        """Queue depth, remote running/pending, tokens and 429s of one account."""
+        base = f"{self.prefix}:acct:{account}"
+        depth = int(self.redis.get(f"{base}:depth") or 0)
+        members = [_text(m) for m in self.redis.smembers(f"{base}:inflight")]
+        running = pending = submitting = 0
+        for job_id in members:
+            state, remote = self.redis.hmget(
+                f"{self.prefix}:job:{job_id}", "state", "remote_status"
+            )
+            remote_status = _text(remote) if remote else None
+            if remote_status in ("PRE-PROCESSING", "RUNNING", "POST-PROCESSING"):
+                running += 1
+            elif state and _text(state) == "SUBMITTED":
+                pending += 1
+            else:
+                submitting += 1
+        buckets = {}
+        for kind in KINDS:
+            _, tokens, factor = self._run_bucket(account, kind, "peek")
+            buckets[kind] = {
+                "tokens": round(tokens, 3),
+                "rate": round(self.rates[kind] * factor, 3),
+                "rate_configured": self.rates[kind],
+                "throttled_429": int(self.redis.get(f"{base}:429:{kind}") or 0),
+            }
+        return {
+            "account": account,
+            "queued": depth,
+            "inflight": len(members),
+            "capacity": self.capacity,
+            "remote_running": running,
+            "remote_pending": pending,
+            "submitting": submitting,
+            "buckets": buckets,
+            "throttled_429": sum(b["throttled_429"] for b in buckets.values()),
+        }
+
+    def queue_position(self, job: Job) -> int | None:
+        """0-based place in its producer's line (not the account's overall order)."""
+        q = (f"{self.prefix}:acct:{job.account}:q:{job.request.priority}:"
+             f"{job.request.producer}")  # fmt: skip
+        position = self.redis.lpos(q, job.job_id)
+        return None if position is None else int(position)  # type: ignore[arg-type]
