@@ -22,7 +22,16 @@ def _queue() -> AnimateQueue:
     except SettingsError as exc:
         raise click.ClickException(str(exc)) from None
     return AnimateQueue(
-        settings.redis_url, broker_url=settings.broker_url, key_prefix=settings.key_prefix
+        settings.redis_url,
+        broker_url=settings.broker_url,
+        result_backend=settings.result_backend,
+        key_prefix=settings.key_prefix,
+        rates={
+            "submit": settings.dashscope_submit_rate,
+            "query": settings.dashscope_query_rate,
+            "detect": settings.dashscope_detect_rate,
+        },
+        capacity=settings.dashscope_concurrency + settings.admission_lookahead,
     )
 
 
@@ -65,6 +74,9 @@ def main() -> None:
 @click.option("--video-ratio", type=click.Choice(["9:16", "3:4"]))
 @click.option("--job-id", help="idempotency key: the same id twice makes one job")
 @click.option("--metadata", help="a JSON object kept with the job")
+@click.option("--account", help="the DashScope account (default: the template's, else default)")
+@click.option("--priority", type=int, help="higher goes first among queued jobs (-100..100)")
+@click.option("--producer", help="who asks: producers of one priority take turns")
 @click.option("--wait", "wait_", is_flag=True, help="wait for the job to end")
 def submit(
     image_url: str,
@@ -73,6 +85,9 @@ def submit(
     video_ratio: str | None,
     job_id: str | None,
     metadata: str | None,
+    account: str | None,
+    priority: int | None,
+    producer: str | None,
     wait_: bool,
 ) -> None:
     """Enqueue a job and print its id."""
@@ -90,6 +105,9 @@ def submit(
         video_ratio=video_ratio,
         job_id=job_id,
         metadata=meta,
+        account=account,
+        priority=priority,
+        producer=producer,
     )
     click.echo(job)
     if wait_:
@@ -120,6 +138,56 @@ def wait(job_id: str, timeout: float | None, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(view, indent=2, sort_keys=True))
     sys.exit(0 if view["state"] == "STORED" else 1)
+
+
+@main.command()
+@click.argument("job_id")
+@click.option("--timeout", type=float, default=30.0)
+def cancel(job_id: str, timeout: float) -> None:
+    """Cancel a job: free while queued here, DashScope's cancel while queued there."""
+    result = _queue().cancel(job_id, timeout=timeout)
+    click.echo(json.dumps(result, indent=2, sort_keys=True))
+    sys.exit(0 if result["outcome"] in ("canceled", "requested") else 1)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+def accounts(as_json: bool) -> None:
+    """Per account: queued jobs, remote running/pending, tokens, 429s received."""
+    views = _queue().accounts()
+    if as_json:
+        click.echo(json.dumps(views, indent=2, sort_keys=True))
+        return
+    table = Table("account", "queued", "running", "pending", "submitting", "capacity",
+                  "submit tokens", "query tokens", "429s")  # fmt: skip
+    for v in views:
+        b = v["buckets"]
+        table.add_row(
+            v["account"],
+            str(v["queued"]),
+            str(v["remote_running"]),
+            str(v["remote_pending"]),
+            str(v["submitting"]),
+            str(v["capacity"]),
+            f"{b['submit']['tokens']:.2f} @ {b['submit']['rate']}/s",
+            f"{b['query']['tokens']:.1f} @ {b['query']['rate']}/s",
+            str(v["throttled_429"]),
+        )
+    Console().print(table)
+
+
+@main.group()
+def templates() -> None:
+    """Action templates and the account that owns each."""
+
+
+@templates.command("add")
+@click.argument("template_id")
+@click.option("--account", required=True, help="the account that created the template")
+def templates_add(template_id: str, account: str) -> None:
+    """Record a template's account, so its jobs run there."""
+    _queue().register_template(template_id, account)
+    click.echo(f"{template_id} -> {account}")
 
 
 def _wait(queue: AnimateQueue, job_id: str, timeout: float | None) -> dict[str, Any]:

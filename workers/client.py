@@ -19,6 +19,7 @@ from typing import Any
 import redis
 from celery import Celery
 
+from workers.governor import RedisGovernor
 from workers.jobs import FINAL_STATES, Job
 from workers.store import RedisJobStore
 
@@ -95,9 +96,16 @@ class AnimateQueue:
         redis_url: str,
         *,
         broker_url: str | None = None,
+        result_backend: str | None = None,
         key_prefix: str = "animate-queue",
+        rates: dict[str, float] | None = None,
+        capacity: int = 2,
     ) -> None:
-        self.celery = Celery("animate_queue_producer", broker=broker_url or redis_url)
+        self.celery = Celery(
+            "animate_queue_producer",
+            broker=broker_url or redis_url,
+            backend=result_backend or redis_url,
+        )
         self.celery.conf.update(
             task_serializer="json",
             accept_content=["json"],
@@ -106,6 +114,13 @@ class AnimateQueue:
         )
         client = redis.Redis.from_url(redis_url, socket_timeout=10, socket_connect_timeout=5)
         self.store = RedisJobStore(client, prefix=key_prefix, final_ttl=0)
+        self.governor = RedisGovernor(
+            client,
+            prefix=key_prefix,
+            model="animate-anyone-gen2",
+            rates=rates or {"submit": 0.8, "query": 15.0, "detect": 4.0},
+            capacity=capacity,
+        )
 
     def submit(
         self,
@@ -116,6 +131,9 @@ class AnimateQueue:
         video_ratio: str | None = None,
         job_id: str | None = None,
         metadata: dict[str, Any] | None = None,
+        account: str | None = None,
+        priority: int | None = None,
+        producer: str | None = None,
     ) -> str:
         """Enqueue a job; its id (``job_id`` if given, else the message id)."""
         kwargs: dict[str, Any] = {"image_url": image_url, "template_id": template_id}
@@ -124,11 +142,27 @@ class AnimateQueue:
             "video_ratio": video_ratio,
             "job_id": job_id,
             "metadata": metadata,
+            "account": account,
+            "priority": priority,
+            "producer": producer,
         }
         kwargs.update({k: v for k, v in optional.items() if v is not None})
         message_id = str(uuid.uuid4())
         self.celery.send_task(INTAKE_TASK, kwargs=kwargs, queue=INTAKE_QUEUE, task_id=message_id)
         return job_id or message_id
+
+    def cancel(self, job_id: str, timeout: float = 30) -> dict[str, Any]:
+        """Cancel a job through a worker (``animate.cancel``); what happened."""
+        result = self.celery.send_task("animate.cancel", args=(job_id,), queue=INTAKE_QUEUE)
+        return dict(result.get(timeout=timeout))
+
+    def register_template(self, template_id: str, account: str) -> None:
+        """Record which account owns a template: jobs using it then run under that account."""
+        self.store.register_template(template_id, account)
+
+    def accounts(self) -> list[dict[str, Any]]:
+        """Per account: queue depth, remote running/pending, tokens, 429s received."""
+        return [self.governor.account_view(a) for a in self.governor.accounts()]
 
     def get(self, job_id: str) -> dict[str, Any] | None:
         """The job's record as a dict, or None if there is none (yet)."""
