@@ -207,6 +207,13 @@ class RedisGovernor:
         except redis.RedisError as exc:
             raise StoreUnavailable(f"admission: {exc}") from exc
 
+    def inflight(self, account: str) -> list[str]:
+        try:
+            members = self.redis.smembers(f"{self.prefix}:acct:{account}:inflight")
+        except redis.RedisError as exc:
+            raise StoreUnavailable(f"admission: {exc}") from exc
+        return sorted(_text(m) for m in members)
+
     def _call(self, script: Any, *args: str) -> Any:
         try:
             return script(args=[self.prefix, *args])

@@ -93,6 +93,9 @@ class Governor(Protocol):
     def release(self, account: str, job_id: str) -> None:
         """The job no longer holds or waits for the remote slot."""
 
+    def inflight(self, account: str) -> list[str]:
+        """Admitted jobs that hold or wait for the remote slot."""
+
 
 @dataclass(frozen=True)
 class StoredCopy:
@@ -265,8 +268,21 @@ def admit(svc: Services, account: str) -> None:
 
 
 def _free_slot(svc: Services, job: Job) -> None:
-    """The job has left DashScope's slot (or never reached it): let the next one in."""
+    """The job has left DashScope's slot (or never reached it): let the next one in.
+
+    The task queued behind it at DashScope has most likely just started, and its poll chain is
+    on the slow remote-PENDING schedule: ask about it now, so its end is noticed promptly. (The
+    slow message it already has becomes stale and does nothing.)
+    """
     svc.governor.release(job.account, job.job_id)
+    for other_id in svc.governor.inflight(job.account):
+        other = svc.store.get(other_id)
+        if (
+            other is not None
+            and other.state == JobState.SUBMITTED
+            and other.remote_status in (None, "PENDING")
+        ):
+            svc.wake(Next("poll", other_id, other.version, 0))
     admit(svc, job.account)
 
 

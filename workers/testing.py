@@ -208,7 +208,7 @@ class InMemoryGovernor:
         # account -> priority -> producer -> job ids; and each priority's producer turn order
         self.queues: dict[str, dict[int, dict[str, deque[str]]]] = {}
         self.turns: dict[str, dict[int, deque[str]]] = {}
-        self.inflight: dict[str, set[str]] = {}
+        self.inflight_sets: dict[str, set[str]] = {}
         self.lock = threading.Lock()
 
     def take(self, account: str, kind: str) -> float:
@@ -243,7 +243,7 @@ class InMemoryGovernor:
 
     def admit(self, account: str) -> list[str]:
         with self.lock:
-            inflight = self.inflight.setdefault(account, set())
+            inflight = self.inflight_sets.setdefault(account, set())
             turns = self.turns.get(account, {})
             admitted: list[str] = []
             while len(inflight) < self.capacity:
@@ -262,7 +262,11 @@ class InMemoryGovernor:
 
     def release(self, account: str, job_id: str) -> None:
         with self.lock:
-            self.inflight.setdefault(account, set()).discard(job_id)
+            self.inflight_sets.setdefault(account, set()).discard(job_id)
+
+    def inflight(self, account: str) -> list[str]:
+        with self.lock:
+            return sorted(self.inflight_sets.get(account, set()))
 
     def queued(self, account: str = "default") -> int:
         return sum(len(line) for lines in self.queues.get(account, {}).values()
