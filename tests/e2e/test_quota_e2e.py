@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -212,6 +215,31 @@ def test_two_accounts_in_parallel(fq: AnimateQueue, emu: Emu) -> None:
     assert first_a["scheduled_time"] < first_b["end_time"]
     assert first_b["scheduled_time"] < first_a["end_time"]
     assert emu.totals().get("throttled", 0) == 0
+
+
+def test_accounts_cli(fq: AnimateQueue, fleet_redis: RedisServer) -> None:
+    """``animate-queue accounts --json`` shows each account's queue, slot, tokens and 429s."""
+    done = subprocess.run(
+        [sys.executable, "-m", "workers.cli", "accounts", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={"REDIS_URL": fleet_redis.url, "PATH": os.environ["PATH"]},
+        check=True,
+    )
+    views = {v["account"]: v for v in json.loads(done.stdout)}
+    assert {"a", "b"} <= set(views)
+    for view in views.values():
+        assert {"queued", "remote_running", "remote_pending", "buckets", "throttled_429"} <= set(
+            view
+        )
+        assert view["buckets"]["submit"]["rate_configured"] == 0.8
+    table = subprocess.run(
+        [sys.executable, "-m", "workers.cli", "accounts"],
+        capture_output=True, text=True, timeout=30,
+        env={"REDIS_URL": fleet_redis.url, "PATH": os.environ["PATH"]}, check=True,
+    )  # fmt: skip
+    assert "submit tokens" in table.stdout
 
 
 def test_template_of_another_account_is_refused(fq: AnimateQueue, emu: Emu) -> None:
