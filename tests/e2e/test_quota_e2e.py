@@ -217,8 +217,15 @@ def test_two_accounts_in_parallel(fq: AnimateQueue, emu: Emu) -> None:
     assert emu.totals().get("throttled", 0) == 0
 
 
-def test_accounts_cli(fq: AnimateQueue, fleet_redis: RedisServer) -> None:
+def test_accounts_cli(fq: AnimateQueue, emu: Emu, fleet_redis: RedisServer) -> None:
     """``animate-queue accounts --json`` shows each account's queue, slot, tokens and 429s."""
+    emu.config(generation_seconds=0.2)
+    stamp = time.time_ns()
+    ids = [
+        fq.submit(emu.image(), emu.template(a), job_id=f"cli-{a}-{stamp}", account=a)
+        for a in ("a", "b")
+    ]
+    wait_all(fq, ids)
     done = subprocess.run(
         [sys.executable, "-m", "workers.cli", "accounts", "--json"],
         capture_output=True,
@@ -236,10 +243,10 @@ def test_accounts_cli(fq: AnimateQueue, fleet_redis: RedisServer) -> None:
         assert view["buckets"]["submit"]["rate_configured"] == 0.8
     table = subprocess.run(
         [sys.executable, "-m", "workers.cli", "accounts"],
-        capture_output=True, text=True, timeout=30,
-        env={"REDIS_URL": fleet_redis.url, "PATH": os.environ["PATH"]}, check=True,
+        capture_output=True, text=True, timeout=30, check=True,
+        env={"REDIS_URL": fleet_redis.url, "PATH": os.environ["PATH"], "COLUMNS": "200"},
     )  # fmt: skip
-    assert "submit tokens" in table.stdout
+    assert "submit tokens" in table.stdout and "0.8/s" in table.stdout
 
 
 def test_template_of_another_account_is_refused(fq: AnimateQueue, emu: Emu) -> None:
