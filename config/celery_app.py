@@ -53,6 +53,10 @@ app.conf.update(
     # prefetch, so cap them too.
     worker_prefetch_multiplier=1,
     worker_eta_task_limit=1000,
+    # Fetch a message only when a process is free: a SIGKILLed worker then strands no more than
+    # what it was running (back after the visibility timeout); its countdown messages belong to
+    # jobs the watchdog resumes.
+    worker_disable_prefetch=True,
     # Acknowledge after the work: a worker that dies mid-task leaves the message for another.
     # Every task is idempotent (compare-and-set with a fencing version). A child killed by the
     # OS is acknowledged (no redelivery loop); the job record stays for the watchdog.
@@ -69,6 +73,16 @@ app.conf.update(
         "animate.poll": {"queue": QUEUE_DASHSCOPE},
         "animate.copy": {"queue": QUEUE_TRANSFER},
         "animate.cancel": {"queue": QUEUE_DASHSCOPE},
+        "animate.watchdog": {"queue": QUEUE_DASHSCOPE},
+    },
+    # `celery -A config.celery_app beat` sends the watchdog; the task itself takes a Redis lock,
+    # so a second beat started by mistake changes nothing.
+    beat_schedule={
+        "animate-watchdog": {
+            "task": "animate.watchdog",
+            "schedule": settings.watchdog_interval_seconds,
+            "options": {"expires": settings.watchdog_interval_seconds},
+        }
     },
     worker_hijack_root_logger=False,
 )

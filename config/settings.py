@@ -30,7 +30,7 @@ class Settings(BaseSettings):
     celery_result_backend: str | None = None  # default: REDIS_URL
     # Redis re-delivers an unacknowledged message after this long. It must sit far above the
     # longest countdown and the copy's hard time limit, or polls and copies run twice.
-    visibility_timeout: int = Field(default=1800, ge=60)
+    visibility_timeout: int = Field(default=300, ge=60)
     result_expires_seconds: int = Field(default=7 * 24 * 3600, ge=60)
     job_retention_seconds: int = Field(default=30 * 24 * 3600, ge=3600)  # final job records
     key_prefix: str = "animate-queue"
@@ -66,10 +66,11 @@ class Settings(BaseSettings):
     copy_part_size_mb: int = Field(default=8, ge=5, le=5120)
     copy_concurrency: int = Field(default=4, ge=1, le=32)
     copy_read_timeout: float = Field(default=60.0, gt=0)
-    copy_time_limit: int = Field(default=1500, ge=60)  # hard limit of one copy attempt (seconds)
+    copy_time_limit: int = Field(default=240, ge=30)  # hard limit of one copy attempt (seconds)
+    copy_lease_seconds: float = Field(default=60.0, gt=0)  # a silent copy is resumed after this
     copy_max_attempts: int = Field(default=20, ge=1)
     copy_backoff_base: float = Field(default=5.0, gt=0)
-    copy_backoff_max: float = Field(default=300.0, gt=0)
+    copy_backoff_max: float = Field(default=60.0, gt=0)
 
     # --- Intake
     image_check_timeout: float = Field(default=10.0, gt=0)
@@ -77,13 +78,18 @@ class Settings(BaseSettings):
     # --- Submitting and polling
     submit_max_attempts: int = Field(default=8, ge=1)
     submit_backoff_base: float = Field(default=2.0, gt=0)
-    submit_backoff_max: float = Field(default=120.0, gt=0)
+    submit_backoff_max: float = Field(default=60.0, gt=0)
     poll_first_seconds: float = Field(default=2.0, gt=0)
     poll_running_seconds: float = Field(default=1.0, gt=0)
     poll_pending_seconds: float = Field(default=5.0, gt=0)
     poll_pending_max_seconds: float = Field(default=30.0, gt=0)
     poll_error_backoff_max: float = Field(default=60.0, gt=0)
     job_remote_deadline_seconds: float = Field(default=6 * 3600.0, gt=0)
+
+    # --- Watchdog (run by celery beat; only one acts at a time, under a Redis lock)
+    watchdog_interval_seconds: float = Field(default=15.0, gt=0)
+    watchdog_grace_seconds: float = Field(default=30.0, gt=0)  # overdue by this much: resume
+    watchdog_max_resumes: int = Field(default=5, ge=1)  # in one state: a poison job
 
     @model_validator(mode="after")
     def _coherent(self) -> Settings:

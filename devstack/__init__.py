@@ -238,3 +238,39 @@ class Worker(Service):
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(10)
         self.proc = None
+
+
+class Beat(Service):
+    """``celery -A config.celery_app beat`` as a real process (it sends the watchdog)."""
+
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self.env = {**os.environ, **env}
+        self.dir = Path(tempfile.mkdtemp(prefix="aq-beat-"))
+        self.log_path = self.dir / "beat.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+
+    def start(self) -> Self:
+        self._log = self.log_path.open("wb")
+        args = [sys.executable, "-m", "celery", "-A", "config.celery_app", "beat",
+                "-s", str(self.dir / "schedule"), "--loglevel", "INFO"]  # fmt: skip
+        self.proc = subprocess.Popen(
+            args, env=self.env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.proc = None
+        if self._log is not None:
+            self._log.close()
+            self._log = None

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 
 import httpx
@@ -81,8 +81,14 @@ class S3CopierPort:
     def __init__(self, copier: S3Copier) -> None:
         self.copier = copier
 
-    def copy(self, url: str, key: str, metadata: dict[str, str]) -> StoredCopy:
-        stored = self.copier.copy(url, key, metadata=metadata)
+    def copy(
+        self,
+        url: str,
+        key: str,
+        metadata: dict[str, str],
+        heartbeat: Callable[[], None] | None = None,
+    ) -> StoredCopy:
+        stored = self.copier.copy(url, key, metadata=metadata, heartbeat=heartbeat)
         return StoredCopy(stored.bucket, stored.key, stored.size, stored.sha256)
 
     def find(self, key: str) -> StoredCopy | None:

@@ -9,6 +9,7 @@
     │   ├── SourceUnavailable       the video download failed or ended short (network, 5xx)
     │   ├── StorageUnavailable      S3 failed (network, 5xx, or a refusal an operator can fix)
     │   └── StoreUnavailable        Redis failed
+    ├── StaleStep                   the job moved on (another worker took over): stop quietly
     └── PermanentError              never retried; ends the job
         ├── InvalidJobRequest       bad producer input (the job is REJECTED; nothing was sent)
         ├── DashScopeRejected       4xx from DashScope, with its code and message
@@ -38,6 +39,12 @@ class WorkerError(Exception):
 
     def __str__(self) -> str:
         return f"{self.code}: {self.message}"
+
+
+class StaleStep(WorkerError):
+    """This step's fencing token is stale: a newer step owns the job. Nothing to record."""
+
+    code = "StaleStep"
 
 
 class TransientError(WorkerError):

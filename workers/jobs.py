@@ -305,6 +305,8 @@ class Job:
     token_waits: int = 0  # times a step waited for the account's quota
     throttled: int = 0  # 429s DashScope answered this job with
     cancel_requested: bool = False
+    resumes: int = 0  # times the watchdog woke the job in resume_state
+    resume_state: str | None = None
     remote_task_id: str | None = None
     remote_status: str | None = None
     remote_request_id: str | None = None
@@ -487,6 +489,7 @@ def decide_poll_error(
 @dataclass(frozen=True)
 class CopyPolicy:
     max_attempts: int = 20
+    lease_seconds: float = 60.0  # a copy that stops renewing this long is resumed elsewhere
     backoff: Backoff = Backoff(base=5.0, cap=300.0)
 
 
@@ -537,6 +540,7 @@ def copy_expired(job: Job, now: float) -> bool:
 @dataclass(frozen=True)
 class SubmitPolicy:
     max_attempts: int = 8
+    attempt_seconds: float = 45.0  # the longest a POST may take (its timeouts) plus a margin
     backoff: Backoff = Backoff(base=2.0, cap=120.0)
 
 

@@ -21,6 +21,7 @@ from workers.errors import (
     DashScopeThrottled,
     InvalidJobRequest,
     PermanentError,
+    StaleStep,
     TransientError,
     WorkerError,
 )
@@ -59,6 +60,8 @@ class JobStore(Protocol):
     def claim_remote_task(self, task_id: str) -> bool: ...
     def note_duplicate(self, job_id: str) -> None: ...
     def template_owner(self, template_id: str) -> str | None: ...
+    def due(self, now: float, limit: int = 100) -> list[str]:
+        """Ids of jobs whose next wake-up was due by ``now``."""
 
 
 class VideoApi(Protocol):
@@ -106,7 +109,16 @@ class StoredCopy:
 
 
 class Copier(Protocol):
-    def copy(self, url: str, key: str, metadata: dict[str, str]) -> StoredCopy: ...
+    def copy(
+        self,
+        url: str,
+        key: str,
+        metadata: dict[str, str],
+        heartbeat: Callable[[], None] | None = None,
+    ) -> StoredCopy:
+        """Stream ``url`` into ``key``; ``heartbeat`` is called now and then while bytes flow
+        (whatever it raises aborts the copy)."""
+
     def find(self, key: str) -> StoredCopy | None: ...
 
 
@@ -259,7 +271,7 @@ def admit(svc: Services, account: str) -> None:
             continue
         now = svc.clock()
         moved = svc.store.transition(
-            job, JobState.QUEUED, admitted_at=now, updated_at=now, next_action_at=now + 60
+            job, JobState.QUEUED, admitted_at=now, updated_at=now, next_action_at=now
         )
         if moved is None:
             svc.governor.release(account, job_id)
@@ -324,7 +336,10 @@ def submit(svc: Services, job_id: str, version: int) -> Next | None:
     now = svc.clock()
     if job.state == JobState.QUEUED:
         claimed = svc.store.transition(
-            job, JobState.SUBMITTING, updated_at=now, next_action_at=now + 60
+            job,
+            JobState.SUBMITTING,
+            updated_at=now,
+            next_action_at=now + svc.submit.attempt_seconds,
         )
         if claimed is None:
             return None
@@ -352,7 +367,7 @@ def submit(svc: Services, job_id: str, version: int) -> Next | None:
         # between leaves the job marked, so whoever resumes it reconciles instead of resubmitting.
         submit_ambiguous=True,
         updated_at=started,
-        next_action_at=started + 120,
+        next_action_at=started + svc.submit.attempt_seconds,
     )
     if attempting is None:
         return None
@@ -574,7 +589,7 @@ def copy(svc: Services, job_id: str, version: int) -> Next | None:
         copy_attempts=job.copy_attempts + 1,
         copy_started_at=job.copy_started_at or now,
         updated_at=now,
-        next_action_at=now + 1800,
+        next_action_at=now + svc.copy.lease_seconds,
     )
     if attempt is None:
         return None
@@ -583,14 +598,21 @@ def copy(svc: Services, job_id: str, version: int) -> Next | None:
     metadata = {"job-id": job.job_id}
     if job.remote_task_id:
         metadata["dashscope-task-id"] = job.remote_task_id
+    lease = _Lease(svc, job)
     try:
         # An earlier attempt may have stored and verified the object, then lost its worker
         # before recording it: the verified object (it carries its SHA-256) is taken as is.
-        stored = svc.copier.find(key) or svc.copier.copy(job.video_url or "", key, metadata)
+        stored = svc.copier.find(key) or svc.copier.copy(
+            job.video_url or "", key, metadata, heartbeat=lease.renew
+        )
+    except StaleStep:
+        log.warning("job %s: copy abandoned, another worker took the job over", job_id)
+        return None
     except (TransientError, CopyMismatch) as exc:
-        return _copy_failed(svc, job, exc, transient=True)
+        return _copy_failed(svc, lease.job, exc, transient=True)
     except PermanentError as exc:
-        return _copy_failed(svc, job, exc, transient=False)
+        return _copy_failed(svc, lease.job, exc, transient=False)
+    job = lease.job
     done = svc.clock()
     final = svc.store.transition(
         job,
@@ -612,6 +634,29 @@ def copy(svc: Services, job_id: str, version: int) -> Next | None:
     return None
 
 
+class _Lease:
+    """A copy's hold on its job: renewed while bytes flow, so the watchdog leaves a live copy
+    alone and resumes a dead one within ``lease_seconds``. Each renewal is a compare-and-set;
+    once another worker has taken the job over, renewing raises :class:`StaleStep` and the
+    stale copy stops (its upload is aborted; it could only have written the same bytes)."""
+
+    def __init__(self, svc: Services, job: Job) -> None:
+        self.svc = svc
+        self.job = job
+
+    def renew(self) -> None:
+        now = self.svc.clock()
+        renewed = self.svc.store.transition(
+            self.job,
+            JobState.COPYING,
+            updated_at=now,
+            next_action_at=now + self.svc.copy.lease_seconds,
+        )
+        if renewed is None:
+            raise StaleStep(f"job {self.job.job_id} was taken over during its copy")
+        self.job = renewed
+
+
 def _copy_failed(svc: Services, job: Job, exc: WorkerError, *, transient: bool) -> Next | None:
     now = svc.clock()
     decision = decide_copy_error(job, exc.code, exc.message, transient, now, svc.copy, svc.rand)
@@ -629,6 +674,76 @@ def _copy_failed(svc: Services, job: Job, exc: WorkerError, *, transient: bool) 
     )
     log.warning("job %s: copy failed (%s); again in %.1fs", job.job_id, exc, decision.seconds)
     return Next("copy", job.job_id, moved.version, decision.seconds) if moved else None
+
+
+# ----------------------------------------------------------------------------- watchdog
+
+
+@dataclass(frozen=True)
+class WatchdogReport:
+    resumed: list[str]
+    poisoned: list[str]
+    admitted_accounts: int
+
+
+RESUMABLE: Mapping[JobState, Step] = {
+    JobState.QUEUED: "submit",  # admitted, but its submit message never ran
+    JobState.SUBMITTING: "submit",  # reconciles first: the job is marked ambiguous
+    JobState.SUBMITTED: "poll",
+    JobState.COPYING: "copy",
+}
+
+
+def watchdog(
+    svc: Services, *, grace: float, max_resumes: int, accounts: list[str], limit: int = 500
+) -> WatchdogReport:
+    """Resume every job whose next wake-up is overdue by more than ``grace``.
+
+    Messages get lost: a SIGKILLed worker takes its countdown messages with it (Redis would only
+    give them back after the visibility timeout), a copy's worker dies mid-stream, a restart
+    drops a timer. Each resume bumps the version, so a late original message is stale and does
+    nothing. A job resumed ``max_resumes`` times in the same state is killing its workers: it is
+    failed with the reason instead of looping. Then every account gets an admission pass.
+    """
+    now = svc.clock()
+    resumed: list[str] = []
+    poisoned: list[str] = []
+    for job_id in svc.store.due(now - grace, limit):
+        job = svc.store.get(job_id)
+        if job is None or job.final or job.state not in RESUMABLE:
+            continue
+        if job.state == JobState.QUEUED and job.admitted_at is None:
+            continue
+        count = job.resumes + 1 if job.resume_state == job.state.value else 1
+        if count > max_resumes:
+            finish(
+                svc,
+                job,
+                Finish(
+                    JobState.FAILED,
+                    "PoisonJob",
+                    f"resumed {job.resumes} times in {job.state} and its worker died each time; "
+                    "stopped so it cannot take more workers down",
+                ),
+            )
+            poisoned.append(job_id)
+            continue
+        moved = svc.store.transition(
+            job,
+            job.state,
+            resumes=count,
+            resume_state=job.state.value,
+            updated_at=now,
+            next_action_at=now + grace,
+        )
+        if moved is None:
+            continue  # it moved on by itself in the meantime
+        log.warning("job %s: overdue in %s, resumed (%d)", job_id, job.state, count)
+        svc.wake(Next(RESUMABLE[job.state], job_id, moved.version, 0))
+        resumed.append(job_id)
+    for account in accounts:
+        admit(svc, account)
+    return WatchdogReport(resumed, poisoned, len(accounts))
 
 
 # ----------------------------------------------------------------------------- cancel

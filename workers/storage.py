@@ -36,7 +36,8 @@ import hashlib
 import io
 import logging
 import re
-from collections.abc import Iterator, Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final, Literal
 
@@ -207,9 +208,22 @@ class SourceReader(io.RawIOBase):
     read), so the caller can recognise it whatever the consumer did with it.
     """
 
-    def __init__(self, chunks: Iterator[bytes], *, expected_size: int | None, source: str) -> None:
+    def __init__(
+        self,
+        chunks: Iterator[bytes],
+        *,
+        expected_size: int | None,
+        source: str,
+        heartbeat: Callable[[], None] | None = None,
+        heartbeat_every: float = 5.0,
+    ) -> None:
         super().__init__()
         self._chunks = chunks
+        # Called every ``heartbeat_every`` seconds while bytes flow (a copy renews its lease);
+        # whatever it raises aborts the upload.
+        self._heartbeat = heartbeat
+        self._heartbeat_every = heartbeat_every
+        self._last_beat = time.monotonic()
         self._expected = expected_size
         self._source = source  # already redacted: it goes into messages
         self._pending = memoryview(b"")
@@ -257,6 +271,11 @@ class SourceReader(io.RawIOBase):
                 ) from exc
             if not chunk:
                 continue
+            if self._heartbeat is not None and (
+                time.monotonic() - self._last_beat >= self._heartbeat_every
+            ):
+                self._last_beat = time.monotonic()
+                self._heartbeat()
             self._sha.update(chunk)
             self._count += len(chunk)
             if self._expected is not None and self._count > self._expected:
@@ -353,7 +372,14 @@ class S3Copier:
 
     # ------------------------------------------------------------------------------ public
 
-    def copy(self, source_url: str, key: str, *, metadata: dict[str, str]) -> StoredObject:
+    def copy(
+        self,
+        source_url: str,
+        key: str,
+        *,
+        metadata: dict[str, str],
+        heartbeat: Callable[[], None] | None = None,
+    ) -> StoredObject:
         """Stream ``source_url`` into ``s3://bucket/key``, verify it, and stamp its SHA-256.
 
         Metadata keys and values must be printable ASCII (S3 sends them as headers); "sha256" is
@@ -371,7 +397,7 @@ class S3Copier:
                 follow_redirects=True,
             ) as response:
                 self._check_status(response, source_url, source)
-                return self._store(response, key, metadata, source)
+                return self._store(response, key, metadata, source, heartbeat)
         except (httpx.UnsupportedProtocol, httpx.InvalidURL) as exc:
             raise SourceRejected(f"cannot download {source}: {exc}") from exc
         except httpx.HTTPError as exc:
@@ -430,7 +456,12 @@ class S3Copier:
         raise SourceRejected(message)
 
     def _store(
-        self, response: httpx.Response, key: str, metadata: Mapping[str, str], source: str
+        self,
+        response: httpx.Response,
+        key: str,
+        metadata: Mapping[str, str],
+        source: str,
+        heartbeat: Callable[[], None] | None = None,
     ) -> StoredObject:
         length = _content_length(response)
         encoding = response.headers.get("content-encoding", "identity").strip().lower()
@@ -440,7 +471,7 @@ class S3Copier:
         else:  # refused our Accept-Encoding: identity; Content-Length counts the encoded bytes
             chunks = response.iter_bytes()
             expected = None
-        reader = SourceReader(chunks, expected_size=expected, source=source)
+        reader = SourceReader(chunks, expected_size=expected, source=source, heartbeat=heartbeat)
         part_size = _part_size_for(length, self._part_size)
         config = TransferConfig(
             multipart_threshold=self._part_size,

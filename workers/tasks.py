@@ -8,6 +8,7 @@ messages wait in Redis across deploys. Arguments are always ``(job_id, version)`
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from celery import Task
@@ -15,7 +16,16 @@ from celery import Task
 from config.celery_app import app, settings
 from workers import pipeline
 from workers.errors import StoreUnavailable
+from workers.wiring import redis_client
 from workers.wiring import services as _services
+
+log = logging.getLogger(__name__)
+LOCK_KEY = f"{settings.key_prefix}:watchdog-lock"
+
+
+def svc_lock() -> Any:
+    return redis_client(settings)
+
 
 RETRY: dict[str, Any] = {
     # Only the job store can fail outside the pipeline's own handling; DashScope and S3 errors
@@ -79,3 +89,27 @@ def cancel_job(self: Task[Any, Any], job_id: str) -> dict[str, Any]:
         "outcome": result.outcome,
         "message": result.message,
     }
+
+
+@app.task(name="animate.watchdog", bind=True, **RETRY)
+def watchdog(self: Task[Any, Any]) -> None:
+    """Resume overdue jobs and run an admission pass per account (sent by celery beat)."""
+    svc = services()
+    # One watchdog per interval, whatever number of beats send it: the lock is never released,
+    # it expires.
+    ttl = max(1, int(settings.watchdog_interval_seconds * 0.8))
+    if not svc_lock().set(LOCK_KEY, str(self.request.id), nx=True, ex=ttl):
+        return
+    report = pipeline.watchdog(
+        svc,
+        grace=settings.watchdog_grace_seconds,
+        max_resumes=settings.watchdog_max_resumes,
+        accounts=sorted(svc.accounts),
+    )
+    log.info("watchdog pass: %d resumed, %d poisoned", len(report.resumed), len(report.poisoned))
+    if report.resumed or report.poisoned:
+        log.warning(
+            "watchdog resumed %d job(s), failed %d poison job(s)",
+            len(report.resumed),
+            len(report.poisoned),
+        )

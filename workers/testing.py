@@ -286,12 +286,20 @@ class FakeCopier:
     """
 
     def __init__(self, results: Iterable[StoredCopy | BaseException] = ()) -> None:
+        self.heartbeats: list[Callable[[], None] | None] = []
         self.script: deque[StoredCopy | BaseException] = deque(results)
         self.calls: list[tuple[str, str, dict[str, str]]] = []
         self.objects: dict[str, StoredCopy] = {}
         self.on_copy: Callable[[], None] | None = None
 
-    def copy(self, url: str, key: str, metadata: dict[str, str]) -> StoredCopy:
+    def copy(
+        self,
+        url: str,
+        key: str,
+        metadata: dict[str, str],
+        heartbeat: Callable[[], None] | None = None,
+    ) -> StoredCopy:
+        self.heartbeats.append(heartbeat)
         self.calls.append((url, key, dict(metadata)))
         if self.on_copy is not None:
             self.on_copy()

@@ -108,11 +108,15 @@ def build_services(settings: Settings) -> Services:
         ),
         submit=SubmitPolicy(
             max_attempts=settings.submit_max_attempts,
+            attempt_seconds=settings.dashscope_connect_timeout
+            + settings.dashscope_read_timeout
+            + 10,
             backoff=Backoff(base=settings.submit_backoff_base, cap=settings.submit_backoff_max),
         ),
         copy=CopyPolicy(
             max_attempts=settings.copy_max_attempts,
             backoff=Backoff(base=settings.copy_backoff_base, cap=settings.copy_backoff_max),
+            lease_seconds=settings.copy_lease_seconds,
         ),
     )
 
