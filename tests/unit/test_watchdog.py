@@ -1,0 +1,152 @@
+"""The watchdog use case and the copy lease, over the fakes: who is resumed, who is poison."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from workers import pipeline
+from workers.errors import StaleStep
+from workers.jobs import JobState, RemoteSnapshot, RemoteStatus
+from workers.pipeline import Next, Services
+from workers.testing import FakeClock, make_services, stored_copy
+
+IMAGE = "https://img.test/person.png"
+TEMPLATE = "AACT.acct.1234-5678"
+VIDEO = "https://bucket.oss.test/out/t.mp4?Expires=9999999999&Signature=s"
+
+
+def woken(svc: Services) -> list[Next]:
+    return list(svc.woken)  # type: ignore[attr-defined]
+
+
+def run(svc: Services, **kw: Any) -> pipeline.WatchdogReport:
+    return pipeline.watchdog(
+        svc, grace=30, max_resumes=kw.get("max_resumes", 3), accounts=["default"]
+    )
+
+
+def submitted(svc: Services, job_id: str = "j1") -> Next:
+    pipeline.intake(svc, {"image_url": IMAGE, "template_id": TEMPLATE, "job_id": job_id}, (), "m")
+    (submit,) = [n for n in woken(svc) if n.job_id == job_id and n.step == "submit"]
+    svc.api.submit_script.append(f"task-{job_id}")  # type: ignore[attr-defined]
+    step = pipeline.submit(svc, job_id, submit.version)
+    assert step is not None and step.step == "poll"
+    return step
+
+
+@pytest.fixture
+def svc() -> Services:
+    return make_services()
+
+
+def clock(svc: Services) -> FakeClock:
+    assert isinstance(svc.clock, FakeClock)
+    return svc.clock
+
+
+class TestWatchdog:
+    def test_on_time_jobs_are_left_alone(self, svc: Services) -> None:
+        """A job whose poll is due but not overdue by the grace is not touched."""
+        step = submitted(svc)
+        clock(svc).advance(step.countdown + 29)
+        assert run(svc).resumed == []
+
+    def test_lost_poll_is_resumed_with_a_new_version(self, svc: Services) -> None:
+        """Overdue past the grace: a fresh poll at a new version; the lost one would be stale."""
+        step = submitted(svc)
+        clock(svc).advance(step.countdown + 31)
+        assert run(svc).resumed == ["j1"]
+        resume = woken(svc)[-1]
+        assert (resume.step, resume.job_id, resume.countdown) == ("poll", "j1", 0)
+        assert resume.version > step.version
+        svc.api.poll_script.append(RemoteSnapshot(RemoteStatus.RUNNING, "RUNNING"))  # type: ignore[attr-defined]
+        assert pipeline.poll(svc, "j1", step.version) is None  # the original: stale
+        assert pipeline.poll(svc, "j1", resume.version) is not None
+
+    def test_submitting_resumes_submit(self, svc: Services) -> None:
+        """A job stuck in SUBMITTING gets its submit step back (which reconciles first)."""
+        pipeline.intake(svc, {"image_url": IMAGE, "template_id": TEMPLATE, "job_id": "j1"}, (), "m")
+        assert len(woken(svc)) == 1
+        job = svc.store.get("j1")
+        assert job is not None
+        svc.store.transition(job, JobState.SUBMITTING, submit_ambiguous=True,
+                             next_action_at=clock(svc)() + 45)  # fmt: skip
+        clock(svc).advance(80)
+        assert run(svc).resumed == ["j1"]
+        assert woken(svc)[-1].step == "submit"
+
+    def test_poison_job_fails_after_max_resumes(self, svc: Services) -> None:
+        """Resumed max_resumes times in one state without progress: FAILED PoisonJob."""
+        submitted(svc)
+        for _ in range(3):
+            clock(svc).advance(100)
+            assert run(svc).resumed == ["j1"]
+        clock(svc).advance(100)
+        report = run(svc)
+        assert report.poisoned == ["j1"]
+        job = svc.store.get("j1")
+        assert job is not None
+        assert (job.state, job.error_code) == (JobState.FAILED, "PoisonJob")
+
+    def test_progress_resets_the_count(self, svc: Services) -> None:
+        """Resumes count per state: a job that moved on starts again from one."""
+        step = submitted(svc)
+        for _ in range(3):
+            clock(svc).advance(100)
+            run(svc)
+        job = svc.store.get("j1")
+        assert job is not None and job.resumes == 3
+        svc.api.poll_script.append(  # type: ignore[attr-defined]
+            RemoteSnapshot(
+                RemoteStatus.SUCCEEDED, "SUCCEEDED", video_url=VIDEO, end_time=clock(svc)()
+            )
+        )
+        latest = woken(svc)[-1]
+        assert pipeline.poll(svc, "j1", latest.version) is not None  # now COPYING
+        clock(svc).advance(100)
+        assert run(svc).resumed == ["j1"]
+        job = svc.store.get("j1")
+        assert job is not None and (job.state, job.resumes) == (JobState.COPYING, 1)
+        del step
+
+    def test_unadmitted_queued_jobs_are_not_resumed(self, svc: Services) -> None:
+        """Jobs waiting in our queue have no deadline: 10,000 of them cost the watchdog nothing."""
+        svc.governor.capacity = 0  # type: ignore[attr-defined]
+        pipeline.intake(svc, {"image_url": IMAGE, "template_id": TEMPLATE, "job_id": "q"}, (), "m")
+        clock(svc).advance(1000)
+        assert run(svc).resumed == []
+        assert svc.store.due(clock(svc)()) == []
+
+
+class TestCopyLease:
+    def test_lease_renews_and_fences(self, svc: Services) -> None:
+        """While bytes flow the lease moves forward; once taken over, renewing raises StaleStep."""
+        step = submitted(svc)
+        svc.api.poll_script.append(  # type: ignore[attr-defined]
+            RemoteSnapshot(
+                RemoteStatus.SUCCEEDED, "SUCCEEDED", video_url=VIDEO, end_time=clock(svc)()
+            )
+        )
+        copy_step = pipeline.poll(svc, "j1", step.version)
+        assert copy_step is not None and copy_step.step == "copy"
+        outcome: list[str] = []
+
+        def copy_with_takeover(url: str, key: str, metadata: dict[str, str], heartbeat: Any) -> Any:
+            heartbeat()  # renews
+            job = svc.store.get("j1")
+            assert job is not None and job.next_action_at == clock(svc)() + svc.copy.lease_seconds
+            svc.store.transition(job, JobState.COPYING)  # another worker takes over
+            try:
+                heartbeat()
+            except StaleStep:
+                outcome.append("stale")
+                raise
+            return stored_copy(key)
+
+        svc.copier.copy = copy_with_takeover  # type: ignore[method-assign]
+        assert pipeline.copy(svc, "j1", copy_step.version) is None
+        assert outcome == ["stale"]
+        job = svc.store.get("j1")
+        assert job is not None and job.state == JobState.COPYING  # the stale copy recorded nothing
