@@ -96,6 +96,7 @@ def run_system(args: argparse.Namespace) -> dict[str, Any]:
             "DASHSCOPE_API_KEY": API_KEY,
             "DASHSCOPE_BASE_URL": emulator.base_url,
             "S3_BUCKET": BUCKET,
+            "URL_ALLOWLIST": "127.0.0.1",  # the emulator runs on loopback
             "AWS_ENDPOINT_URL": s3.endpoint,
             **S3Server.CREDENTIALS,
         }

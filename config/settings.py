@@ -72,8 +72,13 @@ class Settings(BaseSettings):
     copy_backoff_base: float = Field(default=5.0, gt=0)
     copy_backoff_max: float = Field(default=60.0, gt=0)
 
-    # --- Intake
+    # --- Intake and the address guard
     image_check_timeout: float = Field(default=10.0, gt=0)
+    # Hosts and networks our own requests may reach although they are internal (comma list:
+    # "127.0.0.1,10.1.0.0/16,minio.internal"). Everything private is refused otherwise (SSRF).
+    url_allowlist: str = ""
+    # Hosts a finished video may be downloaded from (comma list of patterns).
+    video_url_hosts: str = "*.aliyuncs.com"
 
     # --- Submitting and polling
     submit_max_attempts: int = Field(default=8, ge=1)

@@ -119,6 +119,7 @@ def main() -> int:
             "DASHSCOPE_BASE_URL": emulator.base_url,
             "S3_BUCKET": BUCKET,
             "S3_PREFIX": "videos",
+            "URL_ALLOWLIST": "127.0.0.1",  # the emulator runs on loopback
             "AWS_ENDPOINT_URL": s3.endpoint,
             **S3Server.CREDENTIALS,
             "POLL_FIRST_SECONDS": "0.5",

@@ -25,6 +25,7 @@ from workers.errors import (
     TransientError,
     WorkerError,
 )
+from workers.guard import host_allowed
 from workers.jobs import (
     CopyPolicy,
     Finish,
@@ -138,6 +139,7 @@ class Services:
     default_account: str = "default"
     wake: Callable[[Next], None] = field(default_factory=lambda: _unscheduled)
     max_throttled: int = 50  # 429s one job may collect before it fails
+    video_hosts: tuple[str, ...] = ("*",)  # hosts a result video may be downloaded from
     poll: PollPolicy = field(default_factory=PollPolicy)
     submit: SubmitPolicy = field(default_factory=SubmitPolicy)
     copy: CopyPolicy = field(default_factory=CopyPolicy)
@@ -576,6 +578,17 @@ def copy(svc: Services, job_id: str, version: int) -> Next | None:
     if job is None or job.state != JobState.COPYING or not job.video_url:
         return None
     now = svc.clock()
+    if not host_allowed(job.video_url, svc.video_hosts):
+        finish(
+            svc,
+            job,
+            Finish(
+                JobState.FAILED,
+                "UnexpectedVideoHost",
+                "DashScope returned a video_url on a host outside VIDEO_URL_HOSTS; not fetched",
+            ),
+        )
+        return None
     if copy_expired(job, now):
         finish(
             svc,

@@ -15,6 +15,7 @@ from config.settings import Settings, get_settings
 from workers.adapters import DashScopeVideoApi, S3CopierPort
 from workers.dashscope import DashScopeClient
 from workers.governor import RedisGovernor
+from workers.guard import AddressGuard
 from workers.images import HttpImageProbe
 from workers.jobs import Backoff, CopyPolicy, PollPolicy, SubmitPolicy
 from workers.pipeline import Services
@@ -86,9 +87,8 @@ def build_services(settings: Settings) -> Services:
         part_size=settings.copy_part_size_mb * 1024 * 1024,
         max_concurrency=settings.copy_concurrency,
     )
-    image_http = httpx.Client(
-        timeout=httpx.Timeout(settings.image_check_timeout), follow_redirects=True
-    )
+    image_http = httpx.Client(timeout=httpx.Timeout(settings.image_check_timeout))
+    guard = AddressGuard.from_setting(settings.url_allowlist)
     return Services(
         store=job_store(settings),
         api=DashScopeVideoApi(clients, settings.dashscope_model),
@@ -96,7 +96,12 @@ def build_services(settings: Settings) -> Services:
         accounts=frozenset(clients),
         default_account=settings.dashscope_default_account,
         copier=S3CopierPort(copier),
-        images=HttpImageProbe(image_http),
+        images=HttpImageProbe(image_http, guard),
+        video_hosts=tuple(
+            h.strip()
+            for h in f"{settings.video_url_hosts},{settings.url_allowlist}".split(",")
+            if h.strip() and "/" not in h
+        ),
         s3_prefix=settings.s3_prefix,
         poll=PollPolicy(
             first_delay=settings.poll_first_seconds,

@@ -14,6 +14,7 @@ from emulator.server import EmulatorServer
 from workers.client import AnimateQueue
 
 API_KEY = "sk-e2e-worker-key-0123456789"
+AWS_SECRET = "aws-secret-e2e-7f3a9c1d"
 BUCKET = "animate-e2e"
 
 # Short waits everywhere, so a whole job takes a second or two.
@@ -54,8 +55,11 @@ def worker_env(
         "DASHSCOPE_BASE_URL": emulator_server.base_url,
         "S3_BUCKET": BUCKET,
         "S3_PREFIX": "e2e/videos",
+        "URL_ALLOWLIST": "127.0.0.1",  # the emulator and S3 run on loopback
         "AWS_ENDPOINT_URL": s3_server.endpoint,
         **S3Server.CREDENTIALS,
+        # Recognisable, so tests can prove it never leaks (moto accepts any credentials).
+        "AWS_SECRET_ACCESS_KEY": AWS_SECRET,
         **FAST_ENV,
     }
 
@@ -79,6 +83,7 @@ class Remote:
     """The emulator as the tests see it: seeding, faults, stats for the worker's account."""
 
     api_key = API_KEY
+    aws_secret = AWS_SECRET
     bucket = BUCKET
 
     def __init__(self, server: EmulatorServer) -> None:

@@ -19,9 +19,27 @@ pytestmark = pytest.mark.timeout(120)
 
 
 def test_logs_keep_secrets(queue: AnimateQueue, remote: Any, worker: Worker, job_id: str) -> None:
-    """After a whole job the worker's log has neither the API key nor a URL signature."""
+    """After whole jobs (one failing), no log line, record or result holds a key or signature."""
     queue.submit(remote.image(), remote.template(), job_id=job_id)
     assert queue.wait(job_id, timeout=60)["state"] == "STORED"
+    failing = f"{job_id}-f"
+    queue.submit(
+        remote.image(emulator_fail="InternalError.Algo"), remote.template(), job_id=failing
+    )
+    assert queue.wait(failing, timeout=60)["state"] == "FAILED"
+    everything = []
+    for key in queue.store.redis.scan_iter("*"):
+        kind = queue.store.redis.type(key)
+        if kind == b"hash":
+            everything.append(str(queue.store.redis.hgetall(key)))
+        elif kind == b"string":
+            everything.append(str(queue.store.redis.get(key)))
+        elif kind == b"list":
+            everything.append(str(queue.store.redis.lrange(key, 0, -1)))
+    dump = "\n".join(everything)
+    for secret in (remote.api_key, remote.aws_secret):
+        assert secret not in dump  # job records, results, queues
+        assert secret not in worker.log()
     log = worker.log()
     assert job_id in log  # the log does talk about the job...
     assert remote.api_key not in log  # ...but never shows the key

@@ -55,6 +55,10 @@ def test_remote_failure(queue: AnimateQueue, remote: Any, job_id: str) -> None:
         ({"video_ratio": "3:4"}, "InvalidRequest.VideoRatioWithoutRefBg"),
         ({"image_url": "ftp://example.com/a.png"}, "InvalidRequest.BadUrl"),
         ({"image_url": "wide"}, "InvalidImage.AspectRatio"),
+        ({"image_url": "http://127.0.0.2:9/a.png"}, "InvalidRequest.PrivateAddress"),
+        ({"image_url": "http://169.254.169.254/latest/meta-data"}, "InvalidRequest.PrivateAddress"),
+        ({"image_url": "file:///etc/passwd"}, "InvalidRequest.BadUrl"),
+        ({"metadata": {"blob": "x" * 5000}}, "InvalidRequest.Metadata"),
     ],
 )
 def test_rejected_input_costs_nothing(
