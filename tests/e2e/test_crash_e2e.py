@@ -146,3 +146,38 @@ def test_two_beats_one_watchdog(
     acted = log.count("watchdog pass:")
     assert received >= 8  # both beats kept sending
     assert acted <= 7  # but about one pass a second acted
+
+
+def test_poison_job_stops(
+    crash_env: dict[str, str], beat: Beat, cq: AnimateQueue, remote: Any, job_id: str
+) -> None:
+    """A job whose copy kills its worker every time ends FAILED PoisonJob, not in a loop."""
+    env = {**crash_env, "WATCHDOG_MAX_RESUMES": "2"}
+    remote.http.post(
+        "/_emulator/faults/next",
+        json={"route": "video", "kind": "slow", "seconds": 60, "count": 10},
+    ).raise_for_status()
+    workers = [Worker(env, concurrency=1, name=f"poison-{time.time_ns()}@%h").start()]
+    try:
+        cq.submit(remote.image(), remote.template(), job_id=job_id)
+        deaths = 0
+        deadline = time.monotonic() + 120
+        while state(cq, job_id) not in ("FAILED", "STORED"):
+            assert time.monotonic() < deadline
+            view = cq.get(job_id) or {}
+            copying_now = view.get("state") == "COPYING" and view["attempts"]["copy"] > deaths
+            if copying_now:
+                time.sleep(0.3)
+                workers[-1].kill()  # the "poison": this copy takes its worker down
+                deaths += 1
+                workers.append(
+                    Worker(env, concurrency=1, name=f"poison-{time.time_ns()}@%h").start()
+                )
+            time.sleep(0.1)
+        view = cq.get(job_id)
+        assert view is not None
+        assert (view["state"], view["error_code"]) == ("FAILED", "PoisonJob"), view
+        assert deaths == 3  # the first copy, then two resumes
+    finally:
+        for w in workers:
+            w.kill()
