@@ -150,3 +150,26 @@ class TestCopyLease:
         assert outcome == ["stale"]
         job = svc.store.get("j1")
         assert job is not None and job.state == JobState.COPYING  # the stale copy recorded nothing
+
+
+def test_video_on_unexpected_host_is_not_fetched() -> None:
+    """A video_url outside the allowed hosts ends the job FAILED before any download."""
+    svc = make_services(video_hosts=("*.aliyuncs.com",))
+    step = submitted(svc)
+    svc.api.poll_script.append(  # type: ignore[attr-defined]
+        RemoteSnapshot(
+            RemoteStatus.SUCCEEDED,
+            "SUCCEEDED",
+            video_url="http://169.254.169.254/x.mp4",
+            end_time=clock(svc)(),
+        )
+    )
+    copy_step = pipeline.poll(svc, "j1", step.version)
+    assert copy_step is not None
+    assert pipeline.copy(svc, "j1", copy_step.version) is None
+    job = svc.store.get("j1")
+    assert job is not None and (job.state, job.error_code) == (
+        JobState.FAILED,
+        "UnexpectedVideoHost",
+    )
+    assert svc.copier.calls == []  # type: ignore[attr-defined]
