@@ -20,68 +20,11 @@ import redis
 from celery import Celery
 
 from workers.governor import RedisGovernor
-from workers.jobs import FINAL_STATES, Job
+from workers.jobs import FINAL_STATES, job_view
 from workers.store import RedisJobStore
 
 INTAKE_TASK = "animate.generate"
 INTAKE_QUEUE = "celery"
-
-
-def job_view(job: Job) -> dict[str, Any]:
-    """A job as producers see it: JSON-safe, no signed URL, with the time each step took."""
-
-    def span(start: float | None, end: float | None) -> float | None:
-        return round(end - start, 3) if start is not None and end is not None else None
-
-    return {
-        "job_id": job.job_id,
-        "state": job.state.value,
-        "final": job.final,
-        "account": job.account,
-        "priority": job.request.priority,
-        "producer": job.request.producer,
-        "token_waits": job.token_waits,
-        "throttled_429": job.throttled,
-        "cancel_requested": job.cancel_requested,
-        "remote_task_id": job.remote_task_id,
-        "remote_status": job.remote_status,
-        "error_code": job.error_code,
-        "error_message": job.error_message,
-        "s3_bucket": job.s3_bucket,
-        "s3_key": job.s3_key,
-        "s3_uri": job.s3_uri,
-        "bytes": job.bytes,
-        "sha256": job.sha256,
-        "video_duration": job.video_duration,
-        "video_url_expires_at": job.video_expires_at,
-        "request": {
-            "image_url": job.request.image_url,
-            "template_id": job.request.template_id,
-            "use_ref_img_bg": job.request.use_ref_img_bg,
-            "video_ratio": job.request.video_ratio,
-        },
-        "metadata": job.request.metadata,
-        "attempts": {
-            "submit": job.submit_attempts,
-            "polls": job.polls,
-            "copy": job.copy_attempts,
-        },
-        "duplicates": job.duplicates,
-        "created_at": job.created_at,
-        "admitted_at": job.admitted_at,
-        "submitted_at": job.submitted_at,
-        "remote_started_at": job.remote_started_at,
-        "remote_ended_at": job.remote_ended_at,
-        "copy_started_at": job.copy_started_at,
-        "finished_at": job.finished_at,
-        "updated_at": job.updated_at,
-        "seconds": {
-            "queued": span(job.created_at, job.submitted_at),
-            "remote": span(job.submitted_at, job.remote_ended_at),
-            "copy": span(job.remote_ended_at, job.finished_at if job.s3_key else None),
-            "total": span(job.created_at, job.finished_at),
-        },
-    }
 
 
 class JobTimeout(TimeoutError):

@@ -111,3 +111,11 @@ class CopyMismatch(PermanentError):
 
 class JobNotFound(PermanentError):
     code = "JobNotFound"
+
+
+class JobFailed(Exception):
+    """What ``AsyncResult(job_id).get()`` raises for a job that did not end ``STORED``.
+
+    ``args`` are ``(error_code, error_message, result_object)``. A producer with only ``celery``
+    installed gets an exception class of the same name (Celery makes one up), with the same args.
+    """

@@ -80,6 +80,16 @@ class VideoApi(Protocol):
         """Ids of the account's tasks for the model created in [since, until]."""
 
 
+class Results(Protocol):
+    def publish(self, job: Job) -> None:
+        """Announce a final job (the result backend, callbacks)."""
+
+
+class _NoResults:
+    def publish(self, job: Job) -> None:
+        pass
+
+
 class Governor(Protocol):
     """Fleet-wide quota buckets and the admission queue of each account."""
 
@@ -140,6 +150,7 @@ class Services:
     wake: Callable[[Next], None] = field(default_factory=lambda: _unscheduled)
     max_throttled: int = 50  # 429s one job may collect before it fails
     video_hosts: tuple[str, ...] = ("*",)  # hosts a result video may be downloaded from
+    results: Results = field(default_factory=_NoResults)
     poll: PollPolicy = field(default_factory=PollPolicy)
     submit: SubmitPolicy = field(default_factory=SubmitPolicy)
     copy: CopyPolicy = field(default_factory=CopyPolicy)
@@ -205,6 +216,8 @@ def intake(
         )
         stored, created = svc.store.create(job)
         log.info("job %s rejected at intake: %s", stored.job_id, exc)
+        if created:
+            _ended(svc, stored)
         return IntakeResult(stored.job_id, stored.state, created)
 
     job_id = request.job_id or message_id
@@ -644,6 +657,7 @@ def copy(svc: Services, job_id: str, version: int) -> Next | None:
         log.warning("job %s: copy finished but the job moved on (stale copy)", job_id)
     else:
         log.info("job %s stored at %s (%d bytes)", job_id, final.s3_uri, stored.size)
+        _ended(svc, final)
     return None
 
 
@@ -877,7 +891,16 @@ def finish(svc: Services, job: Job, decision: Finish) -> Job | None:
         log.info("job %s %s: %s %s", job.job_id, decision.state, decision.code, decision.message)
         if job.state in (JobState.QUEUED, JobState.SUBMITTING, JobState.SUBMITTED):
             _free_slot(svc, done)
+        _ended(svc, done)
     return done
+
+
+def _ended(svc: Services, job: Job) -> None:
+    """The job is final: announce it once (the final transition happens once)."""
+    try:
+        svc.results.publish(job)
+    except Exception:  # the job is final whatever happens here; say so loudly
+        log.exception("job %s: its final result could not be published", job.job_id)
 
 
 def _load(svc: Services, job_id: str, version: int) -> Job | None:

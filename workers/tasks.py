@@ -16,6 +16,7 @@ from celery import Task
 from config.celery_app import app, settings
 from workers import pipeline
 from workers.errors import StoreUnavailable
+from workers.results import CeleryResults
 from workers.wiring import redis_client
 from workers.wiring import services as _services
 
@@ -48,6 +49,7 @@ def schedule(step: pipeline.Next | None) -> None:
 def services() -> pipeline.Services:
     svc = _services()
     svc.wake = schedule  # wake-ups the use cases ask for on the side (admissions)
+    svc.results = CeleryResults(app.backend)  # final outcomes under the job id
     return svc
 
 
