@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from datetime import UTC, datetime
 from typing import Any
 
 import click
@@ -119,13 +120,26 @@ def submit(
 @click.option("--json", "as_json", is_flag=True, help="print the record as JSON")
 def status(job_id: str, as_json: bool) -> None:
     """Show a job's record."""
-    view = _queue().get(job_id)
+    queue = _queue()
+    view = queue.get(job_id)
     if view is None:
         raise click.ClickException(f"no job {job_id}")
+    events = queue.timeline(job_id)
     if as_json:
-        click.echo(json.dumps(view, indent=2, sort_keys=True))
-    else:
-        Console().print(render(view))
+        click.echo(json.dumps({**view, "timeline": events}, indent=2, sort_keys=True))
+        return
+    out = Console()
+    out.print(render(view))
+    table = Table("time (UTC)", "+s", "move", "details", title="timeline")
+    start = events[0]["at"] if events else 0.0
+    for event in events:
+        move = f"{event['from']} -> {event['to']}" if "from" in event else event["to"]
+        details = ", ".join(
+            f"{k}={v}" for k, v in event.items() if k not in ("at", "from", "to", "created")
+        )
+        when = datetime.fromtimestamp(event["at"], UTC).strftime("%H:%M:%S.%f")[:-3]
+        table.add_row(when, f"{event['at'] - start:.2f}", move, details)
+    out.print(table)
 
 
 @main.command()
@@ -173,6 +187,29 @@ def accounts(as_json: bool) -> None:
             f"{b['query']['tokens']:.1f} @ {b['query']['rate']}/s",
             str(v["throttled_429"]),
         )
+    Console().print(table)
+
+
+@main.command()
+@click.option("--state", default="QUEUED", show_default=True, help="job state to list")
+@click.option("--producer", help="only this producer's jobs")
+@click.option("--older-than", type=float, help="only jobs created at least this many s ago")
+@click.option("--limit", type=int, default=50, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+def jobs(
+    state: str, producer: str | None, older_than: float | None, limit: int, as_json: bool
+) -> None:
+    """List jobs by state, producer and age."""
+    views = _queue().jobs(state.upper(), producer=producer, older_than=older_than, limit=limit)
+    if as_json:
+        click.echo(json.dumps(views, indent=2, sort_keys=True))
+        return
+    now = datetime.now(UTC).timestamp()
+    table = Table("job", "state", "remote", "producer", "priority", "age s", "error")
+    for v in views:
+        table.add_row(v["job_id"], v["state"], v["remote_status"] or "-", v["producer"],
+                      str(v["priority"]), f"{now - v['created_at']:.0f}",
+                      v["error_code"] or "")  # fmt: skip
     Console().print(table)
 
 

@@ -107,6 +107,27 @@ class AnimateQueue:
         """Per account: queue depth, remote running/pending, tokens, 429s received."""
         return [self.governor.account_view(a) for a in self.governor.accounts()]
 
+    def timeline(self, job_id: str) -> list[dict[str, Any]]:
+        """Every recorded move of the job, oldest first."""
+        return self.store.timeline(job_id)
+
+    def jobs(
+        self,
+        state: str,
+        *,
+        producer: str | None = None,
+        older_than: float | None = None,
+        limit: int = 50,
+    ) -> list[dict[str, Any]]:
+        """Jobs in a state, optionally one producer's, optionally older than some seconds."""
+        now = time.time()
+        views = [job_view(j) for j in self.store.list_jobs(state, limit=limit * 4)]
+        if producer is not None:
+            views = [v for v in views if v["producer"] == producer]
+        if older_than is not None:
+            views = [v for v in views if now - v["created_at"] >= older_than]
+        return sorted(views, key=lambda v: v["created_at"])[:limit]
+
     def get(self, job_id: str) -> dict[str, Any] | None:
         """The job's record as a dict, or None if there is none (yet)."""
         job = self.store.get(job_id)

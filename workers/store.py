@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from typing import Any
 
 import redis
@@ -61,6 +62,13 @@ else
 end
 local ttl = tonumber(ARGV[6])
 if ttl > 0 then redis.call('EXPIRE', key, ttl) end
+local event = ARGV[at + n_del + 1]
+if event and event ~= '' then
+  local timeline = prefix .. ':timeline:' .. job_id
+  redis.call('RPUSH', timeline, event)
+  redis.call('LTRIM', timeline, -200, -1)
+  if ttl > 0 then redis.call('EXPIRE', timeline, ttl) end
+end
 return version
 """
 
@@ -132,6 +140,26 @@ def decode(fields: dict[str, str]) -> Job:
     return Job(**values)
 
 
+_EVENT_FIELDS = ("remote_status", "error_code", "error_message", "remote_task_id", "s3_uri",
+                 "submit_attempts", "copy_attempts", "throttled", "token_waits", "resumes",
+                 "cancel_requested")  # fmt: skip
+
+
+def _event(job: Job, state: JobState, changes: dict[str, Any]) -> str:
+    """One line of the job's timeline: the move, and what changed that a person cares about."""
+    event: dict[str, Any] = {"at": changes.get("updated_at") or time.time(), "to": state.value}
+    if state != job.state:
+        event["from"] = job.state.value
+    for name in _EVENT_FIELDS:
+        if name in changes and changes[name] != getattr(job, name, None):
+            event[name] = changes[name]
+    if "polls" in changes:
+        event["poll"] = changes["polls"]
+    if changes.get("s3_key"):
+        event["s3_key"] = changes["s3_key"]
+    return json.dumps(event, separators=(",", ":"), default=str)
+
+
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
@@ -162,8 +190,14 @@ class RedisJobStore:
                 args=[self.prefix, job.job_id, job.state.value, next_at, *flat],
             )
             if created:
+                timeline = f"{self.prefix}:timeline:{job.job_id}"
+                first = {"at": job.created_at, "to": job.state.value, "created": True}
+                if job.error_code:
+                    first["error_code"] = job.error_code
+                self.redis.rpush(timeline, json.dumps(first, separators=(",", ":")))
                 if job.state in FINAL_STATES:
                     self.redis.expire(self.key(job.job_id), self.final_ttl)
+                    self.redis.expire(timeline, self.final_ttl)
                 return job, True
         except redis.RedisError as exc:
             raise StoreUnavailable(f"creating job: {exc}") from exc
@@ -214,6 +248,7 @@ class RedisJobStore:
                     *to_set,
                     str(len(to_del)),
                     *to_del,
+                    _event(job, state, changes),
                 ],
             )
         except redis.RedisError as exc:
@@ -235,6 +270,24 @@ class RedisJobStore:
             self._note_duplicate(keys=[self.key(job_id)])
         except redis.RedisError as exc:
             raise StoreUnavailable(f"updating job: {exc}") from exc
+
+    def timeline(self, job_id: str) -> list[dict[str, Any]]:
+        """The job's recorded moves, oldest first (the last 200)."""
+        try:
+            raw = self.redis.lrange(f"{self.prefix}:timeline:{job_id}", 0, -1)
+        except redis.RedisError as exc:
+            raise StoreUnavailable(f"reading timeline: {exc}") from exc
+        return [json.loads(_text(item)) for item in raw]
+
+    def list_jobs(self, state: str, limit: int = 50) -> list[Job]:
+        """Up to ``limit`` jobs in ``state`` (from the state index; expired records skipped)."""
+        ids = []
+        for member in self.redis.sscan_iter(f"{self.prefix}:state:{state}", count=500):
+            ids.append(_text(member))
+            if len(ids) >= limit:
+                break
+        jobs = [self.get(i) for i in ids]
+        return [j for j in jobs if j is not None]
 
     def template_owner(self, template_id: str) -> str | None:
         """The account a template was registered to (templates belong to one account)."""

@@ -151,3 +151,36 @@ def test_flower_sees_jobs(
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_timeline_of_a_job_with_retries(
+    queue: AnimateQueue, remote: Any, redis_server: RedisServer, worker: Worker, job_id: str
+) -> None:
+    """``status --json`` carries every move with its time, the retries and remote statuses seen."""
+    remote.fault("submit", "500")
+    remote.fault("query", "503")
+    queue.submit(remote.image(), remote.template(), job_id=job_id)
+    assert queue.wait(job_id, timeout=60)["state"] == "STORED"
+    env = {"REDIS_URL": redis_server.url, "PATH": os.environ["PATH"]}
+    cli = [sys.executable, "-m", "workers.cli"]
+    done = subprocess.run([*cli, "status", job_id, "--json"], capture_output=True, text=True,
+                          timeout=30, env=env, check=True)  # fmt: skip
+    events = json.loads(done.stdout)["timeline"]
+    moves = [(e.get("from"), e["to"]) for e in events if "from" in e or e.get("created")]
+    assert moves[0] == (None, "QUEUED")
+    assert ("QUEUED", "SUBMITTING") in moves
+    assert ("SUBMITTING", "SUBMITTED") in moves
+    assert ("SUBMITTED", "COPYING") in moves
+    assert moves[-1] == ("COPYING", "STORED")
+    assert any(e.get("error_code") == "InternalError" for e in events)  # the failed submit
+    assert any(e.get("error_code") == "ModelUnavailable" for e in events)  # the failed poll
+    seen = {e.get("remote_status") for e in events} - {None}
+    assert "SUCCEEDED" in seen and len(seen) >= 2  # what each poll saw, as it changed
+    times = [e["at"] for e in events]
+    assert times == sorted(times)
+    table = subprocess.run([*cli, "status", job_id], capture_output=True, text=True, timeout=30,
+                           env={**env, "COLUMNS": "200"}, check=True)  # fmt: skip
+    assert "timeline" in table.stdout and "COPYING -> STORED" in table.stdout
+    listed = subprocess.run([*cli, "jobs", "--state", "STORED", "--json", "--limit", "500"],
+                            capture_output=True, text=True, timeout=30, env=env, check=True)  # fmt: skip
+    assert job_id in {v["job_id"] for v in json.loads(listed.stdout)}
