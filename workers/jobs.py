@@ -107,8 +107,11 @@ REQUEST_FIELDS = frozenset(
         "account",
         "priority",
         "producer",
+        "callback_task",
+        "callback_queue",
     }
 )
+CALLBACK_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:-]{0,199}\Z")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")  # accounts and producers
 PRIORITY_RANGE = (-100, 100)
 DEFAULT_PRODUCER = "default"
@@ -132,6 +135,8 @@ class JobRequest:
     account: str | None = None  # None: the template's owner, else the default account
     priority: int = 0  # higher first, among this account's queued jobs
     producer: str = DEFAULT_PRODUCER  # fair round-robin between producers of one priority
+    callback_task: str | None = None  # sent the result object when the job ends
+    callback_queue: str | None = None
 
     def remote_fields(self) -> dict[str, Any]:
         return {
@@ -240,9 +245,27 @@ def parse_request(kwargs: Mapping[str, Any], args: tuple[Any, ...] = ()) -> JobR
             "InvalidRequest.Producer",
             "producer must be 1-64 characters of letters, digits and . _ -",
         )
+    callback_task = kwargs.get("callback_task")
+    if callback_task is not None and not (
+        isinstance(callback_task, str)
+        and CALLBACK_RE.match(callback_task)
+        and not callback_task.startswith("animate.")
+    ):
+        raise reject(
+            "InvalidRequest.Callback",
+            "callback_task must be a Celery task name of yours (not animate.*)",
+        )
+    callback_queue = kwargs.get("callback_queue")
+    if callback_queue is not None and not (
+        isinstance(callback_queue, str) and NAME_RE.match(callback_queue)
+    ):
+        raise reject("InvalidRequest.Callback", "callback_queue must be a queue name")
+    if callback_queue is not None and callback_task is None:
+        raise reject("InvalidRequest.Callback", "callback_queue needs a callback_task")
     return JobRequest(
-        image_url, template_id, use_bg, ratio, job_id, metadata, account, priority, producer
-    )
+        image_url, template_id, use_bg, ratio, job_id, metadata, account, priority, producer,
+        callback_task, callback_queue,
+    )  # fmt: skip
 
 
 # DashScope's documented image limits for animate-anyone-gen2.

@@ -27,6 +27,8 @@ from workers.errors import (
 )
 from workers.guard import host_allowed
 from workers.jobs import (
+    CALLBACK_RE,
+    NAME_RE,
     CopyPolicy,
     Finish,
     ImageFacts,
@@ -201,7 +203,18 @@ def intake(
         request = parse_request(kwargs, args)
     except InvalidJobRequest as exc:
         job_id = raw_id if isinstance(raw_id, str) and _usable_id(raw_id) else message_id
-        placeholder = JobRequest(image_url="", template_id="", job_id=job_id)
+        # The request is refused, but its callback (if that part is sound) still hears why.
+        task, queue = kwargs.get("callback_task"), kwargs.get("callback_queue")
+        callback_ok = isinstance(task, str) and bool(CALLBACK_RE.match(task))
+        callback_ok = callback_ok and not str(task).startswith("animate.")
+        queue_ok = isinstance(queue, str) and bool(NAME_RE.match(queue))
+        placeholder = JobRequest(
+            image_url="",
+            template_id="",
+            job_id=job_id,
+            callback_task=task if callback_ok else None,
+            callback_queue=queue if callback_ok and queue_ok else None,
+        )
         job = Job(
             job_id=job_id,
             state=JobState.REJECTED,

@@ -12,19 +12,28 @@ log = logging.getLogger(__name__)
 
 
 class CeleryResults:
-    """The pipeline's ``Results`` port over a Celery app's result backend.
+    """The pipeline's ``Results`` port over a Celery app.
 
     STORED becomes SUCCESS with the result object; every other final state becomes FAILURE with
-    :class:`JobFailed` ``(code, message, result object)``. Results live ``result_expires``.
+    :class:`JobFailed` ``(code, message, result object)``. Results live ``result_expires``. A
+    job's ``callback_task`` is then sent, by name, with the result object as its one argument.
     """
 
-    def __init__(self, backend: Any) -> None:
-        self.backend = backend
+    def __init__(self, app: Any) -> None:
+        self.app = app
 
     def publish(self, job: Job) -> None:
         outcome = result_object(job)
+        backend = self.app.backend
         if job.state == JobState.STORED:
-            self.backend.store_result(job.job_id, outcome, "SUCCESS")
+            backend.store_result(job.job_id, outcome, "SUCCESS")
         else:
             error = JobFailed(job.error_code or job.state.value, job.error_message or "", outcome)
-            self.backend.store_result(job.job_id, error, "FAILURE")
+            backend.store_result(job.job_id, error, "FAILURE")
+        if job.request.callback_task:
+            self.app.send_task(
+                job.request.callback_task,
+                args=[outcome],
+                queue=job.request.callback_queue or "celery",
+            )
+            log.info("job %s: callback %s sent", job.job_id, job.request.callback_task)

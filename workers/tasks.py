@@ -49,7 +49,7 @@ def schedule(step: pipeline.Next | None) -> None:
 def services() -> pipeline.Services:
     svc = _services()
     svc.wake = schedule  # wake-ups the use cases ask for on the side (admissions)
-    svc.results = CeleryResults(app.backend)  # final outcomes under the job id
+    svc.results = CeleryResults(app)  # final outcomes under the job id
     return svc
 
 

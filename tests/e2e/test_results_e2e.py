@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import sys
 import textwrap
+import time
 import venv
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 
 from devstack import RedisServer, Worker
+from workers.client import AnimateQueue
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -107,3 +112,58 @@ def test_asyncresult_get_raises_for_a_failed_job(
     assert out["args"][0] == code
     assert out["args"][1]
     assert out["args"][2]["state"] == state
+
+
+CALLBACK_APP = """
+import json, os
+import redis
+from celery import Celery
+
+app = Celery("producer", broker=os.environ["REDIS_URL"])
+app.conf.accept_content = ["json"]
+sink = redis.Redis.from_url(os.environ["REDIS_URL"])
+
+
+@app.task(name="producer.video_done")
+def video_done(result):
+    sink.rpush("producer:callbacks", json.dumps(result))
+"""
+
+
+def test_callback_task_in_a_producer_app(
+    tmp_path: Path, redis_server: RedisServer, worker: Worker, remote: Any, job_id: str
+) -> None:
+    """A producer's own Celery app, on its own queue, receives the result object when jobs end."""
+    (tmp_path / "producer_app.py").write_text(CALLBACK_APP)
+    env = {**os.environ, "REDIS_URL": redis_server.url, "PYTHONPATH": str(tmp_path)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "producer_app", "worker", "-Q", "producer-q",
+         "-c", "1", "--loglevel", "INFO", "-n", f"producer-{job_id}@%h"],
+        env=env, cwd=tmp_path, stdout=(tmp_path / "producer.log").open("wb"), stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        sink = redis.Redis.from_url(redis_server.url)
+        sink.delete("producer:callbacks")
+        queue = AnimateQueue(redis_server.url)
+        common = {"callback_task": "producer.video_done", "callback_queue": "producer-q"}
+        queue.celery.send_task("animate.generate", queue="celery", kwargs={
+            "image_url": remote.image(), "template_id": remote.template(), "job_id": job_id,
+            **common})  # fmt: skip
+        queue.celery.send_task("animate.generate", queue="celery", kwargs={
+            "image_url": remote.image(), "template_id": "bad", "job_id": f"{job_id}-bad",
+            **common})  # fmt: skip
+        deadline = time.monotonic() + 60
+        while sink.llen("producer:callbacks") < 2:
+            assert time.monotonic() < deadline, (tmp_path / "producer.log").read_text()[-3000:]
+            time.sleep(0.2)
+        received = {
+            r["job_id"]: r for r in map(json.loads, sink.lrange("producer:callbacks", 0, -1))
+        }
+        assert received[job_id]["state"] == "STORED"
+        assert received[job_id]["s3_uri"]
+        assert received[f"{job_id}-bad"]["state"] == "REJECTED"
+        assert received[f"{job_id}-bad"]["error_code"] == "InvalidRequest.TemplateId"
+        queue.close()
+    finally:
+        proc.terminate()
+        proc.wait(20)

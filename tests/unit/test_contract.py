@@ -69,6 +69,11 @@ SAMPLES: list[dict[str, Any]] = [
     {**OK, "metadata": {"a": [1, 2]}},
     {**OK, "metadata": [1]},
     {**OK, "extra": 1},
+    {**OK, "callback_task": "billing.video_done", "callback_queue": "billing"},
+    {**OK, "callback_task": "billing.video_done"},
+    {**OK, "callback_task": "animate.poll"},
+    {**OK, "callback_queue": "billing"},
+    {**OK, "callback_task": "bad name"},
 ]
 
 
