@@ -72,6 +72,7 @@ app.conf.update(
         "animate.submit": {"queue": QUEUE_DASHSCOPE},
         "animate.poll": {"queue": QUEUE_DASHSCOPE},
         "animate.copy": {"queue": QUEUE_TRANSFER},
+        "animate.webhook": {"queue": QUEUE_TRANSFER},
         "animate.cancel": {"queue": QUEUE_DASHSCOPE},
         "animate.watchdog": {"queue": QUEUE_DASHSCOPE},
     },

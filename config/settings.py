@@ -91,6 +91,11 @@ class Settings(BaseSettings):
     poll_error_backoff_max: float = Field(default=60.0, gt=0)
     job_remote_deadline_seconds: float = Field(default=6 * 3600.0, gt=0)
 
+    # --- Webhooks (Standard Webhooks signatures; "whsec_<base64>" or any string)
+    webhook_secret: SecretStr | None = None
+    webhook_timeout_seconds: float = Field(default=10.0, gt=0)
+    webhook_give_up_seconds: float = Field(default=3600.0, gt=0)
+
     # --- Watchdog (run by celery beat; only one acts at a time, under a Redis lock)
     watchdog_interval_seconds: float = Field(default=15.0, gt=0)
     watchdog_grace_seconds: float = Field(default=30.0, gt=0)  # overdue by this much: resume

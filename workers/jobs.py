@@ -109,6 +109,7 @@ REQUEST_FIELDS = frozenset(
         "producer",
         "callback_task",
         "callback_queue",
+        "webhook_url",
     }
 )
 CALLBACK_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:-]{0,199}\Z")
@@ -137,6 +138,7 @@ class JobRequest:
     producer: str = DEFAULT_PRODUCER  # fair round-robin between producers of one priority
     callback_task: str | None = None  # sent the result object when the job ends
     callback_queue: str | None = None
+    webhook_url: str | None = None  # POSTed the signed result object when the job ends
 
     def remote_fields(self) -> dict[str, Any]:
         return {
@@ -262,9 +264,12 @@ def parse_request(kwargs: Mapping[str, Any], args: tuple[Any, ...] = ()) -> JobR
         raise reject("InvalidRequest.Callback", "callback_queue must be a queue name")
     if callback_queue is not None and callback_task is None:
         raise reject("InvalidRequest.Callback", "callback_queue needs a callback_task")
+    webhook_url = kwargs.get("webhook_url")
+    if webhook_url is not None:
+        check_url(webhook_url, "webhook_url")
     return JobRequest(
         image_url, template_id, use_bg, ratio, job_id, metadata, account, priority, producer,
-        callback_task, callback_queue,
+        callback_task, callback_queue, webhook_url,
     )  # fmt: skip
 
 
@@ -330,6 +335,10 @@ class Job:
     cancel_requested: bool = False
     resumes: int = 0  # times the watchdog woke the job in resume_state
     resume_state: str | None = None
+    webhook_state: str | None = None  # pending | delivered | failed
+    webhook_attempts: int = 0
+    webhook_delivered_at: float | None = None
+    webhook_error: str | None = None
     remote_task_id: str | None = None
     remote_status: str | None = None
     remote_request_id: str | None = None
@@ -642,6 +651,12 @@ def decide_copy_error(
 
 def copy_expired(job: Job, now: float) -> bool:
     return job.video_expires_at is not None and now >= job.video_expires_at
+
+
+@dataclass(frozen=True)
+class WebhookPolicy:
+    give_up_after: float = 3600.0  # seconds after the job ended
+    backoff: Backoff = Backoff(base=2.0, cap=60.0)
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from workers.errors import (
     TransientError,
     WorkerError,
 )
-from workers.guard import host_allowed
+from workers.guard import AddressGuard, host_allowed
 from workers.jobs import (
     CALLBACK_RE,
     NAME_RE,
@@ -41,6 +41,7 @@ from workers.jobs import (
     StartCopy,
     SubmitPolicy,
     Wait,
+    WebhookPolicy,
     can_move,
     check_image,
     copy_expired,
@@ -48,6 +49,7 @@ from workers.jobs import (
     decide_poll,
     decide_poll_error,
     parse_request,
+    result_object,
     s3_key,
 )
 
@@ -85,6 +87,11 @@ class VideoApi(Protocol):
 class Results(Protocol):
     def publish(self, job: Job) -> None:
         """Announce a final job (the result backend, callbacks)."""
+
+
+class Webhooks(Protocol):
+    def send(self, url: str, msg_id: str, payload: dict[str, Any]) -> None:
+        """POST the signed payload; Transient/Permanent errors."""
 
 
 class _NoResults:
@@ -153,6 +160,9 @@ class Services:
     max_throttled: int = 50  # 429s one job may collect before it fails
     video_hosts: tuple[str, ...] = ("*",)  # hosts a result video may be downloaded from
     results: Results = field(default_factory=_NoResults)
+    webhooks: Webhooks | None = None
+    guard: AddressGuard | None = None  # where our own requests may go (webhooks)
+    webhook: WebhookPolicy = field(default_factory=WebhookPolicy)
     poll: PollPolicy = field(default_factory=PollPolicy)
     submit: SubmitPolicy = field(default_factory=SubmitPolicy)
     copy: CopyPolicy = field(default_factory=CopyPolicy)
@@ -162,7 +172,7 @@ class Services:
 
 # ----------------------------------------------------------------------------- results
 
-Step = Literal["submit", "poll", "copy"]
+Step = Literal["submit", "poll", "copy", "webhook"]
 
 
 @dataclass(frozen=True)
@@ -256,6 +266,12 @@ def intake(
     if refusal is not None:
         finish(svc, stored, Finish(JobState.REJECTED, refusal.code, refusal.message))
         return IntakeResult(job_id, JobState.REJECTED, created)
+    if request.webhook_url and svc.guard is not None:
+        try:
+            svc.guard.check(request.webhook_url, "webhook_url")
+        except InvalidJobRequest as exc:
+            finish(svc, stored, Finish(JobState.REJECTED, exc.code, exc.message))
+            return IntakeResult(job_id, JobState.REJECTED, created)
     try:
         check_image(svc.images.probe(request.image_url))
     except InvalidJobRequest as exc:
@@ -914,6 +930,51 @@ def _ended(svc: Services, job: Job) -> None:
         svc.results.publish(job)
     except Exception:  # the job is final whatever happens here; say so loudly
         log.exception("job %s: its final result could not be published", job.job_id)
+    if job.request.webhook_url:
+        pending = svc.store.transition(job, job.state, webhook_state="pending")
+        if pending is not None:
+            svc.wake(Next("webhook", job.job_id, pending.version, 0))
+
+
+def deliver_webhook(svc: Services, job_id: str, version: int) -> Next | None:
+    """POST the final result to the job's webhook; retry with backoff for a bounded time."""
+    job = _load(svc, job_id, version)
+    if job is None or not job.final or not job.request.webhook_url:
+        return None
+    if job.webhook_state in ("delivered", "failed"):
+        return None
+    now = svc.clock()
+    payload = {
+        "type": "job.finished",
+        "timestamp": job.finished_at or now,
+        "data": result_object(job),
+    }
+    try:
+        if svc.webhooks is None:
+            raise PermanentError("no webhook sender configured", code="WebhookUnavailable")
+        svc.webhooks.send(job.request.webhook_url, f"msg_{job.job_id}", payload)
+    except (WorkerError, InvalidJobRequest) as exc:
+        attempts = job.webhook_attempts + 1
+        ended = job.finished_at or job.updated_at
+        retry = isinstance(exc, TransientError) and now - ended < svc.webhook.give_up_after
+        if not retry:
+            svc.store.transition(job, job.state, webhook_state="failed", webhook_attempts=attempts,
+                                 webhook_error=f"{exc.code}: {exc.message}")  # fmt: skip
+            log.warning("job %s: webhook given up after %d attempts: %s", job_id, attempts, exc)
+            return None
+        delay = svc.webhook.backoff.delay(attempts, svc.rand)
+        moved = svc.store.transition(job, job.state, webhook_attempts=attempts,
+                                     webhook_error=f"{exc.code}: {exc.message}")  # fmt: skip
+        return Next("webhook", job_id, moved.version, delay) if moved else None
+    svc.store.transition(
+        job,
+        job.state,
+        webhook_state="delivered",
+        webhook_attempts=job.webhook_attempts + 1,
+        webhook_delivered_at=svc.clock(),
+        webhook_error=None,
+    )
+    return None
 
 
 def _load(svc: Services, job_id: str, version: int) -> Job | None:

@@ -42,7 +42,9 @@ RETRY: dict[str, Any] = {
 def schedule(step: pipeline.Next | None) -> None:
     if step is None:
         return
-    task = {"submit": submit_job, "poll": poll_job, "copy": copy_job}[step.step]
+    task = {"submit": submit_job, "poll": poll_job, "copy": copy_job, "webhook": webhook_job}[
+        step.step
+    ]
     task.apply_async((step.job_id, step.version), countdown=max(0.0, step.countdown))
 
 
@@ -79,6 +81,12 @@ def poll_job(self: Task[Any, Any], job_id: str, version: int) -> None:
 )
 def copy_job(self: Task[Any, Any], job_id: str, version: int) -> None:
     schedule(pipeline.copy(services(), job_id, version))
+
+
+@app.task(name="animate.webhook", bind=True, **RETRY)
+def webhook_job(self: Task[Any, Any], job_id: str, version: int) -> None:
+    """Deliver the signed final result to the job's webhook_url."""
+    schedule(pipeline.deliver_webhook(services(), job_id, version))
 
 
 @app.task(name="animate.cancel", bind=True, ignore_result=False, **RETRY)

@@ -17,10 +17,11 @@ from workers.dashscope import DashScopeClient
 from workers.governor import RedisGovernor
 from workers.guard import AddressGuard
 from workers.images import HttpImageProbe
-from workers.jobs import Backoff, CopyPolicy, PollPolicy, SubmitPolicy
+from workers.jobs import Backoff, CopyPolicy, PollPolicy, SubmitPolicy, WebhookPolicy
 from workers.pipeline import Services
 from workers.storage import S3Copier, make_s3_client
 from workers.store import RedisJobStore
+from workers.webhooks import HttpWebhooks
 
 _lock = threading.Lock()
 _services: Services | None = None
@@ -89,7 +90,17 @@ def build_services(settings: Settings) -> Services:
     )
     image_http = httpx.Client(timeout=httpx.Timeout(settings.image_check_timeout))
     guard = AddressGuard.from_setting(settings.url_allowlist)
+    webhooks = None
+    if settings.webhook_secret is not None and settings.webhook_secret.get_secret_value():
+        webhooks = HttpWebhooks(
+            httpx.Client(timeout=httpx.Timeout(settings.webhook_timeout_seconds)),
+            settings.webhook_secret.get_secret_value(),
+            guard,
+        )
     return Services(
+        webhooks=webhooks,
+        guard=guard,
+        webhook=WebhookPolicy(give_up_after=settings.webhook_give_up_seconds),
         store=job_store(settings),
         api=DashScopeVideoApi(clients, settings.dashscope_model),
         governor=governor(settings),

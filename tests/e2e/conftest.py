@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -15,6 +16,7 @@ from workers.client import AnimateQueue
 
 API_KEY = "sk-e2e-worker-key-0123456789"
 AWS_SECRET = "aws-secret-e2e-7f3a9c1d"
+WEBHOOK_SECRET = "whsec_" + base64.b64encode(b"e2e-webhook-secret-0123456789abc").decode()
 BUCKET = "animate-e2e"
 
 # Short waits everywhere, so a whole job takes a second or two.
@@ -60,6 +62,7 @@ def worker_env(
         **S3Server.CREDENTIALS,
         # Recognisable, so tests can prove it never leaks (moto accepts any credentials).
         "AWS_SECRET_ACCESS_KEY": AWS_SECRET,
+        "WEBHOOK_SECRET": WEBHOOK_SECRET,
         **FAST_ENV,
     }
 
@@ -84,6 +87,7 @@ class Remote:
 
     api_key = API_KEY
     aws_secret = AWS_SECRET
+    webhook_secret = WEBHOOK_SECRET
     bucket = BUCKET
 
     def __init__(self, server: EmulatorServer) -> None:
