@@ -91,6 +91,11 @@ class Settings(BaseSettings):
     poll_error_backoff_max: float = Field(default=60.0, gt=0)
     job_remote_deadline_seconds: float = Field(default=6 * 3600.0, gt=0)
 
+    # A cancel that arrives after DashScope started the task cannot stop it, and it is paid for.
+    # true: the video is still copied and the job ends STORED (cancel_requested set); false: it
+    # is not copied and the job ends CANCELED with code CancelTooLate.
+    cancel_too_late_copy: bool = True
+
     # --- Webhooks (Standard Webhooks signatures; "whsec_<base64>" or any string)
     webhook_secret: SecretStr | None = None
     webhook_timeout_seconds: float = Field(default=10.0, gt=0)

@@ -8,6 +8,7 @@ which makes redeliveries and duplicate chains harmless.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import time
@@ -64,6 +65,7 @@ class JobStore(Protocol):
     def transition(self, job: Job, state: JobState, **changes: Any) -> Job | None: ...
     def claim_remote_task(self, task_id: str) -> bool: ...
     def note_duplicate(self, job_id: str) -> None: ...
+    def request_cancel(self, job_id: str) -> None: ...
     def template_owner(self, template_id: str) -> str | None: ...
     def due(self, now: float, limit: int = 100) -> list[str]:
         """Ids of jobs whose next wake-up was due by ``now``."""
@@ -163,6 +165,7 @@ class Services:
     webhooks: Webhooks | None = None
     guard: AddressGuard | None = None  # where our own requests may go (webhooks)
     webhook: WebhookPolicy = field(default_factory=WebhookPolicy)
+    copy_after_late_cancel: bool = True  # a cancel that came too late: still store the video?
     poll: PollPolicy = field(default_factory=PollPolicy)
     submit: SubmitPolicy = field(default_factory=SubmitPolicy)
     copy: CopyPolicy = field(default_factory=CopyPolicy)
@@ -589,6 +592,20 @@ def poll(svc: Services, job_id: str, version: int) -> Next | None:
             **common,
         )
         return Next("poll", job_id, moved.version, decision.seconds) if moved else None
+    if isinstance(decision, StartCopy) and job.cancel_requested and not svc.copy_after_late_cancel:
+        _free_slot(svc, job)
+        moved = svc.store.transition(job, job.state, **common)
+        finish(
+            svc,
+            moved or job,
+            Finish(
+                JobState.CANCELED,
+                "CancelTooLate",
+                "cancelled after DashScope started it: the video was paid for and not copied "
+                "(CANCEL_TOO_LATE_COPY=false)",
+            ),
+        )
+        return None
     if isinstance(decision, StartCopy):
         _free_slot(svc, job)
         moved = svc.store.transition(
@@ -836,11 +853,8 @@ def cancel(svc: Services, job_id: str) -> CancelResult:
                 return CancelResult(job_id, done.state, "canceled", "nothing was sent")
             continue
         if job.state in (JobState.SUBMITTING, JobState.SUBMITTED):
-            marked = svc.store.transition(
-                job, job.state, cancel_requested=True, updated_at=svc.clock()
-            )
-            if marked is None:
-                continue
+            svc.store.request_cancel(job_id)  # no version bump: the poll chain stays valid
+            marked = dataclasses.replace(job, cancel_requested=True)
             if job.state == JobState.SUBMITTED and job.remote_status in (None, "PENDING"):
                 step = _cancel_remote(svc, marked)
                 if step is not None:
@@ -854,8 +868,8 @@ def cancel(svc: Services, job_id: str) -> CancelResult:
                     job_id, marked.state, "requested", "cancelled at DashScope once submitted"
                 )
             return _too_late(job_id, marked)
-        marked = svc.store.transition(job, job.state, cancel_requested=True)
-        return _too_late(job_id, marked or job)
+        svc.store.request_cancel(job_id)  # COPYING: the copy keeps its lease
+        return _too_late(job_id, dataclasses.replace(job, cancel_requested=True))
     return CancelResult(job_id, None, "not_found", "the job kept changing; try again")
 
 

@@ -142,7 +142,8 @@ def decode(fields: dict[str, str]) -> Job:
 
 _EVENT_FIELDS = ("remote_status", "error_code", "error_message", "remote_task_id", "s3_uri",
                  "submit_attempts", "copy_attempts", "throttled", "token_waits", "resumes",
-                 "cancel_requested")  # fmt: skip
+                 "cancel_requested", "webhook_state", "webhook_attempts",
+                 "webhook_error")  # fmt: skip
 
 
 def _event(job: Job, state: JobState, changes: dict[str, Any]) -> str:
@@ -302,6 +303,19 @@ class RedisJobStore:
             self.redis.hset(f"{self.prefix}:templates", template_id, account)
         except redis.RedisError as exc:
             raise StoreUnavailable(f"writing templates: {exc}") from exc
+
+    def request_cancel(self, job_id: str) -> None:
+        """Flag the job as cancel-requested without touching its version: the steps in flight
+        (a poll chain, a copy holding its lease) stay valid and read the flag."""
+        try:
+            if self.redis.exists(self.key(job_id)):
+                self.redis.hset(self.key(job_id), "cancel_requested", "1")
+                self.redis.rpush(
+                    f"{self.prefix}:timeline:{job_id}",
+                    json.dumps({"at": time.time(), "cancel_requested": True}),
+                )
+        except redis.RedisError as exc:
+            raise StoreUnavailable(f"updating job: {exc}") from exc
 
     def count_by_state(self) -> dict[str, int]:
         pipe = self.redis.pipeline()

@@ -89,6 +89,12 @@ class InMemoryJobStore:
             if stored is not None:
                 self.jobs[job_id] = dataclasses.replace(stored, duplicates=stored.duplicates + 1)
 
+    def request_cancel(self, job_id: str) -> None:
+        with self.lock:
+            job = self.jobs.get(job_id)
+            if job is not None:
+                self.jobs[job_id] = dataclasses.replace(job, cancel_requested=True)
+
     def template_owner(self, template_id: str) -> str | None:
         return self.templates.get(template_id)
 

@@ -99,6 +99,7 @@ def build_services(settings: Settings) -> Services:
         )
     return Services(
         webhooks=webhooks,
+        copy_after_late_cancel=settings.cancel_too_late_copy,
         guard=guard,
         webhook=WebhookPolicy(give_up_after=settings.webhook_give_up_seconds),
         store=job_store(settings),

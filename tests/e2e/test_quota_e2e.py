@@ -271,3 +271,23 @@ def test_template_of_another_account_is_refused(fq: AnimateQueue, emu: Emu) -> N
     routed = fq.submit(emu.image(), tb, job_id=f"routed-{time.time_ns()}")  # no account named
     assert fq.wait(routed, timeout=60)["account"] == "b"
     assert emu.totals()["submitted"] == 1
+
+
+def test_cancel_remote_pending_and_running(fq: AnimateQueue, emu: Emu) -> None:
+    """Queued at DashScope: cancelled there. Running there: too late, and the video is stored."""
+    blockers = block(fq, emu, "rcancel")
+    deadline = time.monotonic() + 20
+    active = ("PRE-PROCESSING", "RUNNING")
+    while not any((fq.get(b) or {}).get("remote_status") in active for b in blockers):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    running = next(b for b in blockers if (fq.get(b) or {}).get("remote_status") in active)
+    (pending,) = [b for b in blockers if b != running]
+    pending_cancel = fq.cancel(pending)
+    assert pending_cancel["outcome"] == "canceled", pending_cancel
+    assert (fq.get(pending) or {})["state"] == "CANCELED"
+    running_cancel = fq.cancel(running)
+    assert running_cancel["outcome"] == "too_late", running_cancel
+    view = fq.wait(running, timeout=60)
+    assert view["state"] == "STORED" and view["cancel_requested"] is True
+    assert emu.totals()["canceled"] == 1

@@ -173,3 +173,47 @@ def test_video_on_unexpected_host_is_not_fetched() -> None:
         "UnexpectedVideoHost",
     )
     assert svc.copier.calls == []  # type: ignore[attr-defined]
+
+
+class TestCancel:
+    def test_remote_pending_is_cancelled_at_dashscope(self, svc: Services) -> None:
+        """A job queued at DashScope is cancelled there and ends CANCELED."""
+        submitted(svc)
+        result = pipeline.cancel(svc, "j1")
+        assert result.outcome == "canceled"
+        assert svc.api.cancels == ["task-j1"]  # type: ignore[attr-defined]
+        job = svc.store.get("j1")
+        assert job is not None and job.state == JobState.CANCELED
+
+    def test_running_is_too_late_and_still_copied(self, svc: Services) -> None:
+        """Running at DashScope: too late; by default the paid video is still stored."""
+        step = submitted(svc)
+        svc.api.poll_script.append(RemoteSnapshot(RemoteStatus.RUNNING, "RUNNING"))  # type: ignore[attr-defined]
+        step2 = pipeline.poll(svc, "j1", step.version)
+        assert step2 is not None
+        assert pipeline.cancel(svc, "j1").outcome == "too_late"
+        assert svc.api.cancels == []  # type: ignore[attr-defined]
+        job = svc.store.get("j1")
+        assert job is not None and job.cancel_requested
+
+    def test_running_not_copied_when_configured(self) -> None:
+        """CANCEL_TOO_LATE_COPY=false: the finished task is not copied; CANCELED CancelTooLate."""
+        svc = make_services(copy_after_late_cancel=False)
+        step = submitted(svc)
+        svc.api.poll_script.append(RemoteSnapshot(RemoteStatus.RUNNING, "RUNNING"))  # type: ignore[attr-defined]
+        step = pipeline.poll(svc, "j1", step.version) or step
+        pipeline.cancel(svc, "j1")
+        job = svc.store.get("j1")
+        assert job is not None
+        svc.api.poll_script.append(  # type: ignore[attr-defined]
+            RemoteSnapshot(
+                RemoteStatus.SUCCEEDED, "SUCCEEDED", video_url=VIDEO, end_time=clock(svc)()
+            )
+        )
+        assert pipeline.poll(svc, "j1", job.version) is None
+        job = svc.store.get("j1")
+        assert job is not None and (job.state, job.error_code) == (
+            JobState.CANCELED,
+            "CancelTooLate",
+        )
+        assert svc.copier.calls == []  # type: ignore[attr-defined]
