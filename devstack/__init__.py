@@ -40,6 +40,17 @@ def redis_answers(url: str) -> bool:
         return False
 
 
+def terminate(proc: subprocess.Popen[bytes] | None, timeout: float = 10) -> None:
+    """SIGTERM, then SIGKILL if the process hangs."""
+    if proc is not None and proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
 class Service:
     """A context manager that starts in ``__enter__`` and stops in ``__exit__``."""
 
@@ -111,13 +122,7 @@ class RedisServer(Service):
         return self
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        terminate(self.proc)
         self.proc = None
 
     def kill(self) -> None:
@@ -263,14 +268,45 @@ class Beat(Service):
         return self.log_path.read_text(errors="replace")
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        terminate(self.proc)
         self.proc = None
         if self._log is not None:
             self._log.close()
             self._log = None
+
+
+class Flower(Service):
+    """``celery -A config.celery_app flower`` on a free loopback port, waited on until healthy."""
+
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self.env = {**os.environ, **env}
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 30) -> Self:
+        import httpx
+
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "config.celery_app", "flower",
+             f"--port={self.port}", "--address=127.0.0.1"],
+            env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if httpx.get(f"{self.url}/healthcheck", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError("flower did not become healthy")
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        terminate(self.proc)
+        self.proc = None

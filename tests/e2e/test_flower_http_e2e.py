@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -12,7 +9,7 @@ from typing import Any
 import httpx
 import pytest
 
-from devstack import Worker, free_port
+from devstack import Flower, Worker
 
 pytestmark = pytest.mark.timeout(120)
 AUTH = ("producer", "s3cret-flower-pass")
@@ -20,26 +17,8 @@ AUTH = ("producer", "s3cret-flower-pass")
 
 @pytest.fixture(scope="module")
 def flower(worker_env: dict[str, str]) -> Iterator[str]:
-    port = free_port()
-    env = {**os.environ, **worker_env, "FLOWER_BASIC_AUTH": ":".join(AUTH)}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "config.celery_app", "flower",
-         f"--port={port}", "--address=127.0.0.1"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            if httpx.get(f"{base}/healthcheck", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline, "flower did not start"
-        time.sleep(0.2)
-    yield base
-    proc.terminate()
-    proc.wait(10)
+    with Flower({**worker_env, "FLOWER_BASIC_AUTH": ":".join(AUTH)}) as server:
+        yield server.url
 
 
 def test_enqueue_and_result_over_http(

@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
-from devstack import RedisServer, Worker, free_port
+from devstack import Flower, RedisServer, Worker
 from workers.client import AnimateQueue
 
 pytestmark = pytest.mark.timeout(120)
@@ -116,24 +116,9 @@ def test_flower_sees_jobs(
     queue: AnimateQueue, remote: Any, worker_env: dict[str, str], worker: Worker, job_id: str
 ) -> None:
     """Flower, started for real, lists the worker and the job's tasks, and shows no secret."""
-    port = free_port()
-    env = {**os.environ, **worker_env, "FLOWER_UNAUTHENTICATED_API": "true"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "config.celery_app", "flower",
-         f"--port={port}", "--address=127.0.0.1"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    base = f"http://127.0.0.1:{port}"
+    flower = Flower({**worker_env, "FLOWER_UNAUTHENTICATED_API": "true"}).start()
+    base = flower.url
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(f"{base}/healthcheck", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "flower did not start"
-            time.sleep(0.2)
         time.sleep(1.5)  # flower enables events on the workers
         queue.submit(remote.image(), remote.template(), job_id=job_id)
         assert queue.wait(job_id, timeout=60)["state"] == "STORED"
@@ -149,8 +134,7 @@ def test_flower_sees_jobs(
         workers = httpx.get(f"{base}/api/workers", timeout=10).json()
         assert any(name.startswith("aq-") for name in workers)
     finally:
-        proc.terminate()
-        proc.wait(10)
+        flower.stop()
 
 
 def test_timeline_of_a_job_with_retries(
