@@ -86,7 +86,7 @@ class S3CopierPort:
         url: str,
         key: str,
         metadata: dict[str, str],
-        heartbeat: Callable[[], None] | None = None,
+        heartbeat: Callable[[int], None] | None = None,
     ) -> StoredCopy:
         stored = self.copier.copy(url, key, metadata=metadata, heartbeat=heartbeat)
         return StoredCopy(stored.bucket, stored.key, stored.size, stored.sha256)

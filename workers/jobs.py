@@ -358,6 +358,7 @@ class Job:
     video_duration: float | None = None
     copy_attempts: int = 0
     copy_started_at: float | None = None
+    copy_bytes: int | None = None  # progress of the copy under way (lease renewals report it)
     s3_bucket: str | None = None
     s3_key: str | None = None
     bytes: int | None = None
@@ -414,6 +415,13 @@ def job_view(job: Job) -> dict[str, Any]:
             "submit": job.submit_attempts,
             "polls": job.polls,
             "copy": job.copy_attempts,
+        },
+        "copy_bytes": job.copy_bytes,
+        "webhook": {
+            "state": job.webhook_state,
+            "attempts": job.webhook_attempts,
+            "delivered_at": job.webhook_delivered_at,
+            "error": job.webhook_error,
         },
         "duplicates": job.duplicates,
         "created_at": job.created_at,

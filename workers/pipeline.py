@@ -136,7 +136,7 @@ class Copier(Protocol):
         url: str,
         key: str,
         metadata: dict[str, str],
-        heartbeat: Callable[[], None] | None = None,
+        heartbeat: Callable[[int], None] | None = None,
     ) -> StoredCopy:
         """Stream ``url`` into ``key``; ``heartbeat`` is called now and then while bytes flow
         (whatever it raises aborts the copy)."""
@@ -717,11 +717,12 @@ class _Lease:
         self.svc = svc
         self.job = job
 
-    def renew(self) -> None:
+    def renew(self, copied: int = 0) -> None:
         now = self.svc.clock()
         renewed = self.svc.store.transition(
             self.job,
             JobState.COPYING,
+            copy_bytes=copied,
             updated_at=now,
             next_action_at=now + self.svc.copy.lease_seconds,
         )

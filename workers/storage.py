@@ -214,12 +214,13 @@ class SourceReader(io.RawIOBase):
         *,
         expected_size: int | None,
         source: str,
-        heartbeat: Callable[[], None] | None = None,
+        heartbeat: Callable[[int], None] | None = None,
         heartbeat_every: float = 5.0,
     ) -> None:
         super().__init__()
         self._chunks = chunks
-        # Called every ``heartbeat_every`` seconds while bytes flow (a copy renews its lease);
+        # Called with the bytes so far every ``heartbeat_every`` seconds while bytes flow (a copy
+        # renews its lease and reports progress);
         # whatever it raises aborts the upload.
         self._heartbeat = heartbeat
         self._heartbeat_every = heartbeat_every
@@ -275,7 +276,7 @@ class SourceReader(io.RawIOBase):
                 time.monotonic() - self._last_beat >= self._heartbeat_every
             ):
                 self._last_beat = time.monotonic()
-                self._heartbeat()
+                self._heartbeat(self._count)
             self._sha.update(chunk)
             self._count += len(chunk)
             if self._expected is not None and self._count > self._expected:
@@ -378,7 +379,7 @@ class S3Copier:
         key: str,
         *,
         metadata: dict[str, str],
-        heartbeat: Callable[[], None] | None = None,
+        heartbeat: Callable[[int], None] | None = None,
     ) -> StoredObject:
         """Stream ``source_url`` into ``s3://bucket/key``, verify it, and stamp its SHA-256.
 
@@ -461,7 +462,7 @@ class S3Copier:
         key: str,
         metadata: Mapping[str, str],
         source: str,
-        heartbeat: Callable[[], None] | None = None,
+        heartbeat: Callable[[int], None] | None = None,
     ) -> StoredObject:
         length = _content_length(response)
         encoding = response.headers.get("content-encoding", "identity").strip().lower()

@@ -142,7 +142,7 @@ def decode(fields: dict[str, str]) -> Job:
 
 _EVENT_FIELDS = ("remote_status", "error_code", "error_message", "remote_task_id", "s3_uri",
                  "submit_attempts", "copy_attempts", "throttled", "token_waits", "resumes",
-                 "cancel_requested", "webhook_state", "webhook_attempts",
+                 "cancel_requested", "copy_bytes", "webhook_state", "webhook_attempts",
                  "webhook_error")  # fmt: skip
 
 

@@ -292,7 +292,7 @@ class FakeCopier:
     """
 
     def __init__(self, results: Iterable[StoredCopy | BaseException] = ()) -> None:
-        self.heartbeats: list[Callable[[], None] | None] = []
+        self.heartbeats: list[Callable[[int], None] | None] = []
         self.script: deque[StoredCopy | BaseException] = deque(results)
         self.calls: list[tuple[str, str, dict[str, str]]] = []
         self.objects: dict[str, StoredCopy] = {}
@@ -303,7 +303,7 @@ class FakeCopier:
         url: str,
         key: str,
         metadata: dict[str, str],
-        heartbeat: Callable[[], None] | None = None,
+        heartbeat: Callable[[int], None] | None = None,
     ) -> StoredCopy:
         self.heartbeats.append(heartbeat)
         self.calls.append((url, key, dict(metadata)))

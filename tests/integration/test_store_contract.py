@@ -124,6 +124,7 @@ def full_job(job_id: str = "full-1") -> Job:
         video_duration=5.123456789012345,
         copy_attempts=2,
         copy_started_at=T0 + 4,
+        copy_bytes=4096,
         s3_bucket="bucket",
         s3_key="videos/full-1.mp4",
         bytes=12_345_678_901_234,

@@ -217,3 +217,36 @@ class TestCancel:
             "CancelTooLate",
         )
         assert svc.copier.calls == []  # type: ignore[attr-defined]
+
+
+def test_copy_progress_reaches_the_job() -> None:
+    """The reader's heartbeat reports bytes so far; the lease renewal records them on the job."""
+    import io
+
+    from workers.storage import SourceReader
+
+    counts: list[int] = []
+    chunks = iter([b"a" * 10, b"b" * 20, b"c" * 5])
+    reader = SourceReader(chunks, expected_size=35, source="x", heartbeat=counts.append,
+                          heartbeat_every=0)  # fmt: skip
+    assert io.BufferedReader(reader).read() == b"a" * 10 + b"b" * 20 + b"c" * 5
+    assert counts == [0, 10, 30]  # called before each chunk is counted
+
+    svc = make_services()
+    step = submitted(svc)
+    svc.api.poll_script.append(  # type: ignore[attr-defined]
+        RemoteSnapshot(RemoteStatus.SUCCEEDED, "SUCCEEDED", video_url=VIDEO, end_time=clock(svc)())
+    )
+    copy_step = pipeline.poll(svc, "j1", step.version)
+    assert copy_step is not None
+    seen: list[int | None] = []
+
+    def copy(url: str, key: str, metadata: dict[str, str], heartbeat: Any) -> Any:
+        heartbeat(1234)
+        job = svc.store.get("j1")
+        seen.append(job.copy_bytes if job else None)
+        return stored_copy(key)
+
+    svc.copier.copy = copy  # type: ignore[method-assign]
+    pipeline.copy(svc, "j1", copy_step.version)
+    assert seen == [1234]
