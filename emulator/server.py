@@ -44,6 +44,42 @@ class EmulatorServer:
         assert self._app is not None, "start() first"
         return self._app[EMULATOR_KEY]
 
+    def finished_video_url(self, api_key: str, *, seconds: float = 2.0, timeout: float = 30) -> str:
+        """Seed a template for ``api_key``, run one generation to SUCCEEDED, return its signed
+        ``video_url`` (for copy tests and benchmarks)."""
+        import time
+
+        import httpx
+
+        auth = {"Authorization": f"Bearer {api_key}"}
+        with httpx.Client(base_url=self.url, timeout=60) as client:
+            seeded = client.post(
+                "/_emulator/templates", json={"api_key": api_key, "seconds": seconds}
+            )
+            template_id = seeded.raise_for_status().json()["template_id"]
+            submitted = client.post(
+                "/api/v1/services/aigc/image2video/video-synthesis",
+                headers={**auth, "X-DashScope-Async": "enable"},
+                json={
+                    "model": "animate-anyone-gen2",
+                    "input": {
+                        "image_url": f"{self.url}/_emulator/samples/person.png",
+                        "template_id": template_id,
+                    },
+                    "parameters": {},
+                },
+            )
+            task_id = submitted.raise_for_status().json()["output"]["task_id"]
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                output = client.get(f"/api/v1/tasks/{task_id}", headers=auth).json()["output"]
+                if output["task_status"] == "SUCCEEDED":
+                    return str(output["video_url"])
+                if output["task_status"] in ("FAILED", "CANCELED", "UNKNOWN"):
+                    raise RuntimeError(f"task {task_id} ended {output['task_status']}")
+                time.sleep(0.1)
+        raise TimeoutError(f"task {task_id} did not succeed in {timeout} s")
+
     def start(self) -> EmulatorServer:
         ready = threading.Event()
         failure: list[BaseException] = []

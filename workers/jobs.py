@@ -113,6 +113,22 @@ REQUEST_FIELDS = frozenset(
     }
 )
 CALLBACK_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:-]{0,199}\Z")
+
+
+def callback_task_ok(value: Any) -> bool:
+    """A Celery task name of the producer's own (never one of ours)."""
+    return (
+        isinstance(value, str)
+        and bool(CALLBACK_RE.match(value))
+        and not value.startswith("animate.")
+    )
+
+
+def name_ok(value: Any) -> bool:
+    """An account, producer or queue name."""
+    return isinstance(value, str) and bool(NAME_RE.match(value))
+
+
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")  # accounts and producers
 PRIORITY_RANGE = (-100, 100)
 DEFAULT_PRODUCER = "default"
@@ -248,19 +264,13 @@ def parse_request(kwargs: Mapping[str, Any], args: tuple[Any, ...] = ()) -> JobR
             "producer must be 1-64 characters of letters, digits and . _ -",
         )
     callback_task = kwargs.get("callback_task")
-    if callback_task is not None and not (
-        isinstance(callback_task, str)
-        and CALLBACK_RE.match(callback_task)
-        and not callback_task.startswith("animate.")
-    ):
+    if callback_task is not None and not callback_task_ok(callback_task):
         raise reject(
             "InvalidRequest.Callback",
             "callback_task must be a Celery task name of yours (not animate.*)",
         )
     callback_queue = kwargs.get("callback_queue")
-    if callback_queue is not None and not (
-        isinstance(callback_queue, str) and NAME_RE.match(callback_queue)
-    ):
+    if callback_queue is not None and not name_ok(callback_queue):
         raise reject("InvalidRequest.Callback", "callback_queue must be a queue name")
     if callback_queue is not None and callback_task is None:
         raise reject("InvalidRequest.Callback", "callback_queue needs a callback_task")

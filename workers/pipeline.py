@@ -28,8 +28,7 @@ from workers.errors import (
 )
 from workers.guard import AddressGuard, host_allowed
 from workers.jobs import (
-    CALLBACK_RE,
-    NAME_RE,
+    JOB_ID_RE,
     CopyPolicy,
     Finish,
     ImageFacts,
@@ -43,12 +42,14 @@ from workers.jobs import (
     SubmitPolicy,
     Wait,
     WebhookPolicy,
+    callback_task_ok,
     can_move,
     check_image,
     copy_expired,
     decide_copy_error,
     decide_poll,
     decide_poll_error,
+    name_ok,
     parse_request,
     result_object,
     s3_key,
@@ -218,15 +219,13 @@ def intake(
         job_id = raw_id if isinstance(raw_id, str) and _usable_id(raw_id) else message_id
         # The request is refused, but its callback (if that part is sound) still hears why.
         task, queue = kwargs.get("callback_task"), kwargs.get("callback_queue")
-        callback_ok = isinstance(task, str) and bool(CALLBACK_RE.match(task))
-        callback_ok = callback_ok and not str(task).startswith("animate.")
-        queue_ok = isinstance(queue, str) and bool(NAME_RE.match(queue))
+        callback_ok = callback_task_ok(task)
         placeholder = JobRequest(
             image_url="",
             template_id="",
             job_id=job_id,
             callback_task=task if callback_ok else None,
-            callback_queue=queue if callback_ok and queue_ok else None,
+            callback_queue=queue if callback_ok and name_ok(queue) else None,
         )
         job = Job(
             job_id=job_id,
@@ -362,8 +361,6 @@ def _wait_for_token(svc: Services, job: Job, kind: str, step: Step) -> Next | No
 
 
 def _usable_id(value: str) -> bool:
-    from workers.jobs import JOB_ID_RE
-
     return bool(JOB_ID_RE.match(value))
 
 

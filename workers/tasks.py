@@ -8,6 +8,7 @@ messages wait in Redis across deploys. Arguments are always ``(job_id, version)`
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
@@ -24,8 +25,9 @@ log = logging.getLogger(__name__)
 LOCK_KEY = f"{settings.key_prefix}:watchdog-lock"
 
 
+@functools.cache
 def svc_lock() -> Any:
-    return redis_client(settings)
+    return redis_client(settings)  # one connection pool per process, not one per tick
 
 
 RETRY: dict[str, Any] = {

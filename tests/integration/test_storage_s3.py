@@ -10,7 +10,6 @@ import hashlib
 import http.server
 import io
 import threading
-import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -71,31 +70,7 @@ def http_client() -> Iterator[httpx.Client]:
 
 def video_url(emulator: EmulatorServer, api_key: str) -> str:
     """A real signed video_url: seed a template, submit a generation, poll until SUCCEEDED."""
-    auth = {"Authorization": f"Bearer {api_key}"}
-    with httpx.Client(base_url=emulator.url, timeout=10) as client:
-        seeded = client.post("/_emulator/templates", json={"api_key": api_key, "seconds": 2})
-        template_id = seeded.raise_for_status().json()["template_id"]
-        submitted = client.post(
-            "/api/v1/services/aigc/image2video/video-synthesis",
-            headers={**auth, "X-DashScope-Async": "enable"},
-            json={
-                "model": "animate-anyone-gen2",
-                "input": {
-                    "image_url": f"{emulator.url}/_emulator/samples/person.png",
-                    "template_id": template_id,
-                },
-                "parameters": {},
-            },
-        )
-        task_id = submitted.raise_for_status().json()["output"]["task_id"]
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            output = client.get(f"/api/v1/tasks/{task_id}", headers=auth).json()["output"]
-            if output["task_status"] == "SUCCEEDED":
-                return str(output["video_url"])
-            assert output["task_status"] not in ("FAILED", "CANCELED", "UNKNOWN"), output
-            time.sleep(0.1)
-    raise AssertionError(f"task {task_id} did not succeed in time")
+    return emulator.finished_video_url(api_key)
 
 
 def uploads_in_progress(s3: Any, bucket: str) -> list[Any]:
