@@ -80,6 +80,30 @@ class Settings(BaseSettings):
     # Hosts a finished video may be downloaded from (comma list of patterns).
     video_url_hosts: str = "*.aliyuncs.com"
 
+    # --- The workflow before generation: image check, action templates, inputs
+    dashscope_detect_model: str = "animate-anyone-detect-gen2"
+    dashscope_template_model: str = "animate-anyone-template-gen2"
+    # A half-body image with use_ref_img_bg=false makes DashScope invent the legs (its docs
+    # advise against it): "reject" ends the job REJECTED before anything is paid; "warn" records
+    # a warning on the job and goes on.
+    half_body_without_ref_bg: Literal["reject", "warn"] = "reject"
+    detect_cache_seconds: int = Field(default=30 * 24 * 3600, ge=60)  # per image hash + account
+    detect_max_attempts: int = Field(default=6, ge=1)
+    # Template videos are downloaded (at most 200 MB), hashed and probed before any template is
+    # paid for; one attempt may take this long before the watchdog resumes it elsewhere.
+    video_probe_timeout: float = Field(default=120.0, gt=0)
+    prepare_max_attempts: int = Field(default=6, ge=1)
+    # A job waiting for its template is woken when the template job ends; this is the safety
+    # net if that wake-up is lost (the watchdog re-checks it after this long).
+    template_wait_recheck_seconds: float = Field(default=600.0, gt=0)
+    # Local files travel producer -> worker through our bucket, content-addressed under
+    # INPUT_PREFIX. DashScope gets them as presigned GET URLs valid this long ("s3"), or
+    # re-uploaded to its free temporary storage as oss:// URLs, bound to one account and model
+    # and valid 48 h ("oss", docs §7).
+    input_prefix: str = "inputs/"
+    input_upload_mode: Literal["s3", "oss"] = "s3"
+    input_url_ttl_seconds: int = Field(default=24 * 3600, ge=300, le=7 * 24 * 3600)
+
     # --- Submitting and polling
     submit_max_attempts: int = Field(default=8, ge=1)
     submit_backoff_base: float = Field(default=2.0, gt=0)

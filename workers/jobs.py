@@ -324,6 +324,70 @@ def check_image(facts: ImageFacts) -> None:
         )
 
 
+# DashScope's documented limits for template (dance) videos (animate-anyone-template-gen2, §3).
+VIDEO_FORMATS = ("mp4", "mov", "avi")  # containers
+VIDEO_CODECS = ("h264", "hevc")  # H.264 / H.265
+VIDEO_MAX_BYTES = 200 * 1024 * 1024
+VIDEO_SIDES = (200, 2048)
+VIDEO_MIN_FPS = 23.9  # documented as >= 24; slack for 23.976 (NTSC film) clips
+VIDEO_SECONDS = (2.0, 60.0)
+VIDEO_MAX_ASPECT = 3.0  # between 1:3 and 3:1
+
+
+@dataclass(frozen=True)
+class VideoFacts:
+    """What a probe (PyAV) learned about a template video, and its content hash."""
+
+    format: str | None  # "mp4" | "mov" | "avi" | another container name | None (unreadable)
+    codec: str | None  # "h264" | "hevc" | ...
+    byte_size: int
+    width: int
+    height: int
+    fps: float
+    seconds: float
+    sha256: str
+
+
+def check_template_video(facts: VideoFacts) -> None:
+    """Refuse a template video DashScope would refuse (its documented limits), before paying."""
+    if facts.format not in VIDEO_FORMATS:
+        raise reject(
+            "InvalidVideo.Format",
+            f"video container is {facts.format or 'unreadable'}; it must be MP4, MOV or AVI",
+        )
+    if facts.codec not in VIDEO_CODECS:
+        raise reject(
+            "InvalidVideo.Codec",
+            f"video codec is {facts.codec or 'unknown'}; it must be H.264 or H.265",
+        )
+    if facts.byte_size > VIDEO_MAX_BYTES:
+        raise reject(
+            "InvalidVideo.Size",
+            f"video is {facts.byte_size} bytes; at most 200 MB ({VIDEO_MAX_BYTES} bytes)",
+        )
+    low, high = VIDEO_SIDES
+    if not (low <= facts.width <= high and low <= facts.height <= high):
+        raise reject(
+            "InvalidVideo.Resolution",
+            f"video is {facts.width}x{facts.height}; each side must be {low}-{high} px",
+        )
+    if facts.fps < VIDEO_MIN_FPS:
+        raise reject("InvalidVideo.FPS", f"video is {facts.fps:.2f} fps; at least 24 fps")
+    shortest, longest = VIDEO_SECONDS
+    if not shortest <= facts.seconds <= longest:
+        raise reject(
+            "InvalidVideo.Duration",
+            f"video lasts {facts.seconds:.2f} s; it must last {shortest:.0f}-{longest:.0f} s",
+        )
+    aspect = max(facts.width, facts.height) / min(facts.width, facts.height)
+    if aspect > VIDEO_MAX_ASPECT:
+        raise reject(
+            "InvalidVideo.AspectRatio",
+            f"video is {facts.width}x{facts.height} (aspect {aspect:.2f}); "
+            "it must be between 1:3 and 3:1",
+        )
+
+
 # ----------------------------------------------------------------------------- the job record
 
 
