@@ -69,6 +69,8 @@ app.conf.update(
     worker_enable_soft_shutdown_on_idle=True,
     task_default_queue=QUEUE_INTAKE,
     task_routes={
+        "animate.detect": {"queue": QUEUE_DASHSCOPE},
+        "animate.prepare": {"queue": QUEUE_TRANSFER},  # downloads the dance video
         "animate.submit": {"queue": QUEUE_DASHSCOPE},
         "animate.poll": {"queue": QUEUE_DASHSCOPE},
         "animate.copy": {"queue": QUEUE_TRANSFER},

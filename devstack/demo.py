@@ -1,21 +1,23 @@
-"""``make demo``: one job end to end on embedded defaults, then show where the video went.
+"""``make demo``: the whole workflow end to end on embedded defaults, then where the video went.
 
 It uses ``REDIS_URL`` if that answers, else starts a redis-server of its own; starts the DashScope
-emulator, a local S3 API (moto) and a real Celery worker; makes an action template from a generated
-dance clip; enqueues a job with the bundled character image; waits with progress; downloads the
-stored object to ``demo-output/<job_id>.mp4``; prints a summary; and stops everything it started.
+emulator, a local S3 API (moto) and a real Celery worker. Then, from the two bundled local files
+(``devstack/assets/person.png`` and ``dance.mp4``), one ``generate`` call does everything: the
+files go to the bucket (content-addressed), the image is checked by DashScope's detector, an
+action template is made from the dance, the video is generated and copied into S3. The demo waits
+with progress, downloads the stored object to ``demo-output/<job_id>.mp4``, prints a summary and
+the job's timeline, and stops everything it started.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-import httpx
 from rich.console import Console
 from rich.table import Table
 
@@ -23,43 +25,13 @@ from devstack import RedisServer, S3Server, Worker, redis_answers
 from emulator.config import EmulatorConfig
 from emulator.server import EmulatorServer
 from workers.client import AnimateQueue
-from workers.dashscope import DashScopeClient
-from workers.jobs import RemoteStatus
+from workers.inputs import S3Inputs
 
 ASSETS = Path(__file__).parent / "assets"
 BUCKET = "animate-queue-demo"
 API_KEY = "sk-demo-not-a-real-key"
 DEMO_DB = 13  # on a Redis that is already running
 console = Console()
-
-
-def make_template(emulator: EmulatorServer) -> str:
-    """Action-template generation through the emulator, from a generated 3 s dance clip."""
-    with httpx.Client(timeout=30) as http:
-        client = DashScopeClient(http, api_key=API_KEY, base_url=emulator.base_url)
-        clip = f"{emulator.url}/_emulator/samples/dance.mp4?seconds=3&fps=24&width=360&height=640"
-        task = client.submit_async(
-            "aa-template-generation", "animate-anyone-template-gen2", {"video_url": clip}
-        )
-        while True:
-            remote = client.get_task(task.task_id)
-            if remote.status not in (RemoteStatus.PENDING, RemoteStatus.RUNNING):
-                break
-            time.sleep(0.3)
-    if remote.status != RemoteStatus.SUCCEEDED or not remote.template_id:
-        raise SystemExit(f"template generation ended {remote.raw_status}: {remote.message}")
-    return remote.template_id
-
-
-def host_image(emulator: EmulatorServer) -> str:
-    data = (ASSETS / "person.png").read_bytes()
-    r = httpx.put(
-        f"{emulator.url}/_emulator/files/person.png",
-        content=data,
-        headers={"Content-Type": "image/png"},
-    )
-    r.raise_for_status()
-    return str(r.json()["url"])
 
 
 def summary(view: dict[str, Any], local: Path) -> Table:
@@ -70,6 +42,10 @@ def summary(view: dict[str, Any], local: Path) -> Table:
     for name, value in (
         ("job id", view["job_id"]),
         ("state", view["state"]),
+        ("image", view["request"]["image_url"]),
+        ("dance video", view["request"]["video_url"]),
+        ("image check", f"passed, bodystyle {view['detection']['bodystyle']}"),
+        ("action template", f"{view['template_id']} (made by job {view['template_job_id']})"),
         ("S3 URI", view["s3_uri"]),
         ("bytes", f"{view['bytes']:,}" if view["bytes"] else "-"),
         ("SHA-256", view["sha256"]),
@@ -81,6 +57,21 @@ def summary(view: dict[str, Any], local: Path) -> Table:
         ("local copy", str(local)),
     ):
         table.add_row(name, str(value))
+    return table
+
+
+def timeline(queue: AnimateQueue, job_id: str) -> Table:
+    table = Table(title=f"timeline of {job_id}")
+    for column in ("time (UTC)", "state", "detail"):
+        table.add_column(column)
+    for event in queue.timeline(job_id):
+        if "to" not in event:
+            continue
+        at = datetime.fromtimestamp(event["at"], UTC).strftime("%H:%M:%S.%f")[:-3]
+        detail = ", ".join(
+            f"{k}={v}" for k, v in event.items() if k not in ("at", "to", "from", "created")
+        )
+        table.add_row(at, event["to"], detail)
     return table
 
 
@@ -129,14 +120,12 @@ def main() -> int:
         worker = stack.enter_context(Worker(env))
         console.print(f"[green]✓[/] Celery worker running (log: {worker.log_path})")
 
-        template_id = make_template(emulator)
-        console.print(f"[green]✓[/] action template {template_id}")
-        image_url = host_image(emulator)
-
-        queue = AnimateQueue(redis_url, key_prefix=prefix)
+        inputs = S3Inputs(s3.client(), BUCKET)
+        queue = AnimateQueue(redis_url, key_prefix=prefix, inputs=inputs)
         stack.callback(queue.close)
-        job_id = queue.submit(image_url, template_id, metadata={"source": "make demo"})
-        console.print(f"[green]✓[/] enqueued job {job_id}")
+        image, dance = ASSETS / "person.png", ASSETS / "dance.mp4"
+        job_id = queue.generate(image, video=dance, metadata={"source": "make demo"})
+        console.print(f"[green]✓[/] enqueued job {job_id}: {image.name} dancing like {dance.name}")
         with console.status("waiting") as status:
 
             def progress(view: dict[str, Any] | None) -> None:
@@ -155,6 +144,7 @@ def main() -> int:
         local = out_dir / f"{job_id}.mp4"
         s3.client().download_file(BUCKET, view["s3_key"], str(local))
         console.print(summary(view, local))
+        console.print(timeline(queue, job_id))
     console.print("[green]✓[/] stopped everything the demo started")
     return 0
 

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, fields
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import parse_qs, urlencode
 
 import aiohttp
 from aiohttp import web
@@ -70,6 +70,16 @@ def parse_list_time(text: str) -> float:
     return datetime.strptime(text, "%Y%m%d%H%M%S").replace(tzinfo=BEIJING).timestamp()
 
 
+def comment_trigger(comment: str | None, name: str) -> str | None:
+    """A trigger in a video's ``comment`` tag, in query form: ``emulator_fail=InvalidFile.Content``.
+
+    Inputs uploaded from local files arrive through presigned or ``oss://`` URLs whose query a
+    test does not control, so the trigger can ride in the media itself.
+    """
+    values = parse_qs(comment.strip()).get(name) if comment else None
+    return values[0] if values else None
+
+
 @dataclass
 class Template:
     template_id: str
@@ -78,6 +88,7 @@ class Template:
     width: int
     height: int
     task_id: str | None  # None for templates seeded through the admin API
+    revoked: bool = False  # set through the admin API: the template is then unusable
 
 
 @dataclass
@@ -141,6 +152,8 @@ class Emulator:
         r.add_get("/_emulator/clock", self.admin_clock)
         r.add_post("/_emulator/clock", self.admin_clock)
         r.add_post("/_emulator/templates", self.admin_template)
+        r.add_get("/_emulator/templates", self.admin_list_templates)
+        r.add_delete("/_emulator/templates/{template_id}", self.admin_revoke_template)
         r.add_get("/_emulator/tasks", self.admin_tasks)
         r.add_put("/_emulator/files/{name}", self.admin_put_file)
         r.add_get("/_emulator/files/{name}", self.admin_get_file)
@@ -406,11 +419,14 @@ class Emulator:
             request, inputs.get("image_url"), "input.image_url",
             account=account, model=DETECT_MODEL, video=False,
         )  # fmt: skip
-        await self.check_image(fetched)
+        info = await self.check_image(fetched)
         self.take((account, DETECT_MODEL), self.config.detect_rate)
         self.stats.add(account, DETECT_MODEL, "detections")
-        trigger = url_trigger(fetched.trigger_url, "emulator_detect")
+        trigger = url_trigger(fetched.trigger_url, "emulator_detect") or info.text.get(
+            "emulator_detect"
+        )
         if trigger in DETECT_REASONS:
+            self.stats.add(account, DETECT_MODEL, "detections_failed")
             output: dict[str, Any] = {
                 "check_pass": False,
                 "reason": DETECT_REASONS[trigger],
@@ -439,7 +455,10 @@ class Emulator:
             fetched.path.unlink(missing_ok=True)
         self.take((account, TEMPLATE_MODEL, "submit"), self.config.submit_rate)
         template_id = f"AACT.{account}.{uuid.uuid4()}"
-        failure = self.faults.task_failure(url_trigger(fetched.trigger_url, "emulator_fail"))
+        failure = self.faults.task_failure(
+            url_trigger(fetched.trigger_url, "emulator_fail")
+            or comment_trigger(info.comment, "emulator_fail")
+        )
         task = self.book.add(
             account=account,
             model=TEMPLATE_MODEL,
@@ -484,13 +503,15 @@ class Emulator:
             request, inputs.get("image_url"), "input.image_url",
             account=account, model=VIDEO_MODEL, video=False,
         )  # fmt: skip
-        await self.check_image(fetched)
+        info = await self.check_image(fetched)
         self.take((account, VIDEO_MODEL, "submit"), self.config.submit_rate)
         data = fetched.data or b""
         digest = hashlib.sha256(data).hexdigest()
         self.images[digest] = data
         width, height = self.output_size(use_bg, ratio, template)
-        failure = self.faults.task_failure(url_trigger(fetched.trigger_url, "emulator_fail"))
+        failure = self.faults.task_failure(
+            url_trigger(fetched.trigger_url, "emulator_fail") or info.text.get("emulator_fail")
+        )
         c = self.config
         task = self.book.add(
             account=account,
@@ -520,6 +541,9 @@ class Emulator:
 
     def _accepted(self, request: web.Request, task: tasks.Task) -> web.StreamResponse:
         self.stats.add(task.account, task.model, "submitted")
+        # Named per kind as well, so the totals keep templates and (paid) videos apart.
+        kind = "template_submissions" if task.model == TEMPLATE_MODEL else "video_submissions"
+        self.stats.add(task.account, task.model, kind)
         return web.json_response(
             {
                 "output": {"task_id": task.task_id, "task_status": tasks.PENDING},
@@ -529,7 +553,7 @@ class Emulator:
 
     def usable_template(self, template_id: str, account: str) -> Template | None:
         template = self.templates.get(template_id)
-        if template is None or template.account != account:
+        if template is None or template.account != account or template.revoked:
             return None
         if template.task_id is not None:
             source = self.book.get(template.task_id, self.clock.now())
@@ -889,6 +913,18 @@ class Emulator:
         template_id = f"AACT.{account}.{uuid.uuid4()}"
         self.templates[template_id] = Template(template_id, account, seconds, width, height, None)
         return web.json_response({"template_id": template_id, "seconds": seconds})
+
+    async def admin_list_templates(self, request: web.Request) -> web.StreamResponse:
+        """Every template (generated or seeded), with its account and whether it was revoked."""
+        return web.json_response([asdict(t) for t in self.templates.values()])
+
+    async def admin_revoke_template(self, request: web.Request) -> web.StreamResponse:
+        """Make a template unusable: a later submit naming it gets ``InvalidFile.Template.Content``."""
+        template = self.templates.get(request.match_info["template_id"])
+        if template is None:
+            return web.json_response({"error": "no such template"}, status=404)
+        template.revoked = True
+        return web.json_response(asdict(template))
 
     async def admin_tasks(self, request: web.Request) -> web.StreamResponse:
         now = self.clock.now()

@@ -19,9 +19,9 @@ import os
 import shutil
 import struct
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
 
@@ -105,18 +105,29 @@ class ImageInfo:
     width: int
     height: int
     size_bytes: int
+    # PNG text chunks (tEXt/zTXt/iTXt) ahead of the image data, where Pillow writes them; the
+    # emulator reads its content triggers here. Empty for other formats.
+    text: Mapping[str, str] = field(default_factory=dict, hash=False)
 
 
 def probe_image(data: bytes) -> ImageInfo:
     """Identify a person image and apply DashScope's limits, raising `MediaError` on refusal.
 
     Checks, in order: Pillow can open (and verify) it; JPEG/PNG/BMP; under 5 MiB; aspect ratio at
-    most 2 and longest side at most 4096. The pixels are not decoded.
+    most 2 and longest side at most 4096. The pixels are not decoded, so only text chunks that
+    come before the image data are seen.
     """
     try:
         with Image.open(io.BytesIO(data)) as im:
             fmt = im.format or ""
             width, height = im.size
+            # Pillow files text chunks in ``info`` next to dpi, gamma, icc_profile...: the
+            # string values are the text ones.
+            text = {
+                k: str(v)
+                for k, v in im.info.items()
+                if fmt == "PNG" and isinstance(k, str) and isinstance(v, str)
+            }
             im.verify()  # walks the chunks/CRCs: catches truncated or corrupt files cheaply
     except Image.DecompressionBombError as exc:
         # Pillow refuses absurd dimensions before we can look at them: that is a size refusal.
@@ -131,7 +142,7 @@ def probe_image(data: bytes) -> ImageInfo:
     short, long = min(width, height), max(width, height)
     if short < 1 or long / short > IMAGE_MAX_ASPECT or long > IMAGE_MAX_SIDE:
         raise MediaError("InvalidFile.ImageSize", MSG_IMAGE_DIMENSIONS)
-    return ImageInfo(format=fmt, width=width, height=height, size_bytes=len(data))
+    return ImageInfo(format=fmt, width=width, height=height, size_bytes=len(data), text=text)
 
 
 # --------------------------------------------------------------------------------------- videos
@@ -148,6 +159,7 @@ class VideoInfo:
     fps: float
     duration: float  # seconds
     size_bytes: int
+    comment: str | None = None  # the container's ``comment`` metadata tag (content triggers)
 
 
 def probe_video(path: Path) -> VideoInfo:
@@ -178,6 +190,7 @@ def probe_video(path: Path) -> VideoInfo:
                 fps=fps,
                 duration=duration,
                 size_bytes=size_bytes,
+                comment=container.metadata.get("comment") or None,
             )
     except MediaError:
         raise
@@ -257,9 +270,17 @@ def _check_even_size(width: int, height: int) -> None:
 
 
 def _write_h264(
-    path: Path, frames: Iterable[Image.Image], *, fps: int, width: int, height: int
+    path: Path,
+    frames: Iterable[Image.Image],
+    *,
+    fps: int,
+    width: int,
+    height: int,
+    metadata: Mapping[str, str] | None = None,
 ) -> None:
     """Encode RGB images to an H.264/yuv420p MP4 of width x height at a constant `fps`.
+
+    `metadata` becomes container tags (``{"comment": ...}`` is what `probe_video` reads back).
 
     Images of another size are scaled (bilinear) by swscale while it converts them to yuv420p,
     which is much faster than resampling in Pillow. Frame i gets pts i in a 1/fps time base, so
@@ -269,6 +290,7 @@ def _write_h264(
     codec_name, options = _h264_encoder()
     time_base = Fraction(1, fps)
     with _atomic_target(path) as tmp, av.open(str(tmp), "w", format="mp4") as container:
+        container.metadata.update(metadata or {})
         stream = container.add_stream(codec_name, rate=fps, options=dict(options))
         if not isinstance(stream, VideoStream):
             raise RuntimeError(f"{codec_name} did not make a video stream")
@@ -408,11 +430,18 @@ def sample_person_png(width: int = 512, height: int = 1024) -> bytes:
 
 
 def sample_dance_mp4(
-    path: Path, *, seconds: float = 3.0, fps: int = 24, width: int = 360, height: int = 640
+    path: Path,
+    *,
+    seconds: float = 3.0,
+    fps: int = 24,
+    width: int = 360,
+    height: int = 640,
+    comment: str | None = None,
 ) -> None:
     """Write an H.264 MP4 of a dancing stick figure: round(seconds * fps) frames at `fps`.
 
-    With the defaults it passes `check_template_video`. Atomic.
+    With the defaults it passes `check_template_video`. `comment` sets the container's
+    ``comment`` tag (``"emulator_fail=CODE"`` makes the emulator fail its template task). Atomic.
     """
     count = max(1, round(seconds * fps))
 
@@ -427,4 +456,5 @@ def sample_dance_mp4(
             )
             yield image
 
-    _write_h264(path, frames(), fps=fps, width=width, height=height)
+    metadata = {"comment": comment} if comment else None
+    _write_h264(path, frames(), fps=fps, width=width, height=height, metadata=metadata)

@@ -1,15 +1,26 @@
-"""Fitting the DashScope client and the S3 copier to the pipeline's ports (core types in and out)."""
+"""Fitting the DashScope client, the S3 copier and the input bucket to the pipeline's ports (core
+types in and out)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
+from pathlib import PurePosixPath
 
 import httpx
+import redis
+from botocore.exceptions import BotoCoreError, ClientError
 
 from workers.dashscope import DashScopeClient, RemoteTask, VideoRequest
-from workers.errors import DashScopeRejected, TransientError
-from workers.jobs import JobRequest, RemoteSnapshot
+from workers.errors import (
+    DashScopeRejected,
+    InvalidJobRequest,
+    StorageUnavailable,
+    StoreUnavailable,
+    TransientError,
+)
+from workers.inputs import S3Inputs, parse_s3_ref
+from workers.jobs import Detection, JobKind, JobRequest, RemoteSnapshot
 from workers.pipeline import StoredCopy
 from workers.storage import S3Copier
 
@@ -21,9 +32,22 @@ _AMBIGUOUS = (httpx.ReadTimeout, httpx.WriteTimeout, httpx.ReadError, httpx.Writ
 class DashScopeVideoApi:
     """The pipeline's ``VideoApi`` over one :class:`DashScopeClient` per account."""
 
-    def __init__(self, clients: Mapping[str, DashScopeClient], model: str) -> None:
+    def __init__(
+        self,
+        clients: Mapping[str, DashScopeClient],
+        model: str,
+        *,
+        template_model: str = "animate-anyone-template-gen2",
+        detect_model: str = "animate-anyone-detect-gen2",
+    ) -> None:
         self.clients = dict(clients)
         self.model = model
+        self.template_model = template_model
+        self.detect_model = detect_model
+
+    def model_for(self, kind: str) -> str:
+        """The model name behind a step: ``video``, ``template`` or ``detect``."""
+        return {"template": self.template_model, "detect": self.detect_model}.get(kind, self.model)
 
     def _client(self, account: str) -> DashScopeClient:
         try:
@@ -44,6 +68,25 @@ class DashScopeVideoApi:
         )
         return submitted.task_id
 
+    def submit_template(self, account: str, video_url: str) -> str:
+        submitted = self._client(account).submit_async(
+            "aa-template-generation", self.template_model, {"video_url": video_url}
+        )
+        return submitted.task_id
+
+    def detect(self, account: str, image_url: str) -> Detection:
+        output = self._client(account).detect(image_url, model=self.detect_model)
+        bodystyle, reason = output.get("bodystyle"), output.get("reason")
+        return Detection(
+            check_pass=bool(output["check_pass"]),
+            bodystyle=bodystyle if isinstance(bodystyle, str) and bodystyle else None,
+            reason=reason if isinstance(reason, str) and reason else None,
+        )
+
+    def upload(self, account: str, kind: str, filename: str, data: bytes) -> str:
+        """DashScope's temporary storage (docs §7): an oss:// URL for one account and model."""
+        return self._client(account).upload(self.model_for(kind), filename, data)
+
     def submit_is_ambiguous(self, exc: TransientError) -> bool:
         return isinstance(exc.__cause__, _AMBIGUOUS)
 
@@ -53,11 +96,13 @@ class DashScopeVideoApi:
     def cancel(self, account: str, task_id: str) -> None:
         self._client(account).cancel_task(task_id)
 
-    def recent_tasks(self, account: str, since: float, until: float) -> list[str]:
+    def recent_tasks(
+        self, account: str, since: float, until: float, kind: str = JobKind.VIDEO
+    ) -> list[str]:
         page = self._client(account).list_tasks(
             start=datetime.fromtimestamp(since, UTC),
             end=datetime.fromtimestamp(until, UTC),
-            model=self.model,
+            model=self.model_for(kind),
             page_size=100,
         )
         return [item.task_id for item in page.items]
@@ -72,6 +117,7 @@ def snapshot(task: RemoteTask) -> RemoteSnapshot:
         end_time=task.end_time.timestamp() if task.end_time else None,
         code=task.code,
         message=task.message,
+        template_id=task.template_id,
     )
 
 
@@ -94,3 +140,71 @@ class S3CopierPort:
     def find(self, key: str) -> StoredCopy | None:
         stored = self.copier.find(key)
         return StoredCopy(stored.bucket, stored.key, stored.size, stored.sha256) if stored else None
+
+
+OSS_URL_SECONDS = 47 * 3600  # DashScope keeps a temporary upload 48 h (docs §7); an hour spare
+
+
+class BucketInputs:
+    """The pipeline's ``Inputs`` port over our bucket.
+
+    ``s3://`` references become presigned GET URLs. In ``oss`` mode DashScope gets them through
+    its temporary storage instead: the object is read from the bucket and uploaded once per
+    account and model (DashScope binds each upload to both), and the oss:// URL is cached in
+    Redis while it lives. That mode holds the file in memory during the upload (images are at
+    most 5 MB, dance videos at most 200 MB); DashScope documents the storage as not meant for
+    production, which is why presigned URLs are the default.
+    """
+
+    def __init__(
+        self,
+        inputs: S3Inputs,
+        *,
+        ttl: int,
+        mode: str = "s3",
+        api: DashScopeVideoApi | None = None,
+        cache: redis.Redis | None = None,
+        prefix: str = "animate-queue",
+    ) -> None:
+        self.inputs = inputs
+        self.ttl = ttl
+        self.mode = mode
+        self.api = api
+        self.cache = cache
+        self.prefix = prefix
+
+    def for_us(self, ref: str) -> tuple[str, bool]:
+        if parse_s3_ref(ref) is None:
+            return ref, False
+        return self._presign(ref, 3600), True
+
+    def for_dashscope(self, ref: str, account: str, model: str) -> str:
+        where = parse_s3_ref(ref)
+        if where is None:
+            return ref
+        if self.mode != "oss":
+            return self._presign(ref, self.ttl)
+        assert self.api is not None and self.cache is not None
+        cache_key = f"{self.prefix}:oss:{account}:{model}:{where[1]}"
+        try:
+            cached = self.cache.get(cache_key)
+        except redis.RedisError as exc:
+            raise StoreUnavailable(f"reading the upload cache: {exc}") from exc
+        if cached is not None:
+            return cached.decode() if isinstance(cached, bytes) else str(cached)
+        try:
+            body = self.inputs.s3.get_object(Bucket=where[0], Key=where[1])["Body"].read()
+        except (BotoCoreError, ClientError) as exc:
+            raise StorageUnavailable(f"reading {ref}: {type(exc).__name__}") from exc
+        url = self.api.upload(account, model, PurePosixPath(where[1]).name, body)
+        try:
+            self.cache.set(cache_key, url, ex=OSS_URL_SECONDS)
+        except redis.RedisError as exc:
+            raise StoreUnavailable(f"writing the upload cache: {exc}") from exc
+        return url
+
+    def _presign(self, ref: str, ttl: int) -> str:
+        try:
+            return self.inputs.presign(ref, ttl)
+        except ValueError as exc:
+            raise InvalidJobRequest(str(exc), code="InvalidRequest.BadUrl") from None

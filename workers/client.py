@@ -1,29 +1,52 @@
-"""The producers' Python API: ``submit``, ``get``, ``wait``. It needs only the Redis URL.
+"""The producers' Python API: ``generate``, ``make_template``, ``get``, ``wait``, ``download``.
 
->>> queue = AnimateQueue("redis://127.0.0.1:6379/0")
->>> job_id = queue.submit("https://example.com/me.png", "AACT.xxx", job_id="order-42")
+>>> s3 = make_s3_client(endpoint_url=None, region="eu-central-1")
+>>> queue = AnimateQueue("redis://127.0.0.1:6379/0", inputs=S3Inputs(s3, "my-bucket"))
+>>> job_id = queue.generate(Path("me.png"), video=Path("dance.mp4"), job_id="order-42")
 >>> queue.wait(job_id, timeout=900)["state"]
 'STORED'
+>>> queue.download(job_id, Path("out"))
+PosixPath('out/order-42.mp4')
 
-Submitting sends the public ``animate.generate`` message (JSON kwargs) to Celery's default queue;
-reading goes straight to the job records. No DashScope key or AWS credential is needed here.
+``image`` and ``video`` are http(s) URLs, ``s3://`` references into our bucket, or local files.
+Local files are checked here with the workers' own rules (a refusal raises ``InvalidJobRequest``
+before anything is uploaded or sent), then uploaded once, content-addressed, through ``inputs``
+(an :class:`~workers.inputs.S3Inputs`). Without local files only the Redis URL is needed: the
+job is the public ``animate.generate`` (or ``animate.template``) message with JSON kwargs on
+Celery's default queue, and reading goes straight to the job records. No DashScope key is needed.
+``submit(image_url, template_id)`` is the older URL-only form of ``generate``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import tempfile
 import time
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import redis
+from boto3.exceptions import Boto3Error
+from botocore.exceptions import BotoCoreError, ClientError
 from celery import Celery
 
+from workers.errors import CopyMismatch, JobNotFound, StorageUnavailable
 from workers.governor import RedisGovernor
+from workers.inputs import (
+    S3Inputs,
+    check_local_image,
+    check_local_video,
+    is_local,
+    local_path,
+)
 from workers.jobs import FINAL_STATES, job_view
 from workers.store import RedisJobStore
 
 INTAKE_TASK = "animate.generate"
+TEMPLATE_TASK = "animate.template"
 INTAKE_QUEUE = "celery"
 
 
@@ -43,7 +66,9 @@ class AnimateQueue:
         key_prefix: str = "animate-queue",
         rates: dict[str, float] | None = None,
         capacity: int = 2,
+        inputs: S3Inputs | None = None,
     ) -> None:
+        self.inputs = inputs  # only needed to send local files, or to download videos
         self.celery = Celery(
             "animate_queue_producer",
             broker=broker_url or redis_url,
@@ -93,6 +118,163 @@ class AnimateQueue:
         message_id = str(uuid.uuid4())
         self.celery.send_task(INTAKE_TASK, kwargs=kwargs, queue=INTAKE_QUEUE, task_id=message_id)
         return job_id or message_id
+
+    def generate(
+        self,
+        image: str | Path,
+        *,
+        video: str | Path | None = None,
+        template_id: str | None = None,
+        detect: bool | None = None,
+        use_ref_img_bg: bool | None = None,
+        video_ratio: str | None = None,
+        job_id: str | None = None,
+        metadata: dict[str, Any] | None = None,
+        account: str | None = None,
+        priority: int | None = None,
+        producer: str | None = None,
+        callback_task: str | None = None,
+        callback_queue: str | None = None,
+        webhook_url: str | None = None,
+    ) -> str:
+        """Enqueue a video job (``animate.generate``); its id.
+
+        The motion is either ``template_id`` or ``video`` (the dance video: the workers reuse or
+        make the account's template for it). ``detect=False`` skips DashScope's image check.
+        Local files are checked, then uploaded through ``inputs``; ``InvalidJobRequest`` (its
+        ``code`` says why) or ``FileNotFoundError`` means nothing was uploaded or sent.
+        """
+        if (video is None) == (template_id is None):
+            raise ValueError("give exactly one of video and template_id")
+        image_path = self._local(image, "image")
+        video_path = self._local(video, "video") if video is not None else None
+        if image_path is not None:
+            check_local_image(image_path)
+        if video_path is not None:
+            check_local_video(video_path)
+        kwargs: dict[str, Any] = {"image_url": self._upload(image, image_path)}
+        if video is not None:
+            kwargs["video_url"] = self._upload(video, video_path)
+        else:
+            kwargs["template_id"] = template_id
+        optional = {
+            "detect": detect,
+            "use_ref_img_bg": use_ref_img_bg,
+            "video_ratio": video_ratio,
+            "job_id": job_id,
+            "metadata": metadata,
+            "account": account,
+            "priority": priority,
+            "producer": producer,
+            "callback_task": callback_task,
+            "callback_queue": callback_queue,
+            "webhook_url": webhook_url,
+        }
+        return self._send(INTAKE_TASK, kwargs, optional)
+
+    def make_template(
+        self,
+        video: str | Path,
+        *,
+        account: str | None = None,
+        job_id: str | None = None,
+        metadata: dict[str, Any] | None = None,
+        priority: int | None = None,
+        producer: str | None = None,
+        callback_task: str | None = None,
+        callback_queue: str | None = None,
+        webhook_url: str | None = None,
+    ) -> str:
+        """Enqueue a template job (``animate.template``); its id.
+
+        It ends ``READY`` with ``template_id`` on its record (or FAILED/REJECTED/CANCELED).
+        A local video is checked and uploaded as in :meth:`generate`.
+        """
+        video_path = self._local(video, "video")
+        if video_path is not None:
+            check_local_video(video_path)
+        kwargs: dict[str, Any] = {"video_url": self._upload(video, video_path)}
+        optional = {
+            "account": account,
+            "job_id": job_id,
+            "metadata": metadata,
+            "priority": priority,
+            "producer": producer,
+            "callback_task": callback_task,
+            "callback_queue": callback_queue,
+            "webhook_url": webhook_url,
+        }
+        return self._send(TEMPLATE_TASK, kwargs, optional)
+
+    def templates(self, account: str | None = None) -> list[dict[str, Any]]:
+        """Known action templates (all, or one account's): id, account, source hash, seconds..."""
+        return self.store.list_templates(account)
+
+    def download(self, job_id: str, dest_dir: Path) -> Path:
+        """Fetch a STORED job's video from S3 into ``dest_dir/<job_id>.mp4``, checked; its path."""
+        inputs = self._require_inputs("download a video")
+        view = self.get(job_id)
+        if view is None:
+            raise JobNotFound(f"no job {job_id}")
+        bucket, key = view.get("s3_bucket"), view.get("s3_key")
+        if view["state"] != "STORED" or not bucket or not key:
+            raise ValueError(f"job {job_id} is {view['state']}, not STORED: it has no video")
+        dest_dir.mkdir(parents=True, exist_ok=True)
+        target = dest_dir / f"{job_id}.mp4"
+        # A temporary name in the same directory: the target appears whole or not at all.
+        with tempfile.NamedTemporaryFile(dir=dest_dir, prefix=f".{job_id}.", delete=False) as tmp:
+            partial = Path(tmp.name)
+        try:
+            try:
+                inputs.s3.download_file(bucket, key, str(partial))
+            except (Boto3Error, BotoCoreError, ClientError) as exc:
+                raise StorageUnavailable(
+                    f"download of s3://{bucket}/{key} failed: {type(exc).__name__}: {exc}"
+                ) from exc
+            expected = view.get("sha256")
+            if expected:
+                digest = hashlib.sha256()
+                with partial.open("rb") as f:
+                    while chunk := f.read(1024 * 1024):
+                        digest.update(chunk)
+                if digest.hexdigest() != expected:
+                    raise CopyMismatch(
+                        f"s3://{bucket}/{key} has sha256 {digest.hexdigest()}, "
+                        f"the job recorded {expected}"
+                    )
+            partial.replace(target)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                partial.unlink()
+        return target
+
+    def _local(self, value: str | Path, what: str) -> Path | None:
+        """The file a local input names (checked to exist, inputs required), or None for a URL."""
+        if not is_local(value):
+            return None
+        path = local_path(value, what)
+        self._require_inputs(f"send a local {what}")
+        return path
+
+    def _upload(self, value: str | Path, path: Path | None) -> str:
+        if path is None:
+            return str(value)
+        return self._require_inputs("send a local file").upload(path)
+
+    def _require_inputs(self, purpose: str) -> S3Inputs:
+        if self.inputs is None:
+            raise ValueError(
+                f"to {purpose}, the queue needs S3 inputs: set S3_BUCKET (and AWS_* credentials), "
+                "or pass inputs=S3Inputs(...)"
+            )
+        return self.inputs
+
+    def _send(self, task: str, kwargs: dict[str, Any], optional: dict[str, Any]) -> str:
+        kwargs.update({k: v for k, v in optional.items() if v is not None})
+        message_id = str(uuid.uuid4())
+        self.celery.send_task(task, kwargs=kwargs, queue=INTAKE_QUEUE, task_id=message_id)
+        job_id = kwargs.get("job_id")
+        return job_id if isinstance(job_id, str) else message_id
 
     def cancel(self, job_id: str, timeout: float = 30) -> dict[str, Any]:
         """Cancel a job through a worker (``animate.cancel``); what happened."""

@@ -2,12 +2,16 @@
 
 It owns the wire format (URLs, headers, bodies, Beijing-time stamps) and maps every HTTP outcome onto
 ``workers.errors``. It never retries, sleeps or sets timeouts: the injected ``httpx.Client`` does.
+It also does DashScope's temporary upload (a policy, then an OSS form post) for inputs that exist
+only as local bytes.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import mimetypes
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
@@ -35,6 +39,22 @@ _SERVICES = "/services/aigc/image2video"
 _DETECT_ENDPOINT = "aa-detect"
 _MAX_ERROR_TEXT = 200  # of a non-JSON error body (an HTML page from a proxy, say)
 _MAX_ERROR_MESSAGE = 500  # of DashScope's own error message
+_UPLOADS = "/uploads"
+_MAX_FILENAME_BYTES = 255
+# What the getPolicy ``data`` object must hold (strings), besides ``max_file_size_mb`` (a number).
+_POLICY_FIELDS = (
+    "policy",
+    "signature",
+    "upload_dir",
+    "upload_host",
+    "oss_access_key_id",
+    "x_oss_object_acl",
+    "x_oss_forbid_overwrite",
+)
+# OSS answers errors in XML; only these elements are read, with bounded patterns.
+_OSS_CODE = re.compile(r"<Code>([^<]{1,100})</Code>")
+_OSS_MESSAGE = re.compile(r"<Message>([^<]{1,500})</Message>")
+_OSS_REQUEST_ID = re.compile(r"<RequestId>([^<]{1,100})</RequestId>")
 
 # httpx transport failures, most specific first, and how a job record names them.
 _TRANSPORT_FAILURES: tuple[tuple[type[httpx.RequestError], str], ...] = (
@@ -123,6 +143,12 @@ class DashScopeClient:
     Failures raise ``workers.errors``: ``DashScopeUnavailable`` (transport errors, timeouts, 5xx,
     408), ``DashScopeThrottled`` (429), ``DashScopeRejected`` (other 4xx, with DashScope's code) and
     ``DashScopeBadResponse`` (a 200 without the documented shape). Nothing is retried here.
+
+    ``upload`` puts local bytes into DashScope's temporary store (docs §7) and returns an
+    ``oss://`` URL. It asks ``GET /uploads?action=getPolicy`` (with the key), then form-posts the
+    file to the policy's ``upload_host`` without the key. The file is bound to the model named and
+    to this account for 48 h; any call that passes an ``oss://`` URL gets the
+    ``X-DashScope-OssResourceResolve: enable`` header automatically.
     """
 
     def __init__(
@@ -264,6 +290,64 @@ class DashScopeClient:
             )
         return dict(output)
 
+    def upload(
+        self, model: str, filename: str, data: bytes, content_type: str | None = None
+    ) -> str:
+        """Upload ``data`` as ``filename`` for ``model``; return its ``oss://{upload_dir}/{filename}``.
+
+        ``filename`` must be a plain basename. A file over the policy's ``max_file_size_mb`` is
+        refused (``DashScopeRejected`` ``InvalidFile.Size``) before anything is posted.
+        ``content_type`` defaults to a guess from ``filename``.
+        """
+        _check_filename(filename)
+        if not model or not all("!" <= c <= "~" for c in model):
+            raise ValueError(f"model is not a DashScope model name: {model!r:.80}")
+        response = self._send(
+            "upload policy", "GET", _UPLOADS, params={"action": "getPolicy", "model": model}
+        )
+        policy = _upload_policy(_json_object("upload policy", response))
+        max_bytes = policy.max_file_size_mb * 1024 * 1024
+        if len(data) > max_bytes:
+            raise DashScopeRejected(
+                f"upload: {filename!r:.80} is {len(data)} bytes, over the "
+                f"{policy.max_file_size_mb:g} MB this model accepts",
+                code="InvalidFile.Size",
+                status=400,
+            )
+        key = f"{policy.upload_dir}/{filename}"
+        # The SDK's field order (OSS wants ``file`` last; httpx sends data fields, then files).
+        form = {
+            "OSSAccessKeyId": policy.oss_access_key_id,
+            "Signature": policy.signature,
+            "policy": policy.policy,
+            "key": key,
+            "x-oss-object-acl": policy.x_oss_object_acl,
+            "x-oss-forbid-overwrite": policy.x_oss_forbid_overwrite,
+            "success_action_status": "200",
+            "x-oss-content-type": content_type
+            or mimetypes.guess_type(filename)[0]
+            or "application/octet-stream",
+        }
+        request = self._http.build_request(
+            "POST",
+            policy.upload_host,
+            data=form,
+            files={"file": (filename, data, form["x-oss-content-type"])},
+            headers={"Accept": "application/json"},
+        )
+        # The key must never reach the upload host, even if the injected client carries defaults.
+        request.headers.pop("Authorization", None)
+        try:
+            answer = self._http.send(request, auth=None)
+        except httpx.RequestError as exc:
+            logger.debug("upload POST failed: %s", type(exc).__name__)
+            raise DashScopeUnavailable(f"upload: {_describe(exc)}") from exc
+        logger.debug("upload POST -> %d", answer.status_code)
+        if not answer.is_success:
+            code, text, request_id = _oss_error_details(answer)
+            self._raise_mapped("upload", answer.status_code, code, text, request_id)
+        return f"oss://{key}"
+
     # ------------------------------------------------------------------ plumbing
 
     def _oss_header(self, inputs: object) -> dict[str, str]:
@@ -303,8 +387,12 @@ class DashScopeClient:
         return response
 
     def _raise_for_status(self, op: str, response: httpx.Response) -> NoReturn:
-        status = response.status_code
         code, text, request_id = _error_details(response)
+        self._raise_mapped(op, response.status_code, code, text, request_id)
+
+    def _raise_mapped(
+        self, op: str, status: int, code: str | None, text: str, request_id: str | None
+    ) -> NoReturn:
         message = f"{op}: HTTP {status}"
         if text:
             message += f": {text}"
@@ -337,6 +425,68 @@ def _check_segment(value: str, what: str) -> None:
         or any(c in "/?#%\\" or c.isspace() or not c.isprintable() for c in value)
     ):
         raise ValueError(f"{what} is not a URL-path-safe DashScope id: {value!r:.80}")
+
+
+def _check_filename(filename: str) -> None:
+    # The name becomes part of the OSS key and of the oss:// URL: no directories, nothing that a
+    # URL parser would read as a query, fragment or escape, no control characters.
+    if (
+        not isinstance(filename, str)
+        or not filename
+        or filename in (".", "..")
+        or len(filename.encode()) > _MAX_FILENAME_BYTES
+        or any(c in "/\\?#%" or not c.isprintable() for c in filename)
+    ):
+        raise ValueError(f"filename must be a plain file name: {filename!r:.80}")
+
+
+@dataclass(frozen=True)
+class _UploadPolicy:
+    policy: str
+    signature: str
+    upload_dir: str
+    upload_host: str
+    oss_access_key_id: str
+    x_oss_object_acl: str
+    x_oss_forbid_overwrite: str
+    max_file_size_mb: float
+
+
+def _upload_policy(body: Mapping[str, Any]) -> _UploadPolicy:
+    op = "upload policy"
+    data = body.get("data")
+    if not isinstance(data, dict):
+        raise DashScopeBadResponse(
+            f"{op}: data missing" if data is None else f"{op}: data is not an object"
+        )
+    values = {name: _required_str(op, data, name, "data") for name in _POLICY_FIELDS}
+    cap = data.get("max_file_size_mb")
+    if cap is None:
+        raise DashScopeBadResponse(f"{op}: data.max_file_size_mb missing")
+    if not (_is_number(cap) and math.isfinite(cap) and cap > 0):
+        raise DashScopeBadResponse(f"{op}: data.max_file_size_mb is not a positive number")
+    host = urlsplit(values["upload_host"])
+    if host.scheme not in ("http", "https") or not host.netloc:
+        raise DashScopeBadResponse(f"{op}: data.upload_host is not an http(s) URL")
+    return _UploadPolicy(**values, max_file_size_mb=float(cap))
+
+
+def _oss_error_details(response: httpx.Response) -> tuple[str | None, str, str | None]:
+    """(code, message, request_id) of an OSS error answer (XML ``<Error>``); the body may be anything."""
+    try:
+        text = response.text[:4096]
+    except (LookupError, ValueError):  # an unknown or lying charset
+        text = ""
+    code = _OSS_CODE.search(text)
+    message = _OSS_MESSAGE.search(text)
+    request_id = _OSS_REQUEST_ID.search(text)
+    if code is None and message is None:
+        return None, text[:_MAX_ERROR_TEXT].strip() or response.reason_phrase, None
+    return (
+        code.group(1).strip() if code else None,
+        message.group(1).strip() if message else response.reason_phrase,
+        request_id.group(1).strip() if request_id else None,
+    )
 
 
 def _mentions_oss(value: object) -> bool:

@@ -2,9 +2,10 @@
 
 Every worker process on every host goes through the same Lua scripts, so the limits are global
 (Celery's ``rate_limit`` is per worker and cannot do this). Keys, with ``P`` the prefix and ``A``
-an account:
+an account, or a *lane* where queues are concerned: DashScope runs one task at a time per account
+and model, so templates queue in their own lane ``A:template`` beside the videos' ``A``:
 
-* ``P:bucket:A:<kind>``         a token bucket (``submit`` is per account and model)
+* ``P:bucket:A:<kind>``         a token bucket (``submit`` and ``template`` are per model)
 * ``P:acct:A:prios``            priorities that have queued jobs (sorted, highest first)
 * ``P:acct:A:rot:<prio>``       the producers with queued jobs at that priority, in turn order
 * ``P:acct:A:q:<prio>:<prod>``  one producer's queued job ids, oldest first
@@ -88,7 +89,7 @@ _ADMIT = """
 local p, a, cap = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local base = p .. ':acct:' .. a
 local inflight = base .. ':inflight'
-local gone = {STORED=1, FAILED=1, REJECTED=1, CANCELED=1, EXPIRED=1, COPYING=1}
+local gone = {STORED=1, FAILED=1, REJECTED=1, CANCELED=1, EXPIRED=1, READY=1, COPYING=1}
 for _, id in ipairs(redis.call('SMEMBERS', inflight)) do
   local st = redis.call('HGET', p .. ':job:' .. id, 'state')
   if (not st) or gone[st] then redis.call('SREM', inflight, id) end
@@ -123,7 +124,7 @@ return admitted
 
 RECOVERY_PER_SECOND = 0.05  # a halved rate is whole again after 10 s without a 429
 MIN_FACTOR = 0.1
-KINDS = ("submit", "query", "detect")
+KINDS = ("submit", "template", "query", "detect")
 
 
 def _text(value: Any) -> str:
@@ -157,7 +158,7 @@ class RedisGovernor:
         return f"{self.prefix}:bucket:{account}:{suffix}"
 
     def _run_bucket(self, account: str, kind: str, mode: str) -> tuple[float, float, float]:
-        rate = self.rates[kind]
+        rate = self.rate(kind)
         try:
             wait, tokens, factor = self._bucket(
                 keys=[self._bucket_key(account, kind)],
@@ -166,6 +167,10 @@ class RedisGovernor:
         except redis.RedisError as exc:
             raise StoreUnavailable(f"quota bucket: {exc}") from exc
         return float(wait), float(tokens), float(factor)
+
+    def rate(self, kind: str) -> float:
+        # Templates are their own model, with the same documented submit limit as videos.
+        return self.rates.get(kind) or self.rates.get("submit", 1.0)
 
     def take(self, account: str, kind: str) -> float:
         """Take one token: 0 when granted, else the seconds until one is due."""
@@ -180,7 +185,7 @@ class RedisGovernor:
             raise StoreUnavailable(f"quota bucket: {exc}") from exc
 
     def enqueue(self, job: Job) -> None:
-        self._call(self._enqueue, job.account, str(job.request.priority), job.request.producer,
+        self._call(self._enqueue, job.lane, str(job.request.priority), job.request.producer,
                    job.job_id)  # fmt: skip
 
     def dequeue(self, job: Job) -> bool:
@@ -188,28 +193,28 @@ class RedisGovernor:
         return bool(
             self._call(
                 self._dequeue,
-                job.account,
+                job.lane,
                 str(job.request.priority),
                 job.request.producer,
                 job.job_id,
             )
         )
 
-    def admit(self, account: str) -> list[str]:
+    def admit(self, lane: str) -> list[str]:
         """Job ids moved from the queue into the remote slot's reach, in order."""
-        ids = self._call(self._admit, account, str(self.capacity))
+        ids = self._call(self._admit, lane, str(self.capacity))
         return [_text(i) for i in ids]
 
-    def release(self, account: str, job_id: str) -> None:
+    def release(self, lane: str, job_id: str) -> None:
         """The job no longer holds or waits for the remote slot."""
         try:
-            self.redis.srem(f"{self.prefix}:acct:{account}:inflight", job_id)
+            self.redis.srem(f"{self.prefix}:acct:{lane}:inflight", job_id)
         except redis.RedisError as exc:
             raise StoreUnavailable(f"admission: {exc}") from exc
 
-    def inflight(self, account: str) -> list[str]:
+    def inflight(self, lane: str) -> list[str]:
         try:
-            members = self.redis.smembers(f"{self.prefix}:acct:{account}:inflight")
+            members = self.redis.smembers(f"{self.prefix}:acct:{lane}:inflight")
         except redis.RedisError as exc:
             raise StoreUnavailable(f"admission: {exc}") from exc
         return sorted(_text(m) for m in members)
@@ -223,7 +228,8 @@ class RedisGovernor:
     # ------------------------------------------------------------------ observing
 
     def accounts(self) -> list[str]:
-        return sorted(_text(a) for a in self.redis.smembers(f"{self.prefix}:accounts"))
+        lanes = {_text(a) for a in self.redis.smembers(f"{self.prefix}:accounts")}
+        return sorted({lane.split(":", 1)[0] for lane in lanes})
 
     def account_view(self, account: str) -> dict[str, Any]:
         """Queue depth, remote running/pending, tokens and 429s of one account."""
@@ -247,8 +253,8 @@ class RedisGovernor:
             _, tokens, factor = self._run_bucket(account, kind, "peek")
             buckets[kind] = {
                 "tokens": round(tokens, 3),
-                "rate": round(self.rates[kind] * factor, 3),
-                "rate_configured": self.rates[kind],
+                "rate": round(self.rate(kind) * factor, 3),
+                "rate_configured": self.rate(kind),
                 "throttled_429": int(self.redis.get(f"{base}:429:{kind}") or 0),
             }
         return {
@@ -260,12 +266,16 @@ class RedisGovernor:
             "remote_pending": pending,
             "submitting": submitting,
             "buckets": buckets,
+            "templates": {
+                "queued": int(self.redis.get(f"{base}:template:depth") or 0),
+                "inflight": int(self.redis.scard(f"{base}:template:inflight")),
+            },
             "throttled_429": sum(b["throttled_429"] for b in buckets.values()),
         }
 
     def queue_position(self, job: Job) -> int | None:
         """0-based place in its producer's line (not the account's overall order)."""
-        q = (f"{self.prefix}:acct:{job.account}:q:{job.request.priority}:"
+        q = (f"{self.prefix}:acct:{job.lane}:q:{job.request.priority}:"
              f"{job.request.producer}")  # fmt: skip
         position = self.redis.lpos(q, job.job_id)
         return None if position is None else int(position)  # type: ignore[arg-type]

@@ -6,6 +6,7 @@ decision function with the remote answer and the time, and apply what it returns
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -22,6 +23,8 @@ URL_TTL_SECONDS = 24 * 3600  # DashScope keeps video_url valid 24 h after the ta
 
 
 class JobState(StrEnum):
+    DETECTING = "DETECTING"  # the image check (animate-anyone-detect-gen2) is due (free to cancel)
+    PREPARING = "PREPARING"  # the template video is checked, or its template is being made
     QUEUED = "QUEUED"  # accepted and validated; nothing sent yet (free to cancel)
     SUBMITTING = "SUBMITTING"  # a worker holds the right to submit; the POST may be in flight
     SUBMITTED = "SUBMITTED"  # DashScope has the task; remote_status says where it is
@@ -31,18 +34,53 @@ class JobState(StrEnum):
     REJECTED = "REJECTED"  # final: bad input; no remote call was made
     CANCELED = "CANCELED"  # final
     EXPIRED = "EXPIRED"  # final: the video URL ran out before the copy finished
+    READY = "READY"  # final (template jobs): the action template exists; template_id says which
 
 
 FINAL_STATES = frozenset(
-    {JobState.STORED, JobState.FAILED, JobState.REJECTED, JobState.CANCELED, JobState.EXPIRED}
+    {
+        JobState.STORED,
+        JobState.FAILED,
+        JobState.REJECTED,
+        JobState.CANCELED,
+        JobState.EXPIRED,
+        JobState.READY,
+    }
 )
+SUCCESS_STATES = frozenset({JobState.STORED, JobState.READY})
 
 # Every allowed move. A self-move records progress (a poll, a retry) and bumps the version, which
 # is the fencing token: a message carrying an older version is stale and does nothing.
 TRANSITIONS: Mapping[JobState, frozenset[JobState]] = {
+    JobState.DETECTING: frozenset(
+        {
+            JobState.DETECTING,
+            JobState.PREPARING,
+            JobState.QUEUED,
+            JobState.REJECTED,
+            JobState.FAILED,
+            JobState.CANCELED,
+        }
+    ),
+    JobState.PREPARING: frozenset(
+        {
+            JobState.PREPARING,
+            JobState.QUEUED,
+            JobState.READY,  # a template job whose template already existed
+            JobState.REJECTED,
+            JobState.FAILED,
+            JobState.CANCELED,
+        }
+    ),
     JobState.QUEUED: frozenset({JobState.SUBMITTING, JobState.REJECTED, JobState.CANCELED}),
     JobState.SUBMITTING: frozenset(
-        {JobState.SUBMITTING, JobState.SUBMITTED, JobState.FAILED, JobState.CANCELED}
+        {
+            JobState.SUBMITTING,
+            JobState.SUBMITTED,
+            JobState.FAILED,
+            JobState.CANCELED,
+            JobState.PREPARING,  # DashScope no longer accepts the template: make it again
+        }
     ),
     JobState.SUBMITTED: frozenset(
         {
@@ -51,6 +89,7 @@ TRANSITIONS: Mapping[JobState, frozenset[JobState]] = {
             JobState.FAILED,
             JobState.CANCELED,
             JobState.EXPIRED,
+            JobState.READY,
         }
     ),
     JobState.COPYING: frozenset(
@@ -96,12 +135,9 @@ ACTIVE_REMOTE = frozenset(
 # ----------------------------------------------------------------------------- requests
 
 VIDEO_RATIOS = ("9:16", "3:4")
-REQUEST_FIELDS = frozenset(
+# Fields every kind of job takes.
+COMMON_FIELDS = frozenset(
     {
-        "image_url",
-        "template_id",
-        "use_ref_img_bg",
-        "video_ratio",
         "job_id",
         "metadata",
         "account",
@@ -112,7 +148,21 @@ REQUEST_FIELDS = frozenset(
         "webhook_url",
     }
 )
+REQUEST_FIELDS = COMMON_FIELDS | {
+    "image_url",
+    "template_id",
+    "video_url",
+    "detect",
+    "use_ref_img_bg",
+    "video_ratio",
+}
+TEMPLATE_FIELDS = COMMON_FIELDS | {"video_url"}
 CALLBACK_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:-]{0,199}\Z")
+
+
+class JobKind(StrEnum):
+    VIDEO = "video"  # animate.generate: ends STORED with a video in S3
+    TEMPLATE = "template"  # animate.template: ends READY with an action template id
 
 
 def callback_task_ok(value: Any) -> bool:
@@ -141,10 +191,16 @@ MAX_METADATA_BYTES = 4096
 
 @dataclass(frozen=True)
 class JobRequest:
-    """A producer's request after validation."""
+    """A producer's request after validation.
 
-    image_url: str
-    template_id: str
+    Inputs are URLs: ``http(s)://...``, or ``s3://<our bucket>/<key>`` for files a producer put
+    in our bucket (the CLI and the Python API upload local files there). A video job names its
+    motion either as ``template_id`` or as ``video_url`` (the dance video: its account's template
+    for that video is reused, or made first). A template job has only ``video_url``.
+    """
+
+    image_url: str = ""
+    template_id: str = ""
     use_ref_img_bg: bool | None = None
     video_ratio: str | None = None
     job_id: str | None = None
@@ -155,21 +211,15 @@ class JobRequest:
     callback_task: str | None = None  # sent the result object when the job ends
     callback_queue: str | None = None
     webhook_url: str | None = None  # POSTed the signed result object when the job ends
-
-    def remote_fields(self) -> dict[str, Any]:
-        return {
-            "image_url": self.image_url,
-            "template_id": self.template_id,
-            "use_ref_img_bg": self.use_ref_img_bg,
-            "video_ratio": self.video_ratio,
-        }
+    video_url: str | None = None  # the dance video to make (or reuse) a template from
+    detect: bool = True  # check the image with DashScope's detector first (video jobs)
 
 
 def reject(code: str, message: str) -> InvalidJobRequest:
     return InvalidJobRequest(message, code=code)
 
 
-def check_url(value: Any, name: str) -> str:
+def check_url(value: Any, name: str, *, allow_s3: bool = False) -> str:
     if not isinstance(value, str) or not value:
         raise reject("InvalidRequest.MissingField", f"{name} is required (a string URL)")
     if len(value) > MAX_URL_LENGTH:
@@ -178,46 +228,75 @@ def check_url(value: Any, name: str) -> str:
         parts = urlsplit(value)
     except ValueError:
         raise reject("InvalidRequest.BadUrl", f"{name} is not a URL") from None
-    if parts.scheme not in ("http", "https"):
+    schemes = ("http", "https", "s3") if allow_s3 else ("http", "https")
+    if parts.scheme not in schemes:
+        allowed = "an http, https or s3 URL" if allow_s3 else "an http or https URL"
         raise reject(
             "InvalidRequest.BadUrl",
-            f"{name} must be an http or https URL, not {parts.scheme or 'a bare path'!r}",
+            f"{name} must be {allowed}, not {parts.scheme or 'a bare path'!r}",
         )
     if not parts.hostname:
         raise reject("InvalidRequest.BadUrl", f"{name} has no host")
+    if parts.scheme == "s3" and (
+        len(parts.path) < 2 or parts.query or parts.fragment or "\\" in value
+    ):
+        raise reject("InvalidRequest.BadUrl", f"{name} must look like s3://bucket/key")
     return value
 
 
-def parse_request(kwargs: Mapping[str, Any], args: tuple[Any, ...] = ()) -> JobRequest:
-    """Validate the ``animate.generate`` kwargs; raise :class:`InvalidJobRequest` with the reason."""
+def s3_ref(value: str) -> tuple[str, str] | None:
+    """(bucket, key) of an ``s3://bucket/key`` input, else None."""
+    parts = urlsplit(value)
+    if parts.scheme != "s3" or not parts.hostname:
+        return None
+    return parts.netloc, parts.path.lstrip("/")
+
+
+def _check_args(
+    kind: str, kwargs: Mapping[str, Any], args: tuple[Any, ...], allowed: frozenset[str]
+) -> None:
     if args:
         raise reject(
             "InvalidRequest.PositionalArgs",
-            "animate.generate takes keyword arguments only (kwargs=...), got positional ones",
+            f"{kind} takes keyword arguments only (kwargs=...), got positional ones",
         )
-    unknown = sorted(set(kwargs) - REQUEST_FIELDS)
+    unknown = sorted(set(kwargs) - allowed)
     if unknown:
         raise reject(
             "InvalidRequest.UnknownField",
             f"unknown field(s) {', '.join(map(repr, unknown))}; "
-            f"allowed: {', '.join(sorted(REQUEST_FIELDS))}",
+            f"allowed: {', '.join(sorted(allowed))}",
         )
-    job_id = kwargs.get("job_id")
-    if job_id is not None and not (isinstance(job_id, str) and JOB_ID_RE.match(job_id)):
-        raise reject(
-            "InvalidRequest.JobId",
-            "job_id must be 1-128 characters of letters, digits and . _ : - "
-            "(starting with a letter or digit)",
-        )
-    image_url = check_url(kwargs.get("image_url"), "image_url")
+
+
+def parse_request(kwargs: Mapping[str, Any], args: tuple[Any, ...] = ()) -> JobRequest:
+    """Validate the ``animate.generate`` kwargs; raise :class:`InvalidJobRequest` with the reason."""
+    _check_args("animate.generate", kwargs, args, REQUEST_FIELDS)
+    common = _common(kwargs)
+    image_url = check_url(kwargs.get("image_url"), "image_url", allow_s3=True)
     template_id = kwargs.get("template_id")
-    if not isinstance(template_id, str) or not template_id:
-        raise reject("InvalidRequest.MissingField", "template_id is required (a string)")
-    if not TEMPLATE_ID_RE.match(template_id):
+    video_url = kwargs.get("video_url")
+    if template_id is not None and video_url is not None:
+        raise reject(
+            "InvalidRequest.TemplateOrVideo",
+            "give template_id or video_url, not both (video_url makes or reuses a template)",
+        )
+    if video_url is not None:
+        check_url(video_url, "video_url", allow_s3=True)
+        template_id = ""
+    elif not isinstance(template_id, str) or not template_id:
+        raise reject(
+            "InvalidRequest.MissingField",
+            "template_id (an action template id) or video_url (a dance video) is required",
+        )
+    elif not TEMPLATE_ID_RE.match(template_id):
         raise reject(
             "InvalidRequest.TemplateId",
             "template_id must look like 'AACT.<...>' (an id from action-template generation)",
         )
+    detect = kwargs.get("detect", True)
+    if not isinstance(detect, bool):
+        raise reject("InvalidRequest.BadType", "detect must be true or false")
     use_bg = kwargs.get("use_ref_img_bg")
     if use_bg is not None and not isinstance(use_bg, bool):
         raise reject("InvalidRequest.BadType", "use_ref_img_bg must be true or false")
@@ -231,6 +310,34 @@ def parse_request(kwargs: Mapping[str, Any], args: tuple[Any, ...] = ()) -> JobR
                 "video_ratio only applies with use_ref_img_bg=true (otherwise the template's "
                 "ratio is used); drop it or set use_ref_img_bg",
             )
+    return dataclasses.replace(
+        common,
+        image_url=image_url,
+        template_id=template_id,
+        use_ref_img_bg=use_bg,
+        video_ratio=ratio,
+        video_url=video_url,
+        detect=detect,
+    )
+
+
+def parse_template_request(kwargs: Mapping[str, Any], args: tuple[Any, ...] = ()) -> JobRequest:
+    """Validate the ``animate.template`` kwargs (a template job: a dance video in, a template out)."""
+    _check_args("animate.template", kwargs, args, TEMPLATE_FIELDS)
+    common = _common(kwargs)
+    video_url = check_url(kwargs.get("video_url"), "video_url", allow_s3=True)
+    return dataclasses.replace(common, video_url=video_url, detect=False)
+
+
+def _common(kwargs: Mapping[str, Any]) -> JobRequest:
+    """The fields every job takes."""
+    job_id = kwargs.get("job_id")
+    if job_id is not None and not (isinstance(job_id, str) and JOB_ID_RE.match(job_id)):
+        raise reject(
+            "InvalidRequest.JobId",
+            "job_id must be 1-128 characters of letters, digits and . _ : - "
+            "(starting with a letter or digit)",
+        )
     metadata = kwargs.get("metadata")
     if metadata is None:
         metadata = {}
@@ -278,9 +385,15 @@ def parse_request(kwargs: Mapping[str, Any], args: tuple[Any, ...] = ()) -> JobR
     if webhook_url is not None:
         check_url(webhook_url, "webhook_url")
     return JobRequest(
-        image_url, template_id, use_bg, ratio, job_id, metadata, account, priority, producer,
-        callback_task, callback_queue, webhook_url,
-    )  # fmt: skip
+        job_id=job_id,
+        metadata=metadata,
+        account=account,
+        priority=priority,
+        producer=producer,
+        callback_task=callback_task,
+        callback_queue=callback_queue,
+        webhook_url=webhook_url,
+    )
 
 
 # DashScope's documented image limits for animate-anyone-gen2.
@@ -296,6 +409,7 @@ class ImageFacts:
     byte_size: int | None  # None when the server did not say
     width: int
     height: int
+    sha256: str | None = None  # of the whole file, when it was read whole
 
 
 def check_image(facts: ImageFacts) -> None:
@@ -402,6 +516,21 @@ class Job:
     created_at: float
     updated_at: float
     account: str = "default"  # the DashScope account (API key) the job runs under
+    kind: str = JobKind.VIDEO.value
+    image_sha256: str | None = None  # the image's content hash (the detection cache's key)
+    bodystyle: str | None = None  # the detector's answer: full | half
+    detect_cached: bool = False  # the answer came from the cache (nothing billed)
+    detect_attempts: int = 0
+    warning: str | None = None  # went on despite something a person should know
+    source_sha256: str | None = None  # the dance video's content hash (template reuse key)
+    source_seconds: float | None = None
+    source_url: str | None = None  # where to fetch the dance video when it is not in the request
+    prepare_attempts: int = 0
+    template_id: str | None = None  # the template used (video jobs) or made (template jobs)
+    template_job_id: str | None = None  # the template job this job waits for
+    template_reused: bool = False  # an existing template of the account's was used
+    template_recreated: bool = False  # DashScope refused the template once; it was made again
+    rejected_template: str | None = None  # the template DashScope refused
     intake_message_id: str | None = None
     admitted_at: float | None = None  # left our queue for the remote one
     token_waits: int = 0  # times a step waited for the account's quota
@@ -447,6 +576,20 @@ class Job:
         return self.state in FINAL_STATES
 
     @property
+    def is_template(self) -> bool:
+        return self.kind == JobKind.TEMPLATE
+
+    @property
+    def template(self) -> str:
+        """The template a video job generates with: the one resolved, else the one requested."""
+        return self.template_id or self.request.template_id
+
+    @property
+    def lane(self) -> str:
+        """Where the job waits for DashScope's slot: each model has its own per account."""
+        return template_lane(self.account) if self.is_template else self.account
+
+    @property
     def s3_uri(self) -> str | None:
         return f"s3://{self.s3_bucket}/{self.s3_key}" if self.s3_bucket and self.s3_key else None
 
@@ -459,6 +602,7 @@ def job_view(job: Job) -> dict[str, Any]:
 
     return {
         "job_id": job.job_id,
+        "kind": job.kind,
         "state": job.state.value,
         "final": job.final,
         "account": job.account,
@@ -479,11 +623,25 @@ def job_view(job: Job) -> dict[str, Any]:
         "video_duration": job.video_duration,
         "video_url_expires_at": job.video_expires_at,
         "request": {
-            "image_url": job.request.image_url,
-            "template_id": job.request.template_id,
+            "image_url": job.request.image_url or None,
+            "template_id": job.request.template_id or None,
+            "video_url": job.request.video_url,
+            "detect": job.request.detect,
             "use_ref_img_bg": job.request.use_ref_img_bg,
             "video_ratio": job.request.video_ratio,
         },
+        "template_id": job.template_id or job.request.template_id or None,
+        "template_job_id": job.template_job_id,
+        "template_reused": job.template_reused,
+        "template_recreated": job.template_recreated,
+        "detection": {
+            "bodystyle": job.bodystyle,
+            "cached": job.detect_cached,
+            "attempts": job.detect_attempts,
+            "image_sha256": job.image_sha256,
+        },
+        "source_video": {"sha256": job.source_sha256, "seconds": job.source_seconds},
+        "warning": job.warning,
         "metadata": job.request.metadata,
         "attempts": {
             "submit": job.submit_attempts,
@@ -523,7 +681,9 @@ def result_object(job: Job) -> dict[str, Any]:
     return {
         "contract_version": RESULT_CONTRACT_VERSION,
         "job_id": job.job_id,
+        "kind": job.kind,
         "state": job.state.value,
+        "template_id": job.template_id or job.request.template_id or None,
         "s3_bucket": job.s3_bucket,
         "s3_key": job.s3_key,
         "s3_uri": job.s3_uri,
@@ -588,6 +748,12 @@ class StartCopy:
 
 
 @dataclass(frozen=True)
+class TemplateReady:
+    template_id: str
+    video_duration: float | None  # the billed seconds of template generation
+
+
+@dataclass(frozen=True)
 class Finish:
     state: JobState
     code: str | None = None
@@ -595,7 +761,7 @@ class Finish:
     cancel_remote: bool = False  # still PENDING remotely: cancel it (free) on the way out
 
 
-PollDecision = Wait | StartCopy | Finish
+PollDecision = Wait | StartCopy | TemplateReady | Finish
 
 
 @dataclass(frozen=True)
@@ -609,6 +775,7 @@ class RemoteSnapshot:
     end_time: float | None = None
     code: str | None = None
     message: str | None = None
+    template_id: str | None = None  # template tasks
 
 
 def url_expiry(video_url: str, end_time: float | None, now: float) -> float:
@@ -625,6 +792,14 @@ def url_expiry(video_url: str, end_time: float | None, now: float) -> float:
 def decide_poll(job: Job, remote: RemoteSnapshot, now: float, policy: PollPolicy) -> PollDecision:
     """What to do after a successful poll."""
     status = remote.status
+    if status == RemoteStatus.SUCCEEDED and job.is_template:
+        if not remote.template_id:
+            return Finish(
+                JobState.FAILED,
+                "DashScopeBadResponse",
+                "the template task SUCCEEDED without a template_id",
+            )
+        return TemplateReady(remote.template_id, remote.video_duration)
     if status == RemoteStatus.SUCCEEDED:
         if not remote.video_url:
             return Finish(
@@ -736,6 +911,23 @@ def copy_expired(job: Job, now: float) -> bool:
 
 
 @dataclass(frozen=True)
+class DetectPolicy:
+    max_attempts: int = 6
+    attempt_seconds: float = 45.0  # a detect call's timeouts plus a margin
+    cache_seconds: int = 30 * 24 * 3600
+    half_body: str = "reject"  # HALF_BODY_WITHOUT_REF_BG: reject | warn
+    backoff: Backoff = Backoff(base=2.0, cap=60.0)
+
+
+@dataclass(frozen=True)
+class PreparePolicy:
+    max_attempts: int = 6
+    attempt_seconds: float = 180.0  # one download and probe of a dance video, at most
+    recheck_seconds: float = 600.0  # the watchdog looks at a job waiting for its template
+    backoff: Backoff = Backoff(base=2.0, cap=60.0)
+
+
+@dataclass(frozen=True)
 class WebhookPolicy:
     give_up_after: float = 3600.0  # seconds after the job ended
     backoff: Backoff = Backoff(base=2.0, cap=60.0)
@@ -752,3 +944,92 @@ def s3_key(prefix: str, job_id: str) -> str:
     """Deterministic, so a repeated copy overwrites the same object."""
     prefix = prefix.strip("/")
     return f"{prefix}/{job_id}.mp4" if prefix else f"{job_id}.mp4"
+
+
+# ----------------------------------------------------------------------------- the workflow
+
+TEMPLATE_LANE_SUFFIX = ":template"  # ":" never appears in an account name
+
+
+def template_lane(account: str) -> str:
+    return account + TEMPLATE_LANE_SUFFIX
+
+
+def template_job_id(account: str, source_sha256: str, generation: int) -> str:
+    """The id of the template job the workers start for a dance video: one per account, video
+    and generation, so two jobs asking at once share one paid template."""
+    return f"tpl.{source_sha256[:40]}.{account}.{generation}"
+
+
+@dataclass(frozen=True)
+class Detection:
+    """The detector's answer (animate-anyone-detect-gen2)."""
+
+    check_pass: bool
+    bodystyle: str | None = None  # full | half ("" when the check fails)
+    reason: str | None = None
+
+
+HalfBodyPolicy = str  # "reject" | "warn"
+HALF_BODY_WARNING = (
+    "the image shows half a body and use_ref_img_bg is false: DashScope invents the legs "
+    "(its docs advise against it)"
+)
+
+
+def judge_detection(
+    request: JobRequest, found: Detection, half_body: HalfBodyPolicy
+) -> Finish | str | None:
+    """After the image check: a Finish (REJECTED) to stop, a warning to go on with, or None."""
+    if not found.check_pass:
+        return Finish(
+            JobState.REJECTED,
+            "InvalidImage.DetectFailed",
+            found.reason or "DashScope's image check did not pass the image (no reason given)",
+        )
+    if found.bodystyle == "half" and request.use_ref_img_bg is not True:
+        if half_body == "reject":
+            return Finish(
+                JobState.REJECTED,
+                "InvalidImage.HalfBody",
+                HALF_BODY_WARNING + "; set use_ref_img_bg=true, use a full-body image, or "
+                "run with HALF_BODY_WITHOUT_REF_BG=warn",
+            )
+        return HALF_BODY_WARNING
+    return None
+
+
+def template_failed_for_good(job: Job) -> bool:
+    """A failed template job whose video would fail again: DashScope refused its content."""
+    code = job.error_code or ""
+    return job.state == JobState.REJECTED or (
+        job.state == JobState.FAILED and code.startswith(("InvalidFile", "InvalidVideo"))
+    )
+
+
+@dataclass(frozen=True)
+class TemplateInfo:
+    """A known action template: its owner, and the dance video it was made from (if ours)."""
+
+    template_id: str
+    account: str
+    source_sha256: str | None = None
+    source_url: str | None = None
+    job_id: str | None = None
+    created_at: float | None = None
+    video_seconds: float | None = None
+    revoked: bool = False  # DashScope stopped accepting it
+
+    def to_json(self) -> str:
+        fields = dataclasses.asdict(self)
+        fields.pop("template_id")
+        return json.dumps(fields, separators=(",", ":"))
+
+
+@dataclass(frozen=True)
+class TemplateSource:
+    """One account's template for one dance video, and the job making (or that made) it."""
+
+    template_id: str | None = None
+    job_id: str | None = None
+    generation: int = 0

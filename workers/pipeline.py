@@ -1,4 +1,8 @@
-"""The use cases: intake, submit, poll, copy. Each loads a job, decides, applies with compare-and-set.
+"""The use cases: intake, detect, prepare, submit, poll, copy. Each loads a job, decides, applies with
+compare-and-set.
+
+A video job runs detect (the image check) -> prepare (its dance video's template: reused, or made
+by a template job) -> submit -> poll -> copy; a template job runs prepare -> submit -> poll.
 
 Adapters sit behind the small ports below; this module imports none of celery, httpx, boto3 or
 redis. A use case returns the next wake-up (:class:`Next`) for the task layer to schedule. Every
@@ -30,29 +34,44 @@ from workers.guard import AddressGuard, host_allowed
 from workers.jobs import (
     JOB_ID_RE,
     CopyPolicy,
+    Detection,
+    DetectPolicy,
     Finish,
     ImageFacts,
     Job,
+    JobKind,
     JobRequest,
     JobState,
     PollPolicy,
+    PreparePolicy,
     RemoteSnapshot,
     RetryCopy,
     StartCopy,
     SubmitPolicy,
+    TemplateInfo,
+    TemplateReady,
+    TemplateSource,
+    VideoFacts,
     Wait,
     WebhookPolicy,
     callback_task_ok,
     can_move,
     check_image,
+    check_template_video,
     copy_expired,
     decide_copy_error,
     decide_poll,
     decide_poll_error,
+    judge_detection,
     name_ok,
     parse_request,
+    parse_template_request,
     result_object,
     s3_key,
+    s3_ref,
+    template_failed_for_good,
+    template_job_id,
+    template_lane,
 )
 
 log = logging.getLogger(__name__)
@@ -71,20 +90,52 @@ class JobStore(Protocol):
     def due(self, now: float, limit: int = 100) -> list[str]:
         """Ids of jobs whose next wake-up was due by ``now``."""
 
+    # The workflow's records: templates by account and source video, waiters, detections.
+    def template_info(self, template_id: str) -> TemplateInfo | None: ...
+    def register_template(
+        self,
+        template_id: str,
+        account: str,
+        *,
+        source_sha256: str | None = None,
+        source_url: str | None = None,
+        job_id: str | None = None,
+        video_seconds: float | None = None,
+    ) -> None: ...
+    def template_source(self, account: str, sha256: str) -> TemplateSource: ...
+    def claim_template_source(
+        self, account: str, sha256: str, expected_job: str | None, job_id: str, generation: int
+    ) -> bool: ...
+    def forget_template(self, account: str, sha256: str | None, template_id: str) -> None: ...
+    def add_waiter(self, template_job_id: str, job_id: str) -> None: ...
+    def waiters(self, template_job_id: str) -> list[str]: ...
+    def detection(self, account: str, sha256: str) -> Detection | None: ...
+    def save_detection(self, account: str, sha256: str, found: Detection, ttl: int) -> None: ...
+    def claim_detection(self, account: str, sha256: str, job_id: str, ttl: int) -> bool: ...
+
 
 class VideoApi(Protocol):
     """DashScope, one API key per account."""
 
     def submit(self, account: str, request: JobRequest) -> str:
-        """Create the remote task; its id. Raises Transient/Permanent errors."""
+        """Create the remote video task (inputs already resolved); its id. Raises
+        Transient/Permanent errors."""
+
+    def submit_template(self, account: str, video_url: str) -> str:
+        """Create the remote action-template task; its id."""
+
+    def detect(self, account: str, image_url: str) -> Detection:
+        """The synchronous image check."""
 
     def submit_is_ambiguous(self, exc: TransientError) -> bool:
         """Whether a failed submit may still have created a task (the request was sent)."""
 
     def poll(self, account: str, task_id: str) -> RemoteSnapshot: ...
     def cancel(self, account: str, task_id: str) -> None: ...
-    def recent_tasks(self, account: str, since: float, until: float) -> list[str]:
-        """Ids of the account's tasks for the model created in [since, until]."""
+    def recent_tasks(
+        self, account: str, since: float, until: float, kind: str = JobKind.VIDEO
+    ) -> list[str]:
+        """Ids of the account's tasks for the kind's model created in [since, until]."""
 
 
 class Results(Protocol):
@@ -146,7 +197,40 @@ class Copier(Protocol):
 
 
 class ImageProbe(Protocol):
-    def probe(self, url: str) -> ImageFacts: ...
+    def probe(self, url: str, *, trusted: bool = False) -> ImageFacts: ...
+
+
+class VideoProbe(Protocol):
+    def probe(self, url: str, *, trusted: bool = False) -> VideoFacts:
+        """Download (capped at 200 MB), hash and probe a dance video."""
+
+
+class Inputs(Protocol):
+    """Input references (``http(s)://`` or ``s3://<our bucket>/key``) turned into URLs."""
+
+    def for_us(self, ref: str) -> tuple[str, bool]:
+        """Where our own probes fetch ``ref``, and whether that URL is trusted (our bucket)."""
+
+    def for_dashscope(self, ref: str, account: str, model: str) -> str:
+        """Where DashScope fetches ``ref`` for ``model`` (``detect``, ``template`` or ``video``):
+        http(s) as is; ``s3://`` presigned, or uploaded to its temporary storage."""
+
+
+class UrlInputs:
+    """Inputs that are all http(s) URLs already (s3:// refs need a bucket: see the adapters)."""
+
+    def for_us(self, ref: str) -> tuple[str, bool]:
+        self._http_only(ref)
+        return ref, False
+
+    def for_dashscope(self, ref: str, account: str, model: str) -> str:
+        self._http_only(ref)
+        return ref
+
+    @staticmethod
+    def _http_only(ref: str) -> None:
+        if s3_ref(ref) is not None:
+            raise InvalidJobRequest("s3:// inputs need S3_BUCKET", code="InvalidRequest.BadUrl")
 
 
 @dataclass
@@ -157,6 +241,11 @@ class Services:
     images: ImageProbe
     s3_prefix: str
     governor: Governor
+    videos: VideoProbe | None = None
+    inputs: Inputs = field(default_factory=UrlInputs)
+    input_bucket: str | None = None  # s3:// inputs must be in this bucket
+    detect: DetectPolicy = field(default_factory=DetectPolicy)
+    prepare: PreparePolicy = field(default_factory=PreparePolicy)
     accounts: frozenset[str] = frozenset({"default"})
     default_account: str = "default"
     wake: Callable[[Next], None] = field(default_factory=lambda: _unscheduled)
@@ -176,7 +265,7 @@ class Services:
 
 # ----------------------------------------------------------------------------- results
 
-Step = Literal["submit", "poll", "copy", "webhook"]
+Step = Literal["detect", "prepare", "submit", "poll", "copy", "webhook"]
 
 
 @dataclass(frozen=True)
@@ -205,7 +294,11 @@ class IntakeResult:
 
 
 def intake(
-    svc: Services, kwargs: Mapping[str, Any], args: tuple[Any, ...], message_id: str
+    svc: Services,
+    kwargs: Mapping[str, Any],
+    args: tuple[Any, ...],
+    message_id: str,
+    kind: JobKind = JobKind.VIDEO,
 ) -> IntakeResult:
     """Validate a producer's request, create the job (or find it), check the image.
 
@@ -214,15 +307,15 @@ def intake(
     now = svc.clock()
     raw_id = kwargs.get("job_id") if isinstance(kwargs, Mapping) else None
     try:
-        request = parse_request(kwargs, args)
+        request = (parse_template_request if kind == JobKind.TEMPLATE else parse_request)(
+            kwargs, args
+        )
     except InvalidJobRequest as exc:
         job_id = raw_id if isinstance(raw_id, str) and _usable_id(raw_id) else message_id
         # The request is refused, but its callback (if that part is sound) still hears why.
         task, queue = kwargs.get("callback_task"), kwargs.get("callback_queue")
         callback_ok = callback_task_ok(task)
         placeholder = JobRequest(
-            image_url="",
-            template_id="",
             job_id=job_id,
             callback_task=task if callback_ok else None,
             callback_queue=queue if callback_ok and name_ok(queue) else None,
@@ -234,6 +327,7 @@ def intake(
             request=placeholder,
             created_at=now,
             updated_at=now,
+            kind=kind.value,
             intake_message_id=message_id,
             finished_at=now,
             error_code=exc.code,
@@ -247,14 +341,19 @@ def intake(
 
     job_id = request.job_id or message_id
     account, refusal = _account_for(svc, request)
+    if request.video_url is not None:
+        first = JobState.DETECTING if request.detect else JobState.PREPARING
+    else:
+        first = JobState.DETECTING if request.detect else JobState.QUEUED
     job = Job(
         job_id=job_id,
-        state=JobState.QUEUED,
+        state=first,
         version=1,
         request=request,
         created_at=now,
         updated_at=now,
         account=account,
+        kind=kind.value,
         intake_message_id=message_id,
     )
     stored, created = svc.store.create(job)
@@ -263,31 +362,60 @@ def intake(
         log.info("job %s already exists (state %s); duplicate intake ignored", job_id, stored.state)
         svc.store.note_duplicate(job_id)  # no version bump: in-flight messages stay valid
         return IntakeResult(job_id, stored.state, False)
-    if stored.state != JobState.QUEUED or stored.admitted_at is not None:
+    if stored.version != 1 or stored.state != first or stored.admitted_at is not None:
         return IntakeResult(job_id, stored.state, created)  # a redelivered intake, already past
-    if refusal is not None:
-        finish(svc, stored, Finish(JobState.REJECTED, refusal.code, refusal.message))
-        return IntakeResult(job_id, JobState.REJECTED, created)
-    if request.webhook_url and svc.guard is not None:
-        try:
-            svc.guard.check(request.webhook_url, "webhook_url")
-        except InvalidJobRequest as exc:
-            finish(svc, stored, Finish(JobState.REJECTED, exc.code, exc.message))
-            return IntakeResult(job_id, JobState.REJECTED, created)
     try:
-        check_image(svc.images.probe(request.image_url))
+        if refusal is not None:
+            raise refusal
+        if request.webhook_url and svc.guard is not None:
+            svc.guard.check(request.webhook_url, "webhook_url")
+        for ref in (request.image_url, request.video_url):
+            _check_input_ref(svc, ref)
+        facts = _probe_image(svc, request) if kind == JobKind.VIDEO else None
     except InvalidJobRequest as exc:
         finish(svc, stored, Finish(JobState.REJECTED, exc.code, exc.message))
         return IntakeResult(job_id, JobState.REJECTED, created)
+    if first == JobState.QUEUED:
+        # Into our own queue: nothing is sent until the account has room (admission control).
+        svc.governor.enqueue(stored)
+        admit(svc, stored.lane)
+        return IntakeResult(job_id, JobState.QUEUED, created)
+    step: Step = "detect" if first == JobState.DETECTING else "prepare"
+    moved = svc.store.transition(
+        stored,
+        first,
+        image_sha256=facts.sha256 if facts else None,
+        updated_at=now,
+        next_action_at=now,
+    )
+    if moved is not None:
+        svc.wake(Next(step, job_id, moved.version, 0))
+    return IntakeResult(job_id, first, created)
+
+
+def _check_input_ref(svc: Services, ref: str | None) -> None:
+    where = s3_ref(ref) if ref else None
+    if where is None:
+        return
+    if svc.input_bucket is None or where[0] != svc.input_bucket:
+        raise InvalidJobRequest(
+            f"{ref} is not in this service's input bucket "
+            f"({svc.input_bucket or 'none is configured'}); use an http(s) URL",
+            code="InvalidRequest.BadUrl",
+        )
+
+
+def _probe_image(svc: Services, request: JobRequest) -> ImageFacts:
+    """Look at the image before anything is paid for: DashScope's documented limits."""
+    url, trusted = svc.inputs.for_us(request.image_url)
+    try:
+        facts = svc.images.probe(url, trusted=trusted)
     except TransientError as exc:
         # The image could not be fetched right now. Without a look at it we may not spend money,
         # so the job is refused with the reason; the producer may enqueue it again.
-        finish(svc, stored, Finish(JobState.REJECTED, "InvalidImage.Unreachable", exc.message))
-        return IntakeResult(job_id, JobState.REJECTED, created)
-    # Into our own queue: nothing is sent until the account has room (admission control).
-    svc.governor.enqueue(stored)
-    admit(svc, stored.account)
-    return IntakeResult(job_id, JobState.QUEUED, created)
+        raise InvalidJobRequest(exc.message, code="InvalidImage.Unreachable") from exc
+    check_image(facts)
+    return facts
 
 
 def _account_for(svc: Services, request: JobRequest) -> tuple[str, InvalidJobRequest | None]:
@@ -308,19 +436,20 @@ def _account_for(svc: Services, request: JobRequest) -> tuple[str, InvalidJobReq
     return account, None
 
 
-def admit(svc: Services, account: str) -> None:
-    """Let queued jobs go to DashScope while the account has room; wake their submit steps."""
-    for job_id in svc.governor.admit(account):
+def admit(svc: Services, lane: str) -> None:
+    """Let queued jobs go to DashScope while the lane (an account and model) has room; wake
+    their submit steps."""
+    for job_id in svc.governor.admit(lane):
         job = svc.store.get(job_id)
         if job is None or job.state != JobState.QUEUED:
-            svc.governor.release(account, job_id)
+            svc.governor.release(lane, job_id)
             continue
         now = svc.clock()
         moved = svc.store.transition(
             job, JobState.QUEUED, admitted_at=now, updated_at=now, next_action_at=now
         )
         if moved is None:
-            svc.governor.release(account, job_id)
+            svc.governor.release(lane, job_id)
             continue
         svc.wake(Next("submit", job_id, moved.version, 0))
 
@@ -332,8 +461,8 @@ def _free_slot(svc: Services, job: Job) -> None:
     on the slow remote-PENDING schedule: ask about it now, so its end is noticed promptly. (The
     slow message it already has becomes stale and does nothing.)
     """
-    svc.governor.release(job.account, job.job_id)
-    for other_id in svc.governor.inflight(job.account):
+    svc.governor.release(job.lane, job.job_id)
+    for other_id in svc.governor.inflight(job.lane):
         other = svc.store.get(other_id)
         if (
             other is not None
@@ -341,7 +470,7 @@ def _free_slot(svc: Services, job: Job) -> None:
             and other.remote_status in (None, "PENDING")
         ):
             svc.wake(Next("poll", other_id, other.version, 0))
-    admit(svc, job.account)
+    admit(svc, job.lane)
 
 
 def _wait_for_token(svc: Services, job: Job, kind: str, step: Step) -> Next | None:
@@ -364,6 +493,372 @@ def _usable_id(value: str) -> bool:
     return bool(JOB_ID_RE.match(value))
 
 
+# ----------------------------------------------------------------------------- detect
+
+TEMPLATE_REFUSED = "InvalidFile.Template.Content"  # DashScope: no such template for this account
+# DashScope's 4xx codes on detect that mean the image (not our request or key) is at fault.
+_IMAGE_FAULTS = ("InvalidFile", "InvalidURL", "InvalidParameter")
+
+
+def detect(svc: Services, job_id: str, version: int) -> Next | None:
+    """The image check (animate-anyone-detect-gen2), once per image and account: the answer is
+    cached by the image's content hash, and only one job checks a given image at a time."""
+    job = _load(svc, job_id, version)
+    if job is None or job.state != JobState.DETECTING:
+        return None
+    sha = job.image_sha256
+    found = svc.store.detection(job.account, sha) if sha else None
+    cached = found is not None
+    if found is None:
+        if sha and not svc.store.claim_detection(
+            job.account, sha, job_id, int(svc.detect.attempt_seconds)
+        ):
+            # Another job is checking the same image right now: wait for its cached answer.
+            return _retry_later(svc, job, "detect", 1.0 + svc.rand(), token_wait=True)
+        waiting = _wait_for_token(svc, job, "detect", "detect")
+        if waiting is not None:
+            return waiting
+        now = svc.clock()
+        attempt = svc.store.transition(
+            job,
+            JobState.DETECTING,
+            detect_attempts=job.detect_attempts + 1,
+            updated_at=now,
+            next_action_at=now + svc.detect.attempt_seconds,
+        )
+        if attempt is None:
+            return None
+        job = attempt
+        try:
+            url = svc.inputs.for_dashscope(job.request.image_url, job.account, "detect")
+            found = svc.api.detect(job.account, url)
+        except DashScopeThrottled as exc:
+            svc.governor.throttled(job.account, "detect")
+            return _detect_failed(svc, job, exc, count=False)
+        except DashScopeRejected as exc:
+            state = JobState.REJECTED if exc.code.startswith(_IMAGE_FAULTS) else JobState.FAILED
+            finish(svc, job, Finish(state, exc.code, exc.message))
+            return None
+        except PermanentError as exc:
+            finish(svc, job, Finish(JobState.FAILED, exc.code, exc.message))
+            return None
+        except TransientError as exc:
+            return _detect_failed(svc, job, exc, count=True)
+        if sha:
+            svc.store.save_detection(job.account, sha, found, svc.detect.cache_seconds)
+    verdict = judge_detection(job.request, found, svc.detect.half_body)
+    seen = {"bodystyle": found.bodystyle or None, "detect_cached": cached}
+    if isinstance(verdict, Finish):
+        finish(svc, job, verdict, **seen)
+        return None
+    if verdict is not None:
+        log.warning("job %s: %s", job_id, verdict)
+    now = svc.clock()
+    if job.request.video_url is not None:
+        moved = svc.store.transition(
+            job, JobState.PREPARING, warning=verdict, updated_at=now, next_action_at=now, **seen
+        )
+        return Next("prepare", job_id, moved.version, 0) if moved else None
+    moved = svc.store.transition(
+        job, JobState.QUEUED, warning=verdict, updated_at=now, next_action_at=None, **seen
+    )
+    if moved is not None:
+        svc.governor.enqueue(moved)
+        admit(svc, moved.lane)
+    return None
+
+
+def _detect_failed(svc: Services, job: Job, exc: TransientError, *, count: bool) -> Next | None:
+    if count and job.detect_attempts >= svc.detect.max_attempts:
+        finish(
+            svc,
+            job,
+            Finish(
+                JobState.FAILED,
+                "DetectRetriesExhausted",
+                f"{job.detect_attempts} image-check attempts failed; last: {exc}",
+            ),
+        )
+        return None
+    delay = svc.detect.backoff.delay(max(1, job.detect_attempts), svc.rand)
+    log.warning("job %s: image check failed (%s); again in %.1fs", job.job_id, exc, delay)
+    return _retry_later(svc, job, "detect", delay, error=exc, throttled=not count)
+
+
+def _retry_later(
+    svc: Services,
+    job: Job,
+    step: Step,
+    delay: float,
+    *,
+    error: WorkerError | None = None,
+    throttled: bool = False,
+    token_wait: bool = False,
+) -> Next | None:
+    """The same step again after ``delay``, in the same state, recording why."""
+    now = svc.clock()
+    changes: dict[str, Any] = {"updated_at": now, "next_action_at": now + delay}
+    if error is not None:
+        changes.update(error_code=error.code, error_message=error.message)
+    if throttled:
+        changes["throttled"] = job.throttled + 1
+    if token_wait:
+        changes["token_waits"] = job.token_waits + 1
+    moved = svc.store.transition(job, job.state, **changes)
+    return Next(step, job.job_id, moved.version, delay) if moved else None
+
+
+# ----------------------------------------------------------------------------- prepare
+
+
+def _source_ref(job: Job) -> str:
+    """The dance video of a job: as requested, or as recorded for a template made again."""
+    ref = job.request.video_url or job.source_url
+    assert ref is not None, f"job {job.job_id} has no dance video"
+    return ref
+
+
+def prepare(svc: Services, job_id: str, version: int) -> Next | None:
+    """Find the template for a job's dance video: check the video (once), then reuse the
+    account's template for it, wait for the template job making it, or start that job."""
+    job = _load(svc, job_id, version)
+    if job is None or job.state != JobState.PREPARING:
+        return None
+    if job.source_sha256 is None:
+        if svc.videos is None:
+            finish(svc, job, Finish(JobState.FAILED, "NoVideoProbe", "no video probe configured"))
+            return None
+        now = svc.clock()
+        attempt = svc.store.transition(
+            job,
+            JobState.PREPARING,
+            prepare_attempts=job.prepare_attempts + 1,
+            updated_at=now,
+            next_action_at=now + svc.prepare.attempt_seconds,
+        )
+        if attempt is None:
+            return None
+        job = attempt
+        try:
+            url, trusted = svc.inputs.for_us(_source_ref(job))
+            facts = svc.videos.probe(url, trusted=trusted)
+            check_template_video(facts)
+        except InvalidJobRequest as exc:
+            finish(svc, job, Finish(JobState.REJECTED, exc.code, exc.message))
+            return None
+        except TransientError as exc:
+            if job.prepare_attempts >= svc.prepare.max_attempts:
+                finish(svc, job, Finish(JobState.FAILED, exc.code,
+                                        f"{job.prepare_attempts} attempts to fetch the dance "
+                                        f"video failed; last: {exc.message}"))  # fmt: skip
+                return None
+            delay = svc.prepare.backoff.delay(job.prepare_attempts, svc.rand)
+            return _retry_later(svc, job, "prepare", delay, error=exc)
+        checked = svc.store.transition(
+            job,
+            JobState.PREPARING,
+            source_sha256=facts.sha256,
+            source_seconds=round(facts.seconds, 3),
+            error_code=None,
+            error_message=None,
+            updated_at=svc.clock(),
+        )
+        if checked is None:
+            return None
+        job = checked
+    for _ in range(3):  # compare-and-set on the source record: go again if another job moved it
+        outcome = _resolve_template(svc, job)
+        if outcome is not _AGAIN:
+            return outcome if isinstance(outcome, Next) else None
+        reloaded = svc.store.get(job_id)
+        if reloaded is None or reloaded.version != job.version:
+            return None
+    return _retry_later(svc, job, "prepare", 1.0 + svc.rand())
+
+
+_AGAIN = object()
+
+
+def _resolve_template(svc: Services, job: Job) -> Next | object | None:
+    assert job.source_sha256 is not None
+    account, sha = job.account, job.source_sha256
+    source = svc.store.template_source(account, sha)
+    if source.template_id and source.template_id != job.rejected_template:
+        return _template_found(svc, job, source.template_id, reused=True)
+    maker = svc.store.get(source.job_id) if source.job_id else None
+    if maker is not None and maker.job_id == job.job_id:
+        return _queue_self(svc, job)  # a template job that claimed its video earlier
+    if maker is not None and not maker.final:
+        return _wait_for_maker(svc, job, maker)
+    if maker is not None:
+        if (
+            maker.state == JobState.READY
+            and maker.template_id
+            and maker.template_id != job.rejected_template
+        ):
+            return _template_found(svc, job, maker.template_id, reused=True)
+        if maker.job_id == job.template_job_id or template_failed_for_good(maker):
+            # The template job this job waited for failed, or failed on content DashScope will
+            # refuse again: no new paid attempt; the job ends with the reason.
+            finish(
+                svc,
+                job,
+                Finish(
+                    JobState.FAILED,
+                    "TemplateFailed",
+                    f"making the action template failed (job {maker.job_id}): "
+                    f"{maker.error_code}: {maker.error_message}",
+                ),
+            )
+            return None
+    generation = source.generation + 1
+    maker_id = job.job_id if job.is_template else template_job_id(account, sha, generation)
+    if not svc.store.claim_template_source(account, sha, source.job_id, maker_id, generation):
+        return _AGAIN
+    if job.is_template:
+        return _queue_self(svc, job)
+    maker = _start_template_job(svc, job, maker_id)
+    return _wait_for_maker(svc, job, maker)
+
+
+def _template_found(svc: Services, job: Job, template_id: str, *, reused: bool) -> Next | None:
+    now = svc.clock()
+    if job.is_template:
+        finish(svc, job, Finish(JobState.READY), template_id=template_id, template_reused=reused)
+        return None
+    moved = svc.store.transition(
+        job,
+        JobState.QUEUED,
+        template_id=template_id,
+        template_reused=reused and job.template_job_id is None,
+        error_code=None,
+        error_message=None,
+        resumes=0,
+        updated_at=now,
+        next_action_at=None,
+    )
+    if moved is not None:
+        log.info("job %s: template %s ready; queued", job.job_id, template_id)
+        svc.governor.enqueue(moved)
+        admit(svc, moved.lane)
+    return None
+
+
+def _queue_self(svc: Services, job: Job) -> Next | None:
+    """A template job goes to its account's template lane."""
+    now = svc.clock()
+    moved = svc.store.transition(job, JobState.QUEUED, updated_at=now, next_action_at=None)
+    if moved is not None:
+        svc.governor.enqueue(moved)
+        admit(svc, moved.lane)
+    return None
+
+
+def _start_template_job(svc: Services, job: Job, maker_id: str) -> Job:
+    """The template job for a video job's dance video (shared by every job that names it)."""
+    now = svc.clock()
+    maker = Job(
+        job_id=maker_id,
+        state=JobState.QUEUED,
+        version=1,
+        request=JobRequest(
+            video_url=_source_ref(job),
+            account=job.account,
+            priority=job.request.priority,
+            producer=job.request.producer,
+            detect=False,
+            metadata={"for_job": job.job_id},
+        ),
+        created_at=now,
+        updated_at=now,
+        account=job.account,
+        kind=JobKind.TEMPLATE.value,
+        source_sha256=job.source_sha256,
+        source_seconds=job.source_seconds,
+    )
+    stored, created = svc.store.create(maker)
+    if created:
+        log.info("job %s: template job %s started for its dance video", job.job_id, maker_id)
+        svc.governor.enqueue(stored)
+        admit(svc, stored.lane)
+    return stored
+
+
+def _wait_for_maker(svc: Services, job: Job, maker: Job) -> Next | None:
+    """Wait for the template job: it wakes its waiters when it ends. The deadline is the safety
+    net for a lost wake-up (the watchdog re-checks then)."""
+    svc.store.add_waiter(maker.job_id, job.job_id)
+    waiting = _note_maker(svc, job, maker.job_id)
+    if waiting is None:
+        return None
+    latest = svc.store.get(maker.job_id)
+    if latest is not None and latest.final:
+        # It ended between our look and our registration: its wake-up may have missed us.
+        return Next("prepare", job.job_id, waiting.version, 0)
+    return None
+
+
+def _note_maker(svc: Services, job: Job, maker_id: str) -> Job | None:
+    now = svc.clock()
+    return svc.store.transition(
+        job,
+        JobState.PREPARING,
+        template_job_id=maker_id,
+        resumes=0,  # waiting is healthy: the watchdog's re-checks are not crashes
+        updated_at=now,
+        next_action_at=now + svc.prepare.recheck_seconds,
+    )
+
+
+def _wake_waiters(svc: Services, maker: Job) -> None:
+    """A template job ended: the jobs waiting for it go on (or fail with its reason)."""
+    for waiter_id in svc.store.waiters(maker.job_id):
+        waiter = svc.store.get(waiter_id)
+        if waiter is not None and waiter.state == JobState.PREPARING:
+            svc.wake(Next("prepare", waiter_id, waiter.version, 0))
+
+
+def _template_refused(svc: Services, job: Job, exc: DashScopeRejected) -> Next | None:
+    """DashScope no longer accepts the job's template. If we know the video it was made from,
+    forget it and make it again, once; the job goes on with the new one."""
+    bad = job.template
+    info = svc.store.template_info(bad)
+    sha = job.source_sha256 or (info.source_sha256 if info else None)
+    url = job.request.video_url or job.source_url or (info.source_url if info else None)
+    if job.template_recreated or sha is None or url is None:
+        why = (
+            "even after it was made again"
+            if job.template_recreated
+            else "and the video it was made from is unknown, so it cannot be made again"
+        )
+        finish(svc, job, Finish(JobState.FAILED, exc.code, f"{exc.message} ({why})"))
+        return None
+    svc.store.forget_template(job.account, sha, bad)
+    now = svc.clock()
+    moved = svc.store.transition(
+        job,
+        JobState.PREPARING,
+        template_recreated=True,
+        rejected_template=bad,
+        template_id=None,
+        template_job_id=None,
+        template_reused=False,
+        source_sha256=sha,
+        source_url=None if job.request.video_url else url,
+        submit_ambiguous=False,  # a 400: DashScope created nothing
+        admitted_at=None,
+        error_code=exc.code,
+        error_message=f"template {bad} refused by DashScope; making it again",
+        updated_at=now,
+        next_action_at=now,
+    )
+    if moved is None:
+        return None
+    log.warning("job %s: template %s refused (%s); making it again", job.job_id, bad, exc.code)
+    _free_slot(svc, moved)
+    return Next("prepare", job.job_id, moved.version, 0)
+
+
 # ----------------------------------------------------------------------------- submit
 
 
@@ -374,7 +869,7 @@ def submit(svc: Services, job_id: str, version: int) -> Next | None:
         return None
     if job.state == JobState.QUEUED and job.admitted_at is None:
         return None  # not admitted: it waits in our queue
-    waiting = _wait_for_token(svc, job, "submit", "submit")
+    waiting = _wait_for_token(svc, job, "template" if job.is_template else "submit", "submit")
     if waiting is not None:
         return waiting
     now = svc.clock()
@@ -400,8 +895,15 @@ def submit(svc: Services, job_id: str, version: int) -> Next | None:
         # token, so if another worker moved the job meanwhile (claimed the next attempt, or
         # adopted a task), the compare-and-set below fails instead of submitting a second time.
 
-    started = svc.clock()
     was_ambiguous = job.submit_ambiguous
+    try:
+        inputs = _remote_inputs(svc, job)
+    except TransientError as exc:
+        return _submit_failed(svc, job, exc, was_ambiguous=was_ambiguous, count_attempt=True)
+    except PermanentError as exc:
+        finish(svc, job, Finish(JobState.FAILED, exc.code, exc.message))
+        return None
+    started = svc.clock()
     attempting = svc.store.transition(
         job,
         JobState.SUBMITTING,
@@ -417,10 +919,15 @@ def submit(svc: Services, job_id: str, version: int) -> Next | None:
         return None
     job = attempting
     try:
-        task_id = svc.api.submit(job.account, job.request)
+        if isinstance(inputs, str):
+            task_id = svc.api.submit_template(job.account, inputs)
+        else:
+            task_id = svc.api.submit(job.account, inputs)
     except DashScopeThrottled as exc:
         return _submit_throttled(svc, job, exc, was_ambiguous=was_ambiguous)
     except DashScopeRejected as exc:
+        if exc.code == TEMPLATE_REFUSED and not job.is_template:
+            return _template_refused(svc, job, exc)
         finish(svc, job, Finish(JobState.FAILED, exc.code, exc.message))
         return None
     except PermanentError as exc:
@@ -429,6 +936,18 @@ def submit(svc: Services, job_id: str, version: int) -> Next | None:
     except TransientError as exc:
         return _submit_failed(svc, job, exc, was_ambiguous=was_ambiguous)
     return _submitted(svc, job, task_id)
+
+
+def _remote_inputs(svc: Services, job: Job) -> JobRequest | str:
+    """What DashScope is sent: a template job's video URL, or a video job's request with its
+    inputs as URLs DashScope can fetch and its resolved template."""
+    if job.is_template:
+        return svc.inputs.for_dashscope(_source_ref(job), job.account, "template")
+    return dataclasses.replace(
+        job.request,
+        image_url=svc.inputs.for_dashscope(job.request.image_url, job.account, "video"),
+        template_id=job.template,
+    )
 
 
 def _submitted(svc: Services, job: Job, task_id: str) -> Next | None:
@@ -522,7 +1041,7 @@ def _reconcile(svc: Services, job: Job, now: float) -> Next | None:
     window of the ambiguous attempt that no other job owns is taken as ours.
     """
     since = (job.submit_started_at or job.created_at) - 5
-    candidates = svc.api.recent_tasks(job.account, since, now + 5)
+    candidates = svc.api.recent_tasks(job.account, since, now + 5, JobKind(job.kind))
     for task_id in candidates:
         if svc.store.claim_remote_task(task_id):
             log.warning("job %s: adopting task %s from an ambiguous submit", job.job_id, task_id)
@@ -589,6 +1108,25 @@ def poll(svc: Services, job_id: str, version: int) -> Next | None:
             **common,
         )
         return Next("poll", job_id, moved.version, decision.seconds) if moved else None
+    if isinstance(decision, TemplateReady):
+        svc.store.register_template(
+            decision.template_id,
+            job.account,
+            source_sha256=job.source_sha256,
+            source_url=_source_ref(job),
+            job_id=job.job_id,
+            video_seconds=decision.video_duration,
+        )
+        finish(
+            svc,
+            job,
+            Finish(JobState.READY),
+            template_id=decision.template_id,
+            video_duration=decision.video_duration,
+            remote_ended_at=remote.end_time or now,
+            **common,
+        )
+        return None
     if isinstance(decision, StartCopy) and job.cancel_requested and not svc.copy_after_late_cancel:
         _free_slot(svc, job)
         moved = svc.store.transition(job, job.state, **common)
@@ -758,6 +1296,8 @@ class WatchdogReport:
 
 
 RESUMABLE: Mapping[JobState, Step] = {
+    JobState.DETECTING: "detect",
+    JobState.PREPARING: "prepare",  # fetching its video, or waiting for its template job
     JobState.QUEUED: "submit",  # admitted, but its submit message never ran
     JobState.SUBMITTING: "submit",  # reconciles first: the job is marked ambiguous
     JobState.SUBMITTED: "poll",
@@ -814,6 +1354,7 @@ def watchdog(
         resumed.append(job_id)
     for account in accounts:
         admit(svc, account)
+        admit(svc, template_lane(account))
     return WatchdogReport(resumed, poisoned, len(accounts))
 
 
@@ -840,6 +1381,17 @@ def cancel(svc: Services, job_id: str) -> CancelResult:
             return CancelResult(job_id, None, "not_found", "no such job")
         if job.final:
             return CancelResult(job_id, job.state, "final", f"the job already ended {job.state}")
+        if job.state in (JobState.DETECTING, JobState.PREPARING):
+            # Nothing paid for this job's video yet. A template job it waits for goes on: the
+            # template is the account's, and other jobs may want it.
+            done = finish(
+                svc,
+                job,
+                Finish(JobState.CANCELED, "Canceled", "cancelled before submission; nothing paid"),
+            )
+            if done is not None:
+                return CancelResult(job_id, done.state, "canceled", "nothing was sent")
+            continue
         if job.state == JobState.QUEUED:
             svc.governor.dequeue(job)
             done = finish(
@@ -913,21 +1465,21 @@ def _cancel_remote(svc: Services, job: Job) -> Next | None:
 # ----------------------------------------------------------------------------- shared
 
 
-def finish(svc: Services, job: Job, decision: Finish) -> Job | None:
+def finish(svc: Services, job: Job, decision: Finish, **changes: Any) -> Job | None:
     """Move a job to a final state with its reason (compare-and-set like every move)."""
     if not can_move(job.state, decision.state):
         log.error("job %s: refusing %s -> %s", job.job_id, job.state, decision.state)
         return None
     now = svc.clock()
-    done = svc.store.transition(
-        job,
-        decision.state,
-        error_code=decision.code,
-        error_message=decision.message,
-        finished_at=now,
-        updated_at=now,
-        next_action_at=None,
-    )
+    fields: dict[str, Any] = {
+        "error_code": decision.code,
+        "error_message": decision.message,
+        "finished_at": now,
+        "updated_at": now,
+        "next_action_at": None,
+    }
+    fields.update(changes)
+    done = svc.store.transition(job, decision.state, **fields)
     if done is not None:
         log.info("job %s %s: %s %s", job.job_id, decision.state, decision.code, decision.message)
         if job.state in (JobState.QUEUED, JobState.SUBMITTING, JobState.SUBMITTED):
@@ -942,6 +1494,8 @@ def _ended(svc: Services, job: Job) -> None:
         svc.results.publish(job)
     except Exception:  # the job is final whatever happens here; say so loudly
         log.exception("job %s: its final result could not be published", job.job_id)
+    if job.is_template:
+        _wake_waiters(svc, job)
     if job.request.webhook_url:
         pending = svc.store.transition(job, job.state, webhook_state="pending")
         if pending is not None:

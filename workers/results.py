@@ -6,7 +6,7 @@ import logging
 from typing import Any
 
 from workers.errors import JobFailed
-from workers.jobs import Job, JobState, result_object
+from workers.jobs import SUCCESS_STATES, Job, result_object
 
 log = logging.getLogger(__name__)
 
@@ -14,7 +14,7 @@ log = logging.getLogger(__name__)
 class CeleryResults:
     """The pipeline's ``Results`` port over a Celery app.
 
-    STORED becomes SUCCESS with the result object; every other final state becomes FAILURE with
+    STORED (and READY, for template jobs) becomes SUCCESS with the result object; every other final state becomes FAILURE with
     :class:`JobFailed` ``(code, message, result object)``. Results live ``result_expires``. A
     job's ``callback_task`` is then sent, by name, with the result object as its one argument.
     """
@@ -25,7 +25,7 @@ class CeleryResults:
     def publish(self, job: Job) -> None:
         outcome = result_object(job)
         backend = self.app.backend
-        if job.state == JobState.STORED:
+        if job.state in SUCCESS_STATES:
             backend.store_result(job.job_id, outcome, "SUCCESS")
         else:
             error = JobFailed(job.error_code or job.state.value, job.error_message or "", outcome)

@@ -139,6 +139,9 @@ def make_s3_client(
         # retries["max_attempts"] would count retries only (3 there means 4 requests).
         retries={"total_max_attempts": max_attempts, "mode": "standard"},
         s3={"addressing_style": style},
+        # Presigned input URLs: botocore would sign them SigV2 in us-east-1, which S3 buckets
+        # made since 2020 refuse.
+        signature_version="s3v4",
     )
     session = boto3.session.Session()
     return session.client("s3", endpoint_url=endpoint_url, region_name=region, config=config)

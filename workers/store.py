@@ -22,7 +22,15 @@ from typing import Any
 import redis
 
 from workers.errors import StoreUnavailable
-from workers.jobs import FINAL_STATES, Job, JobRequest, JobState
+from workers.jobs import (
+    FINAL_STATES,
+    Detection,
+    Job,
+    JobRequest,
+    JobState,
+    TemplateInfo,
+    TemplateSource,
+)
 
 _CREATE = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
@@ -143,7 +151,9 @@ def decode(fields: dict[str, str]) -> Job:
 _EVENT_FIELDS = ("remote_status", "error_code", "error_message", "remote_task_id", "s3_uri",
                  "submit_attempts", "copy_attempts", "throttled", "token_waits", "resumes",
                  "cancel_requested", "copy_bytes", "webhook_state", "webhook_attempts",
-                 "webhook_error")  # fmt: skip
+                 "webhook_error", "bodystyle", "detect_cached", "detect_attempts", "warning",
+                 "source_sha256", "prepare_attempts", "template_id", "template_job_id",
+                 "template_reused", "template_recreated")  # fmt: skip
 
 
 def _event(job: Job, state: JobState, changes: dict[str, Any]) -> str:
@@ -165,7 +175,183 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-class RedisJobStore:
+# ----------------------------------------------------------------------------- the workflow's records
+#
+# * ``P:templates``               template id -> JSON {account, source_sha256, source_url, job_id,
+#                                 created_at, video_seconds, revoked} (old records: the account)
+# * ``P:tsrc:<account>:<sha256>`` a dance video's template under one account: {template_id, job,
+#                                 gen}; ``job`` is the template job making (or that made) it
+# * ``P:waiters:<template job>``  video jobs waiting for that template job
+# * ``P:detect:<account>:<sha>``  the image check's answer for an image (expires)
+# * ``P:detect-lock:<account>:<sha>`` held while one job checks that image
+
+# Move ``job`` of a source record from ARGV[1] (or none: '') to ARGV[2], generation ARGV[3].
+_CLAIM_SOURCE = """
+local current = redis.call('HGET', KEYS[1], 'job') or ''
+if current ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'job', ARGV[2], 'gen', ARGV[3])
+return 1
+"""
+
+_FORGET_TEMPLATE = """
+if redis.call('HGET', KEYS[1], 'template_id') == ARGV[1] then
+  redis.call('HDEL', KEYS[1], 'template_id')
+end
+return 0
+"""
+
+
+class WorkflowRecords:
+    """Templates by account and source video, waiters, and the image-check cache (on Redis)."""
+
+    redis: redis.Redis
+    prefix: str
+
+    def _init_workflow(self) -> None:
+        self._claim_source = self.redis.register_script(_CLAIM_SOURCE)
+        self._forget_template = self.redis.register_script(_FORGET_TEMPLATE)
+
+    def _source_key(self, account: str, sha256: str) -> str:
+        return f"{self.prefix}:tsrc:{account}:{sha256}"
+
+    def template_info(self, template_id: str) -> TemplateInfo | None:
+        try:
+            raw = self.redis.hget(f"{self.prefix}:templates", template_id)
+        except redis.RedisError as exc:
+            raise StoreUnavailable(f"reading templates: {exc}") from exc
+        return None if raw is None else _template_info(template_id, _text(raw))
+
+    def template_owner(self, template_id: str) -> str | None:
+        """The account a template was registered to (templates belong to one account)."""
+        info = self.template_info(template_id)
+        return info.account if info else None
+
+    def register_template(
+        self,
+        template_id: str,
+        account: str,
+        *,
+        source_sha256: str | None = None,
+        source_url: str | None = None,
+        job_id: str | None = None,
+        video_seconds: float | None = None,
+    ) -> None:
+        """Record a template's owner, and (when known) the video it was made from, so later jobs
+        naming that video under that account reuse it."""
+        record = TemplateInfo(template_id, account, source_sha256, source_url, job_id,
+                              time.time(), video_seconds)  # fmt: skip
+        try:
+            pipe = self.redis.pipeline()
+            pipe.hset(f"{self.prefix}:templates", template_id, record.to_json())
+            if source_sha256:
+                pipe.hset(self._source_key(account, source_sha256), "template_id", template_id)
+            pipe.execute()
+        except redis.RedisError as exc:
+            raise StoreUnavailable(f"writing templates: {exc}") from exc
+
+    def template_source(self, account: str, sha256: str) -> TemplateSource:
+        try:
+            raw = self.redis.hgetall(self._source_key(account, sha256))
+        except redis.RedisError as exc:
+            raise StoreUnavailable(f"reading templates: {exc}") from exc
+        fields = {_text(k): _text(v) for k, v in raw.items()}
+        return TemplateSource(
+            template_id=fields.get("template_id"),
+            job_id=fields.get("job"),
+            generation=int(fields.get("gen", "0")),
+        )
+
+    def claim_template_source(
+        self, account: str, sha256: str, expected_job: str | None, job_id: str, generation: int
+    ) -> bool:
+        """Make ``job_id`` the job that makes the video's template, if ``expected_job`` still is."""
+        try:
+            return bool(
+                self._claim_source(
+                    keys=[self._source_key(account, sha256)],
+                    args=[expected_job or "", job_id, str(generation)],
+                )
+            )
+        except redis.RedisError as exc:
+            raise StoreUnavailable(f"writing templates: {exc}") from exc
+
+    def forget_template(self, account: str, sha256: str | None, template_id: str) -> None:
+        """DashScope no longer accepts the template: stop handing it out."""
+        try:
+            if sha256:
+                self._forget_template(keys=[self._source_key(account, sha256)], args=[template_id])
+            info = self.template_info(template_id)
+            if info is not None:
+                revoked = dataclasses.replace(info, revoked=True)
+                self.redis.hset(f"{self.prefix}:templates", template_id, revoked.to_json())
+        except redis.RedisError as exc:
+            raise StoreUnavailable(f"writing templates: {exc}") from exc
+
+    def list_templates(self, account: str | None = None) -> list[dict[str, Any]]:
+        """Every template known, optionally one account's, newest first."""
+        try:
+            raw = self.redis.hgetall(f"{self.prefix}:templates")
+        except redis.RedisError as exc:
+            raise StoreUnavailable(f"reading templates: {exc}") from exc
+        infos = [_template_info(_text(k), _text(v)) for k, v in raw.items()]
+        rows = [dataclasses.asdict(i) for i in infos if account is None or i.account == account]
+        return sorted(rows, key=lambda r: -(r["created_at"] or 0))
+
+    def add_waiter(self, template_job_id: str, job_id: str) -> None:
+        try:
+            key = f"{self.prefix}:waiters:{template_job_id}"
+            self.redis.sadd(key, job_id)
+            self.redis.expire(key, 7 * 24 * 3600)
+        except redis.RedisError as exc:
+            raise StoreUnavailable(f"writing waiters: {exc}") from exc
+
+    def waiters(self, template_job_id: str) -> list[str]:
+        try:
+            members = self.redis.smembers(f"{self.prefix}:waiters:{template_job_id}")
+        except redis.RedisError as exc:
+            raise StoreUnavailable(f"reading waiters: {exc}") from exc
+        return sorted(_text(m) for m in members)
+
+    def detection(self, account: str, sha256: str) -> Detection | None:
+        try:
+            raw = self.redis.get(f"{self.prefix}:detect:{account}:{sha256}")
+        except redis.RedisError as exc:
+            raise StoreUnavailable(f"reading detections: {exc}") from exc
+        if raw is None:
+            return None
+        data = json.loads(_text(raw))
+        return Detection(bool(data["check_pass"]), data.get("bodystyle"), data.get("reason"))
+
+    def save_detection(self, account: str, sha256: str, found: Detection, ttl: int) -> None:
+        try:
+            self.redis.set(
+                f"{self.prefix}:detect:{account}:{sha256}",
+                json.dumps(dataclasses.asdict(found), separators=(",", ":")),
+                ex=ttl,
+            )
+        except redis.RedisError as exc:
+            raise StoreUnavailable(f"writing detections: {exc}") from exc
+
+    def claim_detection(self, account: str, sha256: str, job_id: str, ttl: int) -> bool:
+        """Only one job checks an image at a time; the others wait for its cached answer."""
+        try:
+            key = f"{self.prefix}:detect-lock:{account}:{sha256}"
+            if self.redis.set(key, job_id, nx=True, ex=ttl):
+                return True
+            return _text(self.redis.get(key) or b"") == job_id
+        except redis.RedisError as exc:
+            raise StoreUnavailable(f"writing detections: {exc}") from exc
+
+
+def _template_info(template_id: str, raw: str) -> TemplateInfo:
+    if not raw.startswith("{"):  # registered before templates carried their source
+        return TemplateInfo(template_id, raw)
+    data = json.loads(raw)
+    data.pop("template_id", None)
+    return TemplateInfo(template_id, **data)
+
+
+class RedisJobStore(WorkflowRecords):
     """The :class:`workers.pipeline.JobStore` port on a real Redis."""
 
     def __init__(self, client: redis.Redis, *, prefix: str, final_ttl: int) -> None:
@@ -175,6 +361,7 @@ class RedisJobStore:
         self._create = client.register_script(_CREATE)
         self._transition = client.register_script(_TRANSITION)
         self._note_duplicate = client.register_script(_NOTE_DUPLICATE)
+        self._init_workflow()
 
     def key(self, job_id: str) -> str:
         return f"{self.prefix}:job:{job_id}"
@@ -289,20 +476,6 @@ class RedisJobStore:
                 break
         jobs = [self.get(i) for i in ids]
         return [j for j in jobs if j is not None]
-
-    def template_owner(self, template_id: str) -> str | None:
-        """The account a template was registered to (templates belong to one account)."""
-        try:
-            owner = self.redis.hget(f"{self.prefix}:templates", template_id)
-        except redis.RedisError as exc:
-            raise StoreUnavailable(f"reading templates: {exc}") from exc
-        return _text(owner) if owner is not None else None
-
-    def register_template(self, template_id: str, account: str) -> None:
-        try:
-            self.redis.hset(f"{self.prefix}:templates", template_id, account)
-        except redis.RedisError as exc:
-            raise StoreUnavailable(f"writing templates: {exc}") from exc
 
     def request_cancel(self, job_id: str) -> None:
         """Flag the job as cancel-requested without touching its version: the steps in flight

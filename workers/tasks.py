@@ -1,9 +1,9 @@
 """The Celery tasks: thin shells around :mod:`workers.pipeline`. Task names are a wire contract.
 
-``animate.generate`` and ``animate.cancel`` are public (other services ``send_task`` them).
-``animate.submit``,
-``animate.poll`` and ``animate.copy`` are internal, but their names are still fixed: countdown
-messages wait in Redis across deploys. Arguments are always ``(job_id, version)``.
+``animate.generate``, ``animate.template`` and ``animate.cancel`` are public (other services
+``send_task`` them). ``animate.detect``, ``animate.prepare``, ``animate.submit``, ``animate.poll``,
+``animate.copy`` and ``animate.webhook`` are internal, but their names are still fixed: countdown
+messages wait in Redis across deploys. Their arguments are always ``(job_id, version)``.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from celery import Task
 from config.celery_app import app, settings
 from workers import pipeline
 from workers.errors import StoreUnavailable
+from workers.jobs import JobKind
 from workers.results import CeleryResults
 from workers.wiring import redis_client
 from workers.wiring import services as _services
@@ -44,9 +45,14 @@ RETRY: dict[str, Any] = {
 def schedule(step: pipeline.Next | None) -> None:
     if step is None:
         return
-    task = {"submit": submit_job, "poll": poll_job, "copy": copy_job, "webhook": webhook_job}[
-        step.step
-    ]
+    task = {
+        "detect": detect_job,
+        "prepare": prepare_job,
+        "submit": submit_job,
+        "poll": poll_job,
+        "copy": copy_job,
+        "webhook": webhook_job,
+    }[step.step]
     task.apply_async((step.job_id, step.version), countdown=max(0.0, step.countdown))
 
 
@@ -62,6 +68,25 @@ def generate(self: Task[Any, Any], *args: Any, **kwargs: Any) -> None:
     """Intake: validate, create the job (id = ``job_id`` or this message's id), then submit."""
     result = pipeline.intake(services(), kwargs, args, str(self.request.id))
     schedule(result.next)
+
+
+@app.task(name="animate.template", bind=True, **RETRY)
+def make_template(self: Task[Any, Any], *args: Any, **kwargs: Any) -> None:
+    """Intake of a template job: a dance video in, an action template id (state READY) out."""
+    result = pipeline.intake(services(), kwargs, args, str(self.request.id), JobKind.TEMPLATE)
+    schedule(result.next)
+
+
+@app.task(name="animate.detect", bind=True, **RETRY)
+def detect_job(self: Task[Any, Any], job_id: str, version: int) -> None:
+    """The image check (cached per image and account)."""
+    schedule(pipeline.detect(services(), job_id, version))
+
+
+@app.task(name="animate.prepare", bind=True, **RETRY)
+def prepare_job(self: Task[Any, Any], job_id: str, version: int) -> None:
+    """The dance video's template: checked, reused, or made by a template job."""
+    schedule(pipeline.prepare(services(), job_id, version))
 
 
 @app.task(name="animate.submit", bind=True, **RETRY)

@@ -13,7 +13,18 @@ from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 from workers.errors import TransientError
-from workers.jobs import FINAL_STATES, ImageFacts, Job, JobRequest, JobState, RemoteSnapshot
+from workers.jobs import (
+    FINAL_STATES,
+    Detection,
+    ImageFacts,
+    Job,
+    JobRequest,
+    JobState,
+    RemoteSnapshot,
+    TemplateInfo,
+    TemplateSource,
+    VideoFacts,
+)
 from workers.pipeline import Next, Services, StoredCopy
 
 T = TypeVar("T")
@@ -40,7 +51,11 @@ class InMemoryJobStore:
     """
 
     def __init__(self) -> None:
-        self.templates: dict[str, str] = {}
+        self.templates: dict[str, TemplateInfo] = {}
+        self.sources: dict[tuple[str, str], TemplateSource] = {}
+        self.waiting: dict[str, set[str]] = {}
+        self.detections: dict[tuple[str, str], Detection] = {}
+        self.detect_claims: dict[tuple[str, str], str] = {}
         self.jobs: dict[str, Job] = {}
         self.remote_tasks: set[str] = set()
         self.lock = threading.Lock()
@@ -96,10 +111,74 @@ class InMemoryJobStore:
                 self.jobs[job_id] = dataclasses.replace(job, cancel_requested=True)
 
     def template_owner(self, template_id: str) -> str | None:
+        info = self.templates.get(template_id)
+        return info.account if info else None
+
+    def template_info(self, template_id: str) -> TemplateInfo | None:
         return self.templates.get(template_id)
 
-    def register_template(self, template_id: str, account: str) -> None:
-        self.templates[template_id] = account
+    def register_template(
+        self,
+        template_id: str,
+        account: str,
+        *,
+        source_sha256: str | None = None,
+        source_url: str | None = None,
+        job_id: str | None = None,
+        video_seconds: float | None = None,
+    ) -> None:
+        with self.lock:
+            self.templates[template_id] = TemplateInfo(
+                template_id, account, source_sha256, source_url, job_id, 0.0, video_seconds
+            )
+            if source_sha256:
+                key = (account, source_sha256)
+                current = self.sources.get(key, TemplateSource())
+                self.sources[key] = dataclasses.replace(current, template_id=template_id)
+
+    def template_source(self, account: str, sha256: str) -> TemplateSource:
+        with self.lock:
+            return self.sources.get((account, sha256), TemplateSource())
+
+    def claim_template_source(
+        self, account: str, sha256: str, expected_job: str | None, job_id: str, generation: int
+    ) -> bool:
+        with self.lock:
+            current = self.sources.get((account, sha256), TemplateSource())
+            if current.job_id != expected_job:
+                return False
+            self.sources[(account, sha256)] = dataclasses.replace(
+                current, job_id=job_id, generation=generation
+            )
+            return True
+
+    def forget_template(self, account: str, sha256: str | None, template_id: str) -> None:
+        with self.lock:
+            key = (account, sha256 or "")
+            current = self.sources.get(key)
+            if current is not None and current.template_id == template_id:
+                self.sources[key] = dataclasses.replace(current, template_id=None)
+            info = self.templates.get(template_id)
+            if info is not None:
+                self.templates[template_id] = dataclasses.replace(info, revoked=True)
+
+    def add_waiter(self, template_job_id: str, job_id: str) -> None:
+        with self.lock:
+            self.waiting.setdefault(template_job_id, set()).add(job_id)
+
+    def waiters(self, template_job_id: str) -> list[str]:
+        with self.lock:
+            return sorted(self.waiting.get(template_job_id, set()))
+
+    def detection(self, account: str, sha256: str) -> Detection | None:
+        return self.detections.get((account, sha256))
+
+    def save_detection(self, account: str, sha256: str, found: Detection, ttl: int) -> None:
+        self.detections[(account, sha256)] = found
+
+    def claim_detection(self, account: str, sha256: str, job_id: str, ttl: int) -> bool:
+        with self.lock:
+            return self.detect_claims.setdefault((account, sha256), job_id) == job_id
 
     def count_by_state(self) -> dict[str, int]:
         with self.lock:
@@ -152,7 +231,11 @@ class FakeVideoApi:
         poll: Iterable[RemoteSnapshot | BaseException] = (),
         recent: Iterable[str] = (),
         cancel: Iterable[BaseException | None] = (),
+        detect: Iterable[Detection | BaseException] = (),
     ) -> None:
+        self.detect_script: deque[Detection | BaseException] = deque(detect)
+        self.detects: list[str] = []
+        self.template_submits: list[str] = []
         self.submit_script: deque[str | BaseException] = deque(submit)
         self.poll_script: deque[RemoteSnapshot | BaseException] = deque(poll)
         self.cancel_script: deque[BaseException | None] = deque(cancel)
@@ -176,6 +259,17 @@ class FakeVideoApi:
         with self.lock:
             return _next(self.submit_script, "submit")
 
+    def submit_template(self, account: str, video_url: str) -> str:
+        with self.lock:
+            self.template_submits.append(video_url)
+            self.accounts_used.append(account)
+            return _next(self.submit_script, "template submit")
+
+    def detect(self, account: str, image_url: str) -> Detection:
+        with self.lock:
+            self.detects.append(image_url)
+            return _next(self.detect_script, "detect")
+
     def submit_is_ambiguous(self, exc: TransientError) -> bool:
         return getattr(exc, "ambiguous", False) is True
 
@@ -191,7 +285,9 @@ class FakeVideoApi:
         if error is not None:
             raise error
 
-    def recent_tasks(self, account: str, since: float, until: float) -> list[str]:
+    def recent_tasks(
+        self, account: str, since: float, until: float, kind: str = "video"
+    ) -> list[str]:
         hook, self.on_recent_tasks = self.on_recent_tasks, None  # one shot: no recursion
         if hook is not None:
             hook()
@@ -230,21 +326,21 @@ class InMemoryGovernor:
     def enqueue(self, job: Job) -> None:
         with self.lock:
             prio, producer = job.request.priority, job.request.producer
-            lines = self.queues.setdefault(job.account, {}).setdefault(prio, {})
+            lines = self.queues.setdefault(job.lane, {}).setdefault(prio, {})
             line = lines.setdefault(producer, deque())
             if not line:
-                self.turns.setdefault(job.account, {}).setdefault(prio, deque()).append(producer)
+                self.turns.setdefault(job.lane, {}).setdefault(prio, deque()).append(producer)
             line.append(job.job_id)
 
     def dequeue(self, job: Job) -> bool:
         with self.lock:
             prio, producer = job.request.priority, job.request.producer
-            line = self.queues.get(job.account, {}).get(prio, {}).get(producer)
+            line = self.queues.get(job.lane, {}).get(prio, {}).get(producer)
             if not line or job.job_id not in line:
                 return False
             line.remove(job.job_id)
             if not line:
-                self.turns[job.account][prio].remove(producer)
+                self.turns[job.lane][prio].remove(producer)
             return True
 
     def admit(self, account: str) -> list[str]:
@@ -327,11 +423,29 @@ class FakeImageProbe:
         self.facts = facts
         self.probes: list[str] = []
 
-    def probe(self, url: str) -> ImageFacts:
+    def probe(self, url: str, *, trusted: bool = False) -> ImageFacts:
         self.probes.append(url)
         if isinstance(self.facts, BaseException):
             raise self.facts
         return self.facts
+
+
+VALID_VIDEO = VideoFacts("mp4", "h264", 2_000_000, 720, 1280, 24.0, 5.0, "cd" * 32)
+
+
+class FakeVideoProbe:
+    """The ``VideoProbe`` port: the next scripted facts (or error), else ``VALID_VIDEO``."""
+
+    def __init__(self, *results: VideoFacts | BaseException) -> None:
+        self.script: deque[VideoFacts | BaseException] = deque(results)
+        self.probes: list[tuple[str, bool]] = []
+
+    def probe(self, url: str, *, trusted: bool = False) -> VideoFacts:
+        self.probes.append((url, trusted))
+        item = self.script.popleft() if self.script else VALID_VIDEO
+        if isinstance(item, BaseException):
+            raise item
+        return item
 
 
 class FakeClock:
@@ -358,6 +472,7 @@ def make_services(**overrides: Any) -> Services:
         "wake": woken.append,
         "copier": FakeCopier(),
         "images": FakeImageProbe(),
+        "videos": FakeVideoProbe(),
         "s3_prefix": "videos",
         "clock": FakeClock(),
         "rand": lambda: 0.5,

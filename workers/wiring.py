@@ -12,15 +12,25 @@ import httpx
 import redis
 
 from config.settings import Settings, get_settings
-from workers.adapters import DashScopeVideoApi, S3CopierPort
+from workers.adapters import BucketInputs, DashScopeVideoApi, S3CopierPort
 from workers.dashscope import DashScopeClient
 from workers.governor import RedisGovernor
 from workers.guard import AddressGuard
 from workers.images import HttpImageProbe
-from workers.jobs import Backoff, CopyPolicy, PollPolicy, SubmitPolicy, WebhookPolicy
+from workers.inputs import S3Inputs
+from workers.jobs import (
+    Backoff,
+    CopyPolicy,
+    DetectPolicy,
+    PollPolicy,
+    PreparePolicy,
+    SubmitPolicy,
+    WebhookPolicy,
+)
 from workers.pipeline import Services
 from workers.storage import S3Copier, make_s3_client
 from workers.store import RedisJobStore
+from workers.videos import HttpVideoProbe
 from workers.webhooks import HttpWebhooks
 
 _lock = threading.Lock()
@@ -48,6 +58,7 @@ def governor(settings: Settings) -> RedisGovernor:
             "submit": settings.dashscope_submit_rate,
             "query": settings.dashscope_query_rate,
             "detect": settings.dashscope_detect_rate,
+            "template": settings.dashscope_submit_rate,
         },
         capacity=settings.dashscope_concurrency + settings.admission_lookahead,
     )
@@ -89,7 +100,23 @@ def build_services(settings: Settings) -> Services:
         max_concurrency=settings.copy_concurrency,
     )
     image_http = httpx.Client(timeout=httpx.Timeout(settings.image_check_timeout))
+    video_http = httpx.Client(timeout=httpx.Timeout(settings.video_probe_timeout, connect=10.0))
     guard = AddressGuard.from_setting(settings.url_allowlist)
+    api = DashScopeVideoApi(
+        clients,
+        settings.dashscope_model,
+        template_model=settings.dashscope_template_model,
+        detect_model=settings.dashscope_detect_model,
+    )
+    inputs = BucketInputs(
+        S3Inputs(s3, settings.s3_bucket, settings.input_prefix),
+        ttl=settings.input_url_ttl_seconds,
+        mode=settings.input_upload_mode,
+        api=api,
+        cache=redis_client(settings),
+        prefix=settings.key_prefix,
+    )
+    attempt_seconds = settings.dashscope_connect_timeout + settings.dashscope_read_timeout + 10
     webhooks = None
     if settings.webhook_secret is not None and settings.webhook_secret.get_secret_value():
         webhooks = HttpWebhooks(
@@ -103,7 +130,23 @@ def build_services(settings: Settings) -> Services:
         guard=guard,
         webhook=WebhookPolicy(give_up_after=settings.webhook_give_up_seconds),
         store=job_store(settings),
-        api=DashScopeVideoApi(clients, settings.dashscope_model),
+        api=api,
+        inputs=inputs,
+        input_bucket=settings.s3_bucket,
+        videos=HttpVideoProbe(video_http, guard),
+        detect=DetectPolicy(
+            max_attempts=settings.detect_max_attempts,
+            attempt_seconds=attempt_seconds,
+            cache_seconds=settings.detect_cache_seconds,
+            half_body=settings.half_body_without_ref_bg,
+            backoff=Backoff(base=settings.submit_backoff_base, cap=settings.submit_backoff_max),
+        ),
+        prepare=PreparePolicy(
+            max_attempts=settings.prepare_max_attempts,
+            attempt_seconds=settings.video_probe_timeout + 60,
+            recheck_seconds=settings.template_wait_recheck_seconds,
+            backoff=Backoff(base=settings.submit_backoff_base, cap=settings.submit_backoff_max),
+        ),
         governor=governor(settings),
         accounts=frozenset(clients),
         default_account=settings.dashscope_default_account,
@@ -125,9 +168,7 @@ def build_services(settings: Settings) -> Services:
         ),
         submit=SubmitPolicy(
             max_attempts=settings.submit_max_attempts,
-            attempt_seconds=settings.dashscope_connect_timeout
-            + settings.dashscope_read_timeout
-            + 10,
+            attempt_seconds=attempt_seconds,
             backoff=Backoff(base=settings.submit_backoff_base, cap=settings.submit_backoff_max),
         ),
         copy=CopyPolicy(

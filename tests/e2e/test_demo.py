@@ -13,8 +13,9 @@ import pytest
 
 @pytest.mark.timeout(180)
 def test_demo(tmp_path: Path) -> None:
-    """The demo stores a job, downloads it to demo-output/<job_id>.mp4 and prints the summary."""
-    env = {**os.environ, "DEMO_OUTPUT": str(tmp_path)}
+    """The demo runs the whole chain from two local files, stores the video, downloads it to
+    demo-output/<job_id>.mp4 and prints the summary and the timeline."""
+    env = {**os.environ, "DEMO_OUTPUT": str(tmp_path), "COLUMNS": "220"}
     done = subprocess.run(
         [sys.executable, "-m", "devstack.demo"],
         capture_output=True,
@@ -26,7 +27,10 @@ def test_demo(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stdout + done.stderr
     (video,) = tmp_path.glob("*.mp4")
     assert video.stem in done.stdout
-    for label in ("STORED", "s3://animate-queue-demo/videos/", "SHA-256", "video seconds"):
+    for label in ("STORED", "s3://animate-queue-demo/videos/", "SHA-256", "video seconds",
+                  # the whole chain from the bundled local files, step by step
+                  "s3://animate-queue-demo/inputs/", "bodystyle full", "AACT.", "DETECTING",
+                  "PREPARING", "QUEUED", "SUBMITTED", "COPYING"):  # fmt: skip
         assert label in done.stdout
     with av.open(str(video)) as container:
         assert sum(1 for _ in container.decode(video=0)) == 45  # 3 s at 15 fps

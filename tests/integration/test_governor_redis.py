@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 import time
@@ -126,6 +127,28 @@ class TestAdmission:
         assert g.admit("default") == []
         g.release("default", "j0")
         assert g.admit("default") == ["j2"]
+
+    def test_templates_queue_in_their_own_lane(self, client: redis.Redis, prefix: str) -> None:
+        """DashScope runs one template and one video at a time per account: a template job never
+        waits behind the account's videos, and the lanes' buckets and views stay apart."""
+        store = RedisJobStore(client, prefix=prefix, final_ttl=60)
+        g = governor(client, prefix, capacity=1)
+        g.enqueue(make_job(store, "v0"))
+        g.enqueue(make_job(store, "v1"))
+        template = dataclasses.replace(make_job(store, "t0"), kind="template")
+        store.redis.hset(store.key("t0"), "kind", "template")
+        g.enqueue(template)
+        assert g.admit("default") == ["v0"]
+        assert g.admit("default:template") == ["t0"]
+        assert g.inflight("default:template") == ["t0"]
+        assert g.accounts() == ["default"]  # lanes are not accounts
+        view = g.account_view("default")
+        assert view["queued"] == 1 and view["templates"] == {"queued": 0, "inflight": 1}
+        assert g.take("default", "template") == 0  # its own bucket: the video submit is untouched
+        assert g.take("default", "submit") == 0
+        store.transition(template, JobState.READY)
+        assert g.admit("default:template") == []  # a READY template leaves the slot
+        assert g.inflight("default:template") == []
 
     def test_finished_jobs_do_not_leak_capacity(self, client: redis.Redis, prefix: str) -> None:
         """A member whose job ended without a release is dropped at the next admission."""

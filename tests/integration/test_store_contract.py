@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import redis
 
-from workers.jobs import FINAL_STATES, Job, JobRequest, JobState
+from workers.jobs import FINAL_STATES, Detection, Job, JobRequest, JobState, TemplateSource
 from workers.pipeline import JobStore
 from workers.store import RedisJobStore
 from workers.testing import InMemoryJobStore
@@ -90,6 +90,8 @@ def full_job(job_id: str = "full-1") -> Job:
             "billing.done",
             "billing",
             "https://hooks.test/v",
+            "s3://bucket/inputs/dance.mp4",
+            False,
         ),
         created_at=T0,
         updated_at=0.1 + 0.2,
@@ -133,6 +135,21 @@ def full_job(job_id: str = "full-1") -> Job:
         error_code="SourceUnavailable",
         error_message="reset — retry ✓",
         duplicates=5,
+        kind="template",
+        image_sha256="12" * 32,
+        bodystyle="half",
+        detect_cached=True,
+        detect_attempts=2,
+        warning="half body — ✓",
+        source_sha256="34" * 32,
+        source_seconds=3.25,
+        source_url="s3://bucket/inputs/x.mp4",
+        prepare_attempts=1,
+        template_id="AACT.acct.new",
+        template_job_id="tpl.abc.acct.2",
+        template_reused=True,
+        template_recreated=True,
+        rejected_template="AACT.acct.old",
     )
     assert all(getattr(job, f.name) is not None for f in dataclasses.fields(Job))
     return job
@@ -265,6 +282,61 @@ class TestJobStoreContract:
         assert store.due(T0 + 1000) == ["c"]
         counts = store.count_by_state()
         assert (counts["QUEUED"], counts["SUBMITTING"], counts["CANCELED"]) == (1, 1, 1)
+
+
+class TestWorkflowRecords:
+    """Templates by account and source video, waiters, the detection cache: both stores alike."""
+
+    SHA = "5e" * 32
+
+    def test_template_registry_and_owner(self, store: JobStore) -> None:
+        assert store.template_info("AACT.a.1") is None and store.template_owner("AACT.a.1") is None
+        store.register_template("AACT.a.1", "acct-a", source_sha256=self.SHA,
+                                source_url="s3://b/inputs/x.mp4", job_id="tpl-1",
+                                video_seconds=3.5)  # fmt: skip
+        info = store.template_info("AACT.a.1")
+        assert info is not None
+        assert (info.account, info.source_sha256, info.source_url, info.job_id) == (
+            "acct-a", self.SHA, "s3://b/inputs/x.mp4", "tpl-1")  # fmt: skip
+        assert (info.video_seconds, info.revoked) == (3.5, False)
+        assert store.template_owner("AACT.a.1") == "acct-a"
+        assert store.template_source("acct-a", self.SHA).template_id == "AACT.a.1"
+        assert store.template_source("acct-b", self.SHA).template_id is None  # per account
+
+    def test_source_claims_are_compare_and_set(self, store: JobStore) -> None:
+        assert store.template_source("acct-a", self.SHA) == TemplateSource()
+        assert store.claim_template_source("acct-a", self.SHA, None, "tpl.1", 1)
+        assert not store.claim_template_source("acct-a", self.SHA, None, "tpl.other", 1)
+        assert store.template_source("acct-a", self.SHA) == TemplateSource(None, "tpl.1", 1)
+        assert not store.claim_template_source("acct-a", self.SHA, "tpl.0", "tpl.2", 2)
+        assert store.claim_template_source("acct-a", self.SHA, "tpl.1", "tpl.2", 2)
+        assert store.template_source("acct-a", self.SHA).generation == 2
+
+    def test_forget_only_the_refused_template(self, store: JobStore) -> None:
+        store.register_template("AACT.a.1", "acct-a", source_sha256=self.SHA)
+        store.forget_template("acct-a", self.SHA, "AACT.a.other")
+        assert store.template_source("acct-a", self.SHA).template_id == "AACT.a.1"
+        store.forget_template("acct-a", self.SHA, "AACT.a.1")
+        assert store.template_source("acct-a", self.SHA).template_id is None
+        info = store.template_info("AACT.a.1")
+        assert info is not None and info.revoked
+
+    def test_waiters(self, store: JobStore) -> None:
+        assert store.waiters("tpl.1") == []
+        store.add_waiter("tpl.1", "j2")
+        store.add_waiter("tpl.1", "j1")
+        store.add_waiter("tpl.1", "j1")
+        assert store.waiters("tpl.1") == ["j1", "j2"]
+
+    def test_detection_cache_and_claim(self, store: JobStore) -> None:
+        assert store.detection("acct-a", self.SHA) is None
+        found = Detection(False, None, "The input image has no human body.")
+        store.save_detection("acct-a", self.SHA, found, 60)
+        assert store.detection("acct-a", self.SHA) == found
+        assert store.detection("acct-b", self.SHA) is None
+        assert store.claim_detection("acct-a", self.SHA, "j1", 60)
+        assert store.claim_detection("acct-a", self.SHA, "j1", 60)  # the holder again
+        assert not store.claim_detection("acct-a", self.SHA, "j2", 60)
 
 
 class TestConcurrency:

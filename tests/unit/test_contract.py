@@ -15,26 +15,34 @@ from workers.jobs import (
     NAME_RE,
     PRIORITY_RANGE,
     REQUEST_FIELDS,
+    TEMPLATE_FIELDS,
     TEMPLATE_ID_RE,
     VIDEO_RATIOS,
     Job,
+    JobKind,
     JobRequest,
     JobState,
     parse_request,
+    parse_template_request,
     result_object,
 )
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 KWARGS = json.loads((DOCS / "schema" / "generate-kwargs.v1.json").read_text())
 RESULT = json.loads((DOCS / "schema" / "result.v1.json").read_text())
+TEMPLATE = json.loads((DOCS / "schema" / "template-kwargs.v1.json").read_text())
 OK = {"image_url": "https://cdn.test/a.png", "template_id": "AACT.abc.def"}
 
 
 def test_fields_match() -> None:
     """The schema's properties are exactly the fields intake accepts; the required ones agree."""
     assert set(KWARGS["properties"]) == set(REQUEST_FIELDS)
-    assert set(KWARGS["required"]) == {"image_url", "template_id"}
+    assert set(KWARGS["required"]) == {"image_url"}
+    assert KWARGS["oneOf"] == [{"required": ["template_id"]}, {"required": ["video_url"]}]
     assert KWARGS["additionalProperties"] is False
+    assert set(TEMPLATE["properties"]) == set(TEMPLATE_FIELDS)
+    assert set(TEMPLATE["required"]) == {"video_url"}
+    assert TEMPLATE["additionalProperties"] is False
 
 
 def test_rules_match() -> None:
@@ -74,6 +82,23 @@ SAMPLES: list[dict[str, Any]] = [
     {**OK, "callback_task": "animate.poll"},
     {**OK, "callback_queue": "billing"},
     {**OK, "callback_task": "bad name"},
+    {"image_url": "https://cdn.test/a.png", "video_url": "https://cdn.test/dance.mp4"},
+    {"image_url": "s3://bucket/inputs/ab.png", "video_url": "s3://bucket/inputs/cd.mp4"},
+    {**OK, "video_url": "https://cdn.test/dance.mp4"},
+    {"image_url": "https://cdn.test/a.png", "video_url": "ftp://cdn.test/dance.mp4"},
+    {"image_url": "s3://bucket", "video_url": "https://cdn.test/dance.mp4"},
+    {"image_url": "s3://bucket/k?x=1", "template_id": "AACT.abc.def"},
+    {**OK, "detect": False},
+    {**OK, "detect": "no"},
+]
+TEMPLATE_SAMPLES: list[dict[str, Any]] = [
+    {"video_url": "https://cdn.test/dance.mp4"},
+    {"video_url": "s3://bucket/inputs/cd.mp4", "account": "main", "job_id": "t-1"},
+    {"video_url": "https://cdn.test/dance.mp4", "image_url": "https://cdn.test/a.png"},
+    {"video_url": "https://cdn.test/dance.mp4", "detect": False},
+    {"video_url": "file:///tmp/dance.mp4"},
+    {},
+    {"video_url": "https://cdn.test/dance.mp4", "callback_queue": "q"},
 ]
 
 
@@ -87,6 +112,32 @@ def test_schema_and_code_decide_alike(kwargs: dict[str, Any]) -> None:
     except InvalidJobRequest:
         code_ok = False
     assert schema_ok == code_ok, kwargs
+
+
+@pytest.mark.parametrize("kwargs", TEMPLATE_SAMPLES)
+def test_template_schema_and_code_decide_alike(kwargs: dict[str, Any]) -> None:
+    schema_ok = jsonschema.Draft202012Validator(TEMPLATE).is_valid(kwargs)
+    try:
+        parse_template_request(kwargs)
+        code_ok = True
+    except InvalidJobRequest:
+        code_ok = False
+    assert schema_ok == code_ok, kwargs
+
+
+def test_template_result_matches_the_schema() -> None:
+    request = JobRequest(video_url="https://cdn.test/dance.mp4")
+    job = Job(
+        "tpl-1", JobState.READY, 7, request, 1.0, 2.0, kind=JobKind.TEMPLATE.value,
+        template_id="AACT.acct.1", remote_task_id="t-9", video_duration=3.0, finished_at=2.0,
+    )  # fmt: skip
+    outcome = result_object(job)
+    jsonschema.Draft202012Validator(RESULT).validate(outcome)
+    assert (outcome["kind"], outcome["state"], outcome["template_id"]) == (
+        "template",
+        "READY",
+        "AACT.acct.1",
+    )
 
 
 @pytest.mark.parametrize("state", ["STORED", "FAILED", "REJECTED", "CANCELED", "EXPIRED"])
@@ -112,6 +163,6 @@ def test_public_task_names_are_registered() -> None:
     import workers.tasks  # noqa: F401  (registers the tasks)
     from config.celery_app import app
 
-    for name in ("animate.generate", "animate.cancel"):
+    for name in ("animate.generate", "animate.template", "animate.cancel"):
         assert f"`{name}`" in text
         assert name in app.tasks

@@ -89,12 +89,6 @@ class TestParseRequest:
             valid(use_ref_img_bg=True, video_ratio="3:4", job_id="order-7:a_b.c", metadata={"a": 1})
         )
         assert request == JobRequest(IMAGE, TEMPLATE, True, "3:4", "order-7:a_b.c", {"a": 1})
-        assert request.remote_fields() == {
-            "image_url": IMAGE,
-            "template_id": TEMPLATE,
-            "use_ref_img_bg": True,
-            "video_ratio": "3:4",
-        }
 
     def test_unknown_field(self) -> None:
         """A field outside the contract is refused, naming it."""

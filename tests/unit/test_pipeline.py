@@ -89,7 +89,8 @@ def w() -> World:
 
 
 def kwargs(**changes: Any) -> dict[str, Any]:
-    return {"image_url": IMAGE, "template_id": TEMPLATE, "job_id": JOB, **changes}
+    """A request without the image check (its own tests are in test_workflow.py)."""
+    return {"image_url": IMAGE, "template_id": TEMPLATE, "job_id": JOB, "detect": False, **changes}
 
 
 def snap(status: RemoteStatus, raw: str | None = None, **fields: Any) -> RemoteSnapshot:
@@ -137,7 +138,9 @@ class TestIntake:
         assert woken(w) == [Next("submit", JOB, 2, 0)]  # admitted at once: the account has room
         job = w.job()
         assert (job.state, job.version) == (JobState.QUEUED, 2)
-        assert job.request == JobRequest(IMAGE, TEMPLATE, None, None, JOB, {"user": 7})
+        assert job.request == JobRequest(
+            IMAGE, TEMPLATE, None, None, JOB, {"user": 7}, detect=False
+        )
         assert job.intake_message_id == MSG
         assert job.created_at == job.updated_at == job.admitted_at == START
         assert w.images.probes == [IMAGE]
@@ -145,7 +148,9 @@ class TestIntake:
 
     def test_message_id_when_no_job_id(self, w: World) -> None:
         """Without a job_id the message id names the job."""
-        result = pipeline.intake(w.svc, {"image_url": IMAGE, "template_id": TEMPLATE}, (), MSG)
+        result = pipeline.intake(
+            w.svc, {"image_url": IMAGE, "template_id": TEMPLATE, "detect": False}, (), MSG
+        )
         assert result.job_id == MSG
         assert w.job(MSG).state == JobState.QUEUED
 

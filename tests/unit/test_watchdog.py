@@ -28,7 +28,12 @@ def run(svc: Services, **kw: Any) -> pipeline.WatchdogReport:
 
 
 def submitted(svc: Services, job_id: str = "j1") -> Next:
-    pipeline.intake(svc, {"image_url": IMAGE, "template_id": TEMPLATE, "job_id": job_id}, (), "m")
+    pipeline.intake(
+        svc,
+        {"image_url": IMAGE, "template_id": TEMPLATE, "job_id": job_id, "detect": False},
+        (),
+        "m",
+    )
     (submit,) = [n for n in woken(svc) if n.job_id == job_id and n.step == "submit"]
     svc.api.submit_script.append(f"task-{job_id}")  # type: ignore[attr-defined]
     step = pipeline.submit(svc, job_id, submit.version)
@@ -67,7 +72,12 @@ class TestWatchdog:
 
     def test_submitting_resumes_submit(self, svc: Services) -> None:
         """A job stuck in SUBMITTING gets its submit step back (which reconciles first)."""
-        pipeline.intake(svc, {"image_url": IMAGE, "template_id": TEMPLATE, "job_id": "j1"}, (), "m")
+        pipeline.intake(
+            svc,
+            {"image_url": IMAGE, "template_id": TEMPLATE, "job_id": "j1", "detect": False},
+            (),
+            "m",
+        )
         assert len(woken(svc)) == 1
         job = svc.store.get("j1")
         assert job is not None
@@ -114,7 +124,12 @@ class TestWatchdog:
     def test_unadmitted_queued_jobs_are_not_resumed(self, svc: Services) -> None:
         """Jobs waiting in our queue have no deadline: 10,000 of them cost the watchdog nothing."""
         svc.governor.capacity = 0  # type: ignore[attr-defined]
-        pipeline.intake(svc, {"image_url": IMAGE, "template_id": TEMPLATE, "job_id": "q"}, (), "m")
+        pipeline.intake(
+            svc,
+            {"image_url": IMAGE, "template_id": TEMPLATE, "job_id": "q", "detect": False},
+            (),
+            "m",
+        )
         clock(svc).advance(1000)
         assert run(svc).resumed == []
         assert svc.store.due(clock(svc)()) == []
