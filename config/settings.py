@@ -125,6 +125,18 @@ class Settings(BaseSettings):
     webhook_timeout_seconds: float = Field(default=10.0, gt=0)
     webhook_give_up_seconds: float = Field(default=3600.0, gt=0)
 
+    # --- Operations: logs, metrics, Flower
+    log_format: Literal["text", "json"] = "text"  # json: one JSON object per line
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    metrics_addr: str = "0.0.0.0"  # the exporter (animate-queue metrics) listens here
+    metrics_port: int = Field(default=9808, ge=1, le=65535)
+    # Flower refuses to start without basic auth ("user:password", comma-separated for more
+    # users) unless FLOWER_ALLOW_NO_AUTH=true says an operator chose an open Flower.
+    flower_basic_auth: SecretStr | None = None
+    flower_allow_no_auth: bool = False
+    flower_db: str = "flower.db"  # Flower's persistent state (tasks seen), kept across restarts
+    flower_port: int = Field(default=5555, ge=1, le=65535)
+
     # --- Watchdog (run by celery beat; only one acts at a time, under a Redis lock)
     watchdog_interval_seconds: float = Field(default=15.0, gt=0)
     watchdog_grace_seconds: float = Field(default=30.0, gt=0)  # overdue by this much: resume

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from typing import Any
 
 from celery import Task
@@ -24,6 +25,8 @@ from workers.wiring import services as _services
 
 log = logging.getLogger(__name__)
 LOCK_KEY = f"{settings.key_prefix}:watchdog-lock"
+# When a watchdog message (sent by beat) last ran: `animate-queue health beat` reads it.
+BEAT_HEARTBEAT_KEY = f"{settings.key_prefix}:beat-heartbeat"
 
 
 @functools.cache
@@ -135,6 +138,7 @@ def watchdog(self: Task[Any, Any]) -> None:
     # One watchdog per interval, whatever number of beats send it: the lock is never released,
     # it expires.
     ttl = max(1, int(settings.watchdog_interval_seconds * 0.8))
+    svc_lock().set(BEAT_HEARTBEAT_KEY, repr(time.time()), ex=int(ttl * 20) + 60)
     if not svc_lock().set(LOCK_KEY, str(self.request.id), nx=True, ex=ttl):
         return
     report = pipeline.watchdog(
