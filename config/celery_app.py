@@ -9,7 +9,7 @@ import sys
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_init, worker_process_init
+from celery.signals import setup_logging, worker_init, worker_process_init
 
 from config.settings import Settings, SettingsError, get_settings
 
@@ -89,6 +89,14 @@ app.conf.update(
     },
     worker_hijack_root_logger=False,
 )
+
+
+@setup_logging.connect
+def _logging(**_: Any) -> None:
+    """Our handlers and format (LOG_FORMAT) for workers and beat, instead of Celery's."""
+    from config import logs
+
+    logs.configure(settings)
 
 
 @worker_init.connect

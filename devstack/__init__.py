@@ -275,12 +275,22 @@ class Beat(Service):
             self._log = None
 
 
+FLOWER_CONF = Path(__file__).resolve().parents[1] / "config" / "flowerconfig.py"
+
+
 class Flower(Service):
-    """``celery -A config.celery_app flower`` on a free loopback port, waited on until healthy."""
+    """``celery -A config.celery_app flower --conf=config/flowerconfig.py`` on a free loopback
+    port, waited on until healthy. Its state file goes to a temporary directory."""
 
     def __init__(self, env: Mapping[str, str]) -> None:
-        self.env = {**os.environ, **env}
         self.port = free_port()
+        self.state_dir = tempfile.mkdtemp(prefix="flower-")
+        self.env = {
+            **os.environ,
+            "FLOWER_DB": os.path.join(self.state_dir, "flower.db"),
+            "FLOWER_PORT": str(self.port),
+            **env,
+        }
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -290,11 +300,13 @@ class Flower(Service):
     def start(self, timeout: float = 30) -> Self:
         import httpx
 
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "config.celery_app", "flower",
-             f"--port={self.port}", "--address=127.0.0.1"],
-            env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
+        log_path = Path(self.state_dir) / "flower.log"
+        with log_path.open("wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "celery", "-A", "config.celery_app", "flower",
+                 f"--conf={FLOWER_CONF}", f"--port={self.port}", "--address=127.0.0.1"],
+                env=self.env, stdout=log, stderr=subprocess.STDOUT,
+            )  # fmt: skip
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -302,6 +314,10 @@ class Flower(Service):
                     return self
             except httpx.HTTPError:
                 pass
+            if self.proc.poll() is not None:
+                said = log_path.read_text(errors="replace")[-2000:]
+                self.proc = None
+                raise RuntimeError(f"flower exited at start-up: {said}")
             if time.monotonic() > deadline:
                 self.stop()
                 raise RuntimeError("flower did not become healthy")

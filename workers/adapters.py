@@ -3,7 +3,8 @@ types in and out)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import PurePosixPath
 
@@ -14,14 +15,16 @@ from botocore.exceptions import BotoCoreError, ClientError
 from workers.dashscope import DashScopeClient, RemoteTask, VideoRequest
 from workers.errors import (
     DashScopeRejected,
+    DashScopeThrottled,
     InvalidJobRequest,
     StorageUnavailable,
     StoreUnavailable,
     TransientError,
+    WorkerError,
 )
 from workers.inputs import S3Inputs, parse_s3_ref
 from workers.jobs import Detection, JobKind, JobRequest, RemoteSnapshot
-from workers.pipeline import StoredCopy
+from workers.pipeline import Metrics, StoredCopy
 from workers.storage import S3Copier
 
 # Errors raised after the request left us: DashScope may have acted on it.
@@ -39,7 +42,9 @@ class DashScopeVideoApi:
         *,
         template_model: str = "animate-anyone-template-gen2",
         detect_model: str = "animate-anyone-detect-gen2",
+        metrics: Metrics | None = None,
     ) -> None:
+        self.metrics = metrics
         self.clients = dict(clients)
         self.model = model
         self.template_model = template_model
@@ -48,6 +53,18 @@ class DashScopeVideoApi:
     def model_for(self, kind: str) -> str:
         """The model name behind a step: ``video``, ``template`` or ``detect``."""
         return {"template": self.template_model, "detect": self.detect_model}.get(kind, self.model)
+
+    @contextmanager
+    def _counted(self, op: str, account: str) -> Iterator[None]:
+        """Count DashScope's refusals and failures by code (429s also on their own)."""
+        try:
+            yield
+        except WorkerError as exc:
+            if self.metrics is not None:
+                self.metrics.inc("remote_errors_total", account=account, op=op, code=exc.code)
+                if isinstance(exc, DashScopeThrottled):
+                    self.metrics.inc("throttled_total", account=account, op=op)
+            raise
 
     def _client(self, account: str) -> DashScopeClient:
         try:
@@ -58,54 +75,61 @@ class DashScopeVideoApi:
             ) from None
 
     def submit(self, account: str, request: JobRequest) -> str:
-        submitted = self._client(account).submit_video(
-            VideoRequest(
-                image_url=request.image_url,
-                template_id=request.template_id,
-                use_ref_img_bg=request.use_ref_img_bg,
-                video_ratio=request.video_ratio,
+        with self._counted("submit", account):
+            submitted = self._client(account).submit_video(
+                VideoRequest(
+                    image_url=request.image_url,
+                    template_id=request.template_id,
+                    use_ref_img_bg=request.use_ref_img_bg,
+                    video_ratio=request.video_ratio,
+                )
             )
-        )
-        return submitted.task_id
+            return submitted.task_id
 
     def submit_template(self, account: str, video_url: str) -> str:
-        submitted = self._client(account).submit_async(
-            "aa-template-generation", self.template_model, {"video_url": video_url}
-        )
-        return submitted.task_id
+        with self._counted("template", account):
+            submitted = self._client(account).submit_async(
+                "aa-template-generation", self.template_model, {"video_url": video_url}
+            )
+            return submitted.task_id
 
     def detect(self, account: str, image_url: str) -> Detection:
-        output = self._client(account).detect(image_url, model=self.detect_model)
-        bodystyle, reason = output.get("bodystyle"), output.get("reason")
-        return Detection(
-            check_pass=bool(output["check_pass"]),
-            bodystyle=bodystyle if isinstance(bodystyle, str) and bodystyle else None,
-            reason=reason if isinstance(reason, str) and reason else None,
-        )
+        with self._counted("detect", account):
+            output = self._client(account).detect(image_url, model=self.detect_model)
+            bodystyle, reason = output.get("bodystyle"), output.get("reason")
+            return Detection(
+                check_pass=bool(output["check_pass"]),
+                bodystyle=bodystyle if isinstance(bodystyle, str) and bodystyle else None,
+                reason=reason if isinstance(reason, str) and reason else None,
+            )
 
     def upload(self, account: str, kind: str, filename: str, data: bytes) -> str:
         """DashScope's temporary storage (docs §7): an oss:// URL for one account and model."""
-        return self._client(account).upload(self.model_for(kind), filename, data)
+        with self._counted("upload", account):
+            return self._client(account).upload(self.model_for(kind), filename, data)
 
     def submit_is_ambiguous(self, exc: TransientError) -> bool:
         return isinstance(exc.__cause__, _AMBIGUOUS)
 
     def poll(self, account: str, task_id: str) -> RemoteSnapshot:
-        return snapshot(self._client(account).get_task(task_id))
+        with self._counted("query", account):
+            return snapshot(self._client(account).get_task(task_id))
 
     def cancel(self, account: str, task_id: str) -> None:
-        self._client(account).cancel_task(task_id)
+        with self._counted("cancel", account):
+            self._client(account).cancel_task(task_id)
 
     def recent_tasks(
         self, account: str, since: float, until: float, kind: str = JobKind.VIDEO
     ) -> list[str]:
-        page = self._client(account).list_tasks(
-            start=datetime.fromtimestamp(since, UTC),
-            end=datetime.fromtimestamp(until, UTC),
-            model=self.model_for(kind),
-            page_size=100,
-        )
-        return [item.task_id for item in page.items]
+        with self._counted("list", account):
+            page = self._client(account).list_tasks(
+                start=datetime.fromtimestamp(since, UTC),
+                end=datetime.fromtimestamp(until, UTC),
+                model=self.model_for(kind),
+                page_size=100,
+            )
+            return [item.task_id for item in page.items]
 
 
 def snapshot(task: RemoteTask) -> RemoteSnapshot:

@@ -516,6 +516,7 @@ class Job:
     created_at: float
     updated_at: float
     account: str = "default"  # the DashScope account (API key) the job runs under
+    state_since: float | None = None  # entered its current state (None: at creation)
     kind: str = JobKind.VIDEO.value
     image_sha256: str | None = None  # the image's content hash (the detection cache's key)
     bodystyle: str | None = None  # the detector's answer: full | half

@@ -153,6 +153,21 @@ class _NoResults:
         pass
 
 
+class Metrics(Protocol):
+    """Counters and histograms (best effort: never raises)."""
+
+    def inc(self, name: str, amount: float = 1.0, **labels: str) -> None: ...
+    def observe(self, name: str, value: float, **labels: str) -> None: ...
+
+
+class _NoMetrics:
+    def inc(self, name: str, amount: float = 1.0, **labels: str) -> None:
+        pass
+
+    def observe(self, name: str, value: float, **labels: str) -> None:
+        pass
+
+
 class Governor(Protocol):
     """Fleet-wide quota buckets and the admission queue of each account."""
 
@@ -252,6 +267,7 @@ class Services:
     max_throttled: int = 50  # 429s one job may collect before it fails
     video_hosts: tuple[str, ...] = ("*",)  # hosts a result video may be downloaded from
     results: Results = field(default_factory=_NoResults)
+    metrics: Metrics = field(default_factory=_NoMetrics)
     webhooks: Webhooks | None = None
     guard: AddressGuard | None = None  # where our own requests may go (webhooks)
     webhook: WebhookPolicy = field(default_factory=WebhookPolicy)
@@ -276,6 +292,11 @@ class Next:
     job_id: str
     version: int
     countdown: float
+    producer: str = field(default="", compare=False)  # shown beside the job id in Flower
+
+    @classmethod
+    def of(cls, step: Step, job: Job, countdown: float) -> Next:
+        return cls(step, job.job_id, job.version, countdown, job.request.producer)
 
 
 def _unscheduled(step: Next) -> None:
@@ -389,7 +410,7 @@ def intake(
         next_action_at=now,
     )
     if moved is not None:
-        svc.wake(Next(step, job_id, moved.version, 0))
+        svc.wake(Next.of(step, moved, 0))
     return IntakeResult(job_id, first, created)
 
 
@@ -451,7 +472,7 @@ def admit(svc: Services, lane: str) -> None:
         if moved is None:
             svc.governor.release(lane, job_id)
             continue
-        svc.wake(Next("submit", job_id, moved.version, 0))
+        svc.wake(Next.of("submit", moved, 0))
 
 
 def _free_slot(svc: Services, job: Job) -> None:
@@ -469,7 +490,7 @@ def _free_slot(svc: Services, job: Job) -> None:
             and other.state == JobState.SUBMITTED
             and other.remote_status in (None, "PENDING")
         ):
-            svc.wake(Next("poll", other_id, other.version, 0))
+            svc.wake(Next.of("poll", other, 0))
     admit(svc, job.lane)
 
 
@@ -486,7 +507,7 @@ def _wait_for_token(svc: Services, job: Job, kind: str, step: Step) -> Next | No
     moved = svc.store.transition(
         job, job.state, token_waits=job.token_waits + 1, updated_at=now, next_action_at=now + delay
     )
-    return Next(step, job.job_id, moved.version, delay) if moved else None
+    return Next.of(step, moved, delay) if moved else None
 
 
 def _usable_id(value: str) -> bool:
@@ -558,7 +579,7 @@ def detect(svc: Services, job_id: str, version: int) -> Next | None:
         moved = svc.store.transition(
             job, JobState.PREPARING, warning=verdict, updated_at=now, next_action_at=now, **seen
         )
-        return Next("prepare", job_id, moved.version, 0) if moved else None
+        return Next.of("prepare", moved, 0) if moved else None
     moved = svc.store.transition(
         job, JobState.QUEUED, warning=verdict, updated_at=now, next_action_at=None, **seen
     )
@@ -605,7 +626,7 @@ def _retry_later(
     if token_wait:
         changes["token_waits"] = job.token_waits + 1
     moved = svc.store.transition(job, job.state, **changes)
-    return Next(step, job.job_id, moved.version, delay) if moved else None
+    return Next.of(step, moved, delay) if moved else None
 
 
 # ----------------------------------------------------------------------------- prepare
@@ -794,7 +815,7 @@ def _wait_for_maker(svc: Services, job: Job, maker: Job) -> Next | None:
     latest = svc.store.get(maker.job_id)
     if latest is not None and latest.final:
         # It ended between our look and our registration: its wake-up may have missed us.
-        return Next("prepare", job.job_id, waiting.version, 0)
+        return Next.of("prepare", waiting, 0)
     return None
 
 
@@ -815,7 +836,7 @@ def _wake_waiters(svc: Services, maker: Job) -> None:
     for waiter_id in svc.store.waiters(maker.job_id):
         waiter = svc.store.get(waiter_id)
         if waiter is not None and waiter.state == JobState.PREPARING:
-            svc.wake(Next("prepare", waiter_id, waiter.version, 0))
+            svc.wake(Next.of("prepare", waiter, 0))
 
 
 def _template_refused(svc: Services, job: Job, exc: DashScopeRejected) -> Next | None:
@@ -856,7 +877,7 @@ def _template_refused(svc: Services, job: Job, exc: DashScopeRejected) -> Next |
         return None
     log.warning("job %s: template %s refused (%s); making it again", job.job_id, bad, exc.code)
     _free_slot(svc, moved)
-    return Next("prepare", job.job_id, moved.version, 0)
+    return Next.of("prepare", moved, 0)
 
 
 # ----------------------------------------------------------------------------- submit
@@ -967,7 +988,7 @@ def _submitted(svc: Services, job: Job, task_id: str) -> Next | None:
         log.error("job %s: submitted as %s but lost the record race", job.job_id, task_id)
         return None
     log.info("job %s submitted as DashScope task %s", job.job_id, task_id)
-    return Next("poll", job.job_id, done.version, svc.poll.first_delay)
+    return Next.of("poll", done, svc.poll.first_delay)
 
 
 def _submit_throttled(
@@ -991,7 +1012,7 @@ def _submit_throttled(
         updated_at=now,
         next_action_at=now + delay,
     )
-    return Next("submit", job.job_id, moved.version, delay) if moved else None
+    return Next.of("submit", moved, delay) if moved else None
 
 
 def _submit_failed(
@@ -1031,7 +1052,7 @@ def _submit_failed(
         return None
     log.warning("job %s: submit attempt %d failed (%s); again in %.1fs", job.job_id,
                 job.submit_attempts, exc, delay)  # fmt: skip
-    return Next("submit", job.job_id, waiting.version, delay)
+    return Next.of("submit", waiting, delay)
 
 
 def _reconcile(svc: Services, job: Job, now: float) -> Next | None:
@@ -1085,7 +1106,7 @@ def poll(svc: Services, job_id: str, version: int) -> Next | None:
             next_action_at=now + retry.seconds,
         )
         log.warning("job %s: poll failed (%s); again in %.1fs", job_id, exc, retry.seconds)
-        return Next("poll", job_id, moved.version, retry.seconds) if moved else None
+        return Next.of("poll", moved, retry.seconds) if moved else None
 
     decision = decide_poll(job, remote, now, svc.poll)
     common: dict[str, Any] = {
@@ -1107,7 +1128,11 @@ def poll(svc: Services, job_id: str, version: int) -> Next | None:
             next_action_at=now + decision.seconds,
             **common,
         )
-        return Next("poll", job_id, moved.version, decision.seconds) if moved else None
+        return Next.of("poll", moved, decision.seconds) if moved else None
+    if isinstance(decision, (TemplateReady, StartCopy)) and decision.video_duration:
+        # DashScope bills usage.video_duration once the task SUCCEEDED, whatever happens next.
+        svc.metrics.inc("video_seconds_total", decision.video_duration, account=job.account,
+                        producer=job.request.producer, kind=job.kind)  # fmt: skip
     if isinstance(decision, TemplateReady):
         svc.store.register_template(
             decision.template_id,
@@ -1153,7 +1178,7 @@ def poll(svc: Services, job_id: str, version: int) -> Next | None:
             next_action_at=now,
             **common,
         )
-        return Next("copy", job_id, moved.version, 0) if moved else None
+        return Next.of("copy", moved, 0) if moved else None
     if decision.cancel_remote:
         try:
             svc.api.cancel(job.account, job.remote_task_id)
@@ -1238,8 +1263,20 @@ def copy(svc: Services, job_id: str, version: int) -> Next | None:
         log.warning("job %s: copy finished but the job moved on (stale copy)", job_id)
     else:
         log.info("job %s stored at %s (%d bytes)", job_id, final.s3_uri, stored.size)
+        _copy_metrics(svc, final, stored, done - now)
         _ended(svc, final)
     return None
+
+
+def _copy_metrics(svc: Services, job: Job, stored: StoredCopy, seconds: float) -> None:
+    svc.metrics.inc("copy_bytes_total", stored.size, account=job.account)
+    if seconds > 0:
+        svc.metrics.observe("copy_throughput_mb_s", stored.size / 1e6 / seconds)
+    if job.remote_ended_at is not None and job.finished_at is not None:
+        svc.metrics.observe("copy_delay_seconds", job.finished_at - job.remote_ended_at)
+    if job.video_expires_at is not None and job.finished_at is not None:
+        # How close we came to losing the video: time left on its 24-hour URL.
+        svc.metrics.observe("expiry_margin_seconds", job.video_expires_at - job.finished_at)
 
 
 class _Lease:
@@ -1282,7 +1319,7 @@ def _copy_failed(svc: Services, job: Job, exc: WorkerError, *, transient: bool) 
         next_action_at=now + decision.seconds,
     )
     log.warning("job %s: copy failed (%s); again in %.1fs", job.job_id, exc, decision.seconds)
-    return Next("copy", job.job_id, moved.version, decision.seconds) if moved else None
+    return Next.of("copy", moved, decision.seconds) if moved else None
 
 
 # ----------------------------------------------------------------------------- watchdog
@@ -1350,7 +1387,7 @@ def watchdog(
         if moved is None:
             continue  # it moved on by itself in the meantime
         log.warning("job %s: overdue in %s, resumed (%d)", job_id, job.state, count)
-        svc.wake(Next(RESUMABLE[job.state], job_id, moved.version, 0))
+        svc.wake(Next.of(RESUMABLE[job.state], moved, 0))
         resumed.append(job_id)
     for account in accounts:
         admit(svc, account)
@@ -1450,14 +1487,14 @@ def _cancel_remote(svc: Services, job: Job) -> Next | None:
             updated_at=now,
             next_action_at=now + svc.poll.running_interval,
         )
-        return Next("poll", job.job_id, moved.version, svc.poll.running_interval) if moved else None
+        return Next.of("poll", moved, svc.poll.running_interval) if moved else None
     except TransientError as exc:
         log.warning("job %s: remote cancel failed (%s); will try again on the next poll",
                     job.job_id, exc)  # fmt: skip
         now = svc.clock()
         moved = svc.store.transition(job, JobState.SUBMITTED, updated_at=now,
                                      next_action_at=now + 1)  # fmt: skip
-        return Next("poll", job.job_id, moved.version, 1.0) if moved else None
+        return Next.of("poll", moved, 1.0) if moved else None
     finish(svc, job, Finish(JobState.CANCELED, "Canceled", "cancelled while queued at DashScope"))
     return None
 
@@ -1490,6 +1527,8 @@ def finish(svc: Services, job: Job, decision: Finish, **changes: Any) -> Job | N
 
 def _ended(svc: Services, job: Job) -> None:
     """The job is final: announce it once (the final transition happens once)."""
+    svc.metrics.inc("jobs_finished_total", state=job.state.value, account=job.account,
+                    kind=job.kind)  # fmt: skip
     try:
         svc.results.publish(job)
     except Exception:  # the job is final whatever happens here; say so loudly
@@ -1499,7 +1538,7 @@ def _ended(svc: Services, job: Job) -> None:
     if job.request.webhook_url:
         pending = svc.store.transition(job, job.state, webhook_state="pending")
         if pending is not None:
-            svc.wake(Next("webhook", job.job_id, pending.version, 0))
+            svc.wake(Next.of("webhook", pending, 0))
 
 
 def deliver_webhook(svc: Services, job_id: str, version: int) -> Next | None:
@@ -1531,7 +1570,7 @@ def deliver_webhook(svc: Services, job_id: str, version: int) -> Next | None:
         delay = svc.webhook.backoff.delay(attempts, svc.rand)
         moved = svc.store.transition(job, job.state, webhook_attempts=attempts,
                                      webhook_error=f"{exc.code}: {exc.message}")  # fmt: skip
-        return Next("webhook", job_id, moved.version, delay) if moved else None
+        return Next.of("webhook", moved, delay) if moved else None
     svc.store.transition(
         job,
         job.state,

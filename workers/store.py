@@ -16,12 +16,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 
 from workers.errors import StoreUnavailable
+
+if TYPE_CHECKING:
+    from workers.pipeline import Metrics
 from workers.jobs import (
     FINAL_STATES,
     Detection,
@@ -32,10 +36,15 @@ from workers.jobs import (
     TemplateSource,
 )
 
+# ``P:m:jobs`` counts jobs per "state|account|kind" (the exporter's jobs-by-state gauge); it moves
+# in the same script as the state, so it never drifts.
 _CREATE = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 redis.call('HSET', KEYS[1], unpack(ARGV, 5))
 redis.call('SADD', ARGV[1] .. ':state:' .. ARGV[3], ARGV[2])
+local acct = redis.call('HGET', KEYS[1], 'account') or 'default'
+local kind = redis.call('HGET', KEYS[1], 'kind') or 'video'
+redis.call('HINCRBY', ARGV[1] .. ':m:jobs', ARGV[3] .. '|' .. acct .. '|' .. kind, 1)
 if ARGV[4] ~= '' then redis.call('ZADD', ARGV[1] .. ':deadlines', ARGV[4], ARGV[2]) end
 return 1
 """
@@ -62,6 +71,11 @@ for i = 1, n_del do redis.call('HDEL', key, ARGV[at + i]) end
 if current[2] ~= new_state then
   redis.call('SREM', prefix .. ':state:' .. current[2], job_id)
   redis.call('SADD', prefix .. ':state:' .. new_state, job_id)
+  local acct = redis.call('HGET', key, 'account') or 'default'
+  local kind = redis.call('HGET', key, 'kind') or 'video'
+  local tail = '|' .. acct .. '|' .. kind
+  redis.call('HINCRBY', prefix .. ':m:jobs', current[2] .. tail, -1)
+  redis.call('HINCRBY', prefix .. ':m:jobs', new_state .. tail, 1)
 end
 if ARGV[5] == '' then
   redis.call('ZREM', prefix .. ':deadlines', job_id)
@@ -351,13 +365,24 @@ def _template_info(template_id: str, raw: str) -> TemplateInfo:
     return TemplateInfo(template_id, **data)
 
 
+log = logging.getLogger(__name__)
+
+
 class RedisJobStore(WorkflowRecords):
     """The :class:`workers.pipeline.JobStore` port on a real Redis."""
 
-    def __init__(self, client: redis.Redis, *, prefix: str, final_ttl: int) -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        *,
+        prefix: str,
+        final_ttl: int,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.redis = client
         self.prefix = prefix
         self.final_ttl = final_ttl
+        self.metrics = metrics
         self._create = client.register_script(_CREATE)
         self._transition = client.register_script(_TRANSITION)
         self._note_duplicate = client.register_script(_NOTE_DUPLICATE)
@@ -408,6 +433,9 @@ class RedisJobStore(WorkflowRecords):
 
         A change to None deletes the field. ``next_action_at`` also updates the deadline index.
         """
+        moved = state != job.state
+        if moved:
+            changes = {"state_since": changes.get("updated_at") or time.time(), **changes}
         updated = dataclasses.replace(job, state=state, **changes)
         to_set: list[str] = []
         to_del: list[str] = []
@@ -443,7 +471,39 @@ class RedisJobStore(WorkflowRecords):
             raise StoreUnavailable(f"updating job: {exc}") from exc
         if int(version) <= 0:
             return None
-        return dataclasses.replace(updated, version=int(version))
+        done = dataclasses.replace(updated, version=int(version))
+        if moved:
+            self._moved(job, done)
+        return done
+
+    def _moved(self, before: Job, after: Job) -> None:
+        """One structured log line per change of state, and the time the job spent in the last."""
+        now = after.state_since or time.time()
+        spent = max(0.0, now - (before.state_since or before.created_at))
+        if self.metrics is not None:
+            self.metrics.observe("step_seconds", spent, step=before.state.value, kind=before.kind)
+        log.info(
+            "job %s %s -> %s after %.3f s",
+            after.job_id,
+            before.state.value,
+            after.state.value,
+            spent,
+            extra={
+                "event": "job.transition",
+                "job_id": after.job_id,
+                "kind": after.kind,
+                "from_state": before.state.value,
+                "to_state": after.state.value,
+                "version": after.version,
+                "account": after.account,
+                "producer": after.request.producer,
+                "remote_task_id": after.remote_task_id,
+                "remote_status": after.remote_status,
+                "error_code": after.error_code,
+                "seconds_in_state": round(spent, 3),
+                "seconds_since_created": round(now - after.created_at, 3),
+            },
+        )
 
     def claim_remote_task(self, task_id: str) -> bool:
         """Mark a DashScope task id as owned; False if some job owns it already."""

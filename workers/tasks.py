@@ -56,7 +56,12 @@ def schedule(step: pipeline.Next | None) -> None:
         "copy": copy_job,
         "webhook": webhook_job,
     }[step.step]
-    task.apply_async((step.job_id, step.version), countdown=max(0.0, step.countdown))
+    task.apply_async(
+        (step.job_id, step.version),
+        countdown=max(0.0, step.countdown),
+        # What Flower shows as the arguments: the job id and its producer, searchable there.
+        argsrepr=f"(job_id={step.job_id!r}, version={step.version}, producer={step.producer!r})",
+    )
 
 
 def services() -> pipeline.Services:

@@ -27,6 +27,7 @@ from workers.jobs import (
     SubmitPolicy,
     WebhookPolicy,
 )
+from workers.metrics import RedisMetrics
 from workers.pipeline import Services
 from workers.storage import S3Copier, make_s3_client
 from workers.store import RedisJobStore
@@ -43,9 +44,12 @@ def redis_client(settings: Settings) -> redis.Redis:
     )
 
 
-def job_store(settings: Settings) -> RedisJobStore:
+def job_store(settings: Settings, metrics: RedisMetrics | None = None) -> RedisJobStore:
     return RedisJobStore(
-        redis_client(settings), prefix=settings.key_prefix, final_ttl=settings.job_retention_seconds
+        redis_client(settings),
+        prefix=settings.key_prefix,
+        final_ttl=settings.job_retention_seconds,
+        metrics=metrics,
     )
 
 
@@ -67,6 +71,7 @@ def governor(settings: Settings) -> RedisGovernor:
 def build_services(settings: Settings) -> Services:
     settings.require_worker()
     assert settings.s3_bucket is not None
+    metrics = RedisMetrics(redis_client(settings), settings.key_prefix)
     api_http = httpx.Client(
         timeout=httpx.Timeout(
             settings.dashscope_read_timeout, connect=settings.dashscope_connect_timeout
@@ -107,6 +112,7 @@ def build_services(settings: Settings) -> Services:
         settings.dashscope_model,
         template_model=settings.dashscope_template_model,
         detect_model=settings.dashscope_detect_model,
+        metrics=metrics,
     )
     inputs = BucketInputs(
         S3Inputs(s3, settings.s3_bucket, settings.input_prefix),
@@ -129,7 +135,8 @@ def build_services(settings: Settings) -> Services:
         copy_after_late_cancel=settings.cancel_too_late_copy,
         guard=guard,
         webhook=WebhookPolicy(give_up_after=settings.webhook_give_up_seconds),
-        store=job_store(settings),
+        store=job_store(settings, metrics),
+        metrics=metrics,
         api=api,
         inputs=inputs,
         input_bucket=settings.s3_bucket,

@@ -112,29 +112,57 @@ def test_bad_configuration_stops_the_worker(
     assert named in str(info.value)
 
 
+FLOWER_AUTH = ("ops", "flower-pass-0123")
+
+
 def test_flower_sees_jobs(
     queue: AnimateQueue, remote: Any, worker_env: dict[str, str], worker: Worker, job_id: str
 ) -> None:
-    """Flower, started for real, lists the worker and the job's tasks, and shows no secret."""
-    flower = Flower({**worker_env, "FLOWER_UNAUTHENTICATED_API": "true"}).start()
+    """Flower, started for real behind basic auth, lists the worker and every step's task of the
+    job with its id and producer in the arguments (searchable), and shows no secret."""
+    env = {**worker_env, "FLOWER_BASIC_AUTH": ":".join(FLOWER_AUTH)}
+    flower = Flower(env).start()
     base = flower.url
     try:
+        assert httpx.get(f"{base}/api/tasks", timeout=5).status_code == 401
+        assert httpx.get(f"{base}/", timeout=5).status_code == 401
         time.sleep(1.5)  # flower enables events on the workers
-        queue.submit(remote.image(), remote.template(), job_id=job_id)
+        queue.submit(remote.image(), remote.template(), job_id=job_id, producer="shop")
         assert queue.wait(job_id, timeout=60)["state"] == "STORED"
         deadline = time.monotonic() + 20
+        steps = {"animate.generate", "animate.detect", "animate.submit", "animate.poll",
+                 "animate.copy"}  # fmt: skip
         while True:
-            tasks = httpx.get(f"{base}/api/tasks", timeout=5).json()
-            names = {t["name"] for t in tasks.values() if job_id in json.dumps(t)}
-            if {"animate.generate", "animate.submit", "animate.poll", "animate.copy"} <= names:
+            # The documented way to find a job's tasks: Flower's search over the arguments.
+            found = httpx.get(f"{base}/api/tasks", params={"search": job_id}, auth=FLOWER_AUTH,
+                              timeout=5).json()  # fmt: skip
+            names = {t["name"] for t in found.values()}
+            if steps <= names:
                 break
             assert time.monotonic() < deadline, names
             time.sleep(0.5)
-        assert remote.api_key not in json.dumps(tasks)
-        workers = httpx.get(f"{base}/api/workers", timeout=10).json()
+        internal = [t for t in found.values() if t["name"] != "animate.generate"]
+        assert all(f"job_id='{job_id}'" in t["args"] for t in internal)
+        assert all("producer='shop'" in t["args"] for t in internal)
+        everything = httpx.get(f"{base}/api/tasks", auth=FLOWER_AUTH, timeout=10).json()
+        assert remote.api_key not in json.dumps(everything)
+        workers = httpx.get(f"{base}/api/workers", auth=FLOWER_AUTH, timeout=10).json()
         assert any(name.startswith("aq-") for name in workers)
+        metrics = httpx.get(f"{base}/metrics", timeout=10).text  # Prometheus scrapes it
+        assert 'task="animate.poll"' in metrics
     finally:
         flower.stop()
+
+
+def test_flower_refuses_to_start_without_auth(worker_env: dict[str, str]) -> None:
+    env = {**worker_env, "FLOWER_BASIC_AUTH": "", "FLOWER_ALLOW_NO_AUTH": "false"}
+    with pytest.raises(RuntimeError, match="FLOWER_BASIC_AUTH is not set"):
+        Flower(env).start(timeout=15)
+    opened = Flower({**env, "FLOWER_ALLOW_NO_AUTH": "true"}).start()  # an explicit choice
+    try:
+        assert httpx.get(f"{opened.url}/", timeout=10).status_code == 200  # the dashboard
+    finally:
+        opened.stop()
 
 
 def test_timeline_of_a_job_with_retries(

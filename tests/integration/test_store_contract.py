@@ -150,6 +150,7 @@ def full_job(job_id: str = "full-1") -> Job:
         template_reused=True,
         template_recreated=True,
         rejected_template="AACT.acct.old",
+        state_since=T0 + 4.5,
     )
     assert all(getattr(job, f.name) is not None for f in dataclasses.fields(Job))
     return job
@@ -379,6 +380,42 @@ class TestRedisIndexes:
     def deadline(store: RedisJobStore, job_id: str) -> float | None:
         score = store.redis.zscore(f"{store.prefix}:deadlines", job_id)
         return None if score is None else float(score)
+
+    def test_jobs_by_state_gauge_and_step_times(
+        self, redis_store: RedisJobStore, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """Each change of state moves one count in ``P:m:jobs`` (state|account|kind), in the same
+        script; the time spent in the state left is observed; one log line per move."""
+        seen: list[tuple[str, float, dict[str, str]]] = []
+
+        class Recorder:
+            def inc(self, name: str, amount: float = 1.0, **labels: str) -> None:
+                seen.append((name, amount, labels))
+
+            def observe(self, name: str, value: float, **labels: str) -> None:
+                seen.append((name, value, labels))
+
+        redis_store.metrics = Recorder()
+        redis_store.create(new_job("a", account="acct-x", created_at=T0, state_since=None))
+        redis_store.create(new_job("b", kind="template"))
+        a = redis_store.get("a")
+        assert a is not None
+        caplog.set_level("INFO", logger="workers.store")
+        moved = redis_store.transition(a, JobState.SUBMITTING, updated_at=T0 + 2.5)
+        assert moved is not None and moved.state_since == T0 + 2.5
+        assert redis_store.transition(moved, JobState.SUBMITTING, updated_at=T0 + 3) is not None
+        raw = redis_store.redis.hgetall(f"{redis_store.prefix}:m:jobs")
+        counts = {k.decode(): int(v) for k, v in raw.items()}
+        assert counts == {
+            "QUEUED|acct-x|video": 0,
+            "SUBMITTING|acct-x|video": 1,
+            "QUEUED|default|template": 1,
+        }
+        assert seen == [("step_seconds", 2.5, {"step": "QUEUED", "kind": "video"})]  # once
+        (line,) = [r for r in caplog.records if getattr(r, "event", None) == "job.transition"]
+        assert (line.job_id, line.from_state, line.to_state, line.account) == (  # type: ignore[attr-defined]
+            "a", "QUEUED", "SUBMITTING", "acct-x")  # fmt: skip
+        assert line.seconds_in_state == 2.5  # type: ignore[attr-defined]
 
     def test_none_fields_absent(self, redis_store: RedisJobStore) -> None:
         """None fields are not written at all; the rest are plain strings."""

@@ -422,3 +422,49 @@ def test_unreachable_image_at_intake_is_rejected() -> None:
     assert w.job("j1").error_code == "InvalidImage.Unreachable"
     with pytest.raises(InvalidJobRequest):
         pipeline._probe_image(w.svc, w.job("j1").request)
+
+
+class Recorder:
+    """Metrics checked against the exporter's definitions, and kept for assertions."""
+
+    def __init__(self) -> None:
+        from workers.metrics import NoMetrics
+
+        self.check = NoMetrics()
+        self.seen: list[tuple[str, float, dict[str, str]]] = []
+
+    def inc(self, name: str, amount: float = 1.0, **labels: str) -> None:
+        self.check.inc(name, amount, **labels)
+        self.seen.append((name, amount, labels))
+
+    def observe(self, name: str, value: float, **labels: str) -> None:
+        self.check.observe(name, value, **labels)
+        self.seen.append((name, value, labels))
+
+    def values(self, name: str) -> list[tuple[float, dict[str, str]]]:
+        return [(v, labels) for n, v, labels in self.seen if n == name]
+
+
+def test_the_chain_reports_its_metrics() -> None:
+    """Billed seconds (template and video), copy figures and outcomes, under known names."""
+    metrics = Recorder()
+    w = World(metrics=metrics)
+    w.api.detect_script.append(PASS)
+    w.api.submit_script.extend(["tpl-task", "vid-task"])
+    w.api.poll_script.extend([template_done(seconds=2.5), video_done()])
+    w.generate("j1", video_url=DANCE, producer="shop")
+    w.clock.advance(5)
+    w.run()
+    assert w.job("j1").state == JobState.STORED
+    assert metrics.values("video_seconds_total") == [
+        (2.5, {"account": "default", "producer": "shop", "kind": "template"}),
+        (3.0, {"account": "default", "producer": "shop", "kind": "video"}),
+    ]
+    finished = metrics.values("jobs_finished_total")
+    assert [labels["state"] for _, labels in finished] == ["READY", "STORED"]
+    ((size, _),) = metrics.values("copy_bytes_total")
+    assert size == w.job("j1").bytes
+    ((delay, _),) = metrics.values("copy_delay_seconds")
+    assert delay == w.job("j1").finished_at - 1.0  # the remote end_time the poll reported
+    ((margin, _),) = metrics.values("expiry_margin_seconds")
+    assert margin == 9_999_999_999 - w.job("j1").finished_at
