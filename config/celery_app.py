@@ -63,8 +63,12 @@ app.conf.update(
     task_acks_late=True,
     task_reject_on_worker_lost=False,
     worker_cancel_long_running_tasks_on_connection_loss=True,
-    # On SIGTERM give running tasks a grace period, then requeue what is left, including
-    # countdown messages held while idle.
+    # Shutdown. Workers run with REMAP_SIGTERM=SIGQUIT (Procfile, Dockerfile): SIGTERM then
+    # waits up to 30 s for running tasks, cancels and requeues the rest, countdown messages
+    # included, and exits (about 32 s even when idle: give it a stop grace of 45 s or more). A
+    # plain SIGTERM is Celery's warm shutdown, which waits for running tasks without a limit and
+    # then also returns the held countdown messages. Either way nothing waits for the
+    # visibility timeout (tests/e2e/test_shutdown_e2e.py); only SIGKILL strands messages.
     worker_soft_shutdown_timeout=30.0,
     worker_enable_soft_shutdown_on_idle=True,
     task_default_queue=QUEUE_INTAKE,

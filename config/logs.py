@@ -17,6 +17,8 @@ from config.settings import Settings
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s"
 JSON_FIELDS = "%(asctime)s %(levelname)s %(name)s %(processName)s %(message)s"
+# Chatty libraries stay at WARNING whatever the level (their DEBUG lines can carry headers).
+QUIET = ("httpx", "httpcore", "botocore", "boto3", "s3transfer", "urllib3")
 
 
 def configure(settings: Settings) -> None:
@@ -37,6 +39,5 @@ def configure(settings: Settings) -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(settings.log_level)
-    # Chatty libraries stay at WARNING whatever the level (their DEBUG lines can carry headers).
-    for name in ("httpx", "httpcore", "botocore", "boto3", "s3transfer", "urllib3"):
+    for name in QUIET:
         logging.getLogger(name).setLevel(max(logging.WARNING, root.level))

@@ -224,7 +224,7 @@ class Worker(Service):
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
-    def stop(self, timeout: float = 40) -> None:
+    def stop(self, timeout: float = 60) -> None:
         """Warm shutdown (SIGTERM), then SIGKILL if it hangs."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)

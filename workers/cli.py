@@ -1,27 +1,38 @@
-"""``animate-queue``: send a job (local files or URLs), show its status, wait for it, download it."""
+"""``animate-queue``: send a job (local files or URLs), show its status, wait for it, download it;
+probe the components (``health``) and run the Prometheus exporter (``metrics``)."""
 
 from __future__ import annotations
 
 import json
+import math
 import sys
+import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar, cast
+from urllib.parse import urlsplit
 
 import click
 from rich.console import Console
 from rich.table import Column, Table
 
-from config.settings import SettingsError, get_settings
-from workers.client import AnimateQueue, JobTimeout
+from config.settings import Settings, SettingsError, get_settings
 from workers.errors import InvalidJobRequest, WorkerError
-from workers.inputs import S3Inputs
-from workers.storage import make_s3_client
+
+if TYPE_CHECKING:
+    from workers.client import AnimateQueue
 
 console = Console(stderr=True)
+T = TypeVar("T")
 
 
 def _queue() -> AnimateQueue:
+    # Imported here: the health probes must not pay for Celery, boto3 and the job store.
+    from workers.client import AnimateQueue
+    from workers.inputs import S3Inputs
+    from workers.storage import make_s3_client
+
     try:
         settings = get_settings()
     except SettingsError as exc:
@@ -394,7 +405,245 @@ def templates_add(template_id: str, account: str) -> None:
     click.echo(f"{template_id} -> {account}")
 
 
+# ----------------------------------------------------------------------------- operations
+
+
+def _settings() -> Settings:
+    try:
+        return get_settings()
+    except SettingsError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def beat_heartbeat_key(prefix: str) -> str:
+    """Where the watchdog (sent by beat) stamps ``time.time()``: ``workers.tasks`` writes it."""
+    return f"{prefix}:beat-heartbeat"
+
+
+def redact(url: str) -> str:
+    """A URL without its credentials, path parameters or query: safe to print."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:  # an IPv6 literal
+        host = f"[{host}]"
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    where = f"{host}:{port}" if port is not None else host
+    return f"{parts.scheme}://{where}{parts.path}" if parts.scheme else "(unparsable URL)"
+
+
+def _healthy(component: str, detail: str) -> None:
+    click.echo(f"{component}: ok ({detail})")
+
+
+def _unhealthy(component: str, reason: str) -> NoReturn:
+    """One line on stderr, exit 1 (what probes and orchestrators read)."""
+    click.echo(f"{component}: unhealthy: {' '.join(reason.split())}", err=True)
+    sys.exit(1)
+
+
+def _timeout_option(default: float = 5.0) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    return click.option(
+        "--timeout",
+        type=click.FloatRange(min=0.1),
+        default=default,
+        show_default=True,
+        help="seconds to wait for an answer",
+    )
+
+
+@main.group()
+def health() -> None:
+    """Probe one component: exit 0 if healthy, else 1 with the reason on stderr."""
+
+
+@health.command("worker")
+@click.option("--name", help="the worker's node name (default celery@<this host>; %h works)")
+@_timeout_option()
+def health_worker(name: str | None, timeout: float) -> None:
+    """Ping one Celery worker node through the broker."""
+    from celery.utils.nodenames import host_format
+
+    settings = _settings()
+    node = host_format(name or "celery@%h")  # %h: this host's name, as the worker expands it
+    from config.celery_app import app
+
+    def ping() -> list[dict[str, Any]]:
+        bounded = {"socket_timeout": timeout, "socket_connect_timeout": timeout, "max_retries": 1}
+        with app.connection_for_write(
+            url=settings.broker_url, connect_timeout=timeout, transport_options=bounded
+        ) as conn:
+            conn.ensure_connection(max_retries=1, interval_start=0, timeout=math.ceil(timeout))
+            return app.control.ping(destination=[node], timeout=timeout, connection=conn) or []
+
+    try:
+        # kombu retries a lost broker connection without end; the probe must not.
+        replies = _bounded(ping, 2 * timeout + 5)
+    except Exception as exc:
+        why = _why(exc, settings.broker_url)
+        _unhealthy(f"worker {node}", f"broker {redact(settings.broker_url)}: {why}")
+    answered = [reply[node] for reply in replies if node in reply]
+    if not answered:
+        _unhealthy(f"worker {node}", f"no answer to ping within {timeout:g} s")
+    _healthy(f"worker {node}", str(answered[0].get("ok", answered[0])))
+
+
+@health.command("beat")
+@click.option(
+    "--max-age",
+    type=click.FloatRange(min=0, min_open=True),
+    help="oldest acceptable heartbeat, s (default 3 x WATCHDOG_INTERVAL_SECONDS + 30)",
+)
+@_timeout_option()
+def health_beat(max_age: float | None, timeout: float) -> None:
+    """Check that celery beat's watchdog ran lately (its heartbeat in Redis is fresh)."""
+    settings = _settings()
+    limit = max_age if max_age is not None else 3 * settings.watchdog_interval_seconds + 30
+    key = beat_heartbeat_key(settings.key_prefix)
+    try:
+        raw = _redis_call(settings.redis_url, timeout, lambda client: client.get(key))
+    except Exception as exc:
+        why = _why(exc, settings.redis_url)
+        _unhealthy("beat", f"cannot read {key} from {redact(settings.redis_url)}: {why}")
+    if raw is None:
+        _unhealthy("beat", f"no heartbeat at {key}: no watchdog ran lately (is beat running?)")
+    try:
+        stamp = float(raw)
+    except ValueError:
+        _unhealthy("beat", f"unreadable heartbeat at {key}")
+    age = time.time() - stamp
+    if age > limit:
+        _unhealthy("beat", f"last heartbeat {age:.1f} s ago, older than {limit:g} s")
+    _healthy("beat", f"last heartbeat {max(age, 0.0):.1f} s ago")
+
+
+@health.command("redis")
+@_timeout_option()
+def health_redis(timeout: float) -> None:
+    """PING Redis: the job store (REDIS_URL), and the broker too when it is another Redis."""
+    settings = _settings()
+    urls = [settings.redis_url]
+    broker = settings.broker_url
+    if broker != settings.redis_url and broker.split(":", 1)[0] in ("redis", "rediss", "unix"):
+        urls.append(broker)
+    for url in urls:
+        try:
+            took = _redis_call(url, timeout, _timed_ping)
+        except Exception as exc:
+            _unhealthy("redis", f"{redact(url)}: {_why(exc, url)}")
+        _healthy("redis", f"{redact(url)} answered PING in {took * 1000:.1f} ms")
+
+
+@health.command("flower")
+@click.option("--url", help="Flower's base URL (default http://127.0.0.1:FLOWER_PORT)")
+@_timeout_option()
+def health_flower(url: str | None, timeout: float) -> None:
+    """GET Flower's /healthcheck (no auth needed): healthy when it answers 200 OK."""
+    base = url or f"http://127.0.0.1:{_settings().flower_port}"
+    _http_probe("flower", base, "/healthcheck", timeout, expect_body="OK")
+
+
+@health.command("exporter")
+@click.option("--url", help="the exporter's base URL (default http://127.0.0.1:METRICS_PORT)")
+@_timeout_option()
+def health_exporter(url: str | None, timeout: float) -> None:
+    """GET the Prometheus exporter's /metrics: healthy when it answers 200."""
+    base = url or f"http://127.0.0.1:{_settings().metrics_port}"
+    _http_probe("exporter", base, "/metrics", timeout)
+
+
+def _why(exc: BaseException, url: str = "") -> str:
+    """The exception in one line, with ``url``'s credentials (if any) blanked out."""
+    text = " ".join(str(exc).split())
+    if url:
+        text = text.replace(url, redact(url))
+        parts = urlsplit(url)
+        for secret in (parts.password, parts.username):
+            if secret:
+                text = text.replace(secret, "***")
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _bounded(call: Callable[[], T], seconds: float) -> T:
+    """``call()`` in a daemon thread; ``TimeoutError`` if it has not returned after ``seconds``."""
+    import threading
+
+    outcome: list[tuple[bool, Any]] = []
+
+    def run() -> None:
+        try:
+            outcome.append((True, call()))
+        except BaseException as exc:
+            outcome.append((False, exc))
+
+    thread = threading.Thread(target=run, name="health-probe", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if not outcome:
+        raise TimeoutError(f"no answer within {seconds:g} s")
+    ok, value = outcome[0]
+    if not ok:
+        raise value
+    return cast(T, value)
+
+
+def _timed_ping(client: Any) -> float:
+    started = time.monotonic()
+    client.ping()
+    return time.monotonic() - started
+
+
+def _redis_call(url: str, timeout: float, call: Callable[[Any], Any]) -> Any:
+    import redis
+
+    client = redis.Redis.from_url(
+        url, socket_timeout=timeout, socket_connect_timeout=timeout, retry_on_timeout=False
+    )
+    try:
+        return call(client)
+    finally:
+        client.close()
+
+
+def _http_probe(
+    component: str, base: str, path: str, timeout: float, *, expect_body: str | None = None
+) -> None:
+    import httpx
+
+    target = base.rstrip("/") + path
+    shown = redact(target)
+    try:
+        response = httpx.get(target, timeout=timeout, follow_redirects=False)
+    except (httpx.HTTPError, ValueError) as exc:
+        _unhealthy(component, f"{shown}: {_why(exc, target)}")
+    if response.status_code != 200:
+        _unhealthy(component, f"{shown} answered HTTP {response.status_code}")
+    if expect_body is not None and response.text.strip() != expect_body:
+        _unhealthy(component, f"{shown} answered 200 but not {expect_body!r}")
+    _healthy(component, f"{shown} answered 200")
+
+
+@main.command()
+@click.option("--addr", help="listen address (default METRICS_ADDR)")
+@click.option("--port", type=click.IntRange(1, 65535), help="listen port (default METRICS_PORT)")
+def metrics(addr: str | None, port: int | None) -> None:
+    """Run the Prometheus exporter (blocks): job states, queues, quotas, from Redis."""
+    settings = _settings()
+    from workers.metrics import serve
+
+    serve(
+        settings.redis_url,
+        settings.key_prefix,
+        addr=addr if addr is not None else settings.metrics_addr,
+        port=port if port is not None else settings.metrics_port,
+    )
+
+
 def _wait(queue: AnimateQueue, job_id: str, timeout: float | None) -> dict[str, Any]:
+    from workers.client import JobTimeout
+
     with console.status(f"job {job_id}: waiting") as spinner:
 
         def progress(view: dict[str, Any] | None) -> None:
