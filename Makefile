@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON ?= python3
 
-.PHONY: install test lint format emulator check demo
+.PHONY: install test lint format emulator check demo dev
 
 install:  ## a local virtual environment with everything (runtime, emulator, tests, checks)
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +16,9 @@ $(VENV)/.installed: pyproject.toml
 
 demo: $(VENV)/.installed  ## one job end to end on the emulator, a local S3 and Redis
 	$(PY) -m devstack.demo
+
+dev: $(VENV)/.installed  ## the full local stack in one command (Procfile.dev, .env.dev): Redis, S3, emulator, worker, beat, Flower, exporter
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(VENV)/bin/honcho -e .env.dev -f Procfile.dev start
 
 test:  ## the whole test suite (needs Redis at $$REDIS_URL, default redis://127.0.0.1:6379/0)
 	$(PY) -m pytest
