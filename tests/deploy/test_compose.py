@@ -12,6 +12,7 @@ modules imported and their argument parsers run, and files that must exist.
 from __future__ import annotations
 
 import importlib
+import os
 import re
 import shlex
 import subprocess
@@ -688,9 +689,13 @@ def test_env_dev_is_a_working_loopback_configuration() -> None:
 
 
 def test_make_dev_runs_procfile_dev_with_honcho() -> None:
+    # Under `make test` (as CI runs it) this make is a sub-make: without MAKEFLAGS/MAKELEVEL
+    # and with --no-print-directory it prints only the recipe.
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
     out = subprocess.run(
-        ["make", "-n", "dev"], cwd=ROOT, capture_output=True, text=True, timeout=30
-    )
+        ["make", "--no-print-directory", "-n", "dev"],
+        cwd=ROOT, capture_output=True, text=True, timeout=30, env=env,
+    )  # fmt: skip
     assert out.returncode == 0, out.stderr
     last = out.stdout.strip().splitlines()[-1]
     assert "/bin/honcho -e .env.dev -f Procfile.dev start" in last
