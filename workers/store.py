@@ -5,7 +5,8 @@ Keys (``P`` is the configured prefix):
 * ``P:job:<id>``        the job hash (all values are strings; ``request`` is JSON)
 * ``P:state:<STATE>``   a set of job ids per state
 * ``P:deadlines``       a sorted set: job id -> when its next wake-up is due (for the watchdog)
-* ``P:remote-tasks``    the DashScope task ids some job owns (reconciling an ambiguous submit)
+* ``P:remote-tasks``    the DashScope task ids some job owns, scored by when (reconciling an
+                        ambiguous submit; DashScope lists tasks for 24 h, so old ids are swept)
 
 A transition names the version it expects. The Lua script applies it only if the stored version
 still matches, bumps the version and moves the indexes in the same step, so two workers can never
@@ -508,7 +509,8 @@ class RedisJobStore(WorkflowRecords):
     def claim_remote_task(self, task_id: str) -> bool:
         """Mark a DashScope task id as owned; False if some job owns it already."""
         try:
-            return bool(self.redis.sadd(f"{self.prefix}:remote-tasks", task_id))
+            added = self.redis.zadd(f"{self.prefix}:remote-tasks", {task_id: time.time()}, nx=True)
+            return bool(added)
         except redis.RedisError as exc:
             raise StoreUnavailable(f"claiming remote task: {exc}") from exc
 
@@ -549,6 +551,32 @@ class RedisJobStore(WorkflowRecords):
                 )
         except redis.RedisError as exc:
             raise StoreUnavailable(f"updating job: {exc}") from exc
+
+    def sweep(self, batch: int = 1000) -> int:
+        """Drop index entries that outlived their records: ids in the final-state sets whose job
+        hash expired, and remote task ids older than the job retention. One bounded step per
+        call (the watchdog calls it each pass), resuming where the last one stopped. The number
+        of entries removed."""
+        removed = 0
+        cursor_key = f"{self.prefix}:sweep-cursor"
+        try:
+            for state in sorted(FINAL_STATES):
+                index = f"{self.prefix}:state:{state.value}"
+                cursor = int(self.redis.hget(cursor_key, state.value) or 0)
+                cursor, ids = self.redis.sscan(index, cursor, count=batch)
+                if ids:
+                    pipe = self.redis.pipeline(transaction=False)
+                    for job_id in ids:
+                        pipe.exists(self.key(_text(job_id)))
+                    gone = [i for i, alive in zip(ids, pipe.execute(), strict=True) if not alive]
+                    if gone:
+                        removed += int(self.redis.srem(index, *gone))
+                self.redis.hset(cursor_key, state.value, str(cursor))
+            cutoff = time.time() - self.final_ttl - 24 * 3600
+            removed += int(self.redis.zremrangebyscore(f"{self.prefix}:remote-tasks", 0, cutoff))
+        except redis.RedisError as exc:
+            raise StoreUnavailable(f"sweeping indexes: {exc}") from exc
+        return removed
 
     def count_by_state(self) -> dict[str, int]:
         pipe = self.redis.pipeline()

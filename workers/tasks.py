@@ -20,6 +20,7 @@ from workers import pipeline
 from workers.errors import StoreUnavailable
 from workers.jobs import JobKind
 from workers.results import CeleryResults
+from workers.store import RedisJobStore
 from workers.wiring import redis_client
 from workers.wiring import services as _services
 
@@ -146,13 +147,17 @@ def watchdog(self: Task[Any, Any]) -> None:
     svc_lock().set(BEAT_HEARTBEAT_KEY, repr(time.time()), ex=int(ttl * 20) + 60)
     if not svc_lock().set(LOCK_KEY, str(self.request.id), nx=True, ex=ttl):
         return
+    # Index entries whose records expired (final-state sets, old remote task ids), a bounded
+    # batch per pass, so Redis memory per job stays flat over months.
+    swept = svc.store.sweep() if isinstance(svc.store, RedisJobStore) else 0
     report = pipeline.watchdog(
         svc,
         grace=settings.watchdog_grace_seconds,
         max_resumes=settings.watchdog_max_resumes,
         accounts=sorted(svc.accounts),
     )
-    log.info("watchdog pass: %d resumed, %d poisoned", len(report.resumed), len(report.poisoned))
+    log.info("watchdog pass: %d resumed, %d poisoned, %d index entries swept",
+             len(report.resumed), len(report.poisoned), swept)  # fmt: skip
     if report.resumed or report.poisoned:
         log.warning(
             "watchdog resumed %d job(s), failed %d poison job(s)",

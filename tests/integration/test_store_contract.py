@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -416,6 +417,25 @@ class TestRedisIndexes:
         assert (line.job_id, line.from_state, line.to_state, line.account) == (  # type: ignore[attr-defined]
             "a", "QUEUED", "SUBMITTING", "acct-x")  # fmt: skip
         assert line.seconds_in_state == 2.5  # type: ignore[attr-defined]
+
+    def test_sweep_drops_index_entries_of_expired_records(self, redis_store: RedisJobStore) -> None:
+        """Final jobs expire; the sweep takes their ids out of the state sets (and old remote
+        task ids out of the reconcile set), and leaves live ones alone."""
+        for name in ("gone-1", "gone-2", "kept"):
+            redis_store.create(new_job(name))
+            job = redis_store.get(name)
+            assert job is not None
+            redis_store.transition(job, JobState.REJECTED)
+        redis_store.redis.delete(redis_store.key("gone-1"), redis_store.key("gone-2"))
+        redis_store.claim_remote_task("old-task")
+        redis_store.claim_remote_task("new-task")
+        old = time.time() - FINAL_TTL - 2 * 86400
+        redis_store.redis.zadd(f"{redis_store.prefix}:remote-tasks", {"old-task": old})
+        assert redis_store.sweep(batch=10) == 3
+        assert self.members(redis_store, JobState.REJECTED) == {b"kept"}
+        assert redis_store.claim_remote_task("new-task") is False  # still owned
+        assert redis_store.claim_remote_task("old-task") is True  # forgotten after retention
+        assert redis_store.sweep() == 0
 
     def test_none_fields_absent(self, redis_store: RedisJobStore) -> None:
         """None fields are not written at all; the rest are plain strings."""
