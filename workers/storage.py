@@ -346,8 +346,10 @@ class S3Copier:
     """Copies videos from (signed, expiring) URLs into one bucket, streaming and verified.
 
     ``part_size`` is the multipart threshold and the smallest part; ``max_concurrency`` the part
-    uploads in flight; ``max_in_memory_chunks`` the parts read ahead. Memory per copy is about
-    ``(max_in_memory_chunks + max_concurrency) * part size`` plus a 1 MiB read buffer.
+    uploads in flight; ``max_in_memory_chunks`` the parts read ahead. s3transfer submits no more
+    parts than ``max_in_memory_chunks`` at a time, so at most min(the two) uploads run and the
+    buffers hold about ``(max_in_memory_chunks + 1) * part size`` plus a 1 MiB read buffer
+    (``bench/copy.py`` measures it).
     """
 
     def __init__(
