@@ -1,4 +1,4 @@
-"""Smoke test of ``bench/copy.py``: the short version runs end to end and ends with its JSON line.
+"""Smoke test of ``bench/copy_speed.py``: the short version runs end to end and ends with its JSON line.
 
 No timing is asserted (CI machines differ); only that every step ran, the copy was byte-exact (the
 benchmark raises otherwise) and the five figures the issue names are finite numbers.
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-SCRIPT = ROOT / "bench" / "copy.py"
+SCRIPT = ROOT / "bench" / "copy_speed.py"
 KEYS = (
     "throughput_mb_s",
     "limit_mb_s",

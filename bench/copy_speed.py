@@ -1,9 +1,9 @@
 """Copy benchmark: speed and memory of S3Copier against the limits of the same machine.
 
-    .venv/bin/python bench/copy.py               # a 1 GiB video, 3 rounds (5-7 minutes on 2 cores)
-    .venv/bin/python bench/copy.py --quick       # 16 MiB, every step once (the CI smoke test)
-    .venv/bin/python bench/copy.py --mb 256 --repeat 1 --sweep 8x3x3,16x2x2
-    .venv/bin/python bench/copy.py --copy-env MALLOC_MMAP_THRESHOLD_=1048576   # allocator trials
+    .venv/bin/python bench/copy_speed.py               # a 1 GiB video, 3 rounds (5-7 minutes on 2 cores)
+    .venv/bin/python bench/copy_speed.py --quick       # 16 MiB, every step once (the CI smoke test)
+    .venv/bin/python bench/copy_speed.py --mb 256 --repeat 1 --sweep 8x3x3,16x2x2
+    .venv/bin/python bench/copy_speed.py --copy-env MALLOC_MMAP_THRESHOLD_=1048576   # allocator trials
 
 The DashScope emulator (``python -m emulator --video-pad-mb N``) and moto's S3 server
 (``python -m moto.server``, its objects spooled to /dev/shm when that fits) run as separate
@@ -55,11 +55,9 @@ from __future__ import annotations
 import os
 import sys
 
-# This file is called copy.py: with bench/ on sys.path it would shadow the standard library's
-# ``copy`` module for every import below. Put the repository root there instead.
+# Run as a script, bench/ is on sys.path; the repository root must be there too.
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _ROOT = os.path.dirname(_HERE)
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 sys.path.insert(0, _ROOT)
 
 import argparse  # noqa: E402
@@ -173,7 +171,7 @@ def _loadavg() -> str:
 
 
 # ---------------------------------------------------------------------------------- children
-# Each measurement is one ``bench/copy.py --child SPEC`` process; its last stdout line is JSON.
+# Each measurement is one ``bench/copy_speed.py --child SPEC`` process; its last stdout line is JSON.
 
 
 def _transfer_config(part: int, concurrency: int, in_memory: int) -> Any:
