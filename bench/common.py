@@ -8,6 +8,7 @@
 * Celery messages: published ones from Redis's LPUSH count, received ones by task name from the
   workers' INFO log lines, and waiting until the queues are drained;
 * a no-op Celery worker (``bench/noop_app.py``) for Celery's own floor;
+* ``py-spy record`` on the workers, and a ranking of the functions it saw;
 * small printing helpers: a table, percentiles.
 """
 

@@ -42,7 +42,7 @@ from pathlib import Path
 
 if not __package__:
     # Run as bench/inflight.py: the repository root goes first on the path, and bench/ off it
-    # (a bench/copy.py there would shadow the standard library's copy module).
+    # (a bench/copy_speed.py there would shadow the standard library's copy module).
     _HERE = Path(__file__).resolve().parent
     sys.path[:] = [str(_HERE.parent), *(p for p in sys.path if Path(p or ".").resolve() != _HERE)]
 
@@ -352,9 +352,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 time.sleep(0.5)
             ramp_end = time.time()
             cpu_ramp = common.group_sample(common.pgids(workers)).cpu_s
+            offsets = common.log_offsets(workers)
             window_end = ramp_end + args.window
             time.sleep(max(0.0, window_end - time.time()))
             cpu_window = common.group_sample(common.pgids(workers)).cpu_s
+            window_messages = common.received_by_task(workers, offsets)
             if profiler is not None:
                 profiler.stop()
             end = sampler.take()
@@ -441,7 +443,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "redis_usec_per_job": common.top_usec(memory.minus(base), max(1, reached)),
         "redis_calls_per_job": common.top_commands(memory.minus(base), max(1, reached), 8),
         "worker_cpu_ramp_ms_per_job": (cpu_ramp - cpu0) * 1000 / max(1, reached),
-        "worker_cpu_window_ms_per_poll": (cpu_window - cpu_ramp) * 1000 / max(1, polls_in_window),
+        "window_received_by_task": dict(window_messages),
+        "worker_cpu_window_ms_per_message": (cpu_window - cpu_ramp)
+        * 1000
+        / max(1, sum(window_messages.values())),
         "samples": samples,
         "profile": profiler.summary() if profiler is not None else None,
     }
@@ -548,7 +553,11 @@ def main() -> None:
             ("Redis time per job (us)", r["redis_usec_per_job"]),
             ("Redis calls per job", r["redis_calls_per_job"]),
             ("worker CPU per job (ramp)", common.fmt(r["worker_cpu_ramp_ms_per_job"], " ms")),
-            ("worker CPU per poll (window)", common.fmt(r["worker_cpu_window_ms_per_poll"], " ms")),
+            ("messages received in the window", r["window_received_by_task"]),
+            (
+                "worker CPU per message (window)",
+                common.fmt(r["worker_cpu_window_ms_per_message"], " ms"),
+            ),
             ("job states at the end", r["states_at_end"]),
         ],
     )
@@ -571,7 +580,7 @@ def main() -> None:
         "redis_bytes_per_in_flight_job": common.finite(r["redis_bytes_per_in_flight_job"], 0),
         "redis_split_per_job": {k: round(v) for k, v in r["redis_split_per_job"].items()},
         "job_hash_encoding": r["job_hash_encoding"],
-        "worker_cpu_ms_per_poll": common.finite(r["worker_cpu_window_ms_per_poll"], 2),
+        "worker_cpu_ms_per_message": common.finite(r["worker_cpu_window_ms_per_message"], 2),
     }
     if r["profile"] is not None:
         common.table("py-spy: share of worker samples", list(r["profile"].items()))

@@ -1,31 +1,37 @@
 """Orchestration overhead: what one job costs us, against Celery's own floor for the same messages.
 
-    .venv/bin/python -m bench.overhead [--jobs 5000] [--workers 2] [--concurrency 1] [--quick]
+    .venv/bin/python -m bench.overhead [--jobs 5000] [--remote-slots 64] [--quick]
 
 Real processes: a redis-server (broker, result backend and job store), moto's S3 server and the
-DashScope emulator (each in a child process of its own), and ``--workers`` Celery worker
-processes (``devstack.Worker``, ``-c --concurrency`` each). The emulator runs many tasks at once
-(``--remote-slots``, as a dedicated deployment has) with quotas off and near-zero task time, and
-renders a small video (144p, a few kB). The workers' own quota buckets are set far above what
-they can spend; their admission capacity is ``--remote-slots``.
+DashScope emulator (each in a child process of its own, off this process's GIL), and
+``--workers`` Celery worker processes (``devstack.Worker``, ``-c --concurrency`` each: by
+default 2 x 1, one pool process per core). The emulator runs ``--remote-slots`` tasks at once (a
+dedicated deployment's concurrency) with quotas off and near-zero task time, and renders a small
+video (144p, a few kB). The workers' admission capacity is the same number
+(``DASHSCOPE_CONCURRENCY``); their own quota buckets are far above what they can spend.
 
-1. Our jobs: ``--jobs`` jobs through ``animate.generate`` (``AnimateQueue.generate`` with a
-   template id and ``detect=False``: the pure intake -> submit -> poll -> copy path; the image is
-   still fetched and checked at intake, as for every job). The clock runs from the first enqueue
-   to the last job's ``finished_at`` (STORED). Messages are counted from Celery's event stream:
-   every ``task-received`` is one message a worker took off the broker, stale wake-ups included.
-2. Celery's floor: the same workers' settings and topology, running ``bench/noop_app.py`` (its
-   own Redis database on the same server), push ``jobs x messages_per_job`` messages:
-   * flat: the producer sends them all (``bench.noop``), workers only receive/run/acknowledge;
-   * chain: ``jobs`` chains of ``messages_per_job`` links (``bench.hop``), each link sending the
-     next from the worker, as each step of a job does.
+1. Our jobs: ``animate.generate`` through ``AnimateQueue.generate`` with a template id and
+   ``detect=False`` (the pure intake -> submit -> poll -> copy path; the image is still fetched
+   and checked at intake, as for every job), after a warm-up. Jobs are fed so that at most
+   ``--outstanding`` are unfinished (default: twice the admission capacity, so a backlog always
+   waits for the slots); feeding stops at ``--jobs`` or when ``--budget`` seconds have passed
+   (then fewer jobs go through, and the output says so), and every job fed is waited for, so each
+   figure covers whole jobs. The clock runs from the first enqueue to the last ``finished_at``.
+2. Celery's floor: the same worker settings and topology running ``bench/noop_app.py`` (its own
+   Redis database on the same server): ``jobs x messages_per_job`` messages (at most
+   ``--noop-max``) sent by us, the workers only receive, run and acknowledge them; with
+   ``--chain``, also as chains whose links each send the next from the worker.
 
 Figures: jobs/s; worker CPU ms per job (every process of each worker's process group, from
 /proc); Redis commands per job (``total_commands_processed``, commands run inside Lua scripts
-included, and the top commands from ``INFO commandstats``); Celery messages per job, by task;
-``ratio_to_noop_floor`` = (our wall time / our messages) / (flat no-op wall time / no-op
-messages), i.e. our time per message over Celery's floor per message (the target is <= 3). The
-last line printed is one JSON object.
+included) with the top commands by calls and by time (``INFO commandstats``); Celery messages per
+job: every message is one LPUSH (Redis counts them exactly), and by task from the workers' own
+``Task <name>[<id>] received`` log lines (stale wake-ups included);
+``ratio_to_noop_floor`` = (our wall time / our messages) / (no-op wall time / no-op messages), our
+time per message over Celery's floor per message; ``jobs_ratio_to_noop_floor`` = our time per job
+over the floor's time for the design's minimum of 4 messages. ``--profile DIR`` runs py-spy on
+the workers; ``--flower`` runs Flower (one more subscriber to every task event) during our jobs.
+The last line printed is one JSON object.
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ from pathlib import Path
 
 if not __package__:
     # Run as bench/overhead.py: the repository root goes first on the path, and bench/ off it
-    # (a bench/copy.py there would shadow the standard library's copy module).
+    # (a bench/copy_speed.py there would shadow the standard library's copy module).
     _HERE = Path(__file__).resolve().parent
     sys.path[:] = [str(_HERE.parent), *(p for p in sys.path if Path(p or ".").resolve() != _HERE)]
 
@@ -50,7 +56,7 @@ import redis
 from celery import Celery
 
 from bench import common
-from devstack import RedisServer
+from devstack import Flower, RedisServer
 from emulator.config import EmulatorConfig
 from workers.client import AnimateQueue
 
@@ -158,14 +164,17 @@ def feed(
     return ids
 
 
-def side_cpu(rs: RedisServer, s3: Any, emulator: Any) -> dict[str, float]:
+def side_cpu(rs: RedisServer, s3: Any, emulator: Any, flower: Flower | None) -> dict[str, float]:
     """CPU seconds of everything else on the machine that takes part."""
-    return {
+    cpu = {
         "redis": common.pid_sample(rs.proc.pid).cpu_s if rs.proc else 0.0,
         "emulator": emulator.cpu_s(),
         "s3": s3.cpu_s(),
         "benchmark": common.self_cpu(),
     }
+    if flower is not None and flower.proc is not None:
+        cpu["flower"] = common.pid_sample(flower.proc.pid).cpu_s
+    return cpu
 
 
 def run_ours(args: argparse.Namespace, rs: RedisServer) -> dict[str, Any]:
@@ -180,6 +189,8 @@ def run_ours(args: argparse.Namespace, rs: RedisServer) -> dict[str, Any]:
         )
         workers = common.design_workers(env, args.workers, args.concurrency, "overhead")
         common.start_all(workers)
+        # Flower, as operators run it: one more subscriber to every task event.
+        flower = Flower({**env, "FLOWER_ALLOW_NO_AUTH": "true"}).start() if args.flower else None
         queue = AnimateQueue(rs.url)
 
         def enqueue(n: int, tag: str, first: int) -> list[str]:
@@ -201,7 +212,7 @@ def run_ours(args: argparse.Namespace, rs: RedisServer) -> dict[str, Any]:
             if profiler is not None:
                 profiler.start()
             cpu0 = common.group_sample(groups).cpu_s
-            side0 = side_cpu(rs, s3, emulator)
+            side0 = side_cpu(rs, s3, emulator, flower)
             redis0 = common.redis_snapshot(client)
             queries0 = common.emulator_stats(emulator.address).get("queries", 0)
             started = time.time()
@@ -211,7 +222,7 @@ def run_ours(args: argparse.Namespace, rs: RedisServer) -> dict[str, Any]:
             # Stale wake-ups sent for these jobs still count as their messages.
             common.wait_drained(client, QUEUES, 120)
             cpu1 = common.group_sample(groups).cpu_s
-            side1 = side_cpu(rs, s3, emulator)
+            side1 = side_cpu(rs, s3, emulator, flower)
             redis1 = common.redis_snapshot(client)
             if profiler is not None:
                 profiler.stop()
@@ -221,6 +232,8 @@ def run_ours(args: argparse.Namespace, rs: RedisServer) -> dict[str, Any]:
         finally:
             queue.close()
             common.stop_all(workers)
+            if flower is not None:
+                flower.stop()
     done = len(ids)
     wall = facts["last_finished"] - started
     delta = redis1.minus(redis0)
@@ -346,6 +359,7 @@ def main() -> None:
         "--outstanding", type=int, default=0, help="most jobs unfinished at once (0: automatic)"
     )
     parser.add_argument("--profile", type=Path, help="py-spy the workers into this directory")
+    parser.add_argument("--flower", action="store_true", help="run Flower during our jobs")
     parser.add_argument(
         "--noop-max", type=int, default=30_000, help="at most this many no-op messages"
     )
@@ -400,6 +414,7 @@ def main() -> None:
         "workers": args.workers,
         "concurrency": args.concurrency,
         "remote_slots": args.remote_slots,
+        "flower": args.flower,
         "jobs_per_s": common.finite(ours["jobs_per_s"], 2),
         "cpu_ms_per_job": common.finite(ours["cpu_ms_per_job"], 2),
         "redis_commands_per_job": common.finite(ours["redis_commands_per_job"], 1),

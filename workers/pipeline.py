@@ -475,22 +475,32 @@ def admit(svc: Services, lane: str) -> None:
         svc.wake(Next.of("submit", moved, 0))
 
 
+# Beyond this many jobs holding or awaiting an account's slots (a dedicated deployment with many
+# concurrent tasks), looking for the task that just started costs more than its next poll saves.
+FREE_SLOT_SCAN_LIMIT = 8
+
+
 def _free_slot(svc: Services, job: Job) -> None:
     """The job has left DashScope's slot (or never reached it): let the next one in.
 
-    The task queued behind it at DashScope has most likely just started, and its poll chain is
-    on the slow remote-PENDING schedule: ask about it now, so its end is noticed promptly. (The
-    slow message it already has becomes stale and does nothing.)
+    The task queued longest behind it at DashScope has most likely just started, and its poll
+    chain is on the slow remote-PENDING schedule: ask about it now, so its end is noticed
+    promptly. (The slow message it already has becomes stale and does nothing.) One slot freed
+    starts one task: only that one is woken.
     """
     svc.governor.release(job.lane, job.job_id)
-    for other_id in svc.governor.inflight(job.lane):
-        other = svc.store.get(other_id)
-        if (
-            other is not None
+    others = svc.governor.inflight(job.lane)
+    if len(others) <= FREE_SLOT_SCAN_LIMIT:
+        waiting = [
+            other
+            for other in (svc.store.get(other_id) for other_id in others)
+            if other is not None
             and other.state == JobState.SUBMITTED
             and other.remote_status in (None, "PENDING")
-        ):
-            svc.wake(Next.of("poll", other, 0))
+        ]
+        if waiting:
+            first = min(waiting, key=lambda o: (o.submitted_at or o.created_at, o.job_id))
+            svc.wake(Next.of("poll", first, 0))
     admit(svc, job.lane)
 
 
