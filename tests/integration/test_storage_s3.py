@@ -18,6 +18,7 @@ import boto3
 import httpx
 import pytest
 from boto3.s3.transfer import TransferConfig
+from botocore.awsrequest import AWSResponse
 
 from emulator.server import EmulatorServer
 from workers.errors import SourceExpired, SourceUnavailable, StorageUnavailable
@@ -186,7 +187,43 @@ def test_copy_big_padded_video_goes_multipart(
     digest = hashlib.sha256()
     for chunk in s3.get_object(Bucket=bucket, Key="big.mp4")["Body"].iter_chunks(MiB):
         digest.update(chunk)
-    assert digest.hexdigest() == stored.sha256 == head["Metadata"]["sha256"]
+    assert head["Metadata"] == {"job-id": "big"}
+    tags = s3.get_object_tagging(Bucket=bucket, Key="big.mp4")["TagSet"]
+    assert digest.hexdigest() == stored.sha256
+    assert tags == [{"Key": "sha256", "Value": stored.sha256}]
+    assert copier.find("big.mp4") == stored
+
+
+def test_a_server_without_tagging_gets_the_stamp_instead(
+    emulator: EmulatorServer, api_key: str, s3: Any, bucket: str, http_client: httpx.Client
+) -> None:
+    """botocore parses a real 501 NotImplemented (as R2 or GCS answer PutObjectTagging)."""
+    httpx.patch(
+        f"{emulator.url}/_emulator/config", json={"video_pad_bytes": 9 * MiB}
+    ).raise_for_status()
+    refusal = (
+        b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>NotImplemented</Code>'
+        b"<Message>A header you provided implies functionality that is not implemented"
+        b"</Message></Error>"
+    )
+
+    def no_tagging(request: Any, **_: Any) -> AWSResponse:
+        raw = type("Raw", (), {"stream": lambda self, **kw: iter([refusal])})()
+        return AWSResponse(request.url, 501, {}, raw)
+
+    s3.meta.events.register("before-send.s3.PutObjectTagging", no_tagging)
+    try:
+        stored = S3Copier(s3, http_client, bucket=bucket).copy(
+            video_url(emulator, api_key), "plain.mp4", metadata={"job-id": "p"}
+        )
+    finally:
+        s3.meta.events.unregister("before-send.s3.PutObjectTagging", no_tagging)
+    head = s3.head_object(Bucket=bucket, Key="plain.mp4")
+    assert head["Metadata"] == {"job-id": "p", "sha256": stored.sha256}
+    assert "TagCount" not in head
+    body = s3.get_object(Bucket=bucket, Key="plain.mp4")["Body"].read()
+    assert hashlib.sha256(body).hexdigest() == stored.sha256 and len(body) == 9 * MiB
+    assert S3Copier(s3, http_client, bucket=bucket).find("plain.mp4") == stored
 
 
 def test_expired_url_is_source_expired_and_stores_nothing(

@@ -7,6 +7,7 @@ stores nothing when a read raises, as an aborted multipart upload does.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import io
 import logging
@@ -192,6 +193,8 @@ class FakeS3:
         self.size_lie: int = 0  # added to ContentLength on HEAD
         self.head_error: BaseException | None = None
         self.copy_error: BaseException | None = None
+        self.tagging_error: BaseException | None = None
+        self.tags: dict[str, dict[str, str]] = {}
         self._etags = 0
 
     def _etag(self) -> str:
@@ -219,6 +222,35 @@ class FakeS3:
             "ContentType": ExtraArgs.get("ContentType"),
             "ETag": self._etag(),
         }
+        self.tags.pop(Key, None)
+
+    def put_object(self, Bucket, Key, Body, Metadata, ContentType, ContentMD5):
+        self.calls.append(("put_object", {"Bucket": Bucket, "Key": Key, "Metadata": Metadata}))
+        if self.upload_error is not None:
+            raise self.upload_error
+        assert base64.b64decode(ContentMD5) == hashlib.md5(Body).digest()
+        etag = self._etag()
+        self.objects[Key] = {
+            "Body": bytes(Body),
+            "Metadata": {k.lower(): v for k, v in Metadata.items()},
+            "ContentType": ContentType,
+            "ETag": etag,
+        }
+        self.tags.pop(Key, None)
+        return {"ETag": etag}
+
+    def put_object_tagging(self, Bucket, Key, Tagging):
+        self.calls.append(("put_object_tagging", {"Bucket": Bucket, "Key": Key}))
+        if self.tagging_error is not None:
+            raise self.tagging_error
+        assert Key in self.objects
+        self.tags[Key] = {tag["Key"]: tag["Value"] for tag in Tagging["TagSet"]}
+        return {}
+
+    def get_object_tagging(self, Bucket, Key):
+        self.calls.append(("get_object_tagging", {"Bucket": Bucket, "Key": Key}))
+        tags = self.tags.get(Key, {})
+        return {"TagSet": [{"Key": k, "Value": v} for k, v in tags.items()]}
 
     def head_object(self, Bucket, Key):
         self.calls.append(("head_object", {"Bucket": Bucket, "Key": Key}))
@@ -232,6 +264,7 @@ class FakeS3:
             "Metadata": dict(obj["Metadata"]),
             "ContentType": obj["ContentType"],
             "ETag": obj["ETag"],
+            **({"TagCount": len(self.tags[Key])} if self.tags.get(Key) else {}),
         }
 
     def copy_object(self, **kwargs: Any) -> dict[str, Any]:
@@ -283,32 +316,66 @@ def copier(s3: FakeS3, http: httpx.Client, **kwargs: Any) -> S3Copier:
     return S3Copier(s3, http, bucket="videos", **kwargs)  # type: ignore[arg-type]
 
 
-def test_copy_streams_verifies_and_stamps_sha256() -> None:
+def test_copy_streams_verifies_and_tags_sha256() -> None:
     data = payload(20 * MiB + 3)
     s3 = FakeS3()
     stored = copier(s3, source(data)).copy(URL, "jobs/j1.mp4", metadata={"Job-Id": "j1"})
     sha = hashlib.sha256(data).hexdigest()
-    assert stored == StoredObject("videos", "jobs/j1.mp4", len(data), sha, '"etag-2"')
+    assert stored == StoredObject("videos", "jobs/j1.mp4", len(data), sha, '"etag-1"')
     assert stored.uri == "s3://videos/jobs/j1.mp4"
-    assert stored.metadata == {"job-id": "j1", "sha256": sha}
+    assert stored.metadata == {"job-id": "j1"}
     obj = s3.objects["jobs/j1.mp4"]
     assert obj["Body"] == data
-    assert obj["Metadata"] == {"job-id": "j1", "sha256": sha}
+    assert obj["Metadata"] == {"job-id": "j1"}
     assert obj["ContentType"] == "video/mp4"
+    assert s3.tags["jobs/j1.mp4"] == {"sha256": sha}
     [upload] = s3.called("upload_fileobj")
     assert upload["ExtraArgs"] == {"Metadata": {"Job-Id": "j1"}, "ContentType": "video/mp4"}
     [config] = s3.configs
     assert (config.multipart_threshold, config.multipart_chunksize) == (8 * MiB, 8 * MiB)
     assert (config.max_concurrency, config.max_in_memory_upload_chunks) == (4, 2)
     assert config.preferred_transfer_client == "classic"
-    [stamp] = s3.called("copy_object")
-    assert stamp["CopySourceIfMatch"] == '"etag-1"'
-    assert stamp["ContentType"] == "video/mp4"
-    assert [op for op, _ in s3.calls] == ["upload_fileobj", "head_object", "copy_object"]
+    # no copy_object: the object's bytes are never rewritten to record the hash
+    assert [op for op, _ in s3.calls] == ["upload_fileobj", "head_object", "put_object_tagging"]
 
     found = copier(s3, source()).find("jobs/j1.mp4")
     assert found == stored
     assert found is not None and found.metadata == stored.metadata
+
+
+def test_a_video_of_one_part_is_one_put_with_its_sha256_in_metadata() -> None:
+    data = payload(8 * MiB)  # exactly the part size: still one PUT
+    s3 = FakeS3()
+    stored = copier(s3, source(data)).copy(URL, "jobs/j2.mp4", metadata={"Job-Id": "j2"})
+    sha = hashlib.sha256(data).hexdigest()
+    assert stored == StoredObject("videos", "jobs/j2.mp4", len(data), sha, '"etag-1"')
+    assert stored.metadata == {"job-id": "j2", "sha256": sha}
+    assert s3.objects["jobs/j2.mp4"]["Body"] == data
+    assert s3.objects["jobs/j2.mp4"]["Metadata"] == {"job-id": "j2", "sha256": sha}
+    # one request: the fake checked Content-MD5 against the body, as S3 does
+    assert [op for op, _ in s3.calls] == ["put_object"]
+    assert copier(s3, source()).find("jobs/j2.mp4") == stored
+
+
+def test_a_server_without_tagging_gets_the_sha256_stamped_into_metadata() -> None:
+    data = payload(20 * MiB)
+    s3 = FakeS3()
+    s3.tagging_error = client_error("NotImplemented", 501, "PutObjectTagging")
+    stored = copier(s3, source(data)).copy(URL, "k", metadata={"job-id": "j"})
+    sha = hashlib.sha256(data).hexdigest()
+    assert stored.metadata == {"job-id": "j", "sha256": sha}
+    assert stored.etag == '"etag-2"'
+    assert [op for op, _ in s3.calls] == [
+        "upload_fileobj",
+        "head_object",
+        "put_object_tagging",
+        "copy_object",
+    ]
+    [stamp] = s3.called("copy_object")
+    assert stamp["CopySourceIfMatch"] == '"etag-1"'
+    assert stamp["ContentType"] == "video/mp4"
+    assert s3.objects["k"]["Metadata"] == {"job-id": "j", "sha256": sha}
+    assert copier(s3, source()).find("k") == stored
 
 
 def test_copy_without_content_length_still_verifies_the_counted_bytes() -> None:
@@ -423,7 +490,7 @@ def test_body_shorter_than_content_length_stores_nothing(size: int) -> None:
 
 def test_reader_error_wins_over_a_wrapping_upload_error() -> None:
     """If s3transfer ever wrapped our error (as boto3's upload_file does), it still surfaces."""
-    data = payload(MiB)
+    data = payload(20 * MiB)
 
     class Wrapping(FakeS3):
         def upload_fileobj(self, Fileobj, *args, **kwargs):
@@ -448,20 +515,28 @@ def test_reader_error_wins_over_a_wrapping_upload_error() -> None:
         S3UploadFailedError("Failed to upload"),
     ],
 )
-def test_s3_failures_are_storage_unavailable(exc: Exception) -> None:
+@pytest.mark.parametrize("size", [MiB, 20 * MiB])  # single PUT and multipart paths
+def test_s3_failures_are_storage_unavailable(exc: Exception, size: int) -> None:
     s3 = FakeS3()
     s3.upload_error = exc
     with pytest.raises(StorageUnavailable) as info:
-        copier(s3, source(payload(MiB))).copy(URL, "k", metadata={})
+        copier(s3, source(payload(size))).copy(URL, "k", metadata={})
     assert info.value.__cause__ is exc
     assert "s3://videos/k" in str(info.value)
 
 
-def test_head_and_stamp_failures_are_storage_unavailable() -> None:
+def test_head_tag_and_stamp_failures_are_storage_unavailable() -> None:
     s3 = FakeS3()
+    s3.tagging_error = client_error("AccessDenied", 403, "PutObjectTagging")
+    with pytest.raises(StorageUnavailable, match=r"tagging of s3://videos/k.*AccessDenied"):
+        copier(s3, source(payload(20 * MiB))).copy(URL, "k", metadata={})
+    assert copier(s3, source()).find("k") is None  # uploaded but never tagged: not a copy
+
+    s3 = FakeS3()
+    s3.tagging_error = client_error("NotImplemented", 501, "PutObjectTagging")
     s3.copy_error = client_error("PreconditionFailed", 412, "CopyObject")
     with pytest.raises(StorageUnavailable, match="PreconditionFailed"):
-        copier(s3, source(payload(MiB))).copy(URL, "k", metadata={})
+        copier(s3, source(payload(20 * MiB))).copy(URL, "k", metadata={})
     assert copier(s3, source()).find("k") is None  # uploaded but never stamped: not a copy
 
     s3 = FakeS3()
@@ -473,11 +548,11 @@ def test_head_and_stamp_failures_are_storage_unavailable() -> None:
 def test_size_mismatch_deletes_and_raises_copy_mismatch() -> None:
     s3 = FakeS3()
     s3.size_lie = -1
-    with pytest.raises(CopyMismatch, match="holds 1048575 bytes but 1048576"):
-        copier(s3, source(payload(MiB))).copy(URL, "k", metadata={})
+    with pytest.raises(CopyMismatch, match="holds 20971519 bytes but 20971520"):
+        copier(s3, source(payload(20 * MiB))).copy(URL, "k", metadata={})
     assert s3.objects == {}
     assert s3.called("delete_object") == [{"Bucket": "videos", "Key": "k"}]
-    assert s3.called("copy_object") == []
+    assert s3.called("put_object_tagging") == []
 
 
 def test_an_uploader_that_stops_reading_early_is_caught() -> None:
@@ -492,8 +567,9 @@ def test_an_uploader_that_stops_reading_early_is_caught() -> None:
 def test_objects_over_5_gib_skip_the_stamping_copy(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(storage, "_MAX_COPY_OBJECT_SIZE", 1000)
     s3 = FakeS3()
-    data = payload(2000)
-    stored = copier(s3, source(data)).copy(URL, "k", metadata={"job-id": "j"})
+    s3.tagging_error = client_error("NotImplemented", 501, "PutObjectTagging")
+    data = payload(6 * MiB)
+    stored = copier(s3, source(data), part_size=5 * MiB).copy(URL, "k", metadata={"job-id": "j"})
     assert stored.sha256 == hashlib.sha256(data).hexdigest()
     assert stored.etag == '"etag-1"'
     assert s3.called("copy_object") == []
@@ -558,6 +634,7 @@ def test_stamping_copy_asks_for_a_fresh_checksum_only_when_checksums_are_on(
 ) -> None:
     s3 = FakeS3()
     s3.meta = type("Meta", (), {"config": type("C", (), {"request_checksum_calculation": mode})})  # type: ignore[attr-defined]
-    copier(s3, source(payload(1000))).copy(URL, "k", metadata={})
+    s3.tagging_error = client_error("NotImplemented", 501, "PutObjectTagging")
+    copier(s3, source(payload(9 * MiB))).copy(URL, "k", metadata={})
     [stamp] = s3.called("copy_object")
     assert stamp.get("ChecksumAlgorithm") == algorithm
