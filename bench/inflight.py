@@ -115,6 +115,7 @@ class Sample:
     max_overdue_s: float
     held: int  # messages held by workers (kombu's unacked hash: countdowns and running)
     waiting: int  # messages waiting in the queues
+    parked: int  # wake-ups parked in the Redis timer (P:timers)
     rss: int
     pss: int
     used_memory: int
@@ -146,8 +147,9 @@ class Sampler:
         pipe.hlen("unacked")
         for q in QUEUES:
             pipe.llen(q)
+        pipe.zcard(f"{P}:timers")
         pipe.info("memory")
-        overdue, first, held, *lengths, memory = pipe.execute()
+        overdue, first, held, *lengths, parked, memory = pipe.execute()
         proc = common.group_sample(self.groups)
         final = sum(counts[s] for s in ("STORED", "FAILED", "REJECTED", "CANCELED", "EXPIRED"))
         return Sample(
@@ -158,6 +160,7 @@ class Sampler:
             max_overdue_s=max(0.0, now - first[0][1]) if first else 0.0,
             held=int(held),
             waiting=sum(int(n) for n in lengths),
+            parked=int(parked),
             rss=proc.rss_bytes,
             pss=common.group_pss(self.groups),
             used_memory=int(memory["used_memory"]),
@@ -213,12 +216,16 @@ def lateness(
     return late
 
 
-def overdue_at(client: redis.Redis, since: float, until: float) -> list[float]:
-    """Wake-ups due in [since, until) that had not happened at ``until``: lateness so far."""
+def overdue_at(client: redis.Redis, until: float) -> list[float]:
+    """Polls due before ``until`` that had not happened at ``until``: their lateness so far
+    (jobs SUBMITTED with a deadline passed, however long ago it passed)."""
     due: list[tuple[bytes, float]] = client.zrangebyscore(  # type: ignore[assignment]
-        f"{P}:deadlines", since, f"({until}", withscores=True
+        f"{P}:deadlines", "-inf", f"({until}", withscores=True
     )
-    return [until - score for _, score in due]
+    if not due:
+        return []
+    submitted = client.smismember(f"{P}:state:SUBMITTED", [member for member, _ in due])
+    return [until - score for (_, score), ok in zip(due, submitted, strict=True) if ok]
 
 
 # ----------------------------------------------------------------------------- memory
@@ -256,15 +263,18 @@ def memory_by_family(client: redis.Redis, batch: int = 2000) -> dict[str, tuple[
 
 
 def memory_split(by_family: dict[str, tuple[int, int]]) -> dict[str, float]:
-    """Bytes per unit: a job hash, a timeline, the store's indexes per job record, a broker
-    message (queued, or held by a worker). ``records`` adds the first three: a job in flight has
-    those and one countdown message."""
+    """Bytes per unit: a job hash, a timeline, the store's indexes per job record (the parked
+    wake-up in ``P:timers`` included). ``records`` adds them up; a job in flight has those, and
+    a broker message only while one is queued or held for it (a wait up to
+    ``COUNTDOWN_MAX_SECONDS``, or a step due now)."""
     records = max(1, by_family.get(f"{P}:job:*", (0, 0))[0])
     timelines = by_family.get(f"{P}:timeline:*", (0, 0))
     index_bytes = sum(
         size
         for name, (_, size) in by_family.items()
-        if name.startswith((f"{P}:state:", f"{P}:deadlines", f"{P}:remote-tasks", f"{P}:acct:"))
+        if name.startswith(
+            (f"{P}:state:", f"{P}:deadlines", f"{P}:remote-tasks", f"{P}:acct:", f"{P}:timers")
+        )
     )
     split = {
         "job_hash": by_family.get(f"{P}:job:*", (0, 0))[1] / records,
@@ -275,14 +285,15 @@ def memory_split(by_family: dict[str, tuple[int, int]]) -> dict[str, float]:
     return split
 
 
-def broker_bytes_per_message(client: redis.Redis, by_family: dict[str, tuple[int, int]]) -> float:
+def broker_bytes(client: redis.Redis, by_family: dict[str, tuple[int, int]]) -> tuple[int, int]:
+    """(messages queued or held, their bytes)."""
     pipe = client.pipeline()
     for q in QUEUES:
         pipe.llen(q)
     pipe.hlen("unacked")
     messages = sum(int(n) for n in pipe.execute())
     size = sum(by_family.get(k, (0, 0))[1] for k in (*QUEUES, "unacked", "unacked_index"))
-    return size / max(1, messages)
+    return messages, size
 
 
 def hash_encoding(client: redis.Redis, ids: list[str]) -> str:
@@ -360,14 +371,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if profiler is not None:
                 profiler.stop()
             end = sampler.take()
-            overdue = overdue_at(client, ramp_end, window_end)
+            overdue = overdue_at(client, window_end)
             held = inspect_workers(rs.url, len(workers))
             per_process = {w.name: common.rss_by_process(w.proc.pid) for w in workers if w.proc}
             client.memory_purge()
             memory = common.redis_snapshot(client)
             info1 = client.info("memory")
             by_family = memory_by_family(client)
-            per_message = broker_bytes_per_message(client, by_family)
+            messages, message_bytes = broker_bytes(client, by_family)
             encoding = hash_encoding(client, ids)
             events = timelines(client, ids)
             counts = common.job_counts(client)
@@ -395,7 +406,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for count in sorted({1000, 2000, 5000, 10_000, 20_000, args.jobs})
         if count <= args.jobs
     }
-    split = {**memory_split(by_family), "broker_message": per_message}
+    split = {
+        **memory_split(by_family),
+        "broker_message": message_bytes / max(1, messages),
+        "broker_per_job": message_bytes / max(1, in_flight + counts.get("QUEUED", 0)),
+    }
     # Every job enqueued is in Redis: as its intake message, or as its record and its next
     # message. When the target is reached, they are all in flight.
     total_per_job = (memory.used_memory - base.used_memory) / max(1, args.jobs)
@@ -434,7 +449,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             name: round((int(info1.get(name, 0)) - int(info0.get(name, 0))) / MIB, 1)
             for name in MEMORY_FIELDS
         },
-        "redis_bytes_per_in_flight_job": split["records"] + split["broker_message"],
+        "broker_messages_end": messages,
+        "parked_end": end.parked,
+        "redis_bytes_per_in_flight_job": split["records"] + split["broker_per_job"],
         "redis_keys_by_family": {
             name: {"keys": count, "bytes": size}
             for name, (count, size) in sorted(by_family.items(), key=lambda kv: -kv[1][1])[:12]
@@ -478,7 +495,7 @@ def main() -> None:
 
     samples = r.pop("samples")
     print(
-        "\n  time      in_flight  queued  overdue>2s  max_overdue_s  held  waiting  rss_MiB  "
+        "\n  time      in_flight  queued  overdue>2s  max_overdue_s  held  waiting  parked  rss_MiB  "
         "redis_MiB  cpu: workers  redis  emulator"
     )
     step = max(1, len(samples) // 16)
@@ -486,7 +503,7 @@ def main() -> None:
         dt = max(1e-9, s.t - prev.t)
         print(
             f"  {time.strftime('%H:%M:%S', time.localtime(s.t)):<9} {s.in_flight:>9} "
-            f"{s.queued:>7} {s.overdue:>11} {s.max_overdue_s:>14.1f} {s.held:>5} {s.waiting:>8} "
+            f"{s.queued:>7} {s.overdue:>11} {s.max_overdue_s:>14.1f} {s.held:>5} {s.waiting:>8} {s.parked:>7} "
             f"{s.rss / MIB:>8.0f} {s.used_memory / MIB:>10.1f} "
             f"{(s.worker_cpu_s - prev.worker_cpu_s) / dt:>13.2f} "
             f"{(s.redis_cpu_s - prev.redis_cpu_s) / dt:>6.2f} "
@@ -537,6 +554,7 @@ def main() -> None:
                 "  held (unacked) max / waiting at end",
                 f"{r['held_messages_max']} / {r['waiting_messages_end']}",
             ),
+            ("  parked in the Redis timer at end", r["parked_end"]),
             ("Redis bytes per job (total / enqueued)", common.fmt(r["redis_bytes_per_job"], "", 0)),
             (
                 "  per job in flight (sum of parts)",

@@ -113,6 +113,11 @@ class Settings(BaseSettings):
     poll_pending_seconds: float = Field(default=5.0, gt=0)
     poll_pending_max_seconds: float = Field(default=30.0, gt=0)
     poll_error_backoff_max: float = Field(default=60.0, gt=0)
+    # A wait up to this long is a Celery countdown, held in a worker's memory until due; a longer
+    # one is parked in Redis (P:timers) and sent when due by the dispatcher thread every worker
+    # runs each TIMER_TICK_SECONDS (workers/timers.py). 0 parks every wait.
+    countdown_max_seconds: float = Field(default=10.0, ge=0)
+    timer_tick_seconds: float = Field(default=0.5, gt=0, le=10)
     job_remote_deadline_seconds: float = Field(default=6 * 3600.0, gt=0)
 
     # A cancel that arrives after DashScope started the task cannot stop it, and it is paid for.
@@ -144,12 +149,13 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _coherent(self) -> Settings:
-        longest_countdown = max(
+        longest_wait = max(
             self.poll_pending_max_seconds,
             self.poll_error_backoff_max,
             self.submit_backoff_max,
             self.copy_backoff_max,
         )
+        longest_countdown = min(longest_wait, self.countdown_max_seconds)  # the rest is parked
         if longest_countdown * 4 > self.visibility_timeout:
             raise ValueError(
                 f"VISIBILITY_TIMEOUT ({self.visibility_timeout}) must be at least 4x the longest "

@@ -13,7 +13,7 @@ import logging
 import time
 from typing import Any
 
-from celery import Task
+from celery import Task, bootsteps
 
 from config.celery_app import app, settings
 from workers import pipeline
@@ -21,6 +21,7 @@ from workers.errors import StoreUnavailable
 from workers.jobs import JobKind
 from workers.results import CeleryResults
 from workers.store import RedisJobStore
+from workers.timers import Dispatcher, Parked, RedisTimers
 from workers.wiring import redis_client
 from workers.wiring import services as _services
 
@@ -46,9 +47,27 @@ RETRY: dict[str, Any] = {
 }
 
 
+@functools.cache
+def timers() -> RedisTimers:
+    return RedisTimers(svc_lock(), prefix=settings.key_prefix)
+
+
 def schedule(step: pipeline.Next | None) -> None:
+    """Send the next step: now, as a short countdown, or parked in the Redis timer when later.
+
+    Only waits up to ``COUNTDOWN_MAX_SECONDS`` become Celery countdowns (held by a worker until
+    due); a later one goes to ``P:timers``, which the dispatchers send when due (workers.timers).
+    """
     if step is None:
         return
+    if step.countdown > settings.countdown_max_seconds:
+        due = time.time() + step.countdown
+        timers().park(Parked(step.step, step.job_id, step.version, step.producer, due))
+        return
+    _send(step.step, step.job_id, step.version, step.producer, max(0.0, step.countdown))
+
+
+def _send(step: str, job_id: str, version: int, producer: str, countdown: float) -> None:
     task = {
         "detect": detect_job,
         "prepare": prepare_job,
@@ -56,13 +75,43 @@ def schedule(step: pipeline.Next | None) -> None:
         "poll": poll_job,
         "copy": copy_job,
         "webhook": webhook_job,
-    }[step.step]
+    }[step]
     task.apply_async(
-        (step.job_id, step.version),
-        countdown=max(0.0, step.countdown),
+        (job_id, version),
+        countdown=countdown or None,
         # What Flower shows as the arguments: the job id and its producer, searchable there.
-        argsrepr=f"(job_id={step.job_id!r}, version={step.version}, producer={step.producer!r})",
+        argsrepr=f"(job_id={job_id!r}, version={version}, producer={producer!r})",
     )
+
+
+def _send_parked(parked: Parked) -> None:
+    _send(parked.step, parked.job_id, parked.version, parked.producer, 0.0)
+
+
+class TimerDispatch(bootsteps.StartStopStep):
+    """A thread in each worker's main process that sends parked wake-ups once they are due.
+
+    Every worker runs one; the pop is atomic, so they share the work and never send one twice.
+    It starts after the pool, so no pool process is forked while the thread holds a lock.
+    """
+
+    requires = ("celery.worker.components:Pool",)
+
+    def __init__(self, worker: Any, **kwargs: Any) -> None:
+        super().__init__(worker, **kwargs)
+        self.dispatcher: Dispatcher | None = None
+
+    def start(self, worker: Any) -> None:
+        self.dispatcher = Dispatcher(timers(), _send_parked, tick=settings.timer_tick_seconds)
+        self.dispatcher.start()
+
+    def stop(self, worker: Any) -> None:
+        if self.dispatcher is not None:
+            self.dispatcher.stop()
+            self.dispatcher = None
+
+
+app.steps["worker"].add(TimerDispatch)
 
 
 def services() -> pipeline.Services:

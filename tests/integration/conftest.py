@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import redis
 from moto.server import ThreadedMotoServer
 
 from workers.storage import make_s3_client
@@ -42,3 +44,21 @@ def bucket(s3: Any) -> str:
     name = f"bucket-{uuid.uuid4().hex[:12]}"
     s3.create_bucket(Bucket=name)
     return name
+
+
+@pytest.fixture
+def redis_client() -> Iterator[redis.Redis]:
+    """The Redis at REDIS_URL (CI makes sure one answers)."""
+    client = redis.Redis.from_url(os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
+    client.ping()
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def redis_prefix(redis_client: redis.Redis) -> Iterator[str]:
+    """A key prefix of this test's own, deleted afterwards."""
+    prefix = f"test-{uuid.uuid4().hex[:8]}"
+    yield prefix
+    for key in redis_client.scan_iter(f"{prefix}:*"):
+        redis_client.delete(key)

@@ -51,7 +51,9 @@ def test_visibility_timeout_must_dwarf_countdowns() -> None:
     with pytest.raises(SettingsError, match="VISIBILITY_TIMEOUT"):
         load_settings({"VISIBILITY_TIMEOUT": "100", "COPY_TIME_LIMIT": "60"})
     with pytest.raises(SettingsError, match="VISIBILITY_TIMEOUT"):
-        load_settings({"POLL_PENDING_MAX_SECONDS": "600"})  # 4 x 600 > 1800
+        load_settings({"POLL_PENDING_MAX_SECONDS": "600", "COUNTDOWN_MAX_SECONDS": "600"})
+    # Waits over COUNTDOWN_MAX_SECONDS are parked in Redis, not held: no redelivery to fear.
+    assert load_settings({"POLL_PENDING_MAX_SECONDS": "600"}).countdown_max_seconds == 10
 
 
 def test_copy_must_end_before_redelivery() -> None:
