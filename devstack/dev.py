@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
-from devstack import redis_answers, redis_server_binary
+from devstack import REDIS_TUNING, redis_answers, redis_server_binary
 
 STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 LOOPBACK = ("127.0.0.1", "localhost")
@@ -61,7 +61,7 @@ def serve_redis(url: str) -> int:
     # exec: the server itself gets honcho's SIGTERM (and the signal mask is untouched here).
     os.execv(binary, [binary, "--bind", "127.0.0.1", "--port", str(parts.port),
                       "--save", "", "--appendonly", "no", "--dir", "/tmp",
-                      "--maxmemory-policy", "noeviction"])  # fmt: skip
+                      "--maxmemory-policy", "noeviction", *REDIS_TUNING])  # fmt: skip
 
 
 def serve_s3(endpoint: str, bucket: str) -> int:

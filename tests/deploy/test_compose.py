@@ -546,6 +546,7 @@ def test_redis_is_persistent_and_never_evicts() -> None:
     assert "--appendonly yes" in command
     assert "--appendfsync everysec" in command
     assert "--maxmemory-policy noeviction" in command
+    assert "--hash-max-listpack-value 1024" in command  # job records in the compact encoding
     assert mounted(svc, "/data")
     assert svc["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
     # No password on it: it must not be published beyond loopback.
