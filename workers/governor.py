@@ -84,16 +84,17 @@ return 1
 
 # Admit queued jobs while fewer than ARGV[3] hold or wait for the remote slot. When the slots
 # look full, members whose job has moved past the slot (copying, final) or vanished are dropped
-# first (from a sample of 64), so a lost release cannot leak capacity. Highest priority first; within one priority, producers take turns.
+# first (from a sample of 64, at most once a second), so a lost release cannot leak capacity. Highest priority first; within one priority, producers take turns.
 _ADMIT = """
 local p, a, cap = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local base = p .. ':acct:' .. a
 local inflight = base .. ':inflight'
 local gone = {STORED=1, FAILED=1, REJECTED=1, CANCELED=1, EXPIRED=1, READY=1, COPYING=1}
 local n = redis.call('SCARD', inflight)
-if n >= cap then
-  -- Full: heal from a bounded sample, so a large slot count does not make each admission
-  -- read every member (a lost release is found within a few passes).
+if n >= cap and redis.call('SET', base .. ':healed', '1', 'PX', 1000, 'NX') then
+  -- Full: heal from a bounded sample, at most once a second per lane, so neither a large slot
+  -- count nor a busy lane makes each admission read members (64 HGETs a call cost a third of
+  -- the Redis time per job in bench/overhead.py). A lost release is found within a few seconds.
   for _, id in ipairs(redis.call('SRANDMEMBER', inflight, 64)) do
     local st = redis.call('HGET', p .. ':job:' .. id, 'state')
     if (not st) or gone[st] then redis.call('SREM', inflight, id) end

@@ -35,6 +35,7 @@ Decisions:
 from __future__ import annotations
 
 import bisect
+import contextlib
 import json
 import logging
 import math
@@ -277,6 +278,7 @@ class RedisMetrics:
         self._paused_until = 0.0
         self._last_warning = -math.inf
         self._dropped = 0
+        self._local = threading.local()
 
     def inc(self, name: str, amount: float = 1.0, **labels: str) -> None:
         """Add ``amount`` (>= 0) to a counter."""
@@ -285,12 +287,10 @@ class RedisMetrics:
         if not (math.isfinite(amount) and amount >= 0):
             self._drop(f"{name}: bad increment {amount!r}")
             return
-        if amount == 0 or self._paused():
+        if amount == 0:
             return
-        try:
-            self.redis.hincrbyfloat(counter_key(self.prefix, name), field, amount)
-        except (redis.RedisError, OSError) as exc:
-            self._failed(exc)
+        key = counter_key(self.prefix, name)
+        self._write(lambda pipe: pipe.hincrbyfloat(key, field, amount))
 
     def observe(self, name: str, value: float, **labels: str) -> None:
         """Count one observation in a histogram."""
@@ -299,13 +299,49 @@ class RedisMetrics:
         if not math.isfinite(value):
             self._drop(f"{name}: bad observation {value!r}")
             return
+        key = histogram_key(self.prefix, name)
+        bucket, total = _field([*values, _bucket_bound(metric, value)]), _field([*values, "sum"])
+
+        def write(pipe: Any) -> None:
+            pipe.hincrby(key, bucket, 1)
+            pipe.hincrbyfloat(key, total, value)
+
+        self._write(write)
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """Hold this thread's writes and send them as one transaction at the end.
+
+        The task layer wraps each Celery task in one: a job's step then costs one round trip for
+        its metrics, not one per observation (bench/overhead.py). Whatever the step raises, what
+        it recorded is still sent.
+        """
+        outer = getattr(self._local, "pending", None)
+        if outer is not None:  # already batching: the outer batch sends
+            yield
+            return
+        self._local.pending = []
+        try:
+            yield
+        finally:
+            pending, self._local.pending = self._local.pending, None
+            if pending:
+                self._send(pending)
+
+    def _write(self, op: Callable[[Any], None]) -> None:
+        pending = getattr(self._local, "pending", None)
+        if pending is not None:
+            pending.append(op)
+        else:
+            self._send([op])
+
+    def _send(self, ops: list[Callable[[Any], None]]) -> None:
         if self._paused():
             return
-        key = histogram_key(self.prefix, name)
         try:
             pipe = self.redis.pipeline(transaction=True)
-            pipe.hincrby(key, _field([*values, _bucket_bound(metric, value)]), 1)
-            pipe.hincrbyfloat(key, _field([*values, "sum"]), value)
+            for op in ops:
+                op(pipe)
             pipe.execute()
         except (redis.RedisError, OSError) as exc:
             self._failed(exc)

@@ -8,9 +8,11 @@ messages wait in Redis across deploys. Their arguments are always ``(job_id, ver
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from celery import Task, bootsteps
@@ -114,6 +116,18 @@ class TimerDispatch(bootsteps.StartStopStep):
 app.steps["worker"].add(TimerDispatch)
 
 
+def batched_metrics(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Run a task with its metrics held and sent in one round trip at its end."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        batch = getattr(_services().metrics, "batch", None)
+        with batch() if batch is not None else contextlib.nullcontext():
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
 def services() -> pipeline.Services:
     svc = _services()
     svc.wake = schedule  # wake-ups the use cases ask for on the side (admissions)
@@ -122,6 +136,7 @@ def services() -> pipeline.Services:
 
 
 @app.task(name="animate.generate", bind=True, **RETRY)
+@batched_metrics
 def generate(self: Task[Any, Any], *args: Any, **kwargs: Any) -> None:
     """Intake: validate, create the job (id = ``job_id`` or this message's id), then submit."""
     result = pipeline.intake(services(), kwargs, args, str(self.request.id))
@@ -129,6 +144,7 @@ def generate(self: Task[Any, Any], *args: Any, **kwargs: Any) -> None:
 
 
 @app.task(name="animate.template", bind=True, **RETRY)
+@batched_metrics
 def make_template(self: Task[Any, Any], *args: Any, **kwargs: Any) -> None:
     """Intake of a template job: a dance video in, an action template id (state READY) out."""
     result = pipeline.intake(services(), kwargs, args, str(self.request.id), JobKind.TEMPLATE)
@@ -136,23 +152,27 @@ def make_template(self: Task[Any, Any], *args: Any, **kwargs: Any) -> None:
 
 
 @app.task(name="animate.detect", bind=True, **RETRY)
+@batched_metrics
 def detect_job(self: Task[Any, Any], job_id: str, version: int) -> None:
     """The image check (cached per image and account)."""
     schedule(pipeline.detect(services(), job_id, version))
 
 
 @app.task(name="animate.prepare", bind=True, **RETRY)
+@batched_metrics
 def prepare_job(self: Task[Any, Any], job_id: str, version: int) -> None:
     """The dance video's template: checked, reused, or made by a template job."""
     schedule(pipeline.prepare(services(), job_id, version))
 
 
 @app.task(name="animate.submit", bind=True, **RETRY)
+@batched_metrics
 def submit_job(self: Task[Any, Any], job_id: str, version: int) -> None:
     schedule(pipeline.submit(services(), job_id, version))
 
 
 @app.task(name="animate.poll", bind=True, **RETRY)
+@batched_metrics
 def poll_job(self: Task[Any, Any], job_id: str, version: int) -> None:
     schedule(pipeline.poll(services(), job_id, version))
 
@@ -164,17 +184,20 @@ def poll_job(self: Task[Any, Any], job_id: str, version: int) -> None:
     soft_time_limit=settings.copy_time_limit - 30,
     **RETRY,
 )
+@batched_metrics
 def copy_job(self: Task[Any, Any], job_id: str, version: int) -> None:
     schedule(pipeline.copy(services(), job_id, version))
 
 
 @app.task(name="animate.webhook", bind=True, **RETRY)
+@batched_metrics
 def webhook_job(self: Task[Any, Any], job_id: str, version: int) -> None:
     """Deliver the signed final result to the job's webhook_url."""
     schedule(pipeline.deliver_webhook(services(), job_id, version))
 
 
 @app.task(name="animate.cancel", bind=True, ignore_result=False, **RETRY)
+@batched_metrics
 def cancel_job(self: Task[Any, Any], job_id: str) -> dict[str, Any]:
     """Cancel a job (free while queued; DashScope's cancel while remote PENDING)."""
     result = pipeline.cancel(services(), str(job_id))
@@ -187,6 +210,7 @@ def cancel_job(self: Task[Any, Any], job_id: str) -> dict[str, Any]:
 
 
 @app.task(name="animate.watchdog", bind=True, **RETRY)
+@batched_metrics
 def watchdog(self: Task[Any, Any]) -> None:
     """Resume overdue jobs and run an admission pass per account (sent by celery beat)."""
     svc = services()

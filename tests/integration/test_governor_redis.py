@@ -163,6 +163,22 @@ class TestAdmission:
         store.transition(loaded, JobState.CANCELED)
         assert g.admit("default") == ["j1"]
 
+    def test_healing_runs_at_most_once_a_second(self, client: redis.Redis, prefix: str) -> None:
+        """A busy full lane does not re-read its members on every admission."""
+        store = RedisJobStore(client, prefix=prefix, final_ttl=60)
+        g = governor(client, prefix, capacity=1)
+        jobs = [make_job(store, f"h{i}") for i in range(3)]
+        for job in jobs:
+            g.enqueue(job)
+        assert g.admit("default") == ["h0"]
+        for i, expected in ((0, ["h1"]), (1, [])):
+            loaded = store.get(f"h{i}")
+            assert loaded is not None
+            store.transition(loaded, JobState.CANCELED)  # ended without a release
+            assert g.admit("default") == expected
+        time.sleep(1.1)
+        assert g.admit("default") == ["h2"]
+
     def test_dequeue(self, client: redis.Redis, prefix: str) -> None:
         """A dequeued job is never admitted, and its producer leaves the rotation."""
         store = RedisJobStore(client, prefix=prefix, final_ttl=60)

@@ -375,3 +375,38 @@ def test_grafana_dashboard_uses_only_known_metrics() -> None:
     unused = {m.name for m in METRICS.values() if not (m.sample_names & used)}
     assert unused == set(), f"metrics no panel shows: {unused}"
     assert metrics.NAMESPACE == "animate_queue_"
+
+
+def test_a_batch_sends_its_writes_in_one_transaction_at_its_end(
+    client: redis.Redis, prefix: str
+) -> None:
+    """What the task layer wraps each task in: one round trip for a step's metrics."""
+    own = redis.Redis.from_url(REDIS_URL)  # the metrics' own client: scraping is not counted
+    m = RedisMetrics(own, prefix)
+    sent: list[int] = []
+    real = own.pipeline
+
+    def counting(*args: object, **kwargs: object) -> object:
+        pipe = real(*args, **kwargs)  # type: ignore[arg-type]
+        execute = pipe.execute
+
+        def counted(*a: object, **k: object) -> object:
+            sent.append(len(pipe.command_stack))
+            return execute(*a, **k)  # type: ignore[arg-type]
+
+        pipe.execute = counted  # type: ignore[method-assign]
+        return pipe
+
+    own.pipeline = counting  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError), m.batch():
+        m.inc("copy_bytes_total", 10, account="main")
+        with m.batch():  # nested: the outer one sends
+            m.observe("copy_delay_seconds", 3.0)
+        assert scrape(client, prefix).get("animate_queue_copy_bytes_total", []) == []
+        raise RuntimeError("the step failed; its metrics still count")
+    assert sent == [3]  # one transaction: the counter, the bucket and the sum
+    s = scrape(client, prefix)
+    assert value(s, "animate_queue_copy_bytes_total", account="main") == 10
+    assert value(s, "animate_queue_copy_delay_seconds_count") == 1
+    m.inc("copy_bytes_total", 5, account="main")  # outside a batch: sent at once
+    assert sent == [3, 1]
