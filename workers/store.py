@@ -173,7 +173,8 @@ _EVENT_FIELDS = ("remote_status", "error_code", "error_message", "remote_task_id
 
 def _event(job: Job, state: JobState, changes: dict[str, Any]) -> str:
     """One line of the job's timeline: the move, and what changed that a person cares about."""
-    event: dict[str, Any] = {"at": changes.get("updated_at") or time.time(), "to": state.value}
+    at = changes.get("updated_at") or time.time()
+    event: dict[str, Any] = {"at": round(at, 3), "to": state.value}  # ms: a person reads it
     if state != job.state:
         event["from"] = job.state.value
     for name in _EVENT_FIELDS:
@@ -441,8 +442,13 @@ class RedisJobStore(WorkflowRecords):
         to_set: list[str] = []
         to_del: list[str] = []
         for name, value in changes.items():
-            if value is None:
-                to_del.append(name)
+            spec = _FIELDS.get(name)
+            if value is None or (
+                spec is not None
+                and spec.default is not dataclasses.MISSING
+                and value == spec.default
+            ):
+                to_del.append(name)  # a default reads back the same: the record stays small
             else:
                 to_set += [name, encode_value(name, value)]
         next_at = (

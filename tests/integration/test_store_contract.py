@@ -382,6 +382,20 @@ class TestRedisIndexes:
         score = store.redis.zscore(f"{store.prefix}:deadlines", job_id)
         return None if score is None else float(score)
 
+    def test_a_change_back_to_a_default_removes_the_field(self, redis_store: RedisJobStore) -> None:
+        """Counters reset to 0 (a poll after errors) leave no field behind: the record stays
+        small (bench/inflight.py counts bytes per job), and it reads back the same."""
+        redis_store.create(new_job("d"))
+        job = redis_store.get("d")
+        assert job is not None
+        job = redis_store.transition(job, JobState.SUBMITTED, poll_errors=2, polls=1)
+        assert job is not None
+        job = redis_store.transition(job, JobState.SUBMITTED, poll_errors=0, polls=2)
+        assert job is not None and (job.poll_errors, job.polls) == (0, 2)
+        fields = redis_store.redis.hgetall(redis_store.key("d"))
+        assert b"poll_errors" not in fields and fields[b"polls"] == b"2"
+        assert redis_store.get("d") == job
+
     def test_jobs_by_state_gauge_and_step_times(
         self, redis_store: RedisJobStore, caplog: pytest.LogCaptureFixture
     ) -> None:
