@@ -162,6 +162,16 @@ QUEUE_DEPTH = MetricDef(
 INFLIGHT = MetricDef(
     "inflight", "gauge", "Admitted jobs holding or waiting for DashScope's slot.", ("lane",)
 )
+TIMERS_PARKED = MetricDef(
+    "timers_parked", "gauge", "Wake-ups parked in the Redis timer (P:timers), due or not.", ()
+)
+TIMERS_OVERDUE_SECONDS = MetricDef(
+    "timers_overdue_seconds",
+    "gauge",
+    "How long the oldest parked wake-up has been due without a dispatcher sending it (0 when "
+    "none is due). Above a few seconds, no worker is dispatching.",
+    (),
+)
 
 METRICS: Mapping[str, MetricDef] = {
     m.name: m
@@ -178,6 +188,8 @@ METRICS: Mapping[str, MetricDef] = {
         JOBS_FINISHED_TOTAL,
         QUEUE_DEPTH,
         INFLIGHT,
+        TIMERS_PARKED,
+        TIMERS_OVERDUE_SECONDS,
     )
 }
 _WRITTEN = tuple(m for m in METRICS.values() if m.kind != "gauge")
@@ -405,13 +417,16 @@ class RedisCollector:
     def collect(self) -> Iterator[Metric]:
         pipe = self.redis.pipeline(transaction=False)
         pipe.smembers(f"{self.prefix}:accounts")
+        pipe.zcard(f"{self.prefix}:timers")
+        pipe.zrange(f"{self.prefix}:timers", 0, 0, withscores=True)
+        pipe.time()
         pipe.hgetall(jobs_key(self.prefix))
         for metric in _WRITTEN:
             if metric.kind == "counter":
                 pipe.hgetall(counter_key(self.prefix, metric.name))
             else:
                 pipe.hgetall(histogram_key(self.prefix, metric.name))
-        raw_lanes, raw_jobs, *written = pipe.execute()
+        raw_lanes, parked, oldest, (secs, micros), raw_jobs, *written = pipe.execute()
 
         lanes = sorted({_text(lane) for lane in raw_lanes})
         pipe = self.redis.pipeline(transaction=False)
@@ -432,6 +447,13 @@ class RedisCollector:
             depth.add_metric([name], _number(per_lane[2 * i]))
             inflight.add_metric([name], _number(per_lane[2 * i + 1]))
         families += [depth, inflight]
+        # Redis's clock, which the dispatchers' due times are compared with (hosts kept in sync)
+        now = float(secs) + float(micros) / 1e6
+        overdue = max(0.0, now - float(oldest[0][1])) if oldest else 0.0
+        for metric, value in ((TIMERS_PARKED, float(parked)), (TIMERS_OVERDUE_SECONDS, overdue)):
+            gauge = _gauge(metric)
+            gauge.add_metric([], value)
+            families.append(gauge)
         yield from families
 
 

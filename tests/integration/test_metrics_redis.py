@@ -147,7 +147,10 @@ class TestAcrossProcesses:
             m.exposed_name.removesuffix("_total") if m.kind == "counter" else m.exposed_name
             for m in METRICS.values()
         }
-        assert all(not f.samples for f in families.values())
+        timers = {"animate_queue_timers_parked", "animate_queue_timers_overdue_seconds"}
+        assert all(not f.samples for name, f in families.items() if name not in timers)
+        # the dispatchers' health is always reported: 0 parked, 0 s overdue
+        assert [[s.value for s in families[name].samples] for name in sorted(timers)] == [[0], [0]]
 
 
 class TestGaugesFromRedis:
@@ -187,6 +190,22 @@ class TestGaugesFromRedis:
         assert value(s, "animate_queue_inflight", lane="main") == 2
         assert value(s, "animate_queue_inflight", lane="main:template") == 1
         assert value(s, "animate_queue_inflight", lane="idle") == 0
+
+    def test_parked_wake_ups_and_how_overdue_the_oldest_is(
+        self, client: redis.Redis, prefix: str
+    ) -> None:
+        """The dispatchers' health: parked wake-ups due long ago mean no worker sends them."""
+        s = scrape(client, prefix)
+        assert value(s, "animate_queue_timers_parked") == 0
+        assert value(s, "animate_queue_timers_overdue_seconds") == 0
+        secs, micros = client.time()
+        now = secs + micros / 1e6
+        client.zadd(f"{prefix}:timers", {"a": now - 42, "b": now + 100})
+        s = scrape(client, prefix)
+        assert value(s, "animate_queue_timers_parked") == 2
+        assert 42 <= value(s, "animate_queue_timers_overdue_seconds") < 45
+        client.zrem(f"{prefix}:timers", "a")
+        assert value(scrape(client, prefix), "animate_queue_timers_overdue_seconds") == 0
 
 
 class TestLabels:
