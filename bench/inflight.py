@@ -1,6 +1,6 @@
 """Scale of jobs in flight: 20,000 jobs remote-PENDING or RUNNING at once, polled on schedule?
 
-    .venv/bin/python -m bench.inflight [--jobs 20000] [--interval 150] [--window 60] [--quick]
+    .venv/bin/python -m bench.inflight [--jobs 20000] [--interval 150] [--window 150] [--quick]
 
 Real processes: a redis-server, the DashScope emulator in a child process (quotas off,
 ``--remote-running`` tasks run at once, each for an hour; the rest wait remote-PENDING), and
@@ -14,19 +14,22 @@ settings' rule). No beat runs: the watchdog would hide lateness by resuming late
 1. ramp: ``--jobs`` ``animate.generate`` messages (template id, ``detect=False``) are enqueued at
    once; the ramp ends when all are SUBMITTED, or after ``--ramp-budget`` seconds (then the run
    goes on with what it reached, and says so).
-2. window: ``--window`` seconds of steady state.
+2. window: ``--window`` seconds of steady state (default one poll interval: every job is polled in it).
 
 Figures:
 
 * poll lateness: every poll is recorded in the job's timeline (``P:timeline:<id>``, its ``at``);
   a poll was due at the previous event's ``at`` plus the interval (the submit's, or the last
   poll's: ``next_action_at`` is set from the same clock reading). Lateness = actual - due, for
-  polls made in the window; polls due in the window that had not happened by its end count with
-  their lateness so far (from ``P:deadlines``). The ramp's polls are reported apart.
+  polls made in the window; polls due by its end that had not happened count with their
+  lateness so far (SUBMITTED jobs past their ``P:deadlines`` score, however long ago it passed).
+  The ramp's polls are reported apart.
 * worker memory: RSS (and PSS) of each worker's whole process group, sampled every 2 s; the
   value at 1k/2k/5k/10k/20k jobs in flight shows whether it grows with the job count. Celery
   holds countdown messages in the worker until due, at most ``worker_eta_task_limit`` (1000) a
-  worker: ``inspect().scheduled()``, the prefetch count and kombu's ``unacked`` hash show it.
+  worker; waits over ``COUNTDOWN_MAX_SECONDS`` (all of them here) are parked in the Redis timer
+  instead. ``inspect().scheduled()``, the prefetch count, kombu's ``unacked`` hash and the size
+  of ``P:timers`` show where the waits are.
 * Redis memory per job: ``used_memory`` at the end minus before the ramp, over the jobs enqueued
   (each is in Redis as its intake message or as its record and next message; all are in flight
   when the target is reached); and per part, from ``MEMORY USAGE`` of every key (``SCAN``): a job
@@ -476,7 +479,12 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="Celery worker processes")
     parser.add_argument("--concurrency", type=int, default=1, help="pool size of each worker")
     parser.add_argument("--interval", type=float, default=150, help="every POLL_* interval (s)")
-    parser.add_argument("--window", type=float, default=60, help="steady-state seconds")
+    parser.add_argument(
+        "--window",
+        type=float,
+        default=150,
+        help="steady-state seconds (default: one poll interval)",
+    )
     parser.add_argument(
         "--ramp-budget", type=float, default=420, help="seconds to get the jobs in flight"
     )

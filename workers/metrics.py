@@ -193,6 +193,7 @@ METRICS: Mapping[str, MetricDef] = {
     )
 }
 _WRITTEN = tuple(m for m in METRICS.values() if m.kind != "gauge")
+_AT_ONCE = frozenset({VIDEO_SECONDS_TOTAL.name, JOBS_FINISHED_TOTAL.name})
 
 
 def sanitise_label(value: object) -> str:
@@ -302,7 +303,10 @@ class RedisMetrics:
         if amount == 0:
             return
         key = counter_key(self.prefix, name)
-        self._write(lambda pipe: pipe.hincrbyfloat(key, field, amount))
+        # The bill and the outcomes are written at once, even inside a batch: a worker killed
+        # before the end of its task must not lose what was paid for.
+        at_once = name in _AT_ONCE
+        self._write(lambda pipe: pipe.hincrbyfloat(key, field, amount), at_once=at_once)
 
     def observe(self, name: str, value: float, **labels: str) -> None:
         """Count one observation in a histogram."""
@@ -326,7 +330,8 @@ class RedisMetrics:
 
         The task layer wraps each Celery task in one: a job's step then costs one round trip for
         its metrics, not one per observation (bench/overhead.py). Whatever the step raises, what
-        it recorded is still sent.
+        it recorded is still sent. The bill (``video_seconds_total``) and ``jobs_finished_total``
+        are not held: they are written at once.
         """
         outer = getattr(self._local, "pending", None)
         if outer is not None:  # already batching: the outer batch sends
@@ -340,9 +345,9 @@ class RedisMetrics:
             if pending:
                 self._send(pending)
 
-    def _write(self, op: Callable[[Any], None]) -> None:
+    def _write(self, op: Callable[[Any], None], *, at_once: bool = False) -> None:
         pending = getattr(self._local, "pending", None)
-        if pending is not None:
+        if pending is not None and not at_once:
             pending.append(op)
         else:
             self._send([op])

@@ -621,6 +621,15 @@ class S3Copier:
             if _is_not_implemented(exc):
                 logger.info("%s: no object tagging on this server; stamping metadata", self.bucket)
                 return False
+            if exc.response.get("Error", {}).get("Code") == "AccessDenied":
+                # The video is stored and paid for: record its hash the old way rather than
+                # retry until the URL expires. Grant s3:PutObjectTagging to stop this.
+                logger.warning(
+                    "%s: tagging refused (AccessDenied: grant s3:PutObjectTagging and "
+                    "s3:GetObjectTagging); stamping metadata by a copy instead",
+                    self._uri(key),
+                )
+                return False
             raise self._storage_error("tagging of", key, exc) from exc
         except BotoCoreError as exc:
             raise self._storage_error("tagging of", key, exc) from exc
@@ -660,8 +669,8 @@ class S3Copier:
         return getattr(config, "request_checksum_calculation", None) == "when_supported"
 
     def _tagged_sha256(self, key: str, head: Mapping[str, Any]) -> str | None:
-        if not head.get("TagCount"):
-            return None
+        if head.get("TagCount") == 0:
+            return None  # said so; a server that omits the header is asked
         try:
             tags = self._s3.get_object_tagging(Bucket=self.bucket, Key=key)["TagSet"]
         except ClientError as exc:

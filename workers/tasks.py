@@ -12,7 +12,6 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import Callable
 from typing import Any
 
 from celery import Task, bootsteps
@@ -63,8 +62,8 @@ def schedule(step: pipeline.Next | None) -> None:
     if step is None:
         return
     if step.countdown > settings.countdown_max_seconds:
-        due = time.time() + step.countdown
-        timers().park(Parked(step.step, step.job_id, step.version, step.producer, due))
+        wake = Parked(step.step, step.job_id, step.version, step.producer)
+        timers().park(wake, step.countdown)
         return
     _send(step.step, step.job_id, step.version, step.producer, max(0.0, step.countdown))
 
@@ -93,8 +92,12 @@ def _send_parked(parked: Parked) -> None:
 class TimerDispatch(bootsteps.StartStopStep):
     """A thread in each worker's main process that sends parked wake-ups once they are due.
 
-    Every worker runs one; the pop is atomic, so they share the work and never send one twice.
-    It starts after the pool, so no pool process is forked while the thread holds a lock.
+    Every worker runs one; taking is atomic, so they share the work. It starts after the pool's
+    first processes are forked; billiard forks a replacement from the main process when one dies,
+    which Celery's and redis-py's after-fork resets make safe for the clients this thread uses.
+    Celery calls ``stop`` on a warm shutdown and ``terminate`` on a cold one (SIGQUIT, which
+    ``REMAP_SIGTERM`` makes of SIGTERM): both stop the thread, and whatever it had taken and not
+    confirmed comes due again after the lease.
     """
 
     requires = ("celery.worker.components:Pool",)
@@ -112,20 +115,24 @@ class TimerDispatch(bootsteps.StartStopStep):
             self.dispatcher.stop()
             self.dispatcher = None
 
+    def terminate(self, worker: Any) -> None:
+        self.stop(worker)
+
 
 app.steps["worker"].add(TimerDispatch)
 
 
-def batched_metrics(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Run a task with its metrics held and sent in one round trip at its end."""
+class MeteredTask(Task[Any, Any]):
+    """Our tasks' base: what a task records goes to Redis in one transaction at its end.
 
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
+    (A base class rather than a decorator, so Celery still checks the arguments against the
+    task function's own signature.)
+    """
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
         batch = getattr(_services().metrics, "batch", None)
         with batch() if batch is not None else contextlib.nullcontext():
-            return fn(*args, **kwargs)
-
-    return wrapper
+            return super().__call__(*args, **kwargs)
 
 
 def services() -> pipeline.Services:
@@ -135,44 +142,38 @@ def services() -> pipeline.Services:
     return svc
 
 
-@app.task(name="animate.generate", bind=True, **RETRY)
-@batched_metrics
+@app.task(name="animate.generate", bind=True, base=MeteredTask, **RETRY)
 def generate(self: Task[Any, Any], *args: Any, **kwargs: Any) -> None:
     """Intake: validate, create the job (id = ``job_id`` or this message's id), then submit."""
     result = pipeline.intake(services(), kwargs, args, str(self.request.id))
     schedule(result.next)
 
 
-@app.task(name="animate.template", bind=True, **RETRY)
-@batched_metrics
+@app.task(name="animate.template", bind=True, base=MeteredTask, **RETRY)
 def make_template(self: Task[Any, Any], *args: Any, **kwargs: Any) -> None:
     """Intake of a template job: a dance video in, an action template id (state READY) out."""
     result = pipeline.intake(services(), kwargs, args, str(self.request.id), JobKind.TEMPLATE)
     schedule(result.next)
 
 
-@app.task(name="animate.detect", bind=True, **RETRY)
-@batched_metrics
+@app.task(name="animate.detect", bind=True, base=MeteredTask, **RETRY)
 def detect_job(self: Task[Any, Any], job_id: str, version: int) -> None:
     """The image check (cached per image and account)."""
     schedule(pipeline.detect(services(), job_id, version))
 
 
-@app.task(name="animate.prepare", bind=True, **RETRY)
-@batched_metrics
+@app.task(name="animate.prepare", bind=True, base=MeteredTask, **RETRY)
 def prepare_job(self: Task[Any, Any], job_id: str, version: int) -> None:
     """The dance video's template: checked, reused, or made by a template job."""
     schedule(pipeline.prepare(services(), job_id, version))
 
 
-@app.task(name="animate.submit", bind=True, **RETRY)
-@batched_metrics
+@app.task(name="animate.submit", bind=True, base=MeteredTask, **RETRY)
 def submit_job(self: Task[Any, Any], job_id: str, version: int) -> None:
     schedule(pipeline.submit(services(), job_id, version))
 
 
-@app.task(name="animate.poll", bind=True, **RETRY)
-@batched_metrics
+@app.task(name="animate.poll", bind=True, base=MeteredTask, **RETRY)
 def poll_job(self: Task[Any, Any], job_id: str, version: int) -> None:
     schedule(pipeline.poll(services(), job_id, version))
 
@@ -182,22 +183,20 @@ def poll_job(self: Task[Any, Any], job_id: str, version: int) -> None:
     bind=True,
     time_limit=settings.copy_time_limit,
     soft_time_limit=settings.copy_time_limit - 30,
+    base=MeteredTask,
     **RETRY,
 )
-@batched_metrics
 def copy_job(self: Task[Any, Any], job_id: str, version: int) -> None:
     schedule(pipeline.copy(services(), job_id, version))
 
 
-@app.task(name="animate.webhook", bind=True, **RETRY)
-@batched_metrics
+@app.task(name="animate.webhook", bind=True, base=MeteredTask, **RETRY)
 def webhook_job(self: Task[Any, Any], job_id: str, version: int) -> None:
     """Deliver the signed final result to the job's webhook_url."""
     schedule(pipeline.deliver_webhook(services(), job_id, version))
 
 
-@app.task(name="animate.cancel", bind=True, ignore_result=False, **RETRY)
-@batched_metrics
+@app.task(name="animate.cancel", bind=True, ignore_result=False, base=MeteredTask, **RETRY)
 def cancel_job(self: Task[Any, Any], job_id: str) -> dict[str, Any]:
     """Cancel a job (free while queued; DashScope's cancel while remote PENDING)."""
     result = pipeline.cancel(services(), str(job_id))
@@ -209,8 +208,7 @@ def cancel_job(self: Task[Any, Any], job_id: str) -> dict[str, Any]:
     }
 
 
-@app.task(name="animate.watchdog", bind=True, **RETRY)
-@batched_metrics
+@app.task(name="animate.watchdog", bind=True, base=MeteredTask, **RETRY)
 def watchdog(self: Task[Any, Any]) -> None:
     """Resume overdue jobs and run an admission pass per account (sent by celery beat)."""
     svc = services()

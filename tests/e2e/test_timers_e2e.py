@@ -71,7 +71,7 @@ def test_a_job_polls_through_the_timer_and_no_worker_holds_its_polls(
     try:
         w.start()
         q.submit(remote.image(), remote.template(), job_id=job_id)
-        seen = 0
+        versions: set[int] = set()
         deadline = time.monotonic() + 60
         while (view := q.get(job_id)) is None or view["state"] not in ("STORED", "FAILED"):
             assert time.monotonic() < deadline, view
@@ -84,10 +84,10 @@ def test_a_job_polls_through_the_timer_and_no_worker_holds_its_polls(
                 # nothing held in a worker: kombu's unacked hash has no poll of this job
                 held = [json.loads(v) for v in r.hvals("unacked")]
                 assert not any(job_id in json.dumps(h) for h in held), held
-                seen += 1
+                versions.add(member[2])
             time.sleep(0.1)
         assert view["state"] == "STORED", view
-        assert seen >= 5  # parked across at least two polls
+        assert len(versions) >= 2  # two polls (at least) each parked in the timer
         assert view["attempts"]["polls"] >= 2
         assert remote.counters()["submitted"] == 1
         assert r.zcard(TIMERS) == 0

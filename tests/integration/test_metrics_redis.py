@@ -429,3 +429,8 @@ def test_a_batch_sends_its_writes_in_one_transaction_at_its_end(
     assert value(s, "animate_queue_copy_delay_seconds_count") == 1
     m.inc("copy_bytes_total", 5, account="main")  # outside a batch: sent at once
     assert sent == [3, 1]
+    with m.batch():  # the bill is never held back: a worker killed next must not lose it
+        m.inc("video_seconds_total", 4.0, account="main", producer="p", kind="video")
+        assert sent == [3, 1, 1]
+        m.inc("copy_bytes_total", 1, account="main")
+    assert sent == [3, 1, 1, 1]

@@ -195,6 +195,7 @@ class FakeS3:
         self.copy_error: BaseException | None = None
         self.tagging_error: BaseException | None = None
         self.tags: dict[str, dict[str, str]] = {}
+        self.tag_count = True  # False: HEAD never says how many tags (some S3-compatible servers)
         self._etags = 0
 
     def _etag(self) -> str:
@@ -264,7 +265,7 @@ class FakeS3:
             "Metadata": dict(obj["Metadata"]),
             "ContentType": obj["ContentType"],
             "ETag": obj["ETag"],
-            **({"TagCount": len(self.tags[Key])} if self.tags.get(Key) else {}),
+            **({"TagCount": len(self.tags[Key])} if self.tags.get(Key) and self.tag_count else {}),
         }
 
     def copy_object(self, **kwargs: Any) -> dict[str, Any]:
@@ -357,10 +358,26 @@ def test_a_video_of_one_part_is_one_put_with_its_sha256_in_metadata() -> None:
     assert copier(s3, source()).find("jobs/j2.mp4") == stored
 
 
-def test_a_server_without_tagging_gets_the_sha256_stamped_into_metadata() -> None:
+def test_a_head_without_a_tag_count_still_finds_the_tagged_copy() -> None:
+    s3 = FakeS3()
+    s3.tag_count = False
+    stored = copier(s3, source(payload(20 * MiB))).copy(URL, "k", metadata={"job-id": "j"})
+    assert "TagCount" not in s3.head_object(Bucket="videos", Key="k")
+    assert copier(s3, source()).find("k") == stored
+    assert s3.called("get_object_tagging")
+
+
+@pytest.mark.parametrize(
+    "refusal",
+    [
+        client_error("NotImplemented", 501, "PutObjectTagging"),  # no tagging on this server
+        client_error("AccessDenied", 403, "PutObjectTagging"),  # no s3:PutObjectTagging grant
+    ],
+)
+def test_a_refused_tag_gets_the_sha256_stamped_into_metadata(refusal: Exception) -> None:
     data = payload(20 * MiB)
     s3 = FakeS3()
-    s3.tagging_error = client_error("NotImplemented", 501, "PutObjectTagging")
+    s3.tagging_error = refusal
     stored = copier(s3, source(data)).copy(URL, "k", metadata={"job-id": "j"})
     sha = hashlib.sha256(data).hexdigest()
     assert stored.metadata == {"job-id": "j", "sha256": sha}
@@ -527,8 +544,8 @@ def test_s3_failures_are_storage_unavailable(exc: Exception, size: int) -> None:
 
 def test_head_tag_and_stamp_failures_are_storage_unavailable() -> None:
     s3 = FakeS3()
-    s3.tagging_error = client_error("AccessDenied", 403, "PutObjectTagging")
-    with pytest.raises(StorageUnavailable, match=r"tagging of s3://videos/k.*AccessDenied"):
+    s3.tagging_error = client_error("InternalError", 500, "PutObjectTagging")
+    with pytest.raises(StorageUnavailable, match=r"tagging of s3://videos/k.*InternalError"):
         copier(s3, source(payload(20 * MiB))).copy(URL, "k", metadata={})
     assert copier(s3, source()).find("k") is None  # uploaded but never tagged: not a copy
 
