@@ -88,8 +88,16 @@ if ttl > 0 then redis.call('EXPIRE', key, ttl) end
 local event = ARGV[at + n_del + 1]
 if event and event ~= '' then
   local timeline = prefix .. ':timeline:' .. job_id
-  redis.call('RPUSH', timeline, event)
-  redis.call('LTRIM', timeline, -200, -1)
+  -- A poll that saw nothing new replaces the one before it if that saw nothing new either:
+  -- a task polled every second for minutes keeps one line, not hundreds.
+  local last = nil
+  if ARGV[at + n_del + 2] == '1' then last = redis.call('LINDEX', timeline, -1) end
+  if last and string.find(last, '"unchanged":true', 1, true) then
+    redis.call('LSET', timeline, -1, event)
+  else
+    redis.call('RPUSH', timeline, event)
+    redis.call('LTRIM', timeline, -200, -1)
+  end
   if ttl > 0 then redis.call('EXPIRE', timeline, ttl) end
 end
 return version
@@ -171,8 +179,11 @@ _EVENT_FIELDS = ("remote_status", "error_code", "error_message", "remote_task_id
                  "template_reused", "template_recreated")  # fmt: skip
 
 
-def _event(job: Job, state: JobState, changes: dict[str, Any]) -> str:
-    """One line of the job's timeline: the move, and what changed that a person cares about."""
+def _event(job: Job, state: JobState, changes: dict[str, Any]) -> tuple[str, bool]:
+    """One line of the job's timeline, the move and what changed that a person cares about, and
+    whether it may replace the line before it. No line ("") for a change nobody reads there (an
+    admission: ``admitted_at`` is on the record); a poll that saw nothing new is marked
+    ``"unchanged":true``, and runs of those keep only the latest."""
     at = changes.get("updated_at") or time.time()
     event: dict[str, Any] = {"at": round(at, 3), "to": state.value}  # ms: a person reads it
     if state != job.state:
@@ -184,7 +195,17 @@ def _event(job: Job, state: JobState, changes: dict[str, Any]) -> str:
         event["poll"] = changes["polls"]
     if changes.get("s3_key"):
         event["s3_key"] = changes["s3_key"]
-    return json.dumps(event, separators=(",", ":"), default=str)
+    quiet = state == job.state and set(event) <= {"at", "to", "poll"}
+    if quiet and "poll" not in event:
+        return "", False
+    if quiet:
+        event["unchanged"] = True
+    return json.dumps(event, separators=(",", ":"), default=str), quiet
+
+
+def _event_args(job: Job, state: JobState, changes: dict[str, Any]) -> tuple[str, str]:
+    event, quiet = _event(job, state, changes)
+    return event, "1" if quiet else "0"
 
 
 def _text(value: Any) -> str:
@@ -471,7 +492,7 @@ class RedisJobStore(WorkflowRecords):
                     *to_set,
                     str(len(to_del)),
                     *to_del,
-                    _event(job, state, changes),
+                    *_event_args(job, state, changes),
                 ],
             )
         except redis.RedisError as exc:

@@ -75,4 +75,8 @@ def test_inflight_benchmark_quick_run_ends_with_its_json_line() -> None:
     assert summary["poll_rate_done_per_s"] > 0  # polls happened in the window
     # Every worker answered inspect(): the countdown messages it holds.
     assert len(summary["workers_hold"]) == 2
+    # 12 s polls are over COUNTDOWN_MAX_SECONDS: the waits are in the Redis timer, not the
+    # workers (each holds at most the message it is running)
+    assert summary["parked_end"] > 0
+    assert summary["held_messages_max"] <= 2
     assert "jobs in flight" in printed

@@ -396,6 +396,31 @@ class TestRedisIndexes:
         assert b"poll_errors" not in fields and fields[b"polls"] == b"2"
         assert redis_store.get("d") == job
 
+    def test_the_timeline_keeps_one_line_for_a_run_of_polls_that_saw_nothing_new(
+        self, redis_store: RedisJobStore
+    ) -> None:
+        redis_store.create(new_job("t"))
+        job = redis_store.get("t")
+        assert job is not None
+        job = redis_store.transition(job, JobState.QUEUED, admitted_at=T0 + 1)  # no line
+        assert job is not None
+        job = redis_store.transition(job, JobState.SUBMITTED, remote_status="PENDING")
+        for i, status in enumerate(["PENDING", "PENDING", "RUNNING", "RUNNING", "RUNNING"]):
+            assert job is not None
+            job = redis_store.transition(
+                job, JobState.SUBMITTED, remote_status=status, polls=i + 1, updated_at=T0 + 10 + i
+            )
+        lines = redis_store.timeline("t")
+        polls = [(e.get("poll"), e.get("remote_status"), e.get("unchanged")) for e in lines[1:]]
+        assert polls == [
+            (None, "PENDING", None),  # the submit
+            (2, None, True),  # polls 1 and 2 saw PENDING again: one line, the latest
+            (3, "RUNNING", None),
+            (5, None, True),  # polls 4 and 5
+        ]
+        assert lines[-1]["at"] == round(T0 + 14, 3)
+        assert [e["to"] for e in lines[:1]] == ["QUEUED"] and len(lines) == 5
+
     def test_jobs_by_state_gauge_and_step_times(
         self, redis_store: RedisJobStore, caplog: pytest.LogCaptureFixture
     ) -> None:
