@@ -179,11 +179,15 @@ _EVENT_FIELDS = ("remote_status", "error_code", "error_message", "remote_task_id
                  "template_reused", "template_recreated")  # fmt: skip
 
 
+_FIRST_ATTEMPT_IMPLIED = ("submit_attempts", "copy_attempts", "detect_attempts", "prepare_attempts")
+
+
 def _event(job: Job, state: JobState, changes: dict[str, Any]) -> tuple[str, bool]:
     """One line of the job's timeline, the move and what changed that a person cares about, and
     whether it may replace the line before it. No line ("") for a change nobody reads there (an
-    admission: ``admitted_at`` is on the record); a poll that saw nothing new is marked
-    ``"unchanged":true``, and runs of those keep only the latest."""
+    admission: ``admitted_at`` is on the record; a step's first attempt, right after the move
+    into its state); a poll that saw nothing new is marked ``"unchanged":true``, and runs of
+    those keep only the latest."""
     at = changes.get("updated_at") or time.time()
     event: dict[str, Any] = {"at": round(at, 3), "to": state.value}  # ms: a person reads it
     if state != job.state:
@@ -195,6 +199,11 @@ def _event(job: Job, state: JobState, changes: dict[str, Any]) -> tuple[str, boo
         event["poll"] = changes["polls"]
     if changes.get("s3_key"):
         event["s3_key"] = changes["s3_key"]
+    if state == job.state:
+        # The first attempt of a step is implied by the move into its state, the line before.
+        for name in _FIRST_ATTEMPT_IMPLIED:
+            if event.get(name) == 1:
+                del event[name]
     quiet = state == job.state and set(event) <= {"at", "to", "poll"}
     if quiet and "poll" not in event:
         return "", False
@@ -427,7 +436,7 @@ class RedisJobStore(WorkflowRecords):
             )
             if created:
                 timeline = f"{self.prefix}:timeline:{job.job_id}"
-                first = {"at": job.created_at, "to": job.state.value, "created": True}
+                first = {"at": round(job.created_at, 3), "to": job.state.value, "created": True}
                 if job.error_code:
                     first["error_code"] = job.error_code
                 self.redis.rpush(timeline, json.dumps(first, separators=(",", ":")))

@@ -421,6 +421,23 @@ class TestRedisIndexes:
         assert lines[-1]["at"] == round(T0 + 14, 3)
         assert [e["to"] for e in lines[:1]] == ["QUEUED"] and len(lines) == 5
 
+    def test_a_first_attempt_needs_no_line_of_its_own(self, redis_store: RedisJobStore) -> None:
+        redis_store.create(new_job("a1"))
+        job = redis_store.get("a1")
+        assert job is not None
+        job = redis_store.transition(job, JobState.SUBMITTING)
+        assert job is not None
+        job = redis_store.transition(job, JobState.SUBMITTING, submit_attempts=1)  # implied
+        assert job is not None
+        job = redis_store.transition(job, JobState.SUBMITTING, submit_attempts=2)
+        assert job is not None and job.submit_attempts == 2
+        lines = redis_store.timeline("a1")
+        assert [(e["to"], e.get("from"), e.get("submit_attempts")) for e in lines] == [
+            ("QUEUED", None, None),
+            ("SUBMITTING", "QUEUED", None),
+            ("SUBMITTING", None, 2),
+        ]
+
     def test_jobs_by_state_gauge_and_step_times(
         self, redis_store: RedisJobStore, caplog: pytest.LogCaptureFixture
     ) -> None:
