@@ -1244,7 +1244,9 @@ def copy(svc: Services, job_id: str, version: int) -> Next | None:
     try:
         # An earlier attempt may have stored and verified the object, then lost its worker
         # before recording it: the verified object (it carries its SHA-256) is taken as is.
-        stored = svc.copier.find(key) or svc.copier.copy(
+        # The first attempt has no earlier one (keys are per job): it skips that HEAD.
+        earlier = svc.copier.find(key) if job.copy_attempts > 1 else None
+        stored = earlier or svc.copier.copy(
             job.video_url or "", key, metadata, heartbeat=lease.renew
         )
     except StaleStep:

@@ -869,6 +869,23 @@ class TestCopy:
         assert step is None
         assert w.job().error_code == "CopyRetriesExhausted"
 
+    def test_only_a_later_attempt_looks_for_an_earlier_attempts_object(self, w: World) -> None:
+        """An attempt that stored the object and died before recording it: the next attempt
+        takes that object as is. The first attempt has no earlier one, so it skips the HEAD."""
+        step: Next | None = copying(w)
+        looked: list[str] = []
+        find = w.copier.find
+        w.copier.find = lambda key: looked.append(key) or find(key)  # type: ignore[method-assign]
+        w.copier.script.append(SourceUnavailable("the worker died mid-copy"))
+        assert step is not None
+        step = pipeline.copy(w.svc, JOB, step.version)
+        assert looked == [] and len(w.copier.calls) == 1
+        w.copier.objects[KEY] = stored_copy(KEY)  # what that attempt had stored and verified
+        assert step is not None
+        assert pipeline.copy(w.svc, JOB, step.version) is None
+        assert looked == [KEY] and len(w.copier.calls) == 1  # taken as is: no second download
+        assert w.job().state == JobState.STORED
+
     def test_stale_version_ignored(self, w: World) -> None:
         """A copy message from an older version does nothing."""
         step = copying(w)
