@@ -22,7 +22,6 @@ import re
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections import Counter
@@ -30,7 +29,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import httpx
 import redis
@@ -389,62 +388,17 @@ def design_workers(env: Mapping[str, str], count: int, concurrency: int, tag: st
     ]
 
 
-class NoopWorker:
-    """``celery -A bench.noop_app worker`` as a real process, started like ``devstack.Worker``
-    (same flags: ``-E --without-gossip --without-mingle``, INFO log to a file, own session)."""
-
-    def __init__(
-        self,
-        env: Mapping[str, str],
-        *,
-        queues: str = "celery,dashscope,transfer",
-        concurrency: int = 1,
-        name: str,
-    ) -> None:
-        self.env = {**os.environ, **env, "PYTHONPATH": str(REPO)}
-        self.queues = queues
-        self.concurrency = concurrency
-        self.name = name
-        self.log_path = Path(tempfile.mkdtemp(prefix="aq-noop-")) / "worker.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self._log: IO[bytes] | None = None
-
-    def start(self, timeout: float = 60) -> NoopWorker:
-        self._log = self.log_path.open("wb")
-        args = [sys.executable, "-m", "celery", "-A", "bench.noop_app", "worker",
-                "-Q", self.queues, "-c", str(self.concurrency), "-n", self.name,
-                "--loglevel", "INFO", "-E", "--without-gossip", "--without-mingle"]  # fmt: skip
-        self.proc = subprocess.Popen(
-            args,
-            env=self.env,
-            cwd=REPO,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        deadline = time.monotonic() + timeout
-        while b" ready." not in self.log_path.read_bytes():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"the no-op worker did not start:\n{self.log()}")
-            time.sleep(0.1)
-        return self
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self, timeout: float = 60) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
-        self.proc = None
-        if self._log is not None:
-            self._log.close()
-            self._log = None
+def NoopWorker(
+    env: Mapping[str, str],
+    *,
+    queues: str = "celery,dashscope,transfer",
+    concurrency: int = 1,
+    name: str,
+) -> Worker:
+    """``celery -A bench.noop_app worker``, started exactly like our workers (``devstack.Worker``:
+    ``-E --without-gossip --without-mingle``, INFO log to a file, own session)."""
+    return Worker({**env, "PYTHONPATH": str(REPO)}, queues=queues, concurrency=concurrency,
+                  name=name, app="bench.noop_app")  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- profiling

@@ -188,7 +188,8 @@ class S3Server(Service):
 
 
 class Worker(Service):
-    """``celery -A config.celery_app worker`` as a real process, its log in a file."""
+    """``celery -A config.celery_app worker`` (or another ``app``) as a real process, its log in a
+    file."""
 
     def __init__(
         self,
@@ -198,8 +199,10 @@ class Worker(Service):
         concurrency: int = 2,
         name: str | None = None,
         extra_args: tuple[str, ...] = (),
+        app: str = "config.celery_app",
     ) -> None:
         self.env = {**os.environ, **env}
+        self.app = app
         self.queues = queues
         self.concurrency = concurrency
         self.name = name or f"aq-{os.getpid()}-{free_port()}@%h"
@@ -210,7 +213,7 @@ class Worker(Service):
 
     def start(self, timeout: float = 60) -> Self:
         self._log = self.log_path.open("wb")
-        args = [sys.executable, "-m", "celery", "-A", "config.celery_app", "worker",
+        args = [sys.executable, "-m", "celery", "-A", self.app, "worker",
                 "-Q", self.queues, "-c", str(self.concurrency), "-n", self.name,
                 "--loglevel", "INFO", "-E", "--without-gossip", "--without-mingle",
                 *self.extra_args]  # fmt: skip
