@@ -21,7 +21,7 @@ dev: $(VENV)/.installed  ## the full local stack in one command (Procfile.dev, .
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(VENV)/bin/honcho -e .env.dev -f Procfile.dev start
 
 test:  ## the whole test suite (needs Redis at $$REDIS_URL, default redis://127.0.0.1:6379/0)
-	$(PY) -m pytest
+	$(PY) -m pytest -n 4 --dist loadfile
 
 lint:  ## ruff lint + format check, strict mypy
 	$(PY) -m ruff check .
