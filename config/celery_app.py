@@ -10,12 +10,10 @@ from typing import Any
 
 from celery import Celery
 from celery.signals import setup_logging, worker_init, worker_process_init
+from kombu import Queue
 
 from config.settings import Settings, SettingsError, get_settings
-
-QUEUE_INTAKE = "celery"  # Celery's default: a bare send_task("animate.generate") lands here
-QUEUE_DASHSCOPE = "dashscope"  # submit and poll: short calls, bound by DashScope's quota
-QUEUE_TRANSFER = "transfer"  # copies: long downloads must never delay a poll
+from workers.routes import QUEUE_INTAKE, QUEUES, celery_routes
 
 try:
     settings: Settings = get_settings()
@@ -71,17 +69,12 @@ app.conf.update(
     # visibility timeout (tests/e2e/test_shutdown_e2e.py); only SIGKILL strands messages.
     worker_soft_shutdown_timeout=30.0,
     worker_enable_soft_shutdown_on_idle=True,
+    # Every queue a job passes through is declared, so a bare `celery -A config.celery_app
+    # worker` consumes them all (undeclared, it would consume only the default queue and every
+    # job would stop after intake); `-Q` still splits them. Routes: workers/routes.py.
+    task_queues=[Queue(name, routing_key=name) for name in QUEUES],
     task_default_queue=QUEUE_INTAKE,
-    task_routes={
-        "animate.detect": {"queue": QUEUE_DASHSCOPE},
-        "animate.prepare": {"queue": QUEUE_TRANSFER},  # downloads the dance video
-        "animate.submit": {"queue": QUEUE_DASHSCOPE},
-        "animate.poll": {"queue": QUEUE_DASHSCOPE},
-        "animate.copy": {"queue": QUEUE_TRANSFER},
-        "animate.webhook": {"queue": QUEUE_TRANSFER},
-        "animate.cancel": {"queue": QUEUE_DASHSCOPE},
-        "animate.watchdog": {"queue": QUEUE_DASHSCOPE},
-    },
+    task_routes=celery_routes(),
     # `celery -A config.celery_app beat` sends the watchdog; the task itself takes a Redis lock,
     # so a second beat started by mistake changes nothing.
     beat_schedule={

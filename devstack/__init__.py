@@ -195,7 +195,7 @@ class Worker(Service):
         self,
         env: Mapping[str, str],
         *,
-        queues: str = "celery,dashscope,transfer",
+        queues: str | None = "celery,dashscope,transfer",
         concurrency: int = 2,
         name: str | None = None,
         extra_args: tuple[str, ...] = (),
@@ -213,8 +213,10 @@ class Worker(Service):
 
     def start(self, timeout: float = 60) -> Self:
         self._log = self.log_path.open("wb")
-        args = [sys.executable, "-m", "celery", "-A", self.app, "worker",
-                "-Q", self.queues, "-c", str(self.concurrency), "-n", self.name,
+        # queues=None: no -Q at all, as a Celery user types it first (every declared queue)
+        only = ["-Q", self.queues] if self.queues is not None else []
+        args = [sys.executable, "-m", "celery", "-A", self.app, "worker", *only,
+                "-c", str(self.concurrency), "-n", self.name,
                 "--loglevel", "INFO", "-E", "--without-gossip", "--without-mingle",
                 *self.extra_args]  # fmt: skip
         self.proc = subprocess.Popen(

@@ -43,11 +43,12 @@ from workers.inputs import (
     local_path,
 )
 from workers.jobs import FINAL_STATES, job_view
+from workers.routes import queue_for
 from workers.store import RedisJobStore
 
 INTAKE_TASK = "animate.generate"
 TEMPLATE_TASK = "animate.template"
-INTAKE_QUEUE = "celery"
+CANCEL_TASK = "animate.cancel"
 
 
 class JobTimeout(TimeoutError):
@@ -116,7 +117,9 @@ class AnimateQueue:
         }
         kwargs.update({k: v for k, v in optional.items() if v is not None})
         message_id = str(uuid.uuid4())
-        self.celery.send_task(INTAKE_TASK, kwargs=kwargs, queue=INTAKE_QUEUE, task_id=message_id)
+        self.celery.send_task(
+            INTAKE_TASK, kwargs=kwargs, queue=queue_for(INTAKE_TASK), task_id=message_id
+        )
         return job_id or message_id
 
     def generate(
@@ -272,13 +275,13 @@ class AnimateQueue:
     def _send(self, task: str, kwargs: dict[str, Any], optional: dict[str, Any]) -> str:
         kwargs.update({k: v for k, v in optional.items() if v is not None})
         message_id = str(uuid.uuid4())
-        self.celery.send_task(task, kwargs=kwargs, queue=INTAKE_QUEUE, task_id=message_id)
+        self.celery.send_task(task, kwargs=kwargs, queue=queue_for(task), task_id=message_id)
         job_id = kwargs.get("job_id")
         return job_id if isinstance(job_id, str) else message_id
 
     def cancel(self, job_id: str, timeout: float = 30) -> dict[str, Any]:
         """Cancel a job through a worker (``animate.cancel``); what happened."""
-        result = self.celery.send_task("animate.cancel", args=(job_id,), queue=INTAKE_QUEUE)
+        result = self.celery.send_task(CANCEL_TASK, args=(job_id,), queue=queue_for(CANCEL_TASK))
         return dict(result.get(timeout=timeout))
 
     def register_template(self, template_id: str, account: str) -> None:

@@ -18,6 +18,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from workers.errors import InvalidJobRequest
+from workers.routes import QUEUES
 
 URL_TTL_SECONDS = 24 * 3600  # DashScope keeps video_url valid 24 h after the task ends
 
@@ -172,6 +173,11 @@ def callback_task_ok(value: Any) -> bool:
         and bool(CALLBACK_RE.match(value))
         and not value.startswith("animate.")
     )
+
+
+def callback_queue_ok(value: Any) -> bool:
+    """A queue of the producer's own (never one our workers consume)."""
+    return name_ok(value) and value not in QUEUES
 
 
 def name_ok(value: Any) -> bool:
@@ -381,6 +387,18 @@ def _common(kwargs: Mapping[str, Any]) -> JobRequest:
         raise reject("InvalidRequest.Callback", "callback_queue must be a queue name")
     if callback_queue is not None and callback_task is None:
         raise reject("InvalidRequest.Callback", "callback_queue needs a callback_task")
+    if callback_task is not None and callback_queue is None:
+        raise reject(
+            "InvalidRequest.Callback",
+            "callback_task needs a callback_queue that your own workers consume (our workers "
+            "consume the default queue and would discard your task as unregistered)",
+        )
+    if callback_queue in QUEUES:
+        raise reject(
+            "InvalidRequest.Callback",
+            f"callback_queue {callback_queue!r} is one of this service's queues; our workers "
+            "would discard your task there: use a queue of your own",
+        )
     webhook_url = kwargs.get("webhook_url")
     if webhook_url is not None:
         check_url(webhook_url, "webhook_url")

@@ -54,6 +54,7 @@ from workers.jobs import (
     VideoFacts,
     Wait,
     WebhookPolicy,
+    callback_queue_ok,
     callback_task_ok,
     can_move,
     check_image,
@@ -63,7 +64,6 @@ from workers.jobs import (
     decide_poll,
     decide_poll_error,
     judge_detection,
-    name_ok,
     parse_request,
     parse_template_request,
     result_object,
@@ -335,11 +335,11 @@ def intake(
         job_id = raw_id if isinstance(raw_id, str) and _usable_id(raw_id) else message_id
         # The request is refused, but its callback (if that part is sound) still hears why.
         task, queue = kwargs.get("callback_task"), kwargs.get("callback_queue")
-        callback_ok = callback_task_ok(task)
+        callback_ok = callback_task_ok(task) and callback_queue_ok(queue)
         placeholder = JobRequest(
             job_id=job_id,
             callback_task=task if callback_ok else None,
-            callback_queue=queue if callback_ok and name_ok(queue) else None,
+            callback_queue=queue if callback_ok else None,
         )
         job = Job(
             job_id=job_id,

@@ -31,6 +31,7 @@ class CeleryResults:
             error = JobFailed(job.error_code or job.state.value, job.error_message or "", outcome)
             backend.store_result(job.job_id, error, "FAILURE")
         if job.request.callback_task:
+            # Jobs from before callback_queue was required may have none: their old default.
             self.app.send_task(
                 job.request.callback_task,
                 args=[outcome],

@@ -203,3 +203,24 @@ def test_status_cli(
     assert remote.api_key not in done.stdout and "Signature=" not in done.stdout
     raw = httpx.get(remote.server.url + "/_emulator/health").json()
     assert raw == {"ok": True}
+
+
+def test_a_bare_worker_runs_a_job_end_to_end(
+    worker_env: dict[str, str], remote: Any, job_id: str
+) -> None:
+    """`celery -A config.celery_app worker` with no -Q (the form a Celery user types first) takes
+    a job through intake, detect, submit, poll and copy: it consumes every queue of the table."""
+    from devstack import Worker
+
+    with RedisServer() as own:
+        bare = Worker({**worker_env, "REDIS_URL": own.url}, queues=None, name=f"bare-{job_id}@%h")
+        q = AnimateQueue(own.url)
+        try:
+            bare.start()
+            q.generate(remote.image(), template_id=remote.template(), job_id=job_id)
+            view = q.wait(job_id, timeout=60)
+            assert view["state"] == "STORED", view
+            assert "dashscope" in bare.log() and "transfer" in bare.log()  # its queue banner
+        finally:
+            bare.stop()
+            q.close()
