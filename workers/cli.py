@@ -536,6 +536,40 @@ def health_redis(timeout: float) -> None:
         _healthy("redis", f"{redact(url)} answered PING in {took * 1000:.1f} ms")
 
 
+@health.command("queues")
+@click.option(
+    "--max-age",
+    type=click.FloatRange(min=0, min_open=True),
+    default=60.0,
+    show_default=True,
+    help="oldest acceptable wait of a queue's oldest message, s",
+)
+@_timeout_option()
+def health_queues(max_age: float, timeout: float) -> None:
+    """Every routed queue has a live consumer and no message older than --max-age."""
+    from workers.queues import RedisQueues, problems
+    from workers.routes import QUEUES
+
+    settings = _settings()
+    url = settings.broker_url
+    try:
+        states = _redis_call(
+            url, timeout, lambda c: RedisQueues(c, prefix=settings.key_prefix).sample(QUEUES)
+        )
+    except Exception as exc:
+        _unhealthy("queues", f"{redact(url)}: {_why(exc, url)}")
+    found = problems(states, max_age)
+    if found:
+        _unhealthy("queues", "; ".join(found))
+    _healthy(
+        "queues",
+        ", ".join(
+            f"{s.name}: {s.length} waiting, {s.consumers} consumer(s), oldest {s.oldest_seconds:.0f} s"
+            for s in states
+        ),
+    )
+
+
 @health.command("flower")
 @click.option("--url", help="Flower's base URL (default http://127.0.0.1:FLOWER_PORT)")
 @_timeout_option()
@@ -636,6 +670,7 @@ def metrics(addr: str | None, port: int | None) -> None:
     serve(
         settings.redis_url,
         settings.key_prefix,
+        broker_url=settings.broker_url,
         addr=addr if addr is not None else settings.metrics_addr,
         port=port if port is not None else settings.metrics_port,
     )

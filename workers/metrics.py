@@ -56,6 +56,9 @@ from prometheus_client.core import (
     Metric,
 )
 
+from workers.queues import RedisQueues
+from workers.routes import QUEUES
+
 log = logging.getLogger(__name__)
 
 NAMESPACE = "animate_queue_"
@@ -162,6 +165,26 @@ QUEUE_DEPTH = MetricDef(
 INFLIGHT = MetricDef(
     "inflight", "gauge", "Admitted jobs holding or waiting for DashScope's slot.", ("lane",)
 )
+BROKER_QUEUE_LENGTH = MetricDef(
+    "broker_queue_length",
+    "gauge",
+    "Messages waiting in a broker queue of the route table.",
+    ("queue",),
+)
+BROKER_QUEUE_CONSUMERS = MetricDef(
+    "broker_queue_consumers",
+    "gauge",
+    "Worker nodes that said in the last 30 s that they consume the queue. 0: every job that "
+    "reaches this queue's step stops there.",
+    ("queue",),
+)
+BROKER_QUEUE_OLDEST_SECONDS = MetricDef(
+    "broker_queue_oldest_seconds",
+    "gauge",
+    "How long the queue's oldest message has been waiting (0 when empty); growing: its pool "
+    "cannot keep up, or nobody consumes it.",
+    ("queue",),
+)
 TIMERS_PARKED = MetricDef(
     "timers_parked", "gauge", "Wake-ups parked in the Redis timer (P:timers), due or not.", ()
 )
@@ -190,6 +213,9 @@ METRICS: Mapping[str, MetricDef] = {
         INFLIGHT,
         TIMERS_PARKED,
         TIMERS_OVERDUE_SECONDS,
+        BROKER_QUEUE_LENGTH,
+        BROKER_QUEUE_CONSUMERS,
+        BROKER_QUEUE_OLDEST_SECONDS,
     )
 }
 _WRITTEN = tuple(m for m in METRICS.values() if m.kind != "gauge")
@@ -410,9 +436,11 @@ class RedisCollector:
     A Redis error propagates (see the module docstring): the scrape fails with HTTP 500.
     """
 
-    def __init__(self, client: redis.Redis, prefix: str) -> None:
+    def __init__(self, client: redis.Redis, prefix: str, broker: redis.Redis | None = None) -> None:
         self.redis = client
         self.prefix = prefix
+        # The broker's queues (and the workers' consumer heartbeats) live on the broker's Redis.
+        self.queues = RedisQueues(broker if broker is not None else client, prefix=prefix)
 
     def describe(self) -> Iterator[Metric]:
         """The families without samples, so registering does not touch Redis."""
@@ -459,6 +487,16 @@ class RedisCollector:
             gauge = _gauge(metric)
             gauge.add_metric([], value)
             families.append(gauge)
+        length, consumers, oldest = (
+            _gauge(BROKER_QUEUE_LENGTH),
+            _gauge(BROKER_QUEUE_CONSUMERS),
+            _gauge(BROKER_QUEUE_OLDEST_SECONDS),
+        )
+        for state in self.queues.sample(QUEUES):
+            length.add_metric([state.name], float(state.length))
+            consumers.add_metric([state.name], float(state.consumers))
+            oldest.add_metric([state.name], state.oldest_seconds)
+        families += [length, consumers, oldest]
         yield from families
 
 
@@ -538,10 +576,12 @@ def _histogram_family(metric: MetricDef, fields: Mapping[Any, Any]) -> Histogram
     return family
 
 
-def make_app_registry(client: redis.Redis, prefix: str) -> CollectorRegistry:
+def make_app_registry(
+    client: redis.Redis, prefix: str, broker: redis.Redis | None = None
+) -> CollectorRegistry:
     """A registry holding only our Redis-backed metrics."""
     registry = CollectorRegistry()
-    registry.register(RedisCollector(client, prefix))
+    registry.register(RedisCollector(client, prefix, broker))
     return registry
 
 
@@ -552,13 +592,17 @@ def serve(
     addr: str,
     port: int,
     stop: threading.Event | None = None,
+    broker_url: str | None = None,
 ) -> None:
     """Run the exporter until SIGTERM or SIGINT (or ``stop`` is set): ``GET /metrics`` on
     ``addr:port`` reads Redis. The exporter's own ``process_*`` metrics come along (cheap: /proc).
     Signal handlers are installed only when called from the main thread."""
     # Timeouts keep a hung Redis from holding a scrape past Prometheus's own timeout.
     client = redis.Redis.from_url(redis_url, socket_connect_timeout=3, socket_timeout=5)
-    registry = make_app_registry(client, prefix)
+    broker = None
+    if broker_url and broker_url != redis_url and broker_url.startswith(("redis", "unix")):
+        broker = redis.Redis.from_url(broker_url, socket_connect_timeout=3, socket_timeout=5)
+    registry = make_app_registry(client, prefix, broker)
     ProcessCollector(registry=registry)
     done = stop if stop is not None else threading.Event()
     restore = _stop_on_signals(done)

@@ -20,10 +20,12 @@ from config.celery_app import app, settings
 from workers import pipeline
 from workers.errors import StoreUnavailable
 from workers.jobs import JobKind
+from workers.queues import Heartbeats, RedisQueues
 from workers.results import CeleryResults
+from workers.routes import QUEUES
 from workers.store import RedisJobStore
 from workers.timers import Dispatcher, Parked, RedisTimers
-from workers.wiring import redis_client
+from workers.wiring import broker_redis, redis_client
 from workers.wiring import services as _services
 
 log = logging.getLogger(__name__)
@@ -119,7 +121,36 @@ class TimerDispatch(bootsteps.StartStopStep):
         self.stop(worker)
 
 
+class QueueHeartbeat(bootsteps.StartStopStep):
+    """A thread in each worker's main process saying which queues this node consumes, so an
+    operator sees a routed queue that nobody consumes (workers.queues, health queues)."""
+
+    requires = ("celery.worker.components:Pool",)
+
+    def __init__(self, worker: Any, **kwargs: Any) -> None:
+        super().__init__(worker, **kwargs)
+        self.heartbeats: Heartbeats | None = None
+
+    def start(self, worker: Any) -> None:
+        self.heartbeats = Heartbeats(
+            RedisQueues(broker_redis(settings) or svc_lock(), prefix=settings.key_prefix),
+            worker.hostname,
+            lambda: list(worker.app.amqp.queues.consume_from),
+            QUEUES,
+        )
+        self.heartbeats.start()
+
+    def stop(self, worker: Any) -> None:
+        if self.heartbeats is not None:
+            self.heartbeats.stop()
+            self.heartbeats = None
+
+    def terminate(self, worker: Any) -> None:
+        self.stop(worker)
+
+
 app.steps["worker"].add(TimerDispatch)
+app.steps["worker"].add(QueueHeartbeat)
 
 
 class MeteredTask(Task[Any, Any]):

@@ -44,6 +44,14 @@ def redis_client(settings: Settings) -> redis.Redis:
     )
 
 
+def broker_redis(settings: Settings) -> redis.Redis | None:
+    """A client of the broker's Redis when it is not the job store's (None: the same one)."""
+    url = settings.broker_url
+    if url == settings.redis_url or not url.startswith(("redis://", "rediss://", "unix://")):
+        return None
+    return redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5)
+
+
 def job_store(settings: Settings, metrics: RedisMetrics | None = None) -> RedisJobStore:
     return RedisJobStore(
         redis_client(settings),

@@ -197,3 +197,40 @@ def test_timeline_of_a_job_with_retries(
     listed = subprocess.run([*cli, "jobs", "--state", "STORED", "--json", "--limit", "500"],
                             capture_output=True, text=True, timeout=30, env=env, check=True)  # fmt: skip
     assert job_id in {v["job_id"] for v in json.loads(listed.stdout)}
+
+
+def health_queues(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "workers.cli", "health", "queues", "--timeout", "2"],
+        env={**os.environ, **env}, capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+
+
+def test_a_routed_queue_nobody_consumes_is_red_within_a_minute(
+    worker_env: dict[str, str],
+) -> None:
+    """A pool started with a -Q that leaves out `transfer`: health says so (and which queue),
+    well within a minute; with every queue consumed it is green again."""
+    with RedisServer() as own:
+        env = {**worker_env, "REDIS_URL": own.url}
+        partial = Worker(env, queues="celery,dashscope", name="partial@%h")
+        full: Worker | None = None
+        try:
+            partial.start()
+            deadline = time.monotonic() + 30
+            while (said := health_queues(env)).returncode == 0:
+                assert time.monotonic() < deadline, said.stdout
+                time.sleep(1)
+            assert said.returncode == 1
+            assert "'transfer' has no consumer" in said.stderr, said.stderr
+            assert "'celery'" not in said.stderr and "'dashscope'" not in said.stderr
+            full = Worker(env, queues=None, name="full@%h").start()
+            deadline = time.monotonic() + 30
+            while (said := health_queues(env)).returncode != 0:
+                assert time.monotonic() < deadline, said.stderr
+                time.sleep(1)
+            assert said.stdout.startswith("queues: ok")
+        finally:
+            partial.kill()
+            if full is not None:
+                full.kill()

@@ -33,6 +33,7 @@ from workers.metrics import (
     jobs_key,
     make_app_registry,
 )
+from workers.routes import QUEUES
 
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 ROOT = Path(__file__).resolve().parents[2]
@@ -148,9 +149,18 @@ class TestAcrossProcesses:
             for m in METRICS.values()
         }
         timers = {"animate_queue_timers_parked", "animate_queue_timers_overdue_seconds"}
-        assert all(not f.samples for name, f in families.items() if name not in timers)
+        queues = {
+            f"animate_queue_broker_queue_{n}" for n in ("length", "consumers", "oldest_seconds")
+        }
+        assert all(not f.samples for name, f in families.items() if name not in timers | queues)
         # the dispatchers' health is always reported: 0 parked, 0 s overdue
         assert [[s.value for s in families[name].samples] for name in sorted(timers)] == [[0], [0]]
+        # so is every routed queue's (the lists are shared on this Redis; the consumers are
+        # counted under this test's prefix: none)
+        for name in queues:
+            assert {s.labels["queue"] for s in families[name].samples} == set(QUEUES)
+        consumers = families["animate_queue_broker_queue_consumers"].samples
+        assert [s.value for s in consumers] == [0, 0, 0]
 
 
 class TestGaugesFromRedis:

@@ -255,6 +255,6 @@ def test_metrics_serves_with_the_settings(prefix: str, monkeypatch: pytest.Monke
     result = CliRunner().invoke(cli.main, ["metrics", "--addr", "127.0.0.1", "--port", "9100"])
     assert result.exit_code == 0, result.output
     assert calls == [
-        ((REDIS_URL, prefix), {"addr": "127.0.0.2", "port": 9999}),
-        ((REDIS_URL, prefix), {"addr": "127.0.0.1", "port": 9100}),
+        ((REDIS_URL, prefix), {"broker_url": REDIS_URL, "addr": "127.0.0.2", "port": 9999}),
+        ((REDIS_URL, prefix), {"broker_url": REDIS_URL, "addr": "127.0.0.1", "port": 9100}),
     ]
