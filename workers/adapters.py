@@ -25,6 +25,8 @@ from workers.errors import (
 from workers.inputs import S3Inputs, parse_s3_ref
 from workers.jobs import Detection, JobKind, JobRequest, RemoteSnapshot
 from workers.pipeline import Metrics, StoredCopy
+from workers.queues import RedisQueues
+from workers.routes import QUEUES
 from workers.storage import S3Copier
 
 # Errors raised after the request left us: DashScope may have acted on it.
@@ -232,3 +234,13 @@ class BucketInputs:
             return self.inputs.presign(ref, ttl)
         except ValueError as exc:
             raise InvalidJobRequest(str(exc), code="InvalidRequest.BadUrl") from None
+
+
+class BrokerQueues:
+    """The pipeline's ``QueueWatch`` over the broker's queues of the route table."""
+
+    def __init__(self, queues: RedisQueues) -> None:
+        self.queues = queues
+
+    def waiting(self) -> dict[str, tuple[int, float]]:
+        return {s.name: (s.consumers, s.oldest_seconds) for s in self.queues.sample(QUEUES)}

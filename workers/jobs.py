@@ -555,8 +555,12 @@ class Job:
     token_waits: int = 0  # times a step waited for the account's quota
     throttled: int = 0  # 429s DashScope answered this job with
     cancel_requested: bool = False
-    resumes: int = 0  # times the watchdog woke the job in resume_state
-    resume_state: str | None = None
+    # The watchdog's view of the next wake-up (next_action_at): "sent", a message for this
+    # version is queued, parked or held and no worker has taken it yet; "timer", no message:
+    # the deadline itself is the wake-up; absent, a worker took the step (or nothing is due).
+    wake: str | None = None
+    resumes: int = 0  # steps taken in a row that never finished (worker deaths); 0 on progress
+    resume_state: str | None = None  # (older records)
     webhook_state: str | None = None  # pending | delivered | failed
     webhook_attempts: int = 0
     webhook_delivered_at: float | None = None

@@ -165,6 +165,13 @@ QUEUE_DEPTH = MetricDef(
 INFLIGHT = MetricDef(
     "inflight", "gauge", "Admitted jobs holding or waiting for DashScope's slot.", ("lane",)
 )
+WATCHDOG_RESUMES_TOTAL = MetricDef(
+    "watchdog_resumes_total",
+    "counter",
+    "Steps the watchdog sent again (reason: lost, a message that vanished; died, a step whose "
+    "worker died in it; timer, a deadline that was itself the wake-up).",
+    ("reason", "step"),
+)
 BROKER_QUEUE_LENGTH = MetricDef(
     "broker_queue_length",
     "gauge",
@@ -213,6 +220,7 @@ METRICS: Mapping[str, MetricDef] = {
         INFLIGHT,
         TIMERS_PARKED,
         TIMERS_OVERDUE_SECONDS,
+        WATCHDOG_RESUMES_TOTAL,
         BROKER_QUEUE_LENGTH,
         BROKER_QUEUE_CONSUMERS,
         BROKER_QUEUE_OLDEST_SECONDS,

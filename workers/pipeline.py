@@ -73,6 +73,7 @@ from workers.jobs import (
     template_job_id,
     template_lane,
 )
+from workers.routes import queue_for
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,10 @@ log = logging.getLogger(__name__)
 class JobStore(Protocol):
     def create(self, job: Job) -> tuple[Job, bool]: ...
     def get(self, job_id: str) -> Job | None: ...
+    def take(self, job_id: str, version: int) -> Job | None:
+        """``get`` for a step sent at ``version``: also marks that step taken (``wake`` cleared
+        when the job is still at that version)."""
+
     def transition(self, job: Job, state: JobState, **changes: Any) -> Job | None: ...
     def claim_remote_task(self, task_id: str) -> bool: ...
     def note_duplicate(self, job_id: str) -> None: ...
@@ -166,6 +171,13 @@ class _NoMetrics:
 
     def observe(self, name: str, value: float, **labels: str) -> None:
         pass
+
+
+class QueueWatch(Protocol):
+    """The broker's queues, as the watchdog needs them."""
+
+    def waiting(self) -> Mapping[str, tuple[int, float]]:
+        """Per queue: (live consumers, seconds its oldest message has waited; 0 when empty)."""
 
 
 class Governor(Protocol):
@@ -277,6 +289,7 @@ class Services:
     copy: CopyPolicy = field(default_factory=CopyPolicy)
     clock: Callable[[], float] = time.time
     rand: Callable[[], float] = random.random
+    queues: QueueWatch | None = None  # the broker's queues (None: unknown, e.g. in unit tests)
 
 
 # ----------------------------------------------------------------------------- results
@@ -402,15 +415,9 @@ def intake(
         admit(svc, stored.lane)
         return IntakeResult(job_id, JobState.QUEUED, created)
     step: Step = "detect" if first == JobState.DETECTING else "prepare"
-    moved = svc.store.transition(
-        stored,
-        first,
-        image_sha256=facts.sha256 if facts else None,
-        updated_at=now,
-        next_action_at=now,
-    )
-    if moved is not None:
-        svc.wake(Next.of(step, moved, 0))
+    woken = _then(svc, stored, step, 0, image_sha256=facts.sha256 if facts else None)
+    if woken is not None:
+        svc.wake(woken)
     return IntakeResult(job_id, first, created)
 
 
@@ -465,14 +472,11 @@ def admit(svc: Services, lane: str) -> None:
         if job is None or job.state != JobState.QUEUED:
             svc.governor.release(lane, job_id)
             continue
-        now = svc.clock()
-        moved = svc.store.transition(
-            job, JobState.QUEUED, admitted_at=now, updated_at=now, next_action_at=now
-        )
-        if moved is None:
+        woken = _then(svc, job, "submit", 0, admitted_at=svc.clock())
+        if woken is None:
             svc.governor.release(lane, job_id)
             continue
-        svc.wake(Next.of("submit", moved, 0))
+        svc.wake(woken)
 
 
 # Beyond this many jobs holding or awaiting an account's slots (a dedicated deployment with many
@@ -512,11 +516,34 @@ def _wait_for_token(svc: Services, job: Job, kind: str, step: Step) -> Next | No
     wait = svc.governor.take(job.account, kind)
     if wait <= 0:
         return None
-    now = svc.clock()
     delay = wait + svc.rand() * 0.05  # spread the waiters a little
-    moved = svc.store.transition(
-        job, job.state, token_waits=job.token_waits + 1, updated_at=now, next_action_at=now + delay
-    )
+    return _then(svc, job, step, delay, token_waits=job.token_waits + 1)
+
+
+WAKE_SENT = "sent"  # a message for this version is queued, parked or held: no worker has it yet
+WAKE_TIMER = "timer"  # no message: the deadline itself wakes the job (the watchdog sends it)
+
+
+def _then(
+    svc: Services,
+    job: Job,
+    step: Step,
+    delay: float,
+    state: JobState | None = None,
+    **changes: Any,
+) -> Next | None:
+    """The job moves on (to ``state``; default: it stays) and ``step`` is due in ``delay`` s.
+
+    One compare-and-set records the move, the deadline and that a message is outstanding
+    (``wake``), then the message is returned for the task layer to send. A step that ends here
+    finished cleanly: the job's count of steps that died with their worker starts again.
+    """
+    now = svc.clock()
+    fields: dict[str, Any] = {"updated_at": now, "next_action_at": now + delay, "wake": WAKE_SENT}
+    if job.resumes:
+        fields["resumes"] = None
+    fields.update(changes)
+    moved = svc.store.transition(job, state or job.state, **fields)
     return Next.of(step, moved, delay) if moved else None
 
 
@@ -584,12 +611,9 @@ def detect(svc: Services, job_id: str, version: int) -> Next | None:
         return None
     if verdict is not None:
         log.warning("job %s: %s", job_id, verdict)
-    now = svc.clock()
     if job.request.video_url is not None:
-        moved = svc.store.transition(
-            job, JobState.PREPARING, warning=verdict, updated_at=now, next_action_at=now, **seen
-        )
-        return Next.of("prepare", moved, 0) if moved else None
+        return _then(svc, job, "prepare", 0, JobState.PREPARING, warning=verdict, **seen)
+    now = svc.clock()
     moved = svc.store.transition(
         job, JobState.QUEUED, warning=verdict, updated_at=now, next_action_at=None, **seen
     )
@@ -627,16 +651,14 @@ def _retry_later(
     token_wait: bool = False,
 ) -> Next | None:
     """The same step again after ``delay``, in the same state, recording why."""
-    now = svc.clock()
-    changes: dict[str, Any] = {"updated_at": now, "next_action_at": now + delay}
+    changes: dict[str, Any] = {}
     if error is not None:
         changes.update(error_code=error.code, error_message=error.message)
     if throttled:
         changes["throttled"] = job.throttled + 1
     if token_wait:
         changes["token_waits"] = job.token_waits + 1
-    moved = svc.store.transition(job, job.state, **changes)
-    return Next.of(step, moved, delay) if moved else None
+    return _then(svc, job, step, delay, **changes)
 
 
 # ----------------------------------------------------------------------------- prepare
@@ -835,9 +857,10 @@ def _note_maker(svc: Services, job: Job, maker_id: str) -> Job | None:
         job,
         JobState.PREPARING,
         template_job_id=maker_id,
-        resumes=0,  # waiting is healthy: the watchdog's re-checks are not crashes
+        resumes=None,  # waiting is healthy: the watchdog's re-checks are not crashes
         updated_at=now,
         next_action_at=now + svc.prepare.recheck_seconds,
+        wake=WAKE_TIMER,  # no message: the recheck is the watchdog's
     )
 
 
@@ -865,9 +888,11 @@ def _template_refused(svc: Services, job: Job, exc: DashScopeRejected) -> Next |
         finish(svc, job, Finish(JobState.FAILED, exc.code, f"{exc.message} ({why})"))
         return None
     svc.store.forget_template(job.account, sha, bad)
-    now = svc.clock()
-    moved = svc.store.transition(
+    moved = _then(
+        svc,
         job,
+        "prepare",
+        0,
         JobState.PREPARING,
         template_recreated=True,
         rejected_template=bad,
@@ -880,14 +905,12 @@ def _template_refused(svc: Services, job: Job, exc: DashScopeRejected) -> Next |
         admitted_at=None,
         error_code=exc.code,
         error_message=f"template {bad} refused by DashScope; making it again",
-        updated_at=now,
-        next_action_at=now,
     )
     if moved is None:
         return None
     log.warning("job %s: template %s refused (%s); making it again", job.job_id, bad, exc.code)
-    _free_slot(svc, moved)
-    return Next.of("prepare", moved, 0)
+    _free_slot(svc, job)
+    return moved
 
 
 # ----------------------------------------------------------------------------- submit
@@ -982,23 +1005,23 @@ def _remote_inputs(svc: Services, job: Job) -> JobRequest | str:
 
 
 def _submitted(svc: Services, job: Job, task_id: str) -> Next | None:
-    now = svc.clock()
     svc.store.claim_remote_task(task_id)
-    done = svc.store.transition(
+    done = _then(
+        svc,
         job,
+        "poll",
+        svc.poll.first_delay,
         JobState.SUBMITTED,
         remote_task_id=task_id,
         remote_status="PENDING",
-        submitted_at=now,
+        submitted_at=svc.clock(),
         submit_ambiguous=False,
-        updated_at=now,
-        next_action_at=now + svc.poll.first_delay,
     )
     if done is None:
         log.error("job %s: submitted as %s but lost the record race", job.job_id, task_id)
         return None
     log.info("job %s submitted as DashScope task %s", job.job_id, task_id)
-    return Next.of("poll", done, svc.poll.first_delay)
+    return done
 
 
 def _submit_throttled(
@@ -1009,20 +1032,18 @@ def _submit_throttled(
     if job.throttled + 1 >= svc.max_throttled:
         finish(svc, job, Finish(JobState.FAILED, exc.code, f"{job.throttled + 1} 429s: {exc}"))
         return None
-    now = svc.clock()
     delay = max(svc.governor.take(job.account, "submit"), 0.5) + svc.rand() * 0.5
-    moved = svc.store.transition(
+    return _then(
+        svc,
         job,
-        JobState.SUBMITTING,
+        "submit",
+        delay,
         submit_attempts=job.submit_attempts - 1,
         submit_ambiguous=was_ambiguous,
         throttled=job.throttled + 1,
         error_code=exc.code,
         error_message=exc.message,
-        updated_at=now,
-        next_action_at=now + delay,
     )
-    return Next.of("submit", moved, delay) if moved else None
 
 
 def _submit_failed(
@@ -1047,22 +1068,20 @@ def _submit_failed(
         )
         return None
     delay = svc.submit.backoff.delay(attempts, svc.rand)
-    now = svc.clock()
-    waiting = svc.store.transition(
+    waiting = _then(
+        svc,
         job,
-        JobState.SUBMITTING,
+        "submit",
+        delay,
         submit_attempts=attempts,
         submit_ambiguous=ambiguous,
         error_code=exc.code,
         error_message=exc.message,
-        updated_at=now,
-        next_action_at=now + delay,
     )
-    if waiting is None:
-        return None
-    log.warning("job %s: submit attempt %d failed (%s); again in %.1fs", job.job_id,
-                job.submit_attempts, exc, delay)  # fmt: skip
-    return Next.of("submit", waiting, delay)
+    if waiting is not None:
+        log.warning("job %s: submit attempt %d failed (%s); again in %.1fs", job.job_id,
+                    job.submit_attempts, exc, delay)  # fmt: skip
+    return waiting
 
 
 def _reconcile(svc: Services, job: Job, now: float) -> Next | None:
@@ -1105,18 +1124,17 @@ def poll(svc: Services, job_id: str, version: int) -> Next | None:
         if isinstance(retry, Finish):
             finish(svc, job, retry)
             return None
-        moved = svc.store.transition(
+        log.warning("job %s: poll failed (%s); again in %.1fs", job_id, exc, retry.seconds)
+        return _then(
+            svc,
             job,
-            JobState.SUBMITTED,
+            "poll",
+            retry.seconds,
             poll_errors=job.poll_errors + 1,
             throttled=job.throttled + isinstance(exc, DashScopeThrottled),
             error_code=exc.code,
             error_message=exc.message,
-            updated_at=now,
-            next_action_at=now + retry.seconds,
         )
-        log.warning("job %s: poll failed (%s); again in %.1fs", job_id, exc, retry.seconds)
-        return Next.of("poll", moved, retry.seconds) if moved else None
 
     decision = decide_poll(job, remote, now, svc.poll)
     common: dict[str, Any] = {
@@ -1130,15 +1148,15 @@ def poll(svc: Services, job_id: str, version: int) -> Next | None:
     if remote.status.value in ("PRE-PROCESSING", "RUNNING", "POST-PROCESSING"):
         common["remote_started_at"] = job.remote_started_at or now
     if isinstance(decision, Wait):
-        moved = svc.store.transition(
+        return _then(
+            svc,
             job,
-            JobState.SUBMITTED,
+            "poll",
+            decision.seconds,
             pending_polls=job.pending_polls + (decision.reason == "pending"),
             unknown_polls=job.unknown_polls + (decision.reason == "unknown"),
-            next_action_at=now + decision.seconds,
             **common,
         )
-        return Next.of("poll", moved, decision.seconds) if moved else None
     if isinstance(decision, (TemplateReady, StartCopy)) and decision.video_duration:
         # DashScope bills usage.video_duration once the task SUCCEEDED, whatever happens next.
         svc.metrics.inc("video_seconds_total", decision.video_duration, account=job.account,
@@ -1178,17 +1196,18 @@ def poll(svc: Services, job_id: str, version: int) -> Next | None:
         return None
     if isinstance(decision, StartCopy):
         _free_slot(svc, job)
-        moved = svc.store.transition(
+        return _then(
+            svc,
             job,
+            "copy",
+            0,
             JobState.COPYING,
             video_url=decision.video_url,
             video_expires_at=decision.expires_at,
             video_duration=decision.video_duration,
             remote_ended_at=remote.end_time or now,
-            next_action_at=now,
             **common,
         )
-        return Next.of("copy", moved, 0) if moved else None
     if decision.cancel_remote:
         try:
             svc.api.cancel(job.account, job.remote_task_id)
@@ -1322,16 +1341,8 @@ def _copy_failed(svc: Services, job: Job, exc: WorkerError, *, transient: bool) 
         finish(svc, job, decision)
         return None
     assert isinstance(decision, RetryCopy)
-    moved = svc.store.transition(
-        job,
-        JobState.COPYING,
-        error_code=exc.code,
-        error_message=exc.message,
-        updated_at=now,
-        next_action_at=now + decision.seconds,
-    )
     log.warning("job %s: copy failed (%s); again in %.1fs", job.job_id, exc, decision.seconds)
-    return Next.of("copy", moved, decision.seconds) if moved else None
+    return _then(svc, job, "copy", decision.seconds, error_code=exc.code, error_message=exc.message)
 
 
 # ----------------------------------------------------------------------------- watchdog
@@ -1339,9 +1350,10 @@ def _copy_failed(svc: Services, job: Job, exc: WorkerError, *, transient: bool) 
 
 @dataclass(frozen=True)
 class WatchdogReport:
-    resumed: list[str]
-    poisoned: list[str]
+    resumed: list[str]  # sent their step again (a lost message, or a worker that died)
+    poisoned: list[str]  # failed: their step killed its worker max_resumes times in a row
     admitted_accounts: int
+    waiting: list[str] = field(default_factory=list)  # overdue, but their message is in a backlog
 
 
 RESUMABLE: Mapping[JobState, Step] = {
@@ -1357,54 +1369,97 @@ RESUMABLE: Mapping[JobState, Step] = {
 def watchdog(
     svc: Services, *, grace: float, max_resumes: int, accounts: list[str], limit: int = 500
 ) -> WatchdogReport:
-    """Resume every job whose next wake-up is overdue by more than ``grace``.
+    """Look at every job whose next wake-up is overdue by more than ``grace``, and tell apart:
 
-    Messages get lost: a SIGKILLed worker takes its countdown messages with it (Redis would only
-    give them back after the visibility timeout), a copy's worker dies mid-stream, a restart
-    drops a timer. Each resume bumps the version, so a late original message is stale and does
-    nothing. A job resumed ``max_resumes`` times in the same state is killing its workers: it is
-    failed with the reason instead of looping. Then every account gets an admission pass.
+    * **a message waiting in a backlog** (``wake`` "sent", and the step's queue has no consumer
+      or an oldest message at least as old as this job's wait): left alone. Sending another
+      would only lengthen the queue, and nothing has failed.
+    * **a lost message** (``wake`` "sent", but the queue flows: a SIGKILLed worker held it, or
+      a Redis failover dropped it) and **a deadline that is itself the wake-up** (``wake``
+      "timer"): sent again. Not a death.
+    * **a step a worker took and never finished** (no ``wake``): the worker died in it. The
+      count of such deaths in a row (reset by any step that finishes) decides: a job that has
+      taken ``max_resumes`` workers down before anything was paid is failed (``PoisonJob``); a
+      job with a paid task (submitted, polling, copying, or a submit that may have created a
+      task) never is: it is resumed with a growing delay until its own deadline (the poll
+      deadline, the video URL's expiry) ends it.
+
+    Each resend bumps the version, so a late original message is stale and does nothing. Then
+    every account gets an admission pass.
     """
     now = svc.clock()
+    queues = svc.queues.waiting() if svc.queues is not None else None
     resumed: list[str] = []
     poisoned: list[str] = []
+    waiting: list[str] = []
     for job_id in svc.store.due(now - grace, limit):
         job = svc.store.get(job_id)
         if job is None or job.final or job.state not in RESUMABLE:
             continue
         if job.state == JobState.QUEUED and job.admitted_at is None:
             continue
-        count = job.resumes + 1 if job.resume_state == job.state.value else 1
-        if count > max_resumes:
-            finish(
-                svc,
-                job,
-                Finish(
-                    JobState.FAILED,
-                    "PoisonJob",
-                    f"resumed {job.resumes} times in {job.state} and its worker died each time; "
-                    "stopped so it cannot take more workers down",
-                ),
-            )
-            poisoned.append(job_id)
+        step = RESUMABLE[job.state]
+        overdue = now - (job.next_action_at if job.next_action_at is not None else now)
+        if job.wake == WAKE_SENT and _in_backlog(queues, step, overdue, grace):
+            waiting.append(job_id)
             continue
+        if job.wake in (WAKE_SENT, WAKE_TIMER):
+            reason, deaths, delay = ("lost" if job.wake == WAKE_SENT else "timer"), job.resumes, 0.0
+        else:
+            reason, deaths = "died", job.resumes + 1
+            if deaths > max_resumes and not _paid(job):
+                finish(
+                    svc,
+                    job,
+                    Finish(
+                        JobState.FAILED,
+                        "PoisonJob",
+                        f"its {step} step was taken {deaths} times in a row in {job.state} and "
+                        "its worker died each time; stopped before anything was paid, so it "
+                        "cannot take more workers down",
+                    ),
+                )
+                poisoned.append(job_id)
+                continue
+            delay = svc.copy.backoff.delay(deaths, svc.rand) if deaths > 1 else 0.0
         moved = svc.store.transition(
             job,
             job.state,
-            resumes=count,
-            resume_state=job.state.value,
+            resumes=deaths or None,
             updated_at=now,
-            next_action_at=now + grace,
+            next_action_at=now + delay,
+            wake=WAKE_SENT,
         )
         if moved is None:
             continue  # it moved on by itself in the meantime
-        log.warning("job %s: overdue in %s, resumed (%d)", job_id, job.state, count)
-        svc.wake(Next.of(RESUMABLE[job.state], moved, 0))
+        log.warning("job %s: resumed, overdue %.0f s in %s (%s): %s sent again in %.0f s",
+                    job_id, overdue, job.state, reason, step, delay)  # fmt: skip
+        svc.metrics.inc("watchdog_resumes_total", reason=reason, step=step)
+        svc.wake(Next.of(step, moved, delay))
         resumed.append(job_id)
     for account in accounts:
         admit(svc, account)
         admit(svc, template_lane(account))
-    return WatchdogReport(resumed, poisoned, len(accounts))
+    return WatchdogReport(resumed, poisoned, len(accounts), waiting)
+
+
+def _in_backlog(
+    queues: Mapping[str, tuple[int, float]] | None, step: Step, overdue: float, grace: float
+) -> bool:
+    """Whether the job's message is plausibly still waiting in its queue: nobody consumes the
+    queue, or its oldest message has waited about as long as this job (queues are FIFO, so a
+    queue whose oldest message is younger no longer holds this job's). Unknown queues: no."""
+    if queues is None:
+        return False
+    consumers, oldest = queues.get(queue_for(f"animate.{step}"), (0, 0.0))
+    return consumers == 0 or oldest + grace >= overdue
+
+
+def _paid(job: Job) -> bool:
+    """A remote task exists, or may: its video must not be given up for a crash count."""
+    return job.state in (JobState.SUBMITTED, JobState.COPYING) or (
+        job.state == JobState.SUBMITTING and job.submit_ambiguous
+    )
 
 
 # ----------------------------------------------------------------------------- cancel
@@ -1489,24 +1544,19 @@ def _cancel_remote(svc: Services, job: Job) -> Next | None:
         svc.api.cancel(job.account, job.remote_task_id)
     except DashScopeRejected:
         # UnsupportedOperation: it left PENDING in the meantime. Keep it (and poll it).
-        now = svc.clock()
-        moved = svc.store.transition(
+        return _then(
+            svc,
             job,
-            JobState.SUBMITTED,
+            "poll",
+            svc.poll.running_interval,
             remote_status="RUNNING",
             error_code="CancelTooLate",
             error_message="cancel asked after DashScope started the task; the video is copied",
-            updated_at=now,
-            next_action_at=now + svc.poll.running_interval,
         )
-        return Next.of("poll", moved, svc.poll.running_interval) if moved else None
     except TransientError as exc:
         log.warning("job %s: remote cancel failed (%s); will try again on the next poll",
                     job.job_id, exc)  # fmt: skip
-        now = svc.clock()
-        moved = svc.store.transition(job, JobState.SUBMITTED, updated_at=now,
-                                     next_action_at=now + 1)  # fmt: skip
-        return Next.of("poll", moved, 1.0) if moved else None
+        return _then(svc, job, "poll", 1.0)
     finish(svc, job, Finish(JobState.CANCELED, "Canceled", "cancelled while queued at DashScope"))
     return None
 
@@ -1595,7 +1645,8 @@ def deliver_webhook(svc: Services, job_id: str, version: int) -> Next | None:
 
 
 def _load(svc: Services, job_id: str, version: int) -> Job | None:
-    job = svc.store.get(job_id)
+    """The job for a step sent at ``version``, the step marked taken; None if stale or gone."""
+    job = svc.store.take(job_id, version)
     if job is None:
         log.warning("job %s: no record (expired or never created)", job_id)
         return None

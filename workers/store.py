@@ -110,6 +110,14 @@ if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HINCRBY', KEYS[1], 'dupli
 return 0
 """
 
+# A worker takes a step: load the job and, when it is still at the message's version, clear
+# ``wake`` (the message is no longer outstanding: a worker has it). No version bump: the step's
+# own transitions are still fenced by the version it was sent at.
+_TAKE = """
+if redis.call('HGET', KEYS[1], 'version') == ARGV[1] then redis.call('HDEL', KEYS[1], 'wake') end
+return redis.call('HGETALL', KEYS[1])
+"""
+
 _FIELDS = {f.name: f for f in dataclasses.fields(Job)}
 
 
@@ -418,6 +426,7 @@ class RedisJobStore(WorkflowRecords):
         self._create = client.register_script(_CREATE)
         self._transition = client.register_script(_TRANSITION)
         self._note_duplicate = client.register_script(_NOTE_DUPLICATE)
+        self._take = client.register_script(_TAKE)
         self._init_workflow()
 
     def key(self, job_id: str) -> str:
@@ -459,6 +468,18 @@ class RedisJobStore(WorkflowRecords):
         if not fields:
             return None
         return decode({_text(k): _text(v) for k, v in fields.items()})
+
+    def take(self, job_id: str, version: int) -> Job | None:
+        """Load the job for a step sent at ``version``; if the job is still there, mark the
+        step taken (its message is no longer outstanding). One round trip, as ``get``."""
+        try:
+            flat = self._take(keys=[self.key(job_id)], args=[str(version)])
+        except redis.RedisError as exc:
+            raise StoreUnavailable(f"reading job: {exc}") from exc
+        if not flat:
+            return None
+        fields = {_text(flat[i]): _text(flat[i + 1]) for i in range(0, len(flat), 2)}
+        return decode(fields)
 
     def transition(self, job: Job, state: JobState, **changes: Any) -> Job | None:
         """Move ``job`` (as loaded, at its version) to ``state`` with ``changes``; None if it lost.

@@ -258,8 +258,9 @@ def watchdog(self: Task[Any, Any]) -> None:
         max_resumes=settings.watchdog_max_resumes,
         accounts=sorted(svc.accounts),
     )
-    log.info("watchdog pass: %d resumed, %d poisoned, %d index entries swept",
-             len(report.resumed), len(report.poisoned), swept)  # fmt: skip
+    log.info("watchdog pass: %d resumed, %d poisoned, %d waiting in a backlog, %d index "
+             "entries swept", len(report.resumed), len(report.poisoned), len(report.waiting),
+             swept)  # fmt: skip
     if report.resumed or report.poisoned:
         log.warning(
             "watchdog resumed %d job(s), failed %d poison job(s)",

@@ -73,6 +73,14 @@ class InMemoryJobStore:
         with self.lock:
             return self.jobs.get(job_id)
 
+    def take(self, job_id: str, version: int) -> Job | None:
+        """Load the job for a step sent at ``version``, marking the step taken (wake cleared)."""
+        with self.lock:
+            job = self.jobs.get(job_id)
+            if job is not None and job.version == version and job.wake is not None:
+                job = self.jobs[job_id] = dataclasses.replace(job, wake=None)
+            return job
+
     def transition(self, job: Job, state: JobState, **changes: Any) -> Job | None:
         """Move ``job`` (as loaded, at its version) to ``state``; None if it lost."""
         unknown = set(changes) - set(_FIELDS)
@@ -481,3 +489,13 @@ def make_services(**overrides: Any) -> Services:
     svc = Services(**values)
     svc.woken = woken  # type: ignore[attr-defined]  # what the use cases asked to schedule
     return svc
+
+
+class FakeQueueWatch:
+    """The ``QueueWatch`` port: per queue (live consumers, seconds its oldest message waited)."""
+
+    def __init__(self, states: dict[str, tuple[int, float]] | None = None) -> None:
+        self.states = dict(states or {})
+
+    def waiting(self) -> dict[str, tuple[int, float]]:
+        return dict(self.states)

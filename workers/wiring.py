@@ -12,7 +12,7 @@ import httpx
 import redis
 
 from config.settings import Settings, get_settings
-from workers.adapters import BucketInputs, DashScopeVideoApi, S3CopierPort
+from workers.adapters import BrokerQueues, BucketInputs, DashScopeVideoApi, S3CopierPort
 from workers.dashscope import DashScopeClient
 from workers.governor import RedisGovernor
 from workers.guard import AddressGuard
@@ -29,6 +29,7 @@ from workers.jobs import (
 )
 from workers.metrics import RedisMetrics
 from workers.pipeline import Services
+from workers.queues import RedisQueues
 from workers.storage import S3Copier, make_s3_client
 from workers.store import RedisJobStore
 from workers.videos import HttpVideoProbe
@@ -138,7 +139,9 @@ def build_services(settings: Settings) -> Services:
             settings.webhook_secret.get_secret_value(),
             guard,
         )
+    broker = broker_redis(settings) or redis_client(settings)
     return Services(
+        queues=BrokerQueues(RedisQueues(broker, prefix=settings.key_prefix)),
         webhooks=webhooks,
         copy_after_late_cancel=settings.cancel_too_late_copy,
         guard=guard,

@@ -151,24 +151,29 @@ def test_two_beats_one_watchdog(
 def test_poison_job_stops(
     crash_env: dict[str, str], beat: Beat, cq: AnimateQueue, remote: Any, job_id: str
 ) -> None:
-    """A job whose copy kills its worker every time ends FAILED PoisonJob, not in a loop."""
+    """A job whose image check kills its worker every time ends FAILED PoisonJob before any
+    video is paid for, not in a loop (a paid job is never failed this way: tests/unit)."""
     env = {**crash_env, "WATCHDOG_MAX_RESUMES": "2"}
     remote.http.post(
         "/_emulator/faults/next",
-        json={"route": "video", "kind": "slow", "seconds": 60, "count": 10},
+        json={"route": "detect", "kind": "slow", "seconds": 60, "count": 10},
     ).raise_for_status()
     workers = [Worker(env, concurrency=1, name=f"poison-{time.time_ns()}@%h").start()]
     try:
-        cq.submit(remote.image(), remote.template(), job_id=job_id)
+        # An image of its own size: no other test's image check is cached for it.
+        image = f"{remote.server.url}/_emulator/samples/person.png?width=301&height=503"
+        cq.submit(image, remote.template(), job_id=job_id)
         deaths = 0
         deadline = time.monotonic() + 120
         while state(cq, job_id) not in ("FAILED", "STORED"):
             assert time.monotonic() < deadline
             view = cq.get(job_id) or {}
-            copying_now = view.get("state") == "COPYING" and view["attempts"]["copy"] > deaths
-            if copying_now:
+            detecting_now = (
+                view.get("state") == "DETECTING" and view["detection"]["attempts"] > deaths
+            )
+            if detecting_now:
                 time.sleep(0.3)
-                workers[-1].kill()  # the "poison": this copy takes its worker down
+                workers[-1].kill()  # the "poison": this step takes its worker down
                 deaths += 1
                 workers.append(
                     Worker(env, concurrency=1, name=f"poison-{time.time_ns()}@%h").start()
@@ -177,7 +182,8 @@ def test_poison_job_stops(
         view = cq.get(job_id)
         assert view is not None
         assert (view["state"], view["error_code"]) == ("FAILED", "PoisonJob"), view
-        assert deaths == 3  # the first copy, then two resumes
+        assert deaths == 3  # the first check, then two resumes
+        assert remote.counters().get("submitted", 0) == 0  # nothing paid
     finally:
         for w in workers:
             w.kill()

@@ -102,6 +102,7 @@ def full_job(job_id: str = "full-1") -> Job:
         token_waits=3,
         throttled=2,
         cancel_requested=True,
+        wake="sent",
         resumes=2,
         resume_state="COPYING",
         webhook_state="pending",
@@ -179,6 +180,16 @@ class TestJobStoreContract:
         assert got == job
         assert got is not None
         assert got.remote_task_id is None and got.submit_ambiguous is False and got.polls == 0
+
+    def test_take_marks_the_step_taken_at_its_version_only(self, store: JobStore) -> None:
+        """A step taken at the job's version clears ``wake`` (its message is no longer
+        outstanding) without a version bump; a stale message's take changes nothing."""
+        job, _ = store.create(new_job(wake="sent"))
+        assert store.take(job.job_id, job.version + 1) == job  # stale (or future): untouched
+        taken = store.take(job.job_id, job.version)
+        assert taken is not None and (taken.wake, taken.version) == (None, job.version)
+        assert store.get(job.job_id) == taken
+        assert store.take("nope", 1) is None
 
     def test_get_missing(self, store: JobStore) -> None:
         """An unknown id reads as None."""

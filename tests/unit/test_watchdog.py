@@ -8,9 +8,9 @@ import pytest
 
 from workers import pipeline
 from workers.errors import StaleStep
-from workers.jobs import JobState, RemoteSnapshot, RemoteStatus
+from workers.jobs import Detection, JobState, RemoteSnapshot, RemoteStatus
 from workers.pipeline import Next, Services
-from workers.testing import FakeClock, make_services, stored_copy
+from workers.testing import FakeClock, FakeQueueWatch, make_services, stored_copy
 
 IMAGE = "https://img.test/person.png"
 TEMPLATE = "AACT.acct.1234-5678"
@@ -19,6 +19,13 @@ VIDEO = "https://bucket.oss.test/out/t.mp4?Expires=9999999999&Signature=s"
 
 def woken(svc: Services) -> list[Next]:
     return list(svc.woken)  # type: ignore[attr-defined]
+
+
+def died_mid_step(svc: Services, job_id: str) -> None:
+    """A worker took the job's current step and died before finishing it (SIGKILL)."""
+    job = svc.store.get(job_id)
+    assert job is not None
+    svc.store.take(job_id, job.version)
 
 
 def run(svc: Services, **kw: Any) -> pipeline.WatchdogReport:
@@ -87,39 +94,36 @@ class TestWatchdog:
         assert run(svc).resumed == ["j1"]
         assert woken(svc)[-1].step == "submit"
 
-    def test_poison_job_fails_after_max_resumes(self, svc: Services) -> None:
-        """Resumed max_resumes times in one state without progress: FAILED PoisonJob."""
-        submitted(svc)
+    def test_a_step_that_kills_its_worker_before_payment_is_poison(self, svc: Services) -> None:
+        """A detect step taken and never finished, max_resumes times in a row: FAILED
+        PoisonJob, nothing paid (it would keep taking workers down)."""
+        pipeline.intake(svc, {"image_url": IMAGE, "template_id": TEMPLATE, "job_id": "j1"}, (), "m")
         for _ in range(3):
+            died_mid_step(svc, "j1")
             clock(svc).advance(100)
             assert run(svc).resumed == ["j1"]
+        died_mid_step(svc, "j1")
         clock(svc).advance(100)
         report = run(svc)
         assert report.poisoned == ["j1"]
         job = svc.store.get("j1")
         assert job is not None
         assert (job.state, job.error_code) == (JobState.FAILED, "PoisonJob")
+        assert svc.api.submits == []  # type: ignore[attr-defined]
 
     def test_progress_resets_the_count(self, svc: Services) -> None:
-        """Resumes count per state: a job that moved on starts again from one."""
-        step = submitted(svc)
-        for _ in range(3):
+        """Deaths count in a row: a step that finishes cleanly starts the count again."""
+        pipeline.intake(svc, {"image_url": IMAGE, "template_id": TEMPLATE, "job_id": "j1"}, (), "m")
+        for _ in range(2):
+            died_mid_step(svc, "j1")
             clock(svc).advance(100)
             run(svc)
         job = svc.store.get("j1")
-        assert job is not None and job.resumes == 3
-        svc.api.poll_script.append(  # type: ignore[attr-defined]
-            RemoteSnapshot(
-                RemoteStatus.SUCCEEDED, "SUCCEEDED", video_url=VIDEO, end_time=clock(svc)()
-            )
-        )
-        latest = woken(svc)[-1]
-        assert pipeline.poll(svc, "j1", latest.version) is not None  # now COPYING
-        clock(svc).advance(100)
-        assert run(svc).resumed == ["j1"]
+        assert job is not None and job.resumes == 2
+        svc.api.detect_script.append(Detection(True, "full"))  # type: ignore[attr-defined]
+        assert pipeline.detect(svc, "j1", woken(svc)[-1].version) is None  # done: QUEUED
         job = svc.store.get("j1")
-        assert job is not None and (job.state, job.resumes) == (JobState.COPYING, 1)
-        del step
+        assert job is not None and (job.state, job.resumes) == (JobState.QUEUED, 0)
 
     def test_unadmitted_queued_jobs_are_not_resumed(self, svc: Services) -> None:
         """Jobs waiting in our queue have no deadline: 10,000 of them cost the watchdog nothing."""
@@ -265,3 +269,124 @@ def test_copy_progress_reaches_the_job() -> None:
     svc.copier.copy = copy  # type: ignore[method-assign]
     pipeline.copy(svc, "j1", copy_step.version)
     assert seen == [1234]
+
+
+def copying(svc: Services, video: str = VIDEO) -> Next:
+    """A job whose paid video waits to be copied (its copy message sent, not yet taken)."""
+    step = submitted(svc)
+    svc.api.poll_script.append(  # type: ignore[attr-defined]
+        RemoteSnapshot(RemoteStatus.SUCCEEDED, "SUCCEEDED", video_url=video, end_time=clock(svc)())
+    )
+    copy_step = pipeline.poll(svc, "j1", step.version)
+    assert copy_step is not None and copy_step.step == "copy"
+    return copy_step
+
+
+class TestBacklogIsNotACrash:
+    """A message waiting in a backlog is not a dead worker (issue: the watchdog failed paid jobs
+    when the transfer pool was down for about 5.5 minutes)."""
+
+    @pytest.mark.parametrize(
+        "transfer",
+        [(0, 0.0), (2, 10_000.0)],
+        ids=["pool-down", "pool-saturated"],
+    )
+    def test_transfer_pool_down_ten_minutes(self, transfer: tuple[int, float]) -> None:
+        """Copy messages wait 10 minutes in `transfer` (nobody consumes it, or its oldest
+        message is older than the job's wait): no resume, no count, no second message, not
+        failed; when the pool takes the original message, the video is stored."""
+        queues = FakeQueueWatch({"celery": (1, 0.0), "dashscope": (1, 0.0), "transfer": transfer})
+        svc = make_services(queues=queues)
+        step = copying(svc)
+        before = len(woken(svc))
+        for _ in range(40):  # a pass every 15 s for 10 minutes
+            clock(svc).advance(15)
+            report = run(svc)
+            assert report.resumed == [] and report.poisoned == []
+        assert len(woken(svc)) == before  # nothing more put in the queue
+        job = svc.store.get("j1")
+        assert job is not None and (job.state, job.resumes, job.version) == (
+            JobState.COPYING,
+            0,
+            step.version,
+        )
+        queues.states["transfer"] = (1, 0.0)  # the pool is back and takes the message
+        svc.copier.script.append(stored_copy("videos/j1.mp4"))  # type: ignore[attr-defined]
+        assert pipeline.copy(svc, "j1", step.version) is None
+        job = svc.store.get("j1")
+        assert job is not None and job.state == JobState.STORED
+        assert len(svc.copier.calls) == 1  # type: ignore[attr-defined]
+
+    def test_a_lost_message_is_sent_again_without_counting(self) -> None:
+        """The queue flows (its oldest message is younger than this job's wait), so the job's
+        message is not in it: lost (a SIGKILLed worker held it). Sent again, version bumped,
+        not counted as a death, however often it happens."""
+        svc = make_services(queues=FakeQueueWatch({"dashscope": (1, 0.0)}))
+        step = submitted(svc)
+        for i in range(8):
+            clock(svc).advance(100)
+            assert run(svc).resumed == ["j1"]
+            job = svc.store.get("j1")
+            assert job is not None and (job.state, job.resumes) == (JobState.SUBMITTED, 0)
+            assert woken(svc)[-1].step == "poll" and woken(svc)[-1].version > step.version + i
+
+    def test_one_outstanding_message_per_job(self) -> None:
+        """A resent message that then waits in a backlog is not resent again and again."""
+        queues = FakeQueueWatch({"dashscope": (1, 0.0)})
+        svc = make_services(queues=queues)
+        submitted(svc)
+        clock(svc).advance(100)
+        assert run(svc).resumed == ["j1"]  # lost: sent again
+        queues.states["dashscope"] = (1, 10_000.0)  # now the queue is backed up
+        before = len(woken(svc))
+        for _ in range(20):
+            clock(svc).advance(15)
+            assert run(svc).resumed == []
+        assert len(woken(svc)) == before
+
+
+class TestPaidJobsAreNeverPoisoned:
+    def test_a_copy_that_keeps_killing_its_worker_retries_until_the_url_dies(self) -> None:
+        """Deaths mid-copy are counted and backed off, never PoisonJob while the URL lives; the
+        URL's expiry ends the job EXPIRED."""
+        svc = make_services(queues=FakeQueueWatch({"transfer": (1, 0.0)}))
+        expires = int(clock(svc)()) + 24 * 3600
+        latest = copying(svc, f"https://b.oss.test/v.mp4?Expires={expires}&Signature=s")
+        job = svc.store.get("j1")
+        assert job is not None and job.video_expires_at is not None
+        delays: list[float] = []
+        while clock(svc).advance(latest.countdown) < job.video_expires_at:
+            svc.copier.script.append(WorkerDied())  # type: ignore[attr-defined]
+            with pytest.raises(WorkerDied):
+                pipeline.copy(svc, "j1", latest.version)
+            clock(svc).advance(svc.copy.lease_seconds + 31)
+            report = run(svc, max_resumes=2)
+            assert report.poisoned == []
+            current = svc.store.get("j1")
+            assert current is not None and current.state == JobState.COPYING, current
+            latest = woken(svc)[-1]
+            assert latest.step == "copy"
+            delays.append(latest.countdown)
+            if len(delays) > 2000:
+                raise AssertionError("no end in sight")
+        assert max(delays) <= svc.copy.backoff.cap and delays[-1] > delays[0]
+        pipeline.copy(svc, "j1", latest.version)
+        current = svc.store.get("j1")
+        assert current is not None
+        assert (current.state, current.error_code) == (JobState.EXPIRED, "VideoUrlExpired")
+
+    def test_a_poll_that_keeps_dying_is_not_poisoned(self) -> None:
+        """A polling job whose polls die (unrelated hiccups) is resumed, never failed for it:
+        its remote task is paid and will be copied."""
+        svc = make_services(queues=FakeQueueWatch({"dashscope": (1, 0.0)}))
+        submitted(svc)
+        for _ in range(10):
+            died_mid_step(svc, "j1")
+            clock(svc).advance(woken(svc)[-1].countdown + 100)
+            assert run(svc, max_resumes=2).poisoned == []
+        job = svc.store.get("j1")
+        assert job is not None and job.state == JobState.SUBMITTED and job.resumes == 10
+
+
+class WorkerDied(BaseException):
+    """Stands for a SIGKILL mid-step: nothing the pipeline catches."""
