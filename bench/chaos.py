@@ -141,7 +141,6 @@ def main() -> None:
             "SUBMIT_BACKOFF_MAX": "5",
             "COPY_BACKOFF_BASE": "1",
             "COPY_BACKOFF_MAX": "10",
-            "COPY_MAX_ATTEMPTS": "20",
             "COPY_LEASE_SECONDS": "5",
             "WATCHDOG_INTERVAL_SECONDS": "2",
             "WATCHDOG_GRACE_SECONDS": "5",

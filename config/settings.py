@@ -68,9 +68,11 @@ class Settings(BaseSettings):
     copy_read_timeout: float = Field(default=60.0, gt=0)
     copy_time_limit: int = Field(default=240, ge=30)  # hard limit of one copy attempt (seconds)
     copy_lease_seconds: float = Field(default=60.0, gt=0)  # a silent copy is resumed after this
-    copy_max_attempts: int = Field(default=20, ge=1)
+    # A failed copy is retried, with this backoff, until COPY_EXPIRY_MARGIN_SECONDS before its
+    # video URL's expiry (24 h after the task ended), not a fixed number of times.
     copy_backoff_base: float = Field(default=5.0, gt=0)
-    copy_backoff_max: float = Field(default=60.0, gt=0)
+    copy_backoff_max: float = Field(default=180.0, gt=0)
+    copy_expiry_margin_seconds: float = Field(default=300.0, ge=0)
 
     # --- Intake and the address guard
     image_check_timeout: float = Field(default=10.0, gt=0)

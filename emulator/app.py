@@ -228,6 +228,15 @@ class Emulator:
             self._drop(request)
         elif fault is not None and fault.kind == "slow_after":
             await asyncio.sleep(fault.seconds)
+        elif fault is not None and fault.kind in ("502_after", "504_after"):
+            status = int(fault.kind[:3])
+            reason = "Bad Gateway" if status == 502 else "Gateway Timeout"
+            page = f"<html><body><h1>{status} {reason}</h1><p>gateway</p></body></html>"
+            return web.Response(status=status, text=page, content_type="text/html")
+        elif fault is not None and fault.kind == "garbled_after":
+            return web.Response(
+                status=200, text='{"output": {"task_id": ', content_type="application/json"
+            )
         return response
 
     async def _fault_before(
@@ -246,6 +255,12 @@ class Emulator:
             "503": errors.model_unavailable,
             "429": errors.throttled,
         }
+        if fault.kind == "403":
+            if group == "video":
+                return oss_error(403, "AccessDenied", "Access denied by bucket policy.",
+                                 request[REQUEST_ID])  # fmt: skip
+            exc = errors.ApiError(403, "AccessDenied", "Access denied.")
+            return web.json_response(exc.body(request[REQUEST_ID]), status=exc.status)
         if fault.kind in status_errors:
             exc = status_errors[fault.kind]()
             if fault.kind == "429":

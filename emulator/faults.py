@@ -15,6 +15,13 @@ Fault kinds:
 * ``slow_after``: the request is handled at once and the answer is held back ``seconds``.
 * ``truncate`` (``video`` only): the full ``Content-Length`` is announced, half the body is sent,
   then the connection is closed: a download that ends short.
+* ``403``: refused before anything is done. On ``video`` an OSS ``AccessDenied`` that does *not*
+  say the request expired (a bucket-policy blip, a proxy); elsewhere DashScope's
+  ``AccessDenied``.
+* ``502_after`` / ``504_after``: the request is handled (a submit creates its task, and is
+  paid), then a gateway answers 502 Bad Gateway / 504 Gateway Timeout with an HTML page.
+* ``garbled_after``: the request is handled, then the answer is HTTP 200 with a body that is
+  not DashScope's JSON.
 """
 
 from __future__ import annotations
@@ -28,8 +35,13 @@ from urllib.parse import parse_qs, urlsplit
 ROUTES = frozenset(
     {"submit", "detect", "query", "list", "cancel", "policy", "upload", "video", "any"}
 )
-KINDS = frozenset({"500", "503", "429", "drop", "drop_after", "slow", "slow_after", "truncate"})
-RANDOM_KINDS = ("500", "503", "429", "drop", "slow")
+KINDS = frozenset(
+    {"500", "503", "429", "403", "drop", "drop_after", "slow", "slow_after", "truncate",
+     "502_after", "504_after", "garbled_after"}
+)  # fmt: skip
+RANDOM_KINDS = ("500", "503", "429", "403", "drop", "slow", "drop_after", "slow_after",
+                "502_after", "504_after", "garbled_after")  # fmt: skip
+AFTER_KINDS = frozenset({"drop_after", "slow_after", "502_after", "504_after", "garbled_after"})
 
 
 @dataclass(frozen=True)

@@ -884,9 +884,12 @@ def decide_poll_error(
 
 @dataclass(frozen=True)
 class CopyPolicy:
-    max_attempts: int = 20
+    """A copy is retried while its video URL lives, not a fixed number of times: S3 outages
+    can outlast any count of backoffs, and a paid video is lost only when its URL dies."""
+
     lease_seconds: float = 60.0  # a copy that stops renewing this long is resumed elsewhere
-    backoff: Backoff = Backoff(base=5.0, cap=300.0)
+    backoff: Backoff = Backoff(base=5.0, cap=180.0)
+    expiry_margin: float = 300.0  # the last retry starts this long before the URL's expiry
 
 
 @dataclass(frozen=True)
@@ -906,7 +909,9 @@ def decide_copy_error(
     policy: CopyPolicy,
     rand: Callable[[], float] = random.random,
 ) -> CopyDecision:
-    """After a failed copy attempt: retry before the URL dies, or end the job saying why."""
+    """After a failed copy attempt: retry until the URL is about to die, or end the job saying
+    why. The last retry is scheduled at the margin before the URL's expiry; a failure after that
+    ends the job EXPIRED with the last error."""
     expires = job.video_expires_at if job.video_expires_at is not None else math.inf
     if code == "VideoUrlExpired" or now >= expires:
         return Finish(
@@ -917,16 +922,16 @@ def decide_copy_error(
     if not transient:
         return Finish(JobState.FAILED, code, message)
     attempts = job.copy_attempts  # attempts made so far, this one included
-    if attempts >= policy.max_attempts:
+    last_try = expires - policy.expiry_margin
+    if now >= last_try:
         return Finish(
-            JobState.FAILED,
-            "CopyRetriesExhausted",
-            f"{attempts} copy attempts failed; last: {code}: {message}",
+            JobState.EXPIRED,
+            "VideoUrlExpired",
+            f"{attempts} copy attempts failed until {expires - now:.0f} s before the video "
+            f"URL's expiry; last: {code}: {message}",
         )
     delay = policy.backoff.delay(attempts, rand)
-    if now + delay >= expires:
-        delay = max(0.0, (expires - now) / 2)
-    return RetryCopy(delay)
+    return RetryCopy(min(delay, last_try - now))
 
 
 def copy_expired(job: Job, now: float) -> bool:

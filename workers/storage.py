@@ -23,9 +23,9 @@ It owns four things:
 - ``RedactSignedUrls``: a logging filter that S3Copier puts on the ``httpx`` logger, whose INFO
   line ``HTTP Request: GET <url>`` would otherwise carry the URL's ``Signature``.
 
-Errors are the project's tree (``workers.errors``): 403 from the source is ``SourceExpired``;
-other 4xx ``SourceRejected``; 5xx, 408, 429, timeouts, dropped or short bodies
-``SourceUnavailable``; anything S3 or botocore refuses or fails at ``StorageUnavailable`` (a
+Errors are the project's tree (``workers.errors``): a 403 whose body says the request has expired
+is ``SourceExpired``; other 4xx ``SourceRejected``; other 403s, 5xx, 408, 429, timeouts, dropped
+or short bodies ``SourceUnavailable``; anything S3 or botocore refuses or fails at ``StorageUnavailable`` (a
 missing bucket is an operator problem, and retrying it keeps a paid video alive until the URL
 expires); a stored size that differs from what was streamed ``CopyMismatch``.
 
@@ -466,9 +466,11 @@ class S3Copier:
             return
         excerpt = _error_excerpt(response, source_url)
         message = f"{source} answered HTTP {status}: {excerpt}"
-        if status == 403:
-            raise SourceExpired(message)
-        if status in (408, 429) or status >= 500:
+        if status == 403 and "expired" in excerpt.lower():
+            raise SourceExpired(message)  # OSS and S3: "Request has expired."
+        if status in (403, 408, 429) or status >= 500:
+            # A 403 that does not say so is not taken for expiry (the pipeline also knows the
+            # URL's Expires): a policy blip or a proxy must not cost a paid video.
             raise SourceUnavailable(message)
         raise SourceRejected(message)
 

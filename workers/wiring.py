@@ -190,9 +190,9 @@ def build_services(settings: Settings) -> Services:
             backoff=Backoff(base=settings.submit_backoff_base, cap=settings.submit_backoff_max),
         ),
         copy=CopyPolicy(
-            max_attempts=settings.copy_max_attempts,
             backoff=Backoff(base=settings.copy_backoff_base, cap=settings.copy_backoff_max),
             lease_seconds=settings.copy_lease_seconds,
+            expiry_margin=settings.copy_expiry_margin_seconds,
         ),
     )
 

@@ -30,7 +30,7 @@ FAST_ENV = {
     "SUBMIT_BACKOFF_MAX": "1",
     "COPY_BACKOFF_BASE": "0.2",
     "COPY_BACKOFF_MAX": "1",
-    "COPY_MAX_ATTEMPTS": "3",
+    "COPY_EXPIRY_MARGIN_SECONDS": "1",
 }
 
 

@@ -171,17 +171,35 @@ def test_truncated_download_is_retried(
     assert body == remote.video(view["remote_task_id"])
 
 
-def test_always_truncated_is_never_stored(
+def test_always_truncated_is_retried_until_the_url_dies(
     queue: AnimateQueue, remote: Any, s3_server: S3Server, job_id: str
 ) -> None:
-    """If every download ends short, the job fails and S3 holds nothing under its key."""
-    remote.fault("video", "truncate", count=10)
+    """Every download ends short: the copy is retried (no fixed count) until its URL is about
+    to die, then the job is EXPIRED with the last error, and S3 holds nothing under its key."""
+    remote.config(url_ttl_seconds=5)
+    remote.fault("video", "truncate", count=1000)
     queue.submit(remote.image(), remote.template(), job_id=job_id)
     view = queue.wait(job_id, timeout=60)
-    assert view["state"] == "FAILED"
-    assert view["error_code"] == "CopyRetriesExhausted"
+    assert (view["state"], view["error_code"]) == ("EXPIRED", "VideoUrlExpired"), view
+    assert "copy attempts failed" in view["error_message"]
+    assert "expected" in view["error_message"]  # the last error: a body cut short
+    assert view["attempts"]["copy"] >= 3
     listed = s3_server.client().list_objects_v2(Bucket=remote.bucket, Prefix=f"e2e/videos/{job_id}")
     assert listed.get("KeyCount", 0) == 0
+
+
+def test_a_403_that_is_not_an_expiry_is_retried(
+    queue: AnimateQueue, remote: Any, s3_server: S3Server, job_id: str
+) -> None:
+    """A 403 from the video URL whose body does not say the request expired (and before the
+    URL's Expires) is retried: the video is stored."""
+    remote.fault("video", "403", count=2)
+    queue.submit(remote.image(), remote.template(), job_id=job_id)
+    view = queue.wait(job_id, timeout=60)
+    assert view["state"] == "STORED", view
+    assert view["attempts"]["copy"] == 3
+    body = s3_server.client().get_object(Bucket=remote.bucket, Key=view["s3_key"])["Body"].read()
+    assert body == remote.video(view["remote_task_id"])
 
 
 def test_status_cli(

@@ -735,6 +735,31 @@ class TestFaults:
         listed = api.http.get("/api/v1/tasks", headers=api.auth).json()
         assert listed["total"] == 1
 
+    @pytest.mark.parametrize("kind", ["502_after", "504_after", "garbled_after"])
+    def test_answers_after_the_task_exists(self, api: Api, kind: str) -> None:
+        """A gateway error page or a garbled 200 after the submit was handled: the task exists
+        (and is paid for) though the client cannot read an id."""
+        api.admin("POST", "faults/next", json={"route": "submit", "kind": kind})
+        r = api.submit()
+        if kind == "garbled_after":
+            assert r.status_code == 200
+            with pytest.raises(ValueError):
+                r.json()
+        else:
+            assert r.status_code == int(kind[:3]) and "<html>" in r.text
+        assert api.counters()["submitted"] == 1
+        assert api.http.get("/api/v1/tasks", headers=api.auth).json()["total"] == 1
+
+    def test_a_403_on_the_video_that_is_not_an_expiry(self, api: Api) -> None:
+        """403 on a live video URL: OSS AccessDenied that does not say the request expired."""
+        task_id = api.submit().json()["output"]["task_id"]
+        url = api.wait(task_id)["output"]["video_url"]
+        api.admin("POST", "faults/next", json={"route": "video", "kind": "403"})
+        refused = api.http.get(url)
+        assert refused.status_code == 403 and "AccessDenied" in refused.text
+        assert "expired" not in refused.text.lower()
+        assert api.http.get(url).status_code == 200  # one-shot
+
     def test_truncated_video(self, api: Api) -> None:
         """truncate: the body ends at half the announced Content-Length, then the line drops."""
         task_id = api.submit().json()["output"]["task_id"]

@@ -533,7 +533,7 @@ class TestDecidePollError:
 
 
 class TestDecideCopyError:
-    POLICY = CopyPolicy(max_attempts=3)
+    POLICY = CopyPolicy(expiry_margin=600.0)
 
     def job(self, **changes: Any) -> Job:
         fields: dict[str, Any] = {
@@ -571,22 +571,28 @@ class TestDecideCopyError:
         decision = decide_copy_error(self.job(), "VideoUrlRejected", "404", False, NOW, self.POLICY)
         assert decision == Finish(JobState.FAILED, "VideoUrlRejected", "404")
 
-    def test_attempts_exhausted(self) -> None:
-        """After max_attempts transient failures: FAILED, CopyRetriesExhausted."""
+    def test_no_attempt_count_ends_a_copy(self) -> None:
+        """However many attempts failed, a transient failure is retried while the URL lives:
+        S3 outages last longer than any fixed count of backoffs."""
         decision = decide_copy_error(
-            self.job(copy_attempts=3), "StorageUnavailable", "503", True, NOW, self.POLICY
+            self.job(copy_attempts=500), "StorageUnavailable", "503", True, NOW, self.POLICY
         )
-        assert isinstance(decision, Finish)
-        assert (decision.state, decision.code) == (JobState.FAILED, "CopyRetriesExhausted")
-        assert "StorageUnavailable: 503" in (decision.message or "")
+        assert isinstance(decision, RetryCopy)
+        assert decision.seconds <= self.POLICY.backoff.cap
 
-    def test_delay_clipped_before_expiry(self) -> None:
-        """A backoff that would land after the expiry is cut to half the time left."""
-        job = self.job(copy_attempts=2, video_expires_at=NOW + 4)
-        decision = decide_copy_error(
-            job, "SourceUnavailable", "x", True, NOW, self.POLICY, lambda: 1.0
-        )
-        assert decision == RetryCopy(2.0)
+    def test_the_last_try_is_at_the_margin_before_expiry(self) -> None:
+        """A retry that would land inside the safety margin before the URL's expiry is moved to
+        the margin's start; a failure inside the margin ends the job EXPIRED, saying why."""
+        job = self.job(copy_attempts=9, video_expires_at=NOW + 700)
+        decision = decide_copy_error(job, "StorageUnavailable", "503", True, NOW, self.POLICY,
+                                     lambda: 1.0)  # fmt: skip
+        assert decision == RetryCopy(100.0)
+        last = dataclasses.replace(job, copy_attempts=10)
+        ended = decide_copy_error(last, "StorageUnavailable", "503", True, NOW + 100, self.POLICY)
+        assert isinstance(ended, Finish)
+        assert (ended.state, ended.code) == (JobState.EXPIRED, "VideoUrlExpired")
+        assert "10 copy attempts" in (ended.message or "")
+        assert "StorageUnavailable: 503" in (ended.message or "")
 
     def test_no_expiry_known(self) -> None:
         """Without a known expiry the delay is not clipped."""

@@ -23,6 +23,7 @@ from workers.errors import (
 )
 from workers.jobs import (
     URL_TTL_SECONDS,
+    Backoff,
     CopyPolicy,
     Finish,
     ImageFacts,
@@ -858,16 +859,39 @@ class TestCopy:
             "404 from the bucket",
         )
 
-    def test_attempts_exhausted(self) -> None:
-        """After max_attempts failures: FAILED, CopyRetriesExhausted."""
-        w = make_world(copy=CopyPolicy(max_attempts=2))
+    def test_an_s3_outage_of_twenty_minutes_loses_nothing(self) -> None:
+        """S3 refuses every upload for 20 minutes (more attempts than the fixed count of 20 the
+        copy once had): it keeps retrying with capped backoff (60 s, as once deployed), and the
+        video is stored once S3 is back."""
+        w = make_world(copy=CopyPolicy(backoff=Backoff(base=5.0, cap=60.0)))
         step: Next | None = copying(w)
-        w.copier.script.extend([StorageUnavailable("503"), StorageUnavailable("503")])
-        for _ in range(2):
-            assert step is not None
+        outage_ends = w.clock.now + 20 * 60
+        attempts = 0
+        while w.clock.now < outage_ends:
+            assert step is not None and step.step == "copy"
+            w.copier.script.append(StorageUnavailable("503 Slow Down"))
             step = pipeline.copy(w.svc, JOB, step.version)
-        assert step is None
-        assert w.job().error_code == "CopyRetriesExhausted"
+            attempts += 1
+            assert step is not None and step.countdown <= w.svc.copy.backoff.cap
+            w.clock.advance(step.countdown)
+        assert attempts > 20 and w.job().state == JobState.COPYING
+        w.copier.script.append(stored_copy(KEY))
+        assert step is not None and pipeline.copy(w.svc, JOB, step.version) is None
+        assert w.job().state == JobState.STORED
+
+    def test_retries_end_at_the_urls_expiry(self, w: World) -> None:
+        """An outage that outlives the URL: the job ends EXPIRED with the last error, and the
+        unfinished multipart upload it may have left is aborted."""
+        step: Next | None = copying(w)
+        while step is not None:
+            w.copier.script.append(StorageUnavailable("503 Slow Down"))
+            step = pipeline.copy(w.svc, JOB, step.version)
+            if step is not None:
+                w.clock.advance(step.countdown)
+        job = w.job()
+        assert (job.state, job.error_code) == (JobState.EXPIRED, "VideoUrlExpired")
+        assert "StorageUnavailable: 503 Slow Down" in (job.error_message or "")
+        assert w.clock.now <= EXPIRES
 
     def test_only_a_later_attempt_looks_for_an_earlier_attempts_object(self, w: World) -> None:
         """An attempt that stored the object and died before recording it: the next attempt

@@ -422,6 +422,22 @@ def test_copy_sizes_parts_from_content_length() -> None:
     assert s3.configs[0].multipart_threshold == 8 * MiB
 
 
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"<Error><Code>AccessDenied</Code><Message>Access denied.</Message></Error>",
+        b"<html>403 Forbidden (WAF)</html>",
+        b"",
+    ],
+)
+def test_a_403_that_does_not_say_expired_is_retried(body: bytes) -> None:
+    """Only the body (or the clock, in the pipeline) makes a 403 mean "expired": any other
+    403 (a policy blip, a proxy) is transient, so a paid video is not given up for it."""
+    with pytest.raises(SourceUnavailable) as info:
+        copier(FakeS3(), source(body, status=403)).copy(URL, "k", metadata={})
+    assert "403" in str(info.value) and SIGNATURE not in str(info.value)
+
+
 def test_expired_url_is_source_expired_without_the_signature() -> None:
     body = (
         '<?xml version="1.0" encoding="UTF-8"?>\n<Error>\n  <Code>AccessDenied</Code>\n'
@@ -622,7 +638,7 @@ def test_logs_never_carry_the_signature(caplog: pytest.LogCaptureFixture) -> Non
     caplog.set_level(logging.DEBUG)
     copier(FakeS3(), source(payload(1000))).copy(URL, "k", metadata={})
     with pytest.raises(SourceExpired):
-        copier(FakeS3(), source(b"denied", status=403)).copy(URL, "k", metadata={})
+        copier(FakeS3(), source(b"Request has expired.", status=403)).copy(URL, "k", metadata={})
     assert "copied https://bucket.oss-cn-beijing.aliyuncs.com/results/t1.mp4" in caplog.text
     assert SIGNATURE not in caplog.text
     assert "Signature=***" in caplog.text  # httpx's own request line, redacted by our filter
