@@ -165,6 +165,20 @@ QUEUE_DEPTH = MetricDef(
 INFLIGHT = MetricDef(
     "inflight", "gauge", "Admitted jobs holding or waiting for DashScope's slot.", ("lane",)
 )
+AT_RISK_SECONDS = 6 * 3600.0  # a paid video whose URL has less than this left is at risk
+COPIES_AT_RISK = MetricDef(
+    "copies_at_risk",
+    "gauge",
+    "Paid videos not yet stored (jobs COPYING) whose 24 h URL has less than 6 h left: each is "
+    "a video about to be lost. Pages (deploy/prometheus/alerts.yml).",
+    (),
+)
+COPY_URL_LEFT_SECONDS = MetricDef(
+    "copy_url_left_seconds",
+    "gauge",
+    "Time left on the soonest-dying video URL among jobs not yet stored (no sample when none).",
+    (),
+)
 WATCHDOG_RESUMES_TOTAL = MetricDef(
     "watchdog_resumes_total",
     "counter",
@@ -221,6 +235,8 @@ METRICS: Mapping[str, MetricDef] = {
         TIMERS_PARKED,
         TIMERS_OVERDUE_SECONDS,
         WATCHDOG_RESUMES_TOTAL,
+        COPIES_AT_RISK,
+        COPY_URL_LEFT_SECONDS,
         BROKER_QUEUE_LENGTH,
         BROKER_QUEUE_CONSUMERS,
         BROKER_QUEUE_OLDEST_SECONDS,
@@ -461,13 +477,16 @@ class RedisCollector:
         pipe.zcard(f"{self.prefix}:timers")
         pipe.zrange(f"{self.prefix}:timers", 0, 0, withscores=True)
         pipe.time()
+        pipe.zrange(f"{self.prefix}:expiring", 0, 0, withscores=True)
         pipe.hgetall(jobs_key(self.prefix))
         for metric in _WRITTEN:
             if metric.kind == "counter":
                 pipe.hgetall(counter_key(self.prefix, metric.name))
             else:
                 pipe.hgetall(histogram_key(self.prefix, metric.name))
-        raw_lanes, parked, oldest, (secs, micros), raw_jobs, *written = pipe.execute()
+        raw_lanes, parked, oldest, (secs, micros), soonest, raw_jobs, *written = pipe.execute()
+        now = float(secs) + float(micros) / 1e6
+        at_risk = int(self.redis.zcount(f"{self.prefix}:expiring", "-inf", now + AT_RISK_SECONDS))
 
         lanes = sorted({_text(lane) for lane in raw_lanes})
         pipe = self.redis.pipeline(transaction=False)
@@ -489,12 +508,17 @@ class RedisCollector:
             inflight.add_metric([name], _number(per_lane[2 * i + 1]))
         families += [depth, inflight]
         # Redis's clock, which the dispatchers' due times are compared with (hosts kept in sync)
-        now = float(secs) + float(micros) / 1e6
         overdue = max(0.0, now - float(oldest[0][1])) if oldest else 0.0
         for metric, value in ((TIMERS_PARKED, float(parked)), (TIMERS_OVERDUE_SECONDS, overdue)):
             gauge = _gauge(metric)
             gauge.add_metric([], value)
             families.append(gauge)
+        risk = _gauge(COPIES_AT_RISK)
+        risk.add_metric([], float(at_risk))
+        left = _gauge(COPY_URL_LEFT_SECONDS)
+        if soonest:
+            left.add_metric([], float(soonest[0][1]) - now)
+        families += [risk, left]
         length, consumers, oldest = (
             _gauge(BROKER_QUEUE_LENGTH),
             _gauge(BROKER_QUEUE_CONSUMERS),

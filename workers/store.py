@@ -5,6 +5,7 @@ Keys (``P`` is the configured prefix):
 * ``P:job:<id>``        the job hash (all values are strings; ``request`` is JSON)
 * ``P:state:<STATE>``   a set of job ids per state
 * ``P:deadlines``       a sorted set: job id -> when its next wake-up is due (for the watchdog)
+* ``P:expiring``       a sorted set: job id -> when its video URL dies, while the job is COPYING
 * ``P:remote-tasks``    the DashScope task ids some job owns, scored by when (reconciling an
                         ambiguous submit; DashScope lists tasks for 24 h, so old ids are swept)
 
@@ -77,6 +78,13 @@ if current[2] ~= new_state then
   local tail = '|' .. acct .. '|' .. kind
   redis.call('HINCRBY', prefix .. ':m:jobs', current[2] .. tail, -1)
   redis.call('HINCRBY', prefix .. ':m:jobs', new_state .. tail, 1)
+end
+-- Jobs whose paid video waits for its copy, by when its URL dies (the exporter's copies at risk).
+if new_state == 'COPYING' then
+  local expires = redis.call('HGET', key, 'video_expires_at')
+  if expires then redis.call('ZADD', prefix .. ':expiring', expires, job_id) end
+elseif current[2] == 'COPYING' then
+  redis.call('ZREM', prefix .. ':expiring', job_id)
 end
 if ARGV[5] == '' then
   redis.call('ZREM', prefix .. ':deadlines', job_id)

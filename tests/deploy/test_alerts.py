@@ -37,5 +37,6 @@ def test_the_issues_alarms_are_there() -> None:
     by_name = {rule["alert"]: rule for rule in rules()}
     assert "animate_queue_broker_queue_consumers" in by_name["AnimateQueueNoConsumer"]["expr"]
     assert "oldest_seconds" in by_name["AnimateQueueBacklogAging"]["expr"]
-    for name in ("AnimateQueueNoConsumer", "AnimateQueueBacklogAging"):
+    assert "animate_queue_copies_at_risk" in by_name["AnimateQueueVideoAtRisk"]["expr"]
+    for name in ("AnimateQueueNoConsumer", "AnimateQueueBacklogAging", "AnimateQueueVideoAtRisk"):
         assert by_name[name]["labels"]["severity"] == "page"

@@ -148,13 +148,22 @@ class TestAcrossProcesses:
             m.exposed_name.removesuffix("_total") if m.kind == "counter" else m.exposed_name
             for m in METRICS.values()
         }
-        timers = {"animate_queue_timers_parked", "animate_queue_timers_overdue_seconds"}
+        timers = {
+            "animate_queue_timers_parked",
+            "animate_queue_timers_overdue_seconds",
+            "animate_queue_copies_at_risk",
+        }
         queues = {
             f"animate_queue_broker_queue_{n}" for n in ("length", "consumers", "oldest_seconds")
         }
         assert all(not f.samples for name, f in families.items() if name not in timers | queues)
         # the dispatchers' health is always reported: 0 parked, 0 s overdue
-        assert [[s.value for s in families[name].samples] for name in sorted(timers)] == [[0], [0]]
+        # ... and so is the count of paid videos at risk: 0
+        assert [[s.value for s in families[name].samples] for name in sorted(timers)] == [
+            [0],
+            [0],
+            [0],
+        ]
         # so is every routed queue's (the lists are shared on this Redis; the consumers are
         # counted under this test's prefix: none)
         for name in queues:
@@ -444,3 +453,42 @@ def test_a_batch_sends_its_writes_in_one_transaction_at_its_end(
         assert sent == [3, 1, 1]
         m.inc("copy_bytes_total", 1, account="main")
     assert sent == [3, 1, 1, 1]
+
+
+def test_copies_at_risk_follow_the_jobs_copying(client: redis.Redis, prefix: str) -> None:
+    """A paid video not yet stored whose URL has under 6 h left is counted at risk; stored, it is
+    not. The soonest URL's time left is served too (nothing when no job is copying)."""
+    from workers.jobs import Job, JobRequest, JobState
+    from workers.store import RedisJobStore
+
+    store = RedisJobStore(client, prefix=prefix, final_ttl=3600)
+    now = time.time()
+
+    def copying(job_id: str, expires: float) -> Job:
+        job, _ = store.create(
+            Job(job_id, JobState.SUBMITTED, 1, JobRequest("u", "AACT.x"), now, now)
+        )
+        moved = store.transition(job, JobState.COPYING, video_expires_at=expires)
+        assert moved is not None
+        return moved
+
+    def gauges() -> dict[str, list[float]]:
+        text = generate_latest(make_app_registry(client, prefix)).decode()
+        families = {f.name: f for f in text_string_to_metric_families(text)}
+        names = ("animate_queue_copies_at_risk", "animate_queue_copy_url_left_seconds")
+        return {n: [s.value for s in families[n].samples] for n in names}
+
+    assert gauges() == {
+        "animate_queue_copies_at_risk": [0.0],
+        "animate_queue_copy_url_left_seconds": [],
+    }
+    soon = copying("soon", now + 2 * 3600)
+    copying("later", now + 20 * 3600)
+    seen = gauges()
+    assert seen["animate_queue_copies_at_risk"] == [1.0]
+    [left] = seen["animate_queue_copy_url_left_seconds"]
+    assert 2 * 3600 - 60 < left <= 2 * 3600
+    store.transition(soon, JobState.STORED, finished_at=now)
+    seen = gauges()
+    assert seen["animate_queue_copies_at_risk"] == [0.0]
+    assert seen["animate_queue_copy_url_left_seconds"][0] > 19 * 3600
