@@ -3,7 +3,7 @@ types in and out)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import PurePosixPath
@@ -24,7 +24,7 @@ from workers.errors import (
 )
 from workers.inputs import S3Inputs, parse_s3_ref
 from workers.jobs import Detection, JobKind, JobRequest, RemoteSnapshot
-from workers.pipeline import Metrics, StoredCopy
+from workers.pipeline import CopyProgress, Metrics, StoredCopy
 from workers.queues import RedisQueues
 from workers.routes import QUEUES
 from workers.storage import S3Copier
@@ -158,10 +158,17 @@ class S3CopierPort:
         url: str,
         key: str,
         metadata: dict[str, str],
-        heartbeat: Callable[[int], None] | None = None,
+        heartbeat: CopyProgress | None = None,
+        resume: str | None = None,
+        budget: float | None = None,
     ) -> StoredCopy:
-        stored = self.copier.copy(url, key, metadata=metadata, heartbeat=heartbeat)
+        stored = self.copier.copy(
+            url, key, metadata=metadata, heartbeat=heartbeat, resume=resume, budget=budget
+        )
         return StoredCopy(stored.bucket, stored.key, stored.size, stored.sha256)
+
+    def abort(self, key: str, checkpoint: str) -> None:
+        self.copier.abort(key, checkpoint)
 
     def find(self, key: str) -> StoredCopy | None:
         stored = self.copier.find(key)

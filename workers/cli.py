@@ -455,6 +455,46 @@ def _timeout_option(default: float = 5.0) -> Callable[[Callable[..., Any]], Call
 
 
 @main.group()
+def bucket() -> None:
+    """The S3 bucket the videos go to."""
+
+
+@bucket.command("setup")
+@click.option(
+    "--days",
+    type=click.IntRange(1, 365),
+    default=2,
+    show_default=True,
+    help="abort multipart uploads still unfinished this many days after they began",
+)
+def bucket_setup(days: int) -> None:
+    """Add (or update) the lifecycle rule that sweeps unfinished multipart uploads under
+    S3_PREFIX. Copies keep an upload open between attempts on purpose; the workers abort one
+    whose job ended, and this rule removes what a crash left. Other rules are kept."""
+    from workers.storage import ensure_abort_rule, make_s3_client
+
+    settings = _settings()
+    if not settings.s3_bucket:
+        raise click.ClickException("S3_BUCKET is not set")
+    s3 = make_s3_client(
+        endpoint_url=settings.aws_endpoint_url,
+        region=settings.aws_default_region,
+        checksum_calculation=settings.aws_request_checksum_calculation,
+        checksum_validation=settings.aws_response_checksum_validation,
+        addressing_style=settings.s3_addressing_style,
+    )
+    try:
+        rule = ensure_abort_rule(s3, settings.s3_bucket, settings.s3_prefix, days)
+    except WorkerError as exc:
+        raise click.ClickException(str(exc)) from None
+    where = rule["Filter"]["Prefix"] or "(the whole bucket)"
+    click.echo(
+        f"s3://{settings.s3_bucket}: unfinished multipart uploads under {where} are aborted "
+        f"{days} day(s) after they began (rule {rule['ID']})"
+    )
+
+
+@main.group()
 def health() -> None:
     """Probe one component: exit 0 if healthy, else 1 with the reason on stderr."""
 

@@ -8,6 +8,8 @@
     │   │   └── DashScopeThrottled  429 from DashScope
     │   ├── SourceUnavailable       the video download failed or ended short (network, 5xx)
     │   ├── StorageUnavailable      S3 failed (network, 5xx, or a refusal an operator can fix)
+    │   ├── CopyPaused              a copy used its time budget; the next attempt goes on from
+    │   │                           its checkpoint (not a failure)
     │   └── StoreUnavailable        Redis failed
     ├── StaleStep                   the job moved on (another worker took over): stop quietly
     └── PermanentError              never retried; ends the job
@@ -73,6 +75,17 @@ class SourceUnavailable(TransientError):
 
 class StorageUnavailable(TransientError):
     code = "StorageUnavailable"
+
+
+class CopyPaused(TransientError):
+    """A multipart copy used its attempt's time budget; its upload stays open and ``checkpoint``
+    (opaque JSON, the copier's) lets the next attempt go on from where this one stopped."""
+
+    code = "CopyPaused"
+
+    def __init__(self, message: str, checkpoint: str) -> None:
+        super().__init__(message)
+        self.checkpoint = checkpoint
 
 
 class StoreUnavailable(TransientError):

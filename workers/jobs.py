@@ -585,6 +585,7 @@ class Job:
     copy_attempts: int = 0
     copy_started_at: float | None = None
     copy_bytes: int | None = None  # progress of the copy under way (lease renewals report it)
+    copy_checkpoint: str | None = None  # an unfinished multipart copy's resume point (JSON)
     s3_bucket: str | None = None
     s3_key: str | None = None
     bytes: int | None = None
@@ -890,6 +891,7 @@ class CopyPolicy:
     lease_seconds: float = 60.0  # a copy that stops renewing this long is resumed elsewhere
     backoff: Backoff = Backoff(base=5.0, cap=180.0)
     expiry_margin: float = 300.0  # the last retry starts this long before the URL's expiry
+    attempt_seconds: float | None = None  # one attempt's budget; then it pauses and goes on
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from typing import Any, Literal, Protocol
 
 from workers.errors import (
     CopyMismatch,
+    CopyPaused,
     DashScopeRejected,
     DashScopeThrottled,
     InvalidJobRequest,
@@ -209,18 +210,28 @@ class StoredCopy:
     sha256: str
 
 
+class CopyProgress(Protocol):
+    def __call__(self, copied: int, checkpoint: str | None = None, /) -> None: ...
+
+
 class Copier(Protocol):
     def copy(
         self,
         url: str,
         key: str,
         metadata: dict[str, str],
-        heartbeat: Callable[[int], None] | None = None,
+        heartbeat: CopyProgress | None = None,
+        resume: str | None = None,
+        budget: float | None = None,
     ) -> StoredCopy:
-        """Stream ``url`` into ``key``; ``heartbeat`` is called now and then while bytes flow
-        (whatever it raises aborts the copy)."""
+        """Stream ``url`` into ``key``; ``heartbeat(bytes, checkpoint)`` is called now and then
+        while bytes flow (whatever it raises aborts the copy), with a checkpoint (opaque JSON)
+        when there is one. ``resume``: a checkpoint of an earlier attempt to go on from. After
+        ``budget`` seconds a copy may stop with :class:`CopyPaused` (and its checkpoint)."""
 
     def find(self, key: str) -> StoredCopy | None: ...
+    def abort(self, key: str, checkpoint: str) -> None:
+        """Give up an unfinished copy's upload (the job will not copy again)."""
 
 
 class ImageProbe(Protocol):
@@ -1266,11 +1277,19 @@ def copy(svc: Services, job_id: str, version: int) -> Next | None:
         # The first attempt has no earlier one (keys are per job): it skips that HEAD.
         earlier = svc.copier.find(key) if job.copy_attempts > 1 else None
         stored = earlier or svc.copier.copy(
-            job.video_url or "", key, metadata, heartbeat=lease.renew
+            job.video_url or "",
+            key,
+            metadata,
+            heartbeat=lease.renew,
+            resume=job.copy_checkpoint,
+            budget=svc.copy.attempt_seconds,
         )
     except StaleStep:
         log.warning("job %s: copy abandoned, another worker took the job over", job_id)
         return None
+    except CopyPaused as exc:
+        log.info("job %s: %s", job_id, exc.message)
+        return _then(svc, lease.job, "copy", 0, copy_checkpoint=exc.checkpoint)
     except (TransientError, CopyMismatch) as exc:
         return _copy_failed(svc, lease.job, exc, transient=True)
     except PermanentError as exc:
@@ -1289,6 +1308,7 @@ def copy(svc: Services, job_id: str, version: int) -> Next | None:
         error_code=None,
         error_message=None,
         next_action_at=None,
+        copy_checkpoint=None,
     )
     if final is None:
         log.warning("job %s: copy finished but the job moved on (stale copy)", job_id)
@@ -1297,6 +1317,18 @@ def copy(svc: Services, job_id: str, version: int) -> Next | None:
         _copy_metrics(svc, final, stored, done - now)
         _ended(svc, final)
     return None
+
+
+def copy_interrupted(svc: Services, job_id: str) -> Next | None:
+    """The copy's task hit its soft time limit mid-step (a part upload or read that hung): send
+    the copy again at once. It resumes from the job's last checkpoint; the stuck attempt's
+    renewals now fail its fence, so it stops writing to the job."""
+    job = svc.store.get(job_id)
+    if job is None or job.state != JobState.COPYING:
+        return None
+    log.warning("job %s: copy attempt %d hit its time limit; going on from its checkpoint",
+                job_id, job.copy_attempts)  # fmt: skip
+    return _then(svc, job, "copy", 0)
 
 
 def _copy_metrics(svc: Services, job: Job, stored: StoredCopy, seconds: float) -> None:
@@ -1320,7 +1352,7 @@ class _Lease:
         self.svc = svc
         self.job = job
 
-    def renew(self, copied: int = 0) -> None:
+    def renew(self, copied: int = 0, checkpoint: str | None = None) -> None:
         now = self.svc.clock()
         renewed = self.svc.store.transition(
             self.job,
@@ -1328,6 +1360,7 @@ class _Lease:
             copy_bytes=copied,
             updated_at=now,
             next_action_at=now + self.svc.copy.lease_seconds,
+            **({"copy_checkpoint": checkpoint} if checkpoint else {}),
         )
         if renewed is None:
             raise StaleStep(f"job {self.job.job_id} was taken over during its copy")
@@ -1338,7 +1371,9 @@ def _copy_failed(svc: Services, job: Job, exc: WorkerError, *, transient: bool) 
     now = svc.clock()
     decision = decide_copy_error(job, exc.code, exc.message, transient, now, svc.copy, svc.rand)
     if isinstance(decision, Finish):
-        finish(svc, job, decision)
+        if job.copy_checkpoint:  # the open multipart upload will not be finished: free it
+            svc.copier.abort(s3_key(svc.s3_prefix, job.job_id), job.copy_checkpoint)
+        finish(svc, job, decision, copy_checkpoint=None)
         return None
     assert isinstance(decision, RetryCopy)
     log.warning("job %s: copy failed (%s); again in %.1fs", job.job_id, exc, decision.seconds)

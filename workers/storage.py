@@ -36,6 +36,7 @@ query carries the OSS signature), and AWS credentials are never handled here.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import io
 import logging
@@ -43,22 +44,29 @@ import re
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Final, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal, Protocol
 
 import boto3
 import httpx
 from boto3.exceptions import Boto3Error
-from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from workers.errors import (
     CopyMismatch,
+    CopyPaused,
     SourceExpired,
     SourceRejected,
     SourceUnavailable,
     StorageUnavailable,
     WorkerError,
+)
+from workers.multipart import (
+    Checkpoint,
+    PartUploads,
+    hash_state,
+    new_hash,
+    restore_hash,
 )
 
 if TYPE_CHECKING:
@@ -317,6 +325,34 @@ class SourceReader(io.RawIOBase):
         return error
 
 
+class Heartbeat(Protocol):
+    def __call__(self, copied: int, checkpoint: str | None = None, /) -> None: ...
+
+
+@dataclass
+class _Job:
+    """One copy's own settings, handed down the steps."""
+
+    key: str
+    metadata: Mapping[str, str]
+    source: str
+    heartbeat: Heartbeat | None
+    budget: float | None
+    every: float = 5.0  # seconds between checkpoints saved while parts flow
+
+    def beat(self, copied: int, checkpoint: str | None = None) -> None:
+        if self.heartbeat is not None:
+            self.heartbeat(copied, checkpoint)
+
+
+def _continues(response: httpx.Response, point: Checkpoint) -> bool:
+    """Whether a response is the rest of the video from the checkpoint's offset on."""
+    if response.status_code != 206:
+        return False
+    match = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+)", response.headers.get("content-range", ""))
+    return match is not None and int(match[1]) == point.offset and int(match[3]) == point.total
+
+
 def _part_size_for(size: int | None, minimum: int) -> int:
     """The multipart chunk size: ``minimum``, or more so that ``size`` fits in 10,000 parts.
 
@@ -372,6 +408,7 @@ class S3Copier:
         part_size: int = 8 * MiB,
         max_concurrency: int = 4,
         max_in_memory_chunks: int = 2,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if not _MIN_PART_SIZE <= part_size <= _MAX_PART_SIZE:
             raise ValueError(f"part_size must be between 5 MiB and 5 GiB, not {part_size}")
@@ -386,6 +423,7 @@ class S3Copier:
         self._part_size = part_size
         self._max_concurrency = max_concurrency
         self._max_in_memory_chunks = max_in_memory_chunks
+        self._clock = clock  # measures an attempt's budget
 
     # ------------------------------------------------------------------------------ public
 
@@ -395,32 +433,72 @@ class S3Copier:
         key: str,
         *,
         metadata: dict[str, str],
-        heartbeat: Callable[[int], None] | None = None,
+        heartbeat: Heartbeat | None = None,
+        resume: str | None = None,
+        budget: float | None = None,
     ) -> StoredObject:
         """Stream ``source_url`` into ``s3://bucket/key``, verify it, and stamp its SHA-256.
 
         Metadata keys and values must be printable ASCII (S3 sends them as headers); "sha256" is
         reserved. Raises the ``workers.errors`` classes listed in the module docstring. When it
-        raises, ``find(key)`` reports no new copy: a failed source aborts the upload (no object),
-        a size mismatch deletes the object, and an object whose stamping failed has no "sha256".
+        raises, ``find(key)`` reports no new copy: nothing is stored under ``key`` until the
+        whole video is, a size mismatch deletes the object, and an object whose stamping failed
+        has no "sha256".
+
+        A multipart copy keeps its upload open when it fails or runs out of ``budget`` seconds
+        (then it raises :class:`~workers.errors.CopyPaused`): ``heartbeat(bytes, checkpoint)``
+        is handed a checkpoint (JSON) now and then, and a later call given it as ``resume`` goes
+        on from there instead of starting over. ``abort(key, checkpoint)`` gives the upload up.
         """
         self._check_metadata(metadata)
         source = redact_url(source_url)
+        point = Checkpoint.from_json(resume)
+        etags: dict[int, str] = {}
+        if point is not None:
+            found = self._reopen(key, point, source)
+            if isinstance(found, StoredObject):
+                return found
+            point, etags = found if found is not None else (None, {})
+        headers = {"Accept-Encoding": "identity"}
+        if point is not None:
+            headers["Range"] = f"bytes={point.offset}-"
+            if point.etag:
+                headers["If-Range"] = point.etag
         try:
             with self._http.stream(
-                "GET",
-                source_url,
-                headers={"Accept-Encoding": "identity"},
-                follow_redirects=True,
+                "GET", source_url, headers=headers, follow_redirects=True
             ) as response:
                 self._check_status(response, source_url, source)
-                return self._store(response, key, metadata, source, heartbeat)
+                if point is not None and not _continues(response, point):
+                    # The source sent the whole video (no ranges, or it changed): start over.
+                    logger.info("%s: the source did not resume at byte %d; copying from the "
+                                "start", self._uri(key), point.offset)  # fmt: skip
+                    self.abort(key, point.to_json())
+                    point, etags = None, {}
+                    if response.status_code != 200:
+                        raise SourceUnavailable(f"{source} answered a range we did not ask for")
+                job = _Job(key, metadata, source, heartbeat, budget)
+                return self._store(response, job, point, etags)
         except (httpx.UnsupportedProtocol, httpx.InvalidURL) as exc:
             raise SourceRejected(f"cannot download {source}: {exc}") from exc
         except httpx.HTTPError as exc:
             raise SourceUnavailable(
                 f"download of {source} failed: {type(exc).__name__}: {exc}"
             ) from exc
+
+    def abort(self, key: str, checkpoint: str | None) -> None:
+        """Give up the unfinished multipart upload a checkpoint names (its parts are deleted).
+        Quiet: an upload already gone, or S3 down (the bucket's lifecycle rule sweeps it)."""
+        point = Checkpoint.from_json(checkpoint)
+        if point is not None:
+            self._abort_upload(key, point.upload_id)
+
+    def _abort_upload(self, key: str, upload_id: str) -> None:
+        try:
+            self._s3.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
+        except (BotoCoreError, ClientError) as exc:
+            logger.info("could not abort the upload of %s (%s); the lifecycle rule will",
+                        self._uri(key), type(exc).__name__)  # fmt: skip
 
     def find(self, key: str) -> StoredObject | None:
         """The stored copy under ``key``, or None when there is none.
@@ -462,7 +540,7 @@ class S3Copier:
     @staticmethod
     def _check_status(response: httpx.Response, source_url: str, source: str) -> None:
         status = response.status_code
-        if status == 200:
+        if status in (200, 206):
             return
         excerpt = _error_excerpt(response, source_url)
         message = f"{source} answered HTTP {status}: {excerpt}"
@@ -477,10 +555,9 @@ class S3Copier:
     def _store(
         self,
         response: httpx.Response,
-        key: str,
-        metadata: Mapping[str, str],
-        source: str,
-        heartbeat: Callable[[int], None] | None = None,
+        job: _Job,
+        point: Checkpoint | None,
+        etags: dict[int, str],
     ) -> StoredObject:
         length = _content_length(response)
         encoding = response.headers.get("content-encoding", "identity").strip().lower()
@@ -490,12 +567,19 @@ class S3Copier:
         else:  # refused our Accept-Encoding: identity; Content-Length counts the encoded bytes
             chunks = response.iter_bytes()
             expected = None
-        reader = SourceReader(chunks, expected_size=expected, source=source, heartbeat=heartbeat)
+        reader = SourceReader(
+            chunks,
+            expected_size=expected,
+            source=job.source,
+            heartbeat=job.beat if job.heartbeat is not None else None,
+        )
         body = io.BufferedReader(reader, buffer_size=_READ_BUFFER)
         try:
-            if expected is not None and expected <= self._part_size:
-                return self._put_whole(body, reader, key, metadata, source)
-            return self._put_multipart(body, reader, key, metadata, source, length)
+            if point is None and expected is not None and expected <= self._part_size:
+                return self._put_whole(body, reader, job.key, job.metadata, job.source)
+            total = point.total if point is not None else expected
+            etag = response.headers.get("etag") if point is None else point.etag
+            return self._put_multipart(body, reader, job, total, etag, point, etags)
         finally:
             body.close()
 
@@ -535,45 +619,140 @@ class S3Copier:
         self,
         body: io.BufferedReader[SourceReader],
         reader: SourceReader,
-        key: str,
-        metadata: Mapping[str, str],
-        source: str,
-        length: int | None,
+        job: _Job,
+        total: int | None,
+        source_etag: str | None,
+        point: Checkpoint | None,
+        etags: dict[int, str],
     ) -> StoredObject:
-        """Stream a bigger video (or one of unknown length) as a managed multipart upload.
+        """Stream a bigger video (or one of unknown length) as a multipart upload, part by part,
+        a bounded number in flight, from ``point`` when a checkpoint resumes it.
 
         The SHA-256 is only known once the stream ends, after the object's metadata was sent, so
         it becomes the object's ``sha256`` tag (a metadata-only call). Servers without tagging get
         the old way: the object copied onto itself with the hash in its metadata, which rewrites
         every byte (27 % of a 1 GiB copy on moto, bench/copy_speed.py).
         """
-        part_size = _part_size_for(length, self._part_size)
-        config = TransferConfig(
-            multipart_threshold=self._part_size,
-            multipart_chunksize=part_size,
-            max_concurrency=self._max_concurrency,
-            use_threads=True,
-            preferred_transfer_client="classic",  # the CRT client ignores the memory bounds
+        key = job.key
+        if point is None:
+            part_size = _part_size_for(total, self._part_size)
+            hasher = new_hash()
+            try:
+                created = self._s3.create_multipart_upload(
+                    Bucket=self.bucket,
+                    Key=key,
+                    Metadata=dict(job.metadata),
+                    ContentType=CONTENT_TYPE,
+                )
+            except (BotoCoreError, ClientError) as exc:
+                raise self._storage_error("upload to", key, exc) from exc
+            upload_id, first, states = created["UploadId"], 1, {0: hash_state(hasher)}
+        else:
+            part_size, hasher = point.part_size, restore_hash(point.sha_state)
+            upload_id, first, states = (
+                point.upload_id,
+                point.parts + 1,
+                {point.parts: point.sha_state},
+            )
+
+        def checkpoint(parts: int) -> Checkpoint | None:
+            if total is None:
+                return None  # a length we do not know cannot be resumed with a range
+            return Checkpoint(upload_id, part_size, total, parts, states[parts], source_etag)
+
+        uploads = PartUploads(
+            lambda number, data: self._upload_part(key, upload_id, number, data),
+            concurrency=self._max_concurrency,
+            in_flight=self._max_in_memory_chunks,
+            first=first,
+            etags=etags,
         )
-        config.max_in_memory_upload_chunks = self._max_in_memory_chunks
-        extra: dict[str, Any] = {"Metadata": dict(metadata), "ContentType": CONTENT_TYPE}
+        last_saved = time.monotonic()
+
+        def beat(force: bool = False) -> None:
+            nonlocal last_saved
+            if force or time.monotonic() - last_saved >= job.every:
+                last_saved = time.monotonic()
+                point_now = checkpoint(uploads.done)
+                job.beat(reader.size, point_now.to_json() if point_now else None)
+
+        number = first
+        stop_at = self._clock() + job.budget if job.budget is not None else None
         try:
-            self._s3.upload_fileobj(body, self.bucket, key, ExtraArgs=extra, Config=config)
-        except Exception as exc:
-            # s3transfer re-raises an exception from read() as itself (and aborts the multipart
-            # upload); the reader also keeps it, in case a wrapper ever hides it.
+            while True:
+                if stop_at is not None and total is not None and self._clock() >= stop_at:
+                    uploads.finish(beat)
+                    paused = checkpoint(uploads.done)
+                    assert paused is not None
+                    beat(force=True)
+                    raise CopyPaused(
+                        f"copy of {job.source} paused at byte {paused.offset} of {total} (its "
+                        "time budget); the next attempt goes on from there",
+                        paused.to_json(),
+                    )
+                data = body.read(part_size)  # whole parts: the reader never short-reads
+                if not data:
+                    break
+                hasher.update(data)
+                states[number] = hash_state(hasher)
+                uploads.submit(number, data, beat)
+                del data
+                uploads.collect()
+                beat()
+                number += 1
+            uploads.finish(beat)
+        except CopyPaused:
+            raise
+        except BaseException:
+            uploads.drain()
+            if job.heartbeat is not None and total is not None:
+                with contextlib.suppress(Exception):
+                    beat(force=True)  # keep what is done for the next attempt
+            else:  # nobody could resume it: do not leave it behind
+                self._abort_upload(key, upload_id)
             if reader.error is not None:
                 raise reader.error from reader.error.__cause__
-            if isinstance(exc, BotoCoreError | ClientError | Boto3Error):
-                raise self._storage_error("upload to", key, exc) from exc
             raise
         if not reader.finished:  # the consumer stopped before the end: never trust that object
-            self._delete_quietly(key)
-            raise CopyMismatch(
-                f"upload of {source} to {self._uri(key)} stopped after {reader.size} bytes"
-            )
-        size, sha256 = reader.size, reader.sha256
+            raise CopyMismatch(f"upload of {job.source} stopped after {reader.size} bytes")
+        sha256 = str(hasher.finalize())
+        size = (point.offset if point is not None else 0) + reader.size
+        beat(force=True)  # every part in: a crash after completing can still find the hash
+        return self._complete(key, upload_id, uploads.parts(), size, sha256, job)
 
+    def _upload_part(self, key: str, upload_id: str, number: int, data: bytes) -> str:
+        try:
+            answer = self._s3.upload_part(
+                Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=data
+            )
+        except (BotoCoreError, ClientError) as exc:
+            raise self._storage_error(f"part {number} of", key, exc) from exc
+        return str(answer["ETag"])
+
+    def _complete(
+        self,
+        key: str,
+        upload_id: str,
+        parts: list[dict[str, Any]],
+        size: int,
+        sha256: str,
+        job: _Job,
+    ) -> StoredObject:
+        """Complete the upload, check the stored size, record the SHA-256."""
+        try:
+            self._s3.complete_multipart_upload(
+                Bucket=self.bucket,
+                Key=key,
+                UploadId=upload_id,
+                MultipartUpload={"Parts": parts},  # type: ignore[typeddict-item]
+            )
+        except (BotoCoreError, ClientError) as exc:
+            raise self._storage_error("completing the upload to", key, exc) from exc
+        return self._verified(key, size, sha256, job.metadata, job.source)
+
+    def _verified(
+        self, key: str, size: int, sha256: str, metadata: Mapping[str, str], source: str
+    ) -> StoredObject:
         head = self._head(key)
         if head is None:
             raise StorageUnavailable(f"{self._uri(key)} is missing right after its upload")
@@ -583,21 +762,56 @@ class S3Copier:
             raise CopyMismatch(
                 f"{self._uri(key)} holds {stored} bytes but {size} were streamed from {source}"
             )
-
         final = {name.lower(): value for name, value in metadata.items()}
         etag = head.get("ETag")
-        if self._tag(key, sha256):
-            return self._stored(key, reader, etag, final, source)
-        if size <= _MAX_COPY_OBJECT_SIZE:
-            final[SHA256_KEY] = sha256
-            etag = self._stamp(key, final, etag)
-        else:
-            logger.warning(
-                "%s is over 5 GiB on a server without tagging: its sha256 %s is not recorded",
-                self._uri(key),
-                sha256,
-            )
-        return self._stored(key, reader, etag, final, source)
+        if not self._tag(key, sha256):
+            if size <= _MAX_COPY_OBJECT_SIZE:
+                final[SHA256_KEY] = sha256
+                etag = self._stamp(key, final, etag)
+            else:
+                logger.warning(
+                    "%s is over 5 GiB on a server without tagging: its sha256 %s is not recorded",
+                    self._uri(key),
+                    sha256,
+                )
+        logger.info("copied %s to %s (%d bytes, sha256 %s)", source, self._uri(key), size, sha256)
+        return StoredObject(self.bucket, key, size, sha256, etag, final)
+
+    def _reopen(
+        self, key: str, point: Checkpoint, source: str
+    ) -> StoredObject | tuple[Checkpoint, dict[int, str]] | None:
+        """Check a checkpoint against S3: its parts (and their ETags) when the upload is still
+        open and holds them; the finished copy when the upload was completed (by an attempt
+        that died before recording it); None to start over."""
+        etags: dict[int, str] = {}
+        marker = 0
+        try:
+            while True:
+                page = self._s3.list_parts(
+                    Bucket=self.bucket, Key=key, UploadId=point.upload_id, PartNumberMarker=marker
+                )
+                for part in page.get("Parts", []):
+                    number = int(part["PartNumber"])
+                    wanted = min(point.part_size, point.total - (number - 1) * point.part_size)
+                    if number <= point.parts and int(part["Size"]) == wanted:
+                        etags[number] = str(part["ETag"])
+                if not page.get("IsTruncated"):
+                    break
+                marker = int(page["NextPartNumberMarker"])
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") != "NoSuchUpload":
+                raise self._storage_error("listing the parts of", key, exc) from exc
+            if point.complete:  # completed, then the attempt died: finish recording it
+                return self._verified(key, point.total, point.sha256(), {}, source)
+            return None
+        except BotoCoreError as exc:
+            raise self._storage_error("listing the parts of", key, exc) from exc
+        if len(etags) != point.parts:
+            logger.info("%s: the open upload lacks parts the checkpoint names; starting over",
+                        self._uri(key))  # fmt: skip
+            self.abort(key, point.to_json())
+            return None
+        return point, etags
 
     def _stored(
         self,
@@ -726,3 +940,37 @@ def _error_excerpt(response: httpx.Response, source_url: str) -> str:
         if len(value) >= 6:
             text = text.replace(value, "***")
     return text
+
+
+LIFECYCLE_RULE_ID = "animate-queue-abort-incomplete-uploads"
+
+
+def ensure_abort_rule(s3: S3Client, bucket: str, prefix: str, days: int) -> dict[str, Any]:
+    """Make the bucket abort multipart uploads left unfinished ``days`` after they began, under
+    ``prefix`` (copies keep uploads open between attempts on purpose; one whose job ended
+    without finishing it is aborted by the workers, and this rule sweeps what a crash left).
+
+    The bucket's other lifecycle rules are kept; ours is replaced by its id. The rule set."""
+    try:
+        current = s3.get_bucket_lifecycle_configuration(Bucket=bucket).get("Rules", [])
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") != "NoSuchLifecycleConfiguration":
+            raise StorageUnavailable(f"reading the lifecycle of {bucket}: {exc}") from exc
+        current = []
+    except BotoCoreError as exc:
+        raise StorageUnavailable(f"reading the lifecycle of {bucket}: {exc}") from exc
+    rule: dict[str, Any] = {
+        "ID": LIFECYCLE_RULE_ID,
+        "Filter": {"Prefix": prefix.strip("/") + "/" if prefix.strip("/") else ""},
+        "Status": "Enabled",
+        "AbortIncompleteMultipartUpload": {"DaysAfterInitiation": days},
+    }
+    rules = [r for r in current if r.get("ID") != LIFECYCLE_RULE_ID] + [rule]
+    try:
+        s3.put_bucket_lifecycle_configuration(
+            Bucket=bucket,
+            LifecycleConfiguration={"Rules": rules},  # type: ignore[typeddict-item]
+        )
+    except (BotoCoreError, ClientError) as exc:
+        raise StorageUnavailable(f"writing the lifecycle of {bucket}: {exc}") from exc
+    return rule

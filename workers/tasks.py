@@ -15,6 +15,7 @@ import time
 from typing import Any
 
 from celery import Task, bootsteps
+from celery.exceptions import SoftTimeLimitExceeded
 
 from config.celery_app import app, settings
 from workers import pipeline
@@ -218,7 +219,12 @@ def poll_job(self: Task[Any, Any], job_id: str, version: int) -> None:
     **RETRY,
 )
 def copy_job(self: Task[Any, Any], job_id: str, version: int) -> None:
-    schedule(pipeline.copy(services(), job_id, version))
+    """The copy. It pauses itself before its time budget ends (the next attempt goes on from
+    its checkpoint); should something hang past the soft limit, it is sent again at once."""
+    try:
+        schedule(pipeline.copy(services(), job_id, version))
+    except SoftTimeLimitExceeded:
+        schedule(pipeline.copy_interrupted(services(), job_id))
 
 
 @app.task(name="animate.webhook", bind=True, base=MeteredTask, **RETRY)

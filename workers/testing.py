@@ -396,10 +396,12 @@ class FakeCopier:
     """
 
     def __init__(self, results: Iterable[StoredCopy | BaseException] = ()) -> None:
-        self.heartbeats: list[Callable[[int], None] | None] = []
+        self.heartbeats: list[Callable[..., None] | None] = []
         self.script: deque[StoredCopy | BaseException] = deque(results)
         self.calls: list[tuple[str, str, dict[str, str]]] = []
         self.objects: dict[str, StoredCopy] = {}
+        self.aborted: list[tuple[str, str]] = []
+        self.resumes: list[str | None] = []  # the checkpoint each copy was given
         self.on_copy: Callable[[], None] | None = None
 
     def copy(
@@ -407,9 +409,12 @@ class FakeCopier:
         url: str,
         key: str,
         metadata: dict[str, str],
-        heartbeat: Callable[[int], None] | None = None,
+        heartbeat: Callable[..., None] | None = None,
+        resume: str | None = None,
+        budget: float | None = None,
     ) -> StoredCopy:
         self.heartbeats.append(heartbeat)
+        self.resumes.append(resume)
         self.calls.append((url, key, dict(metadata)))
         if self.on_copy is not None:
             self.on_copy()
@@ -419,6 +424,9 @@ class FakeCopier:
 
     def find(self, key: str) -> StoredCopy | None:
         return self.objects.get(key)
+
+    def abort(self, key: str, checkpoint: str) -> None:
+        self.aborted.append((key, checkpoint))
 
 
 VALID_IMAGE = ImageFacts("PNG", 200_000, 768, 1024)

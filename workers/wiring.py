@@ -193,6 +193,8 @@ def build_services(settings: Settings) -> Services:
             backoff=Backoff(base=settings.copy_backoff_base, cap=settings.copy_backoff_max),
             lease_seconds=settings.copy_lease_seconds,
             expiry_margin=settings.copy_expiry_margin_seconds,
+            # Pause (and go on in the next attempt) well before the task's soft time limit.
+            attempt_seconds=max(settings.copy_time_limit / 2, settings.copy_time_limit - 60),
         ),
     )
 

@@ -303,3 +303,77 @@ def test_both_checksum_modes_work_against_moto(
     direct = boto3.client("s3", endpoint_url=moto_endpoint, region_name="us-east-1")
     body = direct.get_object(Bucket=bucket, Key=f"{mode}.mp4")["Body"].read()
     assert hashlib.sha256(body).hexdigest() == stored.sha256
+
+
+def test_a_paused_copy_resumes_from_its_checkpoint_in_another_copier(
+    emulator: EmulatorServer, api_key: str, s3: Any, bucket: str, http_client: httpx.Client
+) -> None:
+    """A 20 MB video (3 parts) whose first attempt runs out of time after two parts: the open
+    upload is kept; a second copier (as in another process) lists the parts moto holds, asks
+    the emulator for the rest with a Range, uploads the third part only, and the object is
+    byte-exact with the SHA-256 of all of it."""
+    from workers.errors import CopyPaused
+
+    pad = 20_000_000
+    httpx.patch(
+        f"{emulator.url}/_emulator/config", json={"video_pad_bytes": pad}
+    ).raise_for_status()
+    url = video_url(emulator, api_key)
+    whole = http_client.get(url).content
+    parts: list[int] = []
+    s3.meta.events.register(
+        "provide-client-params.s3.UploadPart",
+        lambda params, **_: parts.append(params["PartNumber"]),
+    )
+    ticks = iter(range(1_000_000))
+    first = S3Copier(s3, http_client, bucket=bucket, clock=lambda: float(next(ticks)))
+    with pytest.raises(CopyPaused) as paused:
+        first.copy(url, "resumed.mp4", metadata={"job-id": "r"}, heartbeat=lambda *_: None,
+                   budget=2.5)  # fmt: skip
+    assert sorted(parts) == [1, 2]
+    assert len(uploads_in_progress(s3, bucket)) == 1
+    assert s3.list_objects_v2(Bucket=bucket).get("KeyCount", 0) == 0
+
+    second = S3Copier(s3, http_client, bucket=bucket)
+    stored = second.copy(
+        url, "resumed.mp4", metadata={"job-id": "r"}, resume=paused.value.checkpoint
+    )
+    assert sorted(parts) == [1, 2, 3]
+    assert stored.size == pad == len(whole)
+    assert stored.sha256 == hashlib.sha256(whole).hexdigest()
+    body = s3.get_object(Bucket=bucket, Key="resumed.mp4")["Body"].read()
+    assert body == whole
+    assert uploads_in_progress(s3, bucket) == []
+    assert second.find("resumed.mp4") == stored
+
+
+def test_bucket_setup_adds_the_abort_rule_and_keeps_the_others(
+    moto_endpoint: str, s3: Any, bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`animate-queue bucket setup` puts the rule that sweeps unfinished uploads under
+    S3_PREFIX, keeps the bucket's other rules, and running it twice changes nothing more."""
+    from click.testing import CliRunner
+
+    from config.settings import get_settings
+    from workers import cli
+
+    other = {"ID": "logs", "Filter": {"Prefix": "logs/"}, "Status": "Enabled",
+             "Expiration": {"Days": 30}}  # fmt: skip
+    s3.put_bucket_lifecycle_configuration(Bucket=bucket, LifecycleConfiguration={"Rules": [other]})
+    monkeypatch.setenv("S3_BUCKET", bucket)
+    monkeypatch.setenv("S3_PREFIX", "animate-queue/videos")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_endpoint)
+    get_settings.cache_clear()
+    try:
+        for _ in range(2):
+            result = CliRunner().invoke(cli.main, ["bucket", "setup", "--days", "2"])
+            assert result.exit_code == 0, result.output
+    finally:
+        get_settings.cache_clear()
+    assert "aborted 2 day(s) after" in result.output
+    rules = {r["ID"]: r for r in s3.get_bucket_lifecycle_configuration(Bucket=bucket)["Rules"]}
+    assert set(rules) == {"logs", "animate-queue-abort-incomplete-uploads"}
+    ours = rules["animate-queue-abort-incomplete-uploads"]
+    assert ours["AbortIncompleteMultipartUpload"] == {"DaysAfterInitiation": 2}
+    assert ours["Filter"] == {"Prefix": "animate-queue/videos/"}
+    assert ours["Status"] == "Enabled"

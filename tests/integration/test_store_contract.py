@@ -103,6 +103,7 @@ def full_job(job_id: str = "full-1") -> Job:
         throttled=2,
         cancel_requested=True,
         wake="sent",
+        copy_checkpoint='{"upload_id":"u1","parts":2}',
         resumes=2,
         resume_state="COPYING",
         webhook_state="pending",

@@ -11,6 +11,7 @@ import pytest
 from workers import pipeline
 from workers.errors import (
     CopyMismatch,
+    CopyPaused,
     DashScopeBadResponse,
     DashScopeRejected,
     DashScopeUnavailable,
@@ -879,10 +880,43 @@ class TestCopy:
         assert step is not None and pipeline.copy(w.svc, JOB, step.version) is None
         assert w.job().state == JobState.STORED
 
+    def test_an_interrupted_copy_is_sent_again_at_once(self, w: World) -> None:
+        """The task's soft time limit: the copy goes on at once, at a new version (the stuck
+        attempt's lease renewals are fenced off); a job no longer COPYING is left alone."""
+        step = copying(w)
+        again = pipeline.copy_interrupted(w.svc, JOB)
+        assert again is not None and (again.step, again.countdown) == ("copy", 0)
+        assert again.version > step.version
+        w.copier.script.append(stored_copy(KEY))
+        assert pipeline.copy(w.svc, JOB, again.version) is None
+        assert pipeline.copy_interrupted(w.svc, JOB) is None  # STORED
+
+    def test_a_paused_copy_goes_on_at_once_from_its_checkpoint(self, w: World) -> None:
+        """A copy that used its time budget: sent again at once (no backoff), and the next
+        attempt is handed the checkpoint; the record drops it once the video is stored."""
+        step = copying(w)
+        w.copier.script.append(CopyPaused("paused at byte 16 MiB", '{"upload_id": "u1"}'))
+        again = pipeline.copy(w.svc, JOB, step.version)
+        assert again is not None and (again.step, again.countdown) == ("copy", 0)
+        assert w.job().copy_checkpoint == '{"upload_id": "u1"}'
+        assert w.job().error_code is None  # not a failure
+        w.copier.script.append(stored_copy(KEY))
+        assert pipeline.copy(w.svc, JOB, again.version) is None
+        assert w.copier.resumes == [None, '{"upload_id": "u1"}']
+        job = w.job()
+        assert (job.state, job.copy_checkpoint) == (JobState.STORED, None)
+
     def test_retries_end_at_the_urls_expiry(self, w: World) -> None:
         """An outage that outlives the URL: the job ends EXPIRED with the last error, and the
-        unfinished multipart upload it may have left is aborted."""
+        unfinished multipart upload it left is aborted."""
         step: Next | None = copying(w)
+
+        def saves_a_checkpoint() -> None:
+            heartbeat = w.copier.heartbeats[-1]
+            assert heartbeat is not None
+            heartbeat(8 * 1024 * 1024, '{"upload_id": "u9"}')
+
+        w.copier.on_copy = saves_a_checkpoint
         while step is not None:
             w.copier.script.append(StorageUnavailable("503 Slow Down"))
             step = pipeline.copy(w.svc, JOB, step.version)
@@ -892,6 +926,8 @@ class TestCopy:
         assert (job.state, job.error_code) == (JobState.EXPIRED, "VideoUrlExpired")
         assert "StorageUnavailable: 503 Slow Down" in (job.error_message or "")
         assert w.clock.now <= EXPIRES
+        assert w.copier.aborted == [(KEY, '{"upload_id": "u9"}')]
+        assert job.copy_checkpoint is None
 
     def test_only_a_later_attempt_looks_for_an_earlier_attempts_object(self, w: World) -> None:
         """An attempt that stored the object and died before recording it: the next attempt

@@ -77,3 +77,25 @@ def test_the_worker_runs_the_dispatcher_step() -> None:
     step.dispatcher = Fake()  # type: ignore[assignment]
     step.terminate(None)
     assert stopped == [True] and step.dispatcher is None
+
+
+def test_a_copy_that_hits_its_soft_time_limit_is_sent_again_at_once(
+    recorder: Recorder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SoftTimeLimitExceeded (a read or part upload hung past the budget's margin) is handled:
+    the copy goes on from its checkpoint in a fresh message instead of the job waiting for the
+    watchdog."""
+    from celery.exceptions import SoftTimeLimitExceeded
+
+    from workers import pipeline
+
+    def hangs(svc: Any, job_id: str, version: int) -> None:
+        raise SoftTimeLimitExceeded()
+
+    monkeypatch.setattr(pipeline, "copy", hangs)
+    monkeypatch.setattr(tasks, "services", lambda: None)
+    monkeypatch.setattr(
+        pipeline, "copy_interrupted", lambda svc, job_id: Next("copy", job_id, 9, 0, "shop")
+    )
+    tasks.copy_job.run("j1", 8)
+    assert [(name, args) for name, args, _ in recorder.sent] == [("animate.copy", ("j1", 9))]

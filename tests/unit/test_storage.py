@@ -17,7 +17,6 @@ from typing import Any
 
 import httpx
 import pytest
-from boto3.exceptions import S3UploadFailedError
 from botocore.exceptions import ClientError, EndpointConnectionError, ReadTimeoutError
 
 from workers import storage
@@ -28,6 +27,7 @@ from workers.errors import (
     SourceUnavailable,
     StorageUnavailable,
 )
+from workers.multipart import Checkpoint
 from workers.storage import S3Copier, SourceReader, StoredObject, make_s3_client
 
 MiB = 1024 * 1024
@@ -182,12 +182,13 @@ def test_make_s3_client_refuses_bad_values(kwargs: dict[str, Any]) -> None:
 
 
 class FakeS3:
-    """Just enough of an S3 client for S3Copier, reading bodies like s3transfer does."""
+    """Just enough of an S3 client for S3Copier: objects, multipart uploads, tags."""
 
     def __init__(self) -> None:
         self.objects: dict[str, dict[str, Any]] = {}
         self.calls: list[tuple[str, dict[str, Any]]] = []
-        self.configs: list[Any] = []
+        self.uploads: dict[str, dict[str, Any]] = {}
+        self._uploads = 0
         self.upload_error: BaseException | None = None
         self.stop_after: int | None = None  # store only the first N bytes, then stop reading
         self.size_lie: int = 0  # added to ContentLength on HEAD
@@ -202,28 +203,68 @@ class FakeS3:
         self._etags += 1
         return f'"etag-{self._etags}"'
 
-    def upload_fileobj(self, Fileobj, Bucket, Key, ExtraArgs=None, Config=None):
+    def create_multipart_upload(self, Bucket, Key, Metadata, ContentType):
+        self.calls.append(("create_multipart_upload", {"Key": Key, "Metadata": Metadata}))
+        self._uploads += 1
+        upload_id = f"upload-{self._uploads}"
+        self.uploads[upload_id] = {
+            "Key": Key,
+            "Metadata": {k.lower(): v for k, v in Metadata.items()},
+            "ContentType": ContentType,
+            "parts": {},
+        }
+        return {"UploadId": upload_id}
+
+    def upload_part(self, Bucket, Key, UploadId, PartNumber, Body):
         self.calls.append(
-            ("upload_fileobj", {"Bucket": Bucket, "Key": Key, "ExtraArgs": ExtraArgs})
+            ("upload_part", {"Key": Key, "PartNumber": PartNumber, "Size": len(Body)})
         )
-        self.configs.append(Config)
-        parts = [Fileobj.read(Config.multipart_threshold)]
-        while (self.stop_after is None or sum(map(len, parts)) < self.stop_after) and (
-            part := Fileobj.read(Config.multipart_chunksize)
-        ):
-            parts.append(part)
         if self.upload_error is not None:
             raise self.upload_error
-        data = b"".join(parts)
+        if UploadId not in self.uploads:
+            raise client_error("NoSuchUpload", 404, "UploadPart")
+        etag = f'"part-{PartNumber}-{hashlib.md5(Body).hexdigest()[:8]}"'
+        self.uploads[UploadId]["parts"][PartNumber] = (bytes(Body), etag)
+        return {"ETag": etag}
+
+    def list_parts(self, Bucket, Key, UploadId, PartNumberMarker=0):
+        self.calls.append(("list_parts", {"Key": Key, "UploadId": UploadId}))
+        if UploadId not in self.uploads:
+            raise client_error("NoSuchUpload", 404, "ListParts")
+        parts = self.uploads[UploadId]["parts"]
+        return {
+            "Parts": [
+                {"PartNumber": n, "ETag": etag, "Size": len(body)}
+                for n, (body, etag) in sorted(parts.items())
+                if n > PartNumberMarker
+            ],
+            "IsTruncated": False,
+        }
+
+    def complete_multipart_upload(self, Bucket, Key, UploadId, MultipartUpload):
+        self.calls.append(("complete_multipart_upload", {"Key": Key, "UploadId": UploadId}))
+        upload = self.uploads.pop(UploadId)
+        stored = upload["parts"]
+        chosen = [(p["PartNumber"], p["ETag"]) for p in MultipartUpload["Parts"]]
+        assert [n for n, _ in chosen] == list(range(1, len(chosen) + 1))
+        assert all(stored[n][1] == etag for n, etag in chosen)
+        data = b"".join(stored[n][0] for n, _ in chosen)
         if self.stop_after is not None:
             data = data[: self.stop_after]
         self.objects[Key] = {
             "Body": data,
-            "Metadata": {k.lower(): v for k, v in ExtraArgs.get("Metadata", {}).items()},
-            "ContentType": ExtraArgs.get("ContentType"),
+            "Metadata": upload["Metadata"],
+            "ContentType": upload["ContentType"],
             "ETag": self._etag(),
         }
         self.tags.pop(Key, None)
+        return {}
+
+    def abort_multipart_upload(self, Bucket, Key, UploadId):
+        self.calls.append(("abort_multipart_upload", {"Key": Key, "UploadId": UploadId}))
+        if self.uploads.pop(UploadId, None) is None:
+            raise client_error("NoSuchUpload", 404, "AbortMultipartUpload")
+        return {}
 
     def put_object(self, Bucket, Key, Body, Metadata, ContentType, ContentMD5):
         self.calls.append(("put_object", {"Bucket": Bucket, "Key": Key, "Metadata": Metadata}))
@@ -313,6 +354,16 @@ def source(
     return httpx.Client(transport=httpx.MockTransport(handler))
 
 
+def beats(saved: list[str]) -> Callable[..., None]:
+    """A heartbeat that keeps every checkpoint it is handed."""
+
+    def beat(copied: int, checkpoint: str | None = None) -> None:
+        if checkpoint is not None:
+            saved.append(checkpoint)
+
+    return beat
+
+
 def copier(s3: FakeS3, http: httpx.Client, **kwargs: Any) -> S3Copier:
     return S3Copier(s3, http, bucket="videos", **kwargs)  # type: ignore[arg-type]
 
@@ -330,14 +381,16 @@ def test_copy_streams_verifies_and_tags_sha256() -> None:
     assert obj["Metadata"] == {"job-id": "j1"}
     assert obj["ContentType"] == "video/mp4"
     assert s3.tags["jobs/j1.mp4"] == {"sha256": sha}
-    [upload] = s3.called("upload_fileobj")
-    assert upload["ExtraArgs"] == {"Metadata": {"Job-Id": "j1"}, "ContentType": "video/mp4"}
-    [config] = s3.configs
-    assert (config.multipart_threshold, config.multipart_chunksize) == (8 * MiB, 8 * MiB)
-    assert (config.max_concurrency, config.max_in_memory_upload_chunks) == (4, 2)
-    assert config.preferred_transfer_client == "classic"
+    [upload] = s3.called("create_multipart_upload")
+    assert upload["Metadata"] == {"Job-Id": "j1"}
+    assert [p["Size"] for p in s3.called("upload_part")] == [8 * MiB, 8 * MiB, 4 * MiB + 3]
     # no copy_object: the object's bytes are never rewritten to record the hash
-    assert [op for op, _ in s3.calls] == ["upload_fileobj", "head_object", "put_object_tagging"]
+    assert [op for op, _ in s3.calls if op != "upload_part"] == [
+        "create_multipart_upload",
+        "complete_multipart_upload",
+        "head_object",
+        "put_object_tagging",
+    ]
 
     found = copier(s3, source()).find("jobs/j1.mp4")
     assert found == stored
@@ -382,8 +435,9 @@ def test_a_refused_tag_gets_the_sha256_stamped_into_metadata(refusal: Exception)
     sha = hashlib.sha256(data).hexdigest()
     assert stored.metadata == {"job-id": "j", "sha256": sha}
     assert stored.etag == '"etag-2"'
-    assert [op for op, _ in s3.calls] == [
-        "upload_fileobj",
+    assert [op for op, _ in s3.calls if op != "upload_part"] == [
+        "create_multipart_upload",
+        "complete_multipart_upload",
         "head_object",
         "put_object_tagging",
         "copy_object",
@@ -409,17 +463,18 @@ def test_copy_without_content_length_still_verifies_the_counted_bytes() -> None:
 
 
 def test_copy_sizes_parts_from_content_length() -> None:
-    size = 200 * 1024 * MiB  # announced, never sent: the fake fails the upload at once
+    """200 GiB announced: 8 MiB parts would need 25,600 of S3's 10,000; 21 MiB ones fit."""
+    size = 200 * 1024 * MiB  # announced; the fake sends 30 MiB, then the line drops
     s3 = FakeS3()
-    s3.upload_error = client_error("AccessDenied", 403)
 
     def handler(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(200, headers={"content-length": str(size)}, content=iter([b""]))
+        return httpx.Response(
+            200, headers={"content-length": str(size)}, content=chunked(payload(30 * MiB))
+        )
 
-    with pytest.raises(SourceUnavailable):  # the reader failed first: it is what surfaces
+    with pytest.raises(SourceUnavailable, match="ended short"):
         copier(s3, httpx.Client(transport=httpx.MockTransport(handler))).copy(URL, "k", metadata={})
-    assert s3.configs[0].multipart_chunksize == 21 * MiB
-    assert s3.configs[0].multipart_threshold == 8 * MiB
+    assert [p["Size"] for p in s3.called("upload_part")] == [21 * MiB]
 
 
 @pytest.mark.parametrize(
@@ -521,20 +576,19 @@ def test_body_shorter_than_content_length_stores_nothing(size: int) -> None:
     assert copier(s3, http).find("k") is None
 
 
-def test_reader_error_wins_over_a_wrapping_upload_error() -> None:
-    """If s3transfer ever wrapped our error (as boto3's upload_file does), it still surfaces."""
-    data = payload(20 * MiB)
-
-    class Wrapping(FakeS3):
-        def upload_fileobj(self, Fileobj, *args, **kwargs):
-            try:
-                super().upload_fileobj(Fileobj, *args, **kwargs)
-            except SourceUnavailable as exc:
-                raise S3UploadFailedError("Failed to upload") from exc
-
-    s3 = Wrapping()
+def test_a_source_error_mid_upload_surfaces_as_itself_and_keeps_the_upload() -> None:
+    """The source breaks after two parts: SourceUnavailable (not a storage error), nothing is
+    stored under the key, and the open upload's checkpoint holds the two parts done."""
+    data = payload(30 * MiB)
+    saved: list[str] = []
+    s3 = FakeS3()
+    http = source(data, stream=lambda: chunked(data[: 17 * MiB]))
     with pytest.raises(SourceUnavailable, match="ended short"):
-        copier(s3, source(data, stream=lambda: iter([data[:10]]))).copy(URL, "k", metadata={})
+        copier(s3, http).copy(URL, "k", metadata={}, heartbeat=beats(saved))
+    assert s3.objects == {} and len(s3.uploads) == 1
+    point = Checkpoint.from_json(saved[-1])
+    assert point is not None and (point.parts, point.offset, point.total) == (2, 16 * MiB, 30 * MiB)
+    assert point.sha256() == hashlib.sha256(data[: 16 * MiB]).hexdigest()
 
 
 @pytest.mark.parametrize(
@@ -545,7 +599,6 @@ def test_reader_error_wins_over_a_wrapping_upload_error() -> None:
         client_error("InternalError", 500),
         EndpointConnectionError(endpoint_url="http://127.0.0.1:9"),
         ReadTimeoutError(endpoint_url="http://127.0.0.1:9"),
-        S3UploadFailedError("Failed to upload"),
     ],
 )
 @pytest.mark.parametrize("size", [MiB, 20 * MiB])  # single PUT and multipart paths
@@ -588,11 +641,12 @@ def test_size_mismatch_deletes_and_raises_copy_mismatch() -> None:
     assert s3.called("put_object_tagging") == []
 
 
-def test_an_uploader_that_stops_reading_early_is_caught() -> None:
-    """The naive-reader trap seen from the other side: S3 got less than the source had."""
+def test_a_store_that_keeps_less_than_was_sent_is_caught() -> None:
+    """The naive-reader trap seen from the other side: S3 holds less than the source had (the
+    size is checked after the upload); the short object is deleted."""
     s3 = FakeS3()
     s3.stop_after = 8 * MiB
-    with pytest.raises(CopyMismatch, match="stopped after"):
+    with pytest.raises(CopyMismatch, match="holds 8388608 bytes but 20971520"):
         copier(s3, source(payload(20 * MiB))).copy(URL, "k", metadata={})
     assert s3.objects == {}
 
@@ -671,3 +725,136 @@ def test_stamping_copy_asks_for_a_fresh_checksum_only_when_checksums_are_on(
     copier(s3, source(payload(9 * MiB))).copy(URL, "k", metadata={})
     [stamp] = s3.called("copy_object")
     assert stamp.get("ChecksumAlgorithm") == algorithm
+
+
+# ---------------------------------------------------------------------------------- resuming
+
+
+class Ranged:
+    """A source that serves HTTP ranges (206 + Content-Range) unless told not to."""
+
+    def __init__(self, data: bytes, *, ranges: bool = True, etag: str = '"src-1"') -> None:
+        self.data, self.ranges, self.etag = data, ranges, etag
+        self.requests: list[dict[str, str]] = []
+
+    def client(self) -> httpx.Client:
+        def handler(request: httpx.Request) -> httpx.Response:
+            self.requests.append(dict(request.headers))
+            wanted = request.headers.get("range")
+            if wanted and self.ranges and request.headers.get("if-range") in (None, self.etag):
+                start = int(wanted.removeprefix("bytes=").rstrip("-"))
+                body = self.data[start:]
+                headers = {
+                    "content-length": str(len(body)),
+                    "content-range": f"bytes {start}-{len(self.data) - 1}/{len(self.data)}",
+                    "etag": self.etag,
+                }
+                return httpx.Response(206, headers=headers, content=chunked(body))
+            headers = {"content-length": str(len(self.data)), "etag": self.etag}
+            return httpx.Response(200, headers=headers, content=chunked(self.data))
+
+        return httpx.Client(transport=httpx.MockTransport(handler))
+
+
+class Ticks:
+    """A clock that moves one second each time it is read."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        self.now += 1.0
+        return self.now
+
+
+def paused_copy(s3: FakeS3, src: Ranged, budget: float = 2.5) -> str:
+    """A copy that runs out of its budget after a few parts: its checkpoint."""
+    from workers.errors import CopyPaused
+
+    c = copier(s3, src.client(), clock=Ticks())
+    with pytest.raises(CopyPaused) as info:
+        c.copy(URL, "k", metadata={"job-id": "j"}, budget=budget)
+    return info.value.checkpoint
+
+
+def test_a_paused_copy_goes_on_where_it_stopped() -> None:
+    """Out of time after two parts: the upload stays open; the next attempt (another copier, as
+    in another process) asks the source for the rest only, uploads only the missing parts, and
+    the whole video is stored with the SHA-256 of all of it."""
+    data = payload(30 * MiB + 5)
+    s3, src = FakeS3(), Ranged(data)
+    checkpoint = paused_copy(s3, src)
+    point = Checkpoint.from_json(checkpoint)
+    assert point is not None and point.parts == 2 and point.etag == '"src-1"'
+    assert s3.objects == {} and len(s3.uploads) == 1
+    parts_before = len(s3.called("upload_part"))
+
+    stored = copier(s3, src.client()).copy(URL, "k", metadata={"job-id": "j"}, resume=checkpoint)
+    assert src.requests[-1]["range"] == f"bytes={16 * MiB}-"
+    assert src.requests[-1]["if-range"] == '"src-1"'
+    assert [p["PartNumber"] for p in s3.called("upload_part")[parts_before:]] == [3, 4]
+    assert s3.objects["k"]["Body"] == data
+    assert stored.size == len(data) and stored.sha256 == hashlib.sha256(data).hexdigest()
+    assert s3.tags["k"] == {"sha256": stored.sha256}
+    assert s3.uploads == {}
+
+
+def test_a_source_that_ignores_the_range_starts_over() -> None:
+    """The source answers 200 with the whole video (no ranges, or it changed): the old upload is
+    aborted and the copy starts from the first byte."""
+    data = payload(30 * MiB)
+    s3, src = FakeS3(), Ranged(data)
+    checkpoint = paused_copy(s3, src)
+    src.ranges = False
+    stored = copier(s3, src.client()).copy(URL, "k", metadata={}, resume=checkpoint)
+    assert stored.sha256 == hashlib.sha256(data).hexdigest()
+    assert len(s3.called("abort_multipart_upload")) == 1
+    assert s3.objects["k"]["Body"] == data and s3.uploads == {}
+
+
+def test_a_checkpoint_whose_upload_is_gone_starts_over() -> None:
+    """The bucket's lifecycle rule (or someone) removed the open upload: start over, whole."""
+    data = payload(30 * MiB)
+    s3, src = FakeS3(), Ranged(data)
+    checkpoint = paused_copy(s3, src)
+    s3.uploads.clear()
+    stored = copier(s3, src.client()).copy(URL, "k", metadata={}, resume=checkpoint)
+    assert "range" not in src.requests[-1]
+    assert s3.objects["k"]["Body"] == data and stored.size == len(data)
+
+
+def test_an_upload_completed_by_an_attempt_that_then_died_is_recognised() -> None:
+    """The last checkpoint names every part; the attempt completed the upload and died before
+    tagging it. The next attempt finds the object, checks its size, tags it with the hash the
+    checkpoint carries, and downloads nothing."""
+    data = payload(20 * MiB)
+    s3, src = FakeS3(), Ranged(data)
+    saved: list[str] = []
+    s3.tagging_error = KeyboardInterrupt()  # the process dies right after completing
+    with pytest.raises(KeyboardInterrupt):
+        copier(s3, src.client()).copy(URL, "k", metadata={}, heartbeat=beats(saved))
+    s3.tagging_error = None
+    point = Checkpoint.from_json(saved[-1])
+    assert point is not None and point.complete
+    requests = len(src.requests)
+    stored = copier(s3, src.client()).copy(URL, "k", metadata={}, resume=saved[-1])
+    assert len(src.requests) == requests  # nothing downloaded again
+    assert stored.sha256 == hashlib.sha256(data).hexdigest()
+    assert s3.tags["k"] == {"sha256": stored.sha256}
+
+
+def test_abort_frees_the_upload_and_is_quiet_when_it_is_gone() -> None:
+    s3, src = FakeS3(), Ranged(payload(30 * MiB))
+    checkpoint = paused_copy(s3, src)
+    c = copier(s3, src.client())
+    c.abort("k", checkpoint)
+    assert s3.uploads == {}
+    c.abort("k", checkpoint)  # already gone: nothing raised
+    c.abort("k", "not json")
+    assert len(s3.called("abort_multipart_upload")) == 2
+
+
+def test_a_garbled_checkpoint_is_ignored() -> None:
+    """A checkpoint that does not parse (or names nothing usable) means: start over."""
+    for raw in (None, "", "{", '{"upload_id": ""}', '{"upload_id": "u", "part_size": 0}'):
+        assert Checkpoint.from_json(raw) is None

@@ -152,7 +152,9 @@ class TestCopyLease:
         assert copy_step is not None and copy_step.step == "copy"
         outcome: list[str] = []
 
-        def copy_with_takeover(url: str, key: str, metadata: dict[str, str], heartbeat: Any) -> Any:
+        def copy_with_takeover(
+            url: str, key: str, metadata: dict[str, str], heartbeat: Any, **_: Any
+        ) -> Any:
             heartbeat()  # renews
             job = svc.store.get("j1")
             assert job is not None and job.next_action_at == clock(svc)() + svc.copy.lease_seconds
@@ -260,7 +262,7 @@ def test_copy_progress_reaches_the_job() -> None:
     assert copy_step is not None
     seen: list[int | None] = []
 
-    def copy(url: str, key: str, metadata: dict[str, str], heartbeat: Any) -> Any:
+    def copy(url: str, key: str, metadata: dict[str, str], heartbeat: Any, **_: Any) -> Any:
         heartbeat(1234)
         job = svc.store.get("j1")
         seen.append(job.copy_bytes if job else None)
