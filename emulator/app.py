@@ -806,6 +806,8 @@ class Emulator:
             self.stats.add(task.account, task.model, "video_downloads")
             self.stats.add(task.account, task.model, "video_bytes_served", size)
 
+        if self.config.video_bytes_per_second > 0:
+            return await throttled(request, path, self.config.video_bytes_per_second, sent)
         return CountingFileResponse(path, sent, headers={"Content-Type": "video/mp4"})
 
     async def _truncated(self, request: web.Request, path: Path) -> web.StreamResponse:
@@ -996,6 +998,40 @@ class Emulator:
                 media.sample_dance_mp4, path, seconds=seconds, fps=fps, width=width, height=height
             )
         return web.FileResponse(path, headers={"Content-Type": "video/mp4"})
+
+
+async def throttled(
+    request: web.Request, path: Path, rate: int, sent: Callable[[int], None]
+) -> web.StreamResponse:
+    """The file at ``rate`` bytes a second, with ``Range: bytes=N-`` (and ``If-Range`` on its
+    ETag) answered 206 as OSS does: a slow path that a resuming copy can pick up midway."""
+    stat = path.stat()
+    size, etag = stat.st_size, f'"{stat.st_mtime_ns:x}-{stat.st_size:x}"'
+    start = 0
+    wanted = request.headers.get("Range", "")
+    if wanted.startswith("bytes=") and request.headers.get("If-Range", etag) == etag:
+        first = wanted.removeprefix("bytes=").split("-", 1)[0]
+        start = int(first) if first.isdigit() and int(first) < size else 0
+    response = web.StreamResponse(status=206 if start else 200)
+    response.headers.update({"Content-Type": "video/mp4", "ETag": etag, "Accept-Ranges": "bytes"})
+    if start:
+        response.headers["Content-Range"] = f"bytes {start}-{size - 1}/{size}"
+    response.content_length = size - start
+    await response.prepare(request)
+    chunk = max(1024, min(256 * 1024, rate // 10))
+    written = 0
+    try:
+        with path.open("rb") as f:
+            f.seek(start)
+            while data := f.read(chunk):
+                await response.write(data)
+                written += len(data)
+                await asyncio.sleep(len(data) / rate)
+    except ConnectionError:  # the client hung up (a copy that paused): count what it got
+        pass
+    finally:
+        sent(written)
+    return response
 
 
 class CountingFileResponse(web.FileResponse):
