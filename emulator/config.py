@@ -47,7 +47,7 @@ class EmulatorConfig:
     # Output video: 720P at the job's ratio, unless shrunk for speed.
     video_short_side: int = 720
     video_pad_bytes: int = 0  # pad every output MP4 up to this size (copy benchmarks)
-    video_bytes_per_second: int = 0  # throttle result downloads (a slow path); 0: as fast as it goes
+    video_bytes_per_second: int = 0  # throttle result downloads (a slow path); 0: no limit
 
     fetch_timeout_seconds: float = 10.0  # downloading an input image or video
     seed: int | None = None  # fault injection randomness
