@@ -139,6 +139,7 @@ def main() -> None:
             "POLL_ERROR_BACKOFF_MAX": "3",
             "SUBMIT_BACKOFF_BASE": "0.5",
             "SUBMIT_BACKOFF_MAX": "5",
+            "SUBMIT_LIST_LAG_SECONDS": "3",  # the emulator's list does not lag here
             "COPY_BACKOFF_BASE": "1",
             "COPY_BACKOFF_MAX": "10",
             "COPY_LEASE_SECONDS": "5",

@@ -108,6 +108,11 @@ class Settings(BaseSettings):
 
     # --- Submitting and polling
     submit_max_attempts: int = Field(default=8, ge=1)
+    # After a submit whose answer was lost (a timeout after sending, a 5xx, an unreadable 200),
+    # DashScope's task list is read for the task it may have created: for this long after the
+    # POST ended before "nothing was created" is concluded, within this much clock skew.
+    submit_list_lag_seconds: float = Field(default=30.0, ge=0)
+    submit_clock_skew_seconds: float = Field(default=10.0, ge=0)
     submit_backoff_base: float = Field(default=2.0, gt=0)
     submit_backoff_max: float = Field(default=60.0, gt=0)
     poll_first_seconds: float = Field(default=2.0, gt=0)

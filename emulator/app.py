@@ -671,6 +671,8 @@ class Emulator:
         for task in sorted(self.book.visible(now), key=lambda t: t.submit_time, reverse=True):
             if task.account != account or not start <= task.submit_time <= end:
                 continue
+            if now - task.submit_time < self.config.list_lag_seconds:
+                continue  # a list that lags behind: the task exists, it is not shown yet
             if q.get("task_id") and task.task_id != q["task_id"]:
                 continue
             if q.get("model_name") and task.model != q["model_name"]:

@@ -40,6 +40,7 @@ class EmulatorConfig:
     template_seconds: float = 2.0
 
     retention_seconds: float = 86400.0  # a finished task reads UNKNOWN after this
+    list_lag_seconds: float = 0.0  # a new task shows in GET /tasks only this long after submit
     url_ttl_seconds: float = 86400.0  # video_url lifetime, counted from end_time
     upload_ttl_seconds: float = 48 * 3600.0  # oss:// temporary files
     policy_ttl_seconds: float = 300.0  # an upload policy's lifetime

@@ -14,8 +14,11 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from workers.dashscope import DashScopeClient, RemoteTask, VideoRequest
 from workers.errors import (
+    DashScopeBadResponse,
     DashScopeRejected,
     DashScopeThrottled,
+    DashScopeUnavailable,
+    DashScopeUncertain,
     InvalidJobRequest,
     StorageUnavailable,
     StoreUnavailable,
@@ -29,9 +32,32 @@ from workers.queues import RedisQueues
 from workers.routes import QUEUES
 from workers.storage import S3Copier
 
-# Errors raised after the request left us: DashScope may have acted on it.
+# Errors raised after the request left us: DashScope may have acted on it. (Connect errors and
+# a full pool mean nothing was sent.)
 _AMBIGUOUS = (httpx.ReadTimeout, httpx.WriteTimeout, httpx.ReadError, httpx.WriteError,
               httpx.RemoteProtocolError, httpx.DecodingError)  # fmt: skip
+MAX_LIST_PAGES = 50  # 5,000 tasks in one submit's window: more means something else is wrong
+
+
+@contextmanager
+def _uncertain_when_unanswered() -> Iterator[None]:
+    """A submit's errors that leave open whether DashScope created the (paid) task become
+    :class:`DashScopeUncertain`: transport errors after sending, 5xx and 408 answers (a gateway
+    may have forwarded it), and a 200 we cannot read. 429 and other 4xx stay what they are:
+    DashScope documents that nothing was done."""
+    try:
+        yield
+    except DashScopeThrottled:
+        raise
+    except DashScopeUnavailable as exc:
+        cause = exc.__cause__
+        if cause is None or isinstance(cause, _AMBIGUOUS):  # an HTTP 5xx/408, or sent and lost
+            raise DashScopeUncertain(exc.message, code=exc.code) from exc
+        raise
+    except DashScopeBadResponse as exc:
+        raise DashScopeUncertain(
+            f"{exc.message} (the answer to a submit: a task may exist)", code=exc.code
+        ) from exc
 
 
 class DashScopeVideoApi:
@@ -77,7 +103,7 @@ class DashScopeVideoApi:
             ) from None
 
     def submit(self, account: str, request: JobRequest) -> str:
-        with self._counted("submit", account):
+        with self._counted("submit", account), _uncertain_when_unanswered():
             submitted = self._client(account).submit_video(
                 VideoRequest(
                     image_url=request.image_url,
@@ -89,7 +115,7 @@ class DashScopeVideoApi:
             return submitted.task_id
 
     def submit_template(self, account: str, video_url: str) -> str:
-        with self._counted("template", account):
+        with self._counted("template", account), _uncertain_when_unanswered():
             submitted = self._client(account).submit_async(
                 "aa-template-generation", self.template_model, {"video_url": video_url}
             )
@@ -111,7 +137,7 @@ class DashScopeVideoApi:
             return self._client(account).upload(self.model_for(kind), filename, data)
 
     def submit_is_ambiguous(self, exc: TransientError) -> bool:
-        return isinstance(exc.__cause__, _AMBIGUOUS)
+        return isinstance(exc, DashScopeUncertain)
 
     def poll(self, account: str, task_id: str) -> RemoteSnapshot:
         with self._counted("query", account):
@@ -124,14 +150,22 @@ class DashScopeVideoApi:
     def recent_tasks(
         self, account: str, since: float, until: float, kind: str = JobKind.VIDEO
     ) -> list[str]:
+        """Every task of the account for the kind's model created in [since, until]: every
+        page is read (a busy account's window may hold more than one)."""
+        ids: list[str] = []
         with self._counted("list", account):
-            page = self._client(account).list_tasks(
-                start=datetime.fromtimestamp(since, UTC),
-                end=datetime.fromtimestamp(until, UTC),
-                model=self.model_for(kind),
-                page_size=100,
-            )
-            return [item.task_id for item in page.items]
+            for page_no in range(1, MAX_LIST_PAGES + 1):
+                page = self._client(account).list_tasks(
+                    start=datetime.fromtimestamp(since, UTC),
+                    end=datetime.fromtimestamp(until, UTC),
+                    model=self.model_for(kind),
+                    page_no=page_no,
+                    page_size=100,
+                )
+                ids += [item.task_id for item in page.items]
+                if not page.items or page_no >= page.total_page:
+                    return ids
+        raise DashScopeUnavailable(f"list: more than {MAX_LIST_PAGES} pages of tasks in the window")
 
 
 def snapshot(task: RemoteTask) -> RemoteSnapshot:

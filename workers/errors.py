@@ -5,7 +5,8 @@
     WorkerError                     code + message, recorded on the job when it ends one
     ├── TransientError              retried with backoff and jitter, a bounded number of times
     │   ├── DashScopeUnavailable    network error, timeout, 5xx from DashScope
-    │   │   └── DashScopeThrottled  429 from DashScope
+    │   │   ├── DashScopeThrottled  429 from DashScope (it did nothing)
+    │   │   └── DashScopeUncertain  a submit whose answer was lost: a task may exist
     │   ├── SourceUnavailable       the video download failed or ended short (network, 5xx)
     │   ├── StorageUnavailable      S3 failed (network, 5xx, or a refusal an operator can fix)
     │   ├── CopyPaused              a copy used its time budget; the next attempt goes on from
@@ -67,6 +68,15 @@ class DashScopeUnavailable(TransientError):
 
 class DashScopeThrottled(DashScopeUnavailable):
     code = "Throttling.RateQuota"
+
+
+class DashScopeUncertain(DashScopeUnavailable):
+    """A submit that DashScope may have acted on although we could not read its answer: a
+    timeout or dropped connection after the request was sent, a 5xx or 408 (a gateway may have
+    passed it on), a 200 whose body is not the documented JSON. Never resubmit blindly:
+    reconcile with the task list first."""
+
+    code = "SubmitUncertain"
 
 
 class SourceUnavailable(TransientError):

@@ -571,6 +571,8 @@ class Job:
     submit_attempts: int = 0
     submit_started_at: float | None = None  # the last POST attempt began (for reconciliation)
     submit_ambiguous: bool = False  # a POST may have created a task we never heard about
+    submit_uncertain_since: float | None = None  # that POST began (its reconcile window)
+    submit_ended_at: float | None = None  # ...and ended without an answer we could read
     submitted_at: float | None = None
     remote_started_at: float | None = None
     remote_ended_at: float | None = None
@@ -968,6 +970,8 @@ class SubmitPolicy:
     max_attempts: int = 8
     attempt_seconds: float = 45.0  # the longest a POST may take (its timeouts) plus a margin
     backoff: Backoff = Backoff(base=2.0, cap=120.0)
+    list_lag: float = 30.0  # an uncertain POST's task may take this long to show in the list
+    clock_skew: float = 10.0  # ours against DashScope's, around a POST's window
 
 
 def s3_key(prefix: str, job_id: str) -> str:

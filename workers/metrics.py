@@ -179,6 +179,13 @@ COPY_URL_LEFT_SECONDS = MetricDef(
     "Time left on the soonest-dying video URL among jobs not yet stored (no sample when none).",
     (),
 )
+REMOTE_TASKS_UNCLAIMED_TOTAL = MetricDef(
+    "remote_tasks_unclaimed_total",
+    "counter",
+    "DashScope tasks found in an uncertain submit's window that no job could claim as its own "
+    "(someone else used the key meanwhile): never adopted; each may be paid and unwatched.",
+    ("account",),
+)
 WATCHDOG_RESUMES_TOTAL = MetricDef(
     "watchdog_resumes_total",
     "counter",
@@ -235,6 +242,7 @@ METRICS: Mapping[str, MetricDef] = {
         TIMERS_PARKED,
         TIMERS_OVERDUE_SECONDS,
         WATCHDOG_RESUMES_TOTAL,
+        REMOTE_TASKS_UNCLAIMED_TOTAL,
         COPIES_AT_RISK,
         COPY_URL_LEFT_SECONDS,
         BROKER_QUEUE_LENGTH,

@@ -89,7 +89,20 @@ class JobStore(Protocol):
         when the job is still at that version)."""
 
     def transition(self, job: Job, state: JobState, **changes: Any) -> Job | None: ...
-    def claim_remote_task(self, task_id: str) -> bool: ...
+    def record_submission(self, job: Job, task_id: str, **changes: Any) -> Job | None:
+        """Move to SUBMITTED recording ``task_id`` as the job's and as owned by it, in one
+        step; None if the job moved on or another job owns the task (nothing written then)."""
+
+    def remote_owners(self, task_ids: list[str]) -> dict[str, str | None]:
+        """The job owning each DashScope task id (None: none of ours)."""
+
+    def lock_submit(self, lane: str, job_id: str) -> str | None:
+        """Hold the lane's submit lock (one POST in flight or unresolved per lane): None when
+        ``job_id`` holds it, else the job that does (``job_id`` then waits in line)."""
+
+    def unlock_submit(self, lane: str, job_id: str) -> str | None:
+        """Free the lock if ``job_id`` holds it; the job that waited longest, to be woken."""
+
     def note_duplicate(self, job_id: str) -> None: ...
     def request_cancel(self, job_id: str) -> None: ...
     def template_owner(self, template_id: str) -> str | None: ...
@@ -549,13 +562,18 @@ def _then(
     (``wake``), then the message is returned for the task layer to send. A step that ends here
     finished cleanly: the job's count of steps that died with their worker starts again.
     """
+    fields = {**_next_fields(svc, job, delay), **changes}
+    moved = svc.store.transition(job, state or job.state, **fields)
+    return Next.of(step, moved, delay) if moved else None
+
+
+def _next_fields(svc: Services, job: Job, delay: float) -> dict[str, Any]:
+    """The record's side of "the next step is due in ``delay`` s and its message is sent"."""
     now = svc.clock()
     fields: dict[str, Any] = {"updated_at": now, "next_action_at": now + delay, "wake": WAKE_SENT}
     if job.resumes:
         fields["resumes"] = None
-    fields.update(changes)
-    moved = svc.store.transition(job, state or job.state, **fields)
-    return Next.of(step, moved, delay) if moved else None
+    return fields
 
 
 def _usable_id(value: str) -> bool:
@@ -928,7 +946,10 @@ def _template_refused(svc: Services, job: Job, exc: DashScopeRejected) -> Next |
 
 
 def submit(svc: Services, job_id: str, version: int) -> Next | None:
-    """Submit the job once. Claims SUBMITTING first; only the claimant talks to DashScope."""
+    """Submit the job once. It claims SUBMITTING, then the lane's submit lock (one POST in flight
+    or unresolved per account and model, so an uncertain POST's task can be told from another
+    job's); an earlier uncertain attempt is reconciled from the task list before anything is
+    sent again; the task id that comes back is recorded with its ownership in one step."""
     job = _load(svc, job_id, version)
     if job is None or job.state not in (JobState.QUEUED, JobState.SUBMITTING):
         return None
@@ -948,23 +969,29 @@ def submit(svc: Services, job_id: str, version: int) -> Next | None:
         if claimed is None:
             return None
         job = claimed
+    if svc.store.lock_submit(job.lane, job.job_id) is not None:
+        # Another job's POST in this lane is in flight or unresolved: wait in line (not an
+        # attempt, no message: the unlock wakes us; the deadline is the fallback).
+        svc.store.transition(job, job.state, token_waits=job.token_waits + 1, updated_at=now,
+                             next_action_at=now + svc.submit.attempt_seconds,
+                             wake=WAKE_TIMER)  # fmt: skip
+        return None
 
     if job.submit_ambiguous:
         try:
-            adopted = _reconcile(svc, job, now)
+            outcome = _reconcile(svc, job)
         except TransientError as exc:
-            return _submit_failed(svc, job, exc, was_ambiguous=True, count_attempt=True)
-        if adopted is not None:
-            return adopted
-        # Nothing adopted: carry on with the job as loaded. Its version is still our fencing
+            return _submit_failed(svc, job, exc, count_attempt=True)
+        if outcome is not _NOTHING_CREATED:
+            return outcome if isinstance(outcome, Next) else None
+        # Nothing was created: carry on with the job as loaded. Its version is still our fencing
         # token, so if another worker moved the job meanwhile (claimed the next attempt, or
         # adopted a task), the compare-and-set below fails instead of submitting a second time.
 
-    was_ambiguous = job.submit_ambiguous
     try:
         inputs = _remote_inputs(svc, job)
     except TransientError as exc:
-        return _submit_failed(svc, job, exc, was_ambiguous=was_ambiguous, count_attempt=True)
+        return _submit_failed(svc, job, exc, count_attempt=True)
     except PermanentError as exc:
         finish(svc, job, Finish(JobState.FAILED, exc.code, exc.message))
         return None
@@ -977,6 +1004,8 @@ def submit(svc: Services, job_id: str, version: int) -> Next | None:
         # Until its answer is recorded the POST may have created a task: a worker that dies in
         # between leaves the job marked, so whoever resumes it reconciles instead of resubmitting.
         submit_ambiguous=True,
+        submit_uncertain_since=started,
+        submit_ended_at=None,
         updated_at=started,
         next_action_at=started + svc.submit.attempt_seconds,
     )
@@ -989,8 +1018,9 @@ def submit(svc: Services, job_id: str, version: int) -> Next | None:
         else:
             task_id = svc.api.submit(job.account, inputs)
     except DashScopeThrottled as exc:
-        return _submit_throttled(svc, job, exc, was_ambiguous=was_ambiguous)
-    except DashScopeRejected as exc:
+        return _submit_throttled(svc, job, exc)
+    except DashScopeRejected as exc:  # a 4xx: DashScope created nothing
+        _free_lane(svc, job)
         if exc.code == TEMPLATE_REFUSED and not job.is_template:
             return _template_refused(svc, job, exc)
         finish(svc, job, Finish(JobState.FAILED, exc.code, exc.message))
@@ -999,7 +1029,7 @@ def submit(svc: Services, job_id: str, version: int) -> Next | None:
         finish(svc, job, Finish(JobState.FAILED, exc.code, exc.message))
         return None
     except TransientError as exc:
-        return _submit_failed(svc, job, exc, was_ambiguous=was_ambiguous)
+        return _submit_failed(svc, job, exc)
     return _submitted(svc, job, task_id)
 
 
@@ -1016,29 +1046,38 @@ def _remote_inputs(svc: Services, job: Job) -> JobRequest | str:
 
 
 def _submitted(svc: Services, job: Job, task_id: str) -> Next | None:
-    svc.store.claim_remote_task(task_id)
-    done = _then(
-        svc,
+    """Record the task as the job's and as owned by it, in one step (and free the lane)."""
+    now = svc.clock()
+    done = svc.store.record_submission(
         job,
-        "poll",
-        svc.poll.first_delay,
-        JobState.SUBMITTED,
-        remote_task_id=task_id,
+        task_id,
         remote_status="PENDING",
-        submitted_at=svc.clock(),
-        submit_ambiguous=False,
+        submitted_at=now,
+        submit_ambiguous=None,
+        submit_uncertain_since=None,
+        submit_ended_at=None,
+        **{**_next_fields(svc, job, svc.poll.first_delay), "updated_at": now},
     )
     if done is None:
-        log.error("job %s: submitted as %s but lost the record race", job.job_id, task_id)
+        log.error("job %s: task %s could not be recorded (the job moved on, or another job owns "
+                  "it)", job.job_id, task_id)  # fmt: skip
         return None
+    _free_lane(svc, job)
     log.info("job %s submitted as DashScope task %s", job.job_id, task_id)
-    return done
+    return Next.of("poll", done, svc.poll.first_delay)
 
 
-def _submit_throttled(
-    svc: Services, job: Job, exc: DashScopeThrottled, *, was_ambiguous: bool
-) -> Next | None:
+def _free_lane(svc: Services, job: Job) -> None:
+    """Free the lane's submit lock (if the job holds it) and wake the job waiting longest."""
+    waiter_id = svc.store.unlock_submit(job.lane, job.job_id)
+    waiter = svc.store.get(waiter_id) if waiter_id else None
+    if waiter is not None and waiter.state == JobState.SUBMITTING:
+        svc.wake(Next.of("submit", waiter, 0))
+
+
+def _submit_throttled(svc: Services, job: Job, exc: DashScopeThrottled) -> Next | None:
     """429: DashScope did nothing. Slow the account's bucket; the attempt does not count."""
+    _free_lane(svc, job)
     svc.governor.throttled(job.account, "submit")
     if job.throttled + 1 >= svc.max_throttled:
         finish(svc, job, Finish(JobState.FAILED, exc.code, f"{job.throttled + 1} 429s: {exc}"))
@@ -1050,7 +1089,8 @@ def _submit_throttled(
         "submit",
         delay,
         submit_attempts=job.submit_attempts - 1,
-        submit_ambiguous=was_ambiguous,
+        submit_ambiguous=None,
+        submit_uncertain_since=None,
         throttled=job.throttled + 1,
         error_code=exc.code,
         error_message=exc.message,
@@ -1058,17 +1098,13 @@ def _submit_throttled(
 
 
 def _submit_failed(
-    svc: Services,
-    job: Job,
-    exc: TransientError,
-    *,
-    was_ambiguous: bool,
-    count_attempt: bool = False,
+    svc: Services, job: Job, exc: TransientError, *, count_attempt: bool = False
 ) -> Next | None:
-    """``was_ambiguous``: whether an earlier attempt may have created a task (the flag as it was
-    before this attempt marked the job while its POST was in flight). ``count_attempt``: the
-    failure happened outside a POST (reconciling) and still counts against the attempts."""
-    ambiguous = was_ambiguous or svc.api.submit_is_ambiguous(exc)
+    """A submit attempt failed transiently. ``count_attempt``: the failure happened outside a
+    POST (reading the task list, preparing the inputs): the job stays as uncertain as it was.
+    Otherwise the POST's error says whether a task may exist (a 5xx, a timeout after sending, an
+    unreadable 200): then the lane stays locked until reconciliation resolves it."""
+    ambiguous = job.submit_ambiguous if count_attempt else svc.api.submit_is_ambiguous(exc)
     attempts = job.submit_attempts + count_attempt
     if attempts >= svc.submit.max_attempts:
         code = "SubmitAmbiguous" if ambiguous else "SubmitRetriesExhausted"
@@ -1078,36 +1114,71 @@ def _submit_failed(
             Finish(JobState.FAILED, code, f"{attempts} submit attempts: {exc}"),
         )
         return None
+    if not ambiguous:
+        _free_lane(svc, job)
     delay = svc.submit.backoff.delay(attempts, svc.rand)
-    waiting = _then(
-        svc,
-        job,
-        "submit",
-        delay,
-        submit_attempts=attempts,
-        submit_ambiguous=ambiguous,
-        error_code=exc.code,
-        error_message=exc.message,
-    )
+    changes: dict[str, Any] = {
+        "submit_attempts": attempts,
+        "submit_ambiguous": ambiguous or None,
+        "error_code": exc.code,
+        "error_message": exc.message,
+    }
+    if not ambiguous:
+        changes["submit_uncertain_since"] = None
+    elif not count_attempt:
+        changes["submit_ended_at"] = svc.clock()  # the POST's window ends here
+    waiting = _then(svc, job, "submit", delay, **changes)
     if waiting is not None:
-        log.warning("job %s: submit attempt %d failed (%s); again in %.1fs", job.job_id,
-                    job.submit_attempts, exc, delay)  # fmt: skip
+        log.warning("job %s: submit attempt %d failed (%s%s); again in %.1fs", job.job_id,
+                    job.submit_attempts, exc, ", a task may exist" if ambiguous else "",
+                    delay)  # fmt: skip
     return waiting
 
 
-def _reconcile(svc: Services, job: Job, now: float) -> Next | None:
+_NOTHING_CREATED = object()
+
+
+def _reconcile(svc: Services, job: Job) -> Next | object | None:
     """An earlier POST may have created a task. Look before submitting again.
 
-    DashScope's list shows this account's tasks but not their inputs, so a task created in the
-    window of the ambiguous attempt that no other job owns is taken as ours.
+    The lane's submit lock has been held since that POST began, so no other job of ours
+    submitted to this account and model in its window: an unowned task created then (every page
+    of DashScope's list is read) is this job's. Exactly one is adopted. More than one means
+    someone else submitted with the same key meanwhile (by hand, another deployment): none is
+    adopted, they are reported, and the job fails rather than pay again or take a stranger's
+    video. None listed: the list may lag, so it is read again until ``list_lag`` after the POST
+    ended; only then is "nothing was created" concluded (``_NOTHING_CREATED``).
     """
-    since = (job.submit_started_at or job.created_at) - 5
-    candidates = svc.api.recent_tasks(job.account, since, now + 5, JobKind(job.kind))
-    for task_id in candidates:
-        if svc.store.claim_remote_task(task_id):
-            log.warning("job %s: adopting task %s from an ambiguous submit", job.job_id, task_id)
-            return _submitted(svc, job, task_id)
-    return None
+    now = svc.clock()
+    started = job.submit_uncertain_since or job.submit_started_at or job.created_at
+    ended = job.submit_ended_at or started + svc.submit.attempt_seconds
+    skew = svc.submit.clock_skew
+    listed = svc.api.recent_tasks(job.account, started - skew, ended + skew, JobKind(job.kind))
+    owners = svc.store.remote_owners(listed)
+    free = [t for t in dict.fromkeys(listed) if owners.get(t) in (None, job.job_id)]
+    if len(free) == 1:
+        log.warning("job %s: adopting task %s from an uncertain submit", job.job_id, free[0])
+        return _submitted(svc, job, free[0])
+    if len(free) > 1:
+        svc.metrics.inc("remote_tasks_unclaimed_total", len(free), account=job.account)
+        log.error("job %s: %d unclaimed tasks in its submit window, none provably its own: %s",
+                  job.job_id, len(free), ", ".join(free))  # fmt: skip
+        finish(
+            svc,
+            job,
+            Finish(
+                JobState.FAILED,
+                "SubmitAmbiguous",
+                f"an uncertain submit, and {len(free)} unclaimed tasks of this account and model "
+                f"in its window ({', '.join(free)}): none is provably this job's, so none was "
+                "adopted and nothing was submitted again (reported for an operator)",
+            ),
+        )
+        return None
+    settled = ended + svc.submit.list_lag
+    if now < settled:  # the list may not show the task yet: look again (not an attempt)
+        return _then(svc, job, "submit", min(10.0, max(1.0, settled - now)))
+    return _NOTHING_CREATED
 
 
 # ----------------------------------------------------------------------------- poll
@@ -1616,6 +1687,8 @@ def finish(svc: Services, job: Job, decision: Finish, **changes: Any) -> Job | N
     done = svc.store.transition(job, decision.state, **fields)
     if done is not None:
         log.info("job %s %s: %s %s", job.job_id, decision.state, decision.code, decision.message)
+        if job.state == JobState.SUBMITTING:
+            _free_lane(svc, job)
         if job.state in (JobState.QUEUED, JobState.SUBMITTING, JobState.SUBMITTED):
             _free_slot(svc, done)
         _ended(svc, done)

@@ -6,6 +6,10 @@ Keys (``P`` is the configured prefix):
 * ``P:state:<STATE>``   a set of job ids per state
 * ``P:deadlines``       a sorted set: job id -> when its next wake-up is due (for the watchdog)
 * ``P:expiring``       a sorted set: job id -> when its video URL dies, while the job is COPYING
+* ``P:remote-owner``    a hash: DashScope task id -> the job that owns it (written with the job's
+                        ``remote_task_id`` in one step)
+* ``P:submit-lock:<lane>``  the job whose POST is in flight or unresolved in that lane, and
+                        ``...:waiting`` the jobs waiting for it, oldest first
 * ``P:remote-tasks``    the DashScope task ids some job owns, scored by when (reconciling an
                         ambiguous submit; DashScope lists tasks for 24 h, so old ids are swept)
 
@@ -59,17 +63,30 @@ local current = redis.call('HMGET', key, 'version', 'state')
 if not current[1] then return -1 end
 if current[1] ~= ARGV[3] then return 0 end
 local prefix, job_id, new_state = ARGV[1], ARGV[2], ARGV[4]
+local n_set = tonumber(ARGV[7])
+local at = 8 + 2 * n_set
+local n_del = tonumber(ARGV[at])
+-- A DashScope task id recorded with its owner in the same step: no crash or timeout can leave
+-- the id marked as owned without the job holding it (reconciliation would then skip it and
+-- pay again), and a task another job owns is never recorded here.
+local claim = ARGV[at + n_del + 3]
+if claim and claim ~= '' then
+  local owner = redis.call('HGET', prefix .. ':remote-owner', claim)
+  if owner and owner ~= job_id then return -2 end
+end
 local version = tonumber(current[1]) + 1
 local fields = {'state', new_state, 'version', tostring(version)}
-local n_set = tonumber(ARGV[7])
 for i = 0, n_set - 1 do
   table.insert(fields, ARGV[8 + 2 * i])
   table.insert(fields, ARGV[9 + 2 * i])
 end
 redis.call('HSET', key, unpack(fields))
-local at = 8 + 2 * n_set
-local n_del = tonumber(ARGV[at])
 for i = 1, n_del do redis.call('HDEL', key, ARGV[at + i]) end
+if claim and claim ~= '' then
+  local t = redis.call('TIME')
+  redis.call('HSET', prefix .. ':remote-owner', claim, job_id)
+  redis.call('ZADD', prefix .. ':remote-tasks', t[1], claim)
+end
 if current[2] ~= new_state then
   redis.call('SREM', prefix .. ':state:' .. current[2], job_id)
   redis.call('SADD', prefix .. ':state:' .. new_state, job_id)
@@ -124,6 +141,38 @@ return 0
 _TAKE = """
 if redis.call('HGET', KEYS[1], 'version') == ARGV[1] then redis.call('HDEL', KEYS[1], 'wake') end
 return redis.call('HGETALL', KEYS[1])
+"""
+
+# The lane's submit lock: one POST in flight, or unresolved, per lane (an account and model), so
+# an uncertain submit's reconciliation can tell its task from another job's. Taken over when the
+# holder is no longer submitting (it ended, moved on, or its record expired).
+# KEYS: the lock, the lane's waiters (a sorted set: job id -> when it began waiting).
+_LOCK_SUBMIT = """
+local holder = redis.call('GET', KEYS[1])
+if holder and holder ~= ARGV[2] then
+  local state = redis.call('HGET', ARGV[1] .. ':job:' .. holder, 'state')
+  if state == 'SUBMITTING' then
+    local t = redis.call('TIME')
+    redis.call('ZADD', KEYS[2], 'NX', t[1] + t[2] / 1000000, ARGV[2])
+    return holder
+  end
+end
+redis.call('SET', KEYS[1], ARGV[2])
+redis.call('ZREM', KEYS[2], ARGV[2])
+return ''
+"""
+
+# Free the lock if ARGV[1] holds it; hand back the longest waiter still submitting, to be woken.
+_UNLOCK_SUBMIT = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return '' end
+redis.call('DEL', KEYS[1])
+while true do
+  local first = redis.call('ZPOPMIN', KEYS[2])
+  if #first == 0 then return '' end
+  if redis.call('HGET', ARGV[2] .. ':job:' .. first[1], 'state') == 'SUBMITTING' then
+    return first[1]
+  end
+end
 """
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Job)}
@@ -435,6 +484,8 @@ class RedisJobStore(WorkflowRecords):
         self._transition = client.register_script(_TRANSITION)
         self._note_duplicate = client.register_script(_NOTE_DUPLICATE)
         self._take = client.register_script(_TAKE)
+        self._lock_submit = client.register_script(_LOCK_SUBMIT)
+        self._unlock_submit = client.register_script(_UNLOCK_SUBMIT)
         self._init_workflow()
 
     def key(self, job_id: str) -> str:
@@ -494,6 +545,22 @@ class RedisJobStore(WorkflowRecords):
 
         A change to None deletes the field. ``next_action_at`` also updates the deadline index.
         """
+        return self._apply(job, state, changes)
+
+    def record_submission(self, job: Job, task_id: str, **changes: Any) -> Job | None:
+        """``transition`` to SUBMITTED that also records ``task_id`` as this job's
+        (``remote_task_id``) and marks it owned by the job, in one step. None if the job moved
+        on, or if another job owns that task (then nothing is written)."""
+        changes = {**changes, "remote_task_id": task_id}
+        return self._apply(job, JobState.SUBMITTED, changes, task_id)
+
+    def _apply(
+        self,
+        job: Job,
+        state: JobState,
+        changes: dict[str, Any],
+        claim: str = "",
+    ) -> Job | None:
         moved = state != job.state
         if moved:
             changes = {"state_since": changes.get("updated_at") or time.time(), **changes}
@@ -531,6 +598,7 @@ class RedisJobStore(WorkflowRecords):
                     str(len(to_del)),
                     *to_del,
                     *_event_args(job, state, changes),
+                    claim,
                 ],
             )
         except redis.RedisError as exc:
@@ -571,13 +639,40 @@ class RedisJobStore(WorkflowRecords):
             },
         )
 
-    def claim_remote_task(self, task_id: str) -> bool:
-        """Mark a DashScope task id as owned; False if some job owns it already."""
+    def remote_owners(self, task_ids: list[str]) -> dict[str, str | None]:
+        """The job owning each DashScope task id (None: no job of ours)."""
+        if not task_ids:
+            return {}
         try:
-            added = self.redis.zadd(f"{self.prefix}:remote-tasks", {task_id: time.time()}, nx=True)
-            return bool(added)
+            owners = self.redis.hmget(f"{self.prefix}:remote-owner", task_ids)
         except redis.RedisError as exc:
-            raise StoreUnavailable(f"claiming remote task: {exc}") from exc
+            raise StoreUnavailable(f"reading task owners: {exc}") from exc
+        return {
+            t: (_text(o) if o is not None else None) for t, o in zip(task_ids, owners, strict=True)
+        }
+
+    def _lock_key(self, lane: str) -> str:
+        return f"{self.prefix}:submit-lock:{lane}"
+
+    def lock_submit(self, lane: str, job_id: str) -> str | None:
+        """Hold the lane's submit lock for ``job_id``: None when held (now or already), else the
+        job that holds it (``job_id`` then waits in line, to be handed back by the unlock)."""
+        keys = [self._lock_key(lane), self._lock_key(lane) + ":waiting"]
+        try:
+            holder = _text(self._lock_submit(keys=keys, args=[self.prefix, job_id]))
+        except redis.RedisError as exc:
+            raise StoreUnavailable(f"submit lock: {exc}") from exc
+        return holder or None
+
+    def unlock_submit(self, lane: str, job_id: str) -> str | None:
+        """Free the lane's submit lock if ``job_id`` holds it: the job that waited longest for
+        it (still submitting), to be woken, or None."""
+        keys = [self._lock_key(lane), self._lock_key(lane) + ":waiting"]
+        try:
+            waiter = _text(self._unlock_submit(keys=keys, args=[job_id, self.prefix]))
+        except redis.RedisError as exc:
+            raise StoreUnavailable(f"submit lock: {exc}") from exc
+        return waiter or None
 
     def note_duplicate(self, job_id: str) -> None:
         """Count a repeated intake without touching the version (the fencing token)."""
@@ -638,7 +733,11 @@ class RedisJobStore(WorkflowRecords):
                         removed += int(self.redis.srem(index, *gone))
                 self.redis.hset(cursor_key, state.value, str(cursor))
             cutoff = time.time() - self.final_ttl - 24 * 3600
-            removed += int(self.redis.zremrangebyscore(f"{self.prefix}:remote-tasks", 0, cutoff))
+            tasks = f"{self.prefix}:remote-tasks"
+            old = self.redis.zrangebyscore(tasks, 0, cutoff, start=0, num=batch)
+            if old:
+                self.redis.hdel(f"{self.prefix}:remote-owner", *old)
+                removed += int(self.redis.zrem(tasks, *old))
         except redis.RedisError as exc:
             raise StoreUnavailable(f"sweeping indexes: {exc}") from exc
         return removed

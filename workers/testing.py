@@ -12,7 +12,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
-from workers.errors import TransientError
+from workers.errors import DashScopeUncertain, TransientError
 from workers.jobs import (
     FINAL_STATES,
     Detection,
@@ -57,7 +57,9 @@ class InMemoryJobStore:
         self.detections: dict[tuple[str, str], Detection] = {}
         self.detect_claims: dict[tuple[str, str], str] = {}
         self.jobs: dict[str, Job] = {}
-        self.remote_tasks: set[str] = set()
+        self.remote_owner: dict[str, str] = {}  # DashScope task id -> the job that owns it
+        self.submit_locks: dict[str, str] = {}  # lane -> the job whose submit is unresolved
+        self.submit_waiters: dict[str, list[str]] = {}  # lane -> jobs waiting, oldest first
         self.lock = threading.Lock()
 
     def create(self, job: Job) -> tuple[Job, bool]:
@@ -86,24 +88,66 @@ class InMemoryJobStore:
         unknown = set(changes) - set(_FIELDS)
         if unknown or set(changes) & _FIXED:
             raise TypeError(f"transition cannot change {sorted(unknown | (set(changes) & _FIXED))}")
+        with self.lock:
+            return self._apply(job, state, changes)
+
+    def _apply(self, job: Job, state: JobState, changes: dict[str, Any]) -> Job | None:
+        """The compare-and-set itself (the caller holds the lock)."""
         values = {
             name: _default(name) if value is None else value for name, value in changes.items()
         }
-        with self.lock:
-            stored = self.jobs.get(job.job_id)
-            if stored is None or stored.version != job.version:
-                return None
-            updated = dataclasses.replace(stored, state=state, version=stored.version + 1, **values)
-            self.jobs[job.job_id] = updated
-            return updated
+        stored = self.jobs.get(job.job_id)
+        if stored is None or stored.version != job.version:
+            return None
+        updated = dataclasses.replace(stored, state=state, version=stored.version + 1, **values)
+        self.jobs[job.job_id] = updated
+        return updated
 
-    def claim_remote_task(self, task_id: str) -> bool:
-        """Mark a DashScope task id as owned; False if some job owns it already."""
+    def record_submission(self, job: Job, task_id: str, **changes: Any) -> Job | None:
+        """``transition`` to SUBMITTED recording ``task_id`` with its owner in one step; None
+        (nothing written) if another job owns the task."""
         with self.lock:
-            if task_id in self.remote_tasks:
-                return False
-            self.remote_tasks.add(task_id)
-            return True
+            owner = self.remote_owner.get(task_id)
+            if owner is not None and owner != job.job_id:
+                return None
+            moved = self._apply(job, JobState.SUBMITTED, {**changes, "remote_task_id": task_id})
+            if moved is not None:
+                self.remote_owner[task_id] = job.job_id
+            return moved
+
+    def remote_owners(self, task_ids: list[str]) -> dict[str, str | None]:
+        with self.lock:
+            return {t: self.remote_owner.get(t) for t in task_ids}
+
+    def lock_submit(self, lane: str, job_id: str) -> str | None:
+        """Hold the lane's submit lock: None when held, else its holder (a job still
+        SUBMITTING; any other holder is taken over), ``job_id`` then waiting in line."""
+        with self.lock:
+            holder = self.submit_locks.get(lane)
+            if holder is not None and holder != job_id:
+                held = self.jobs.get(holder)
+                if held is not None and held.state == JobState.SUBMITTING:
+                    line = self.submit_waiters.setdefault(lane, [])
+                    if job_id not in line:
+                        line.append(job_id)
+                    return holder
+            self.submit_locks[lane] = job_id
+            if job_id in self.submit_waiters.get(lane, []):
+                self.submit_waiters[lane].remove(job_id)
+            return None
+
+    def unlock_submit(self, lane: str, job_id: str) -> str | None:
+        """Free the lock if ``job_id`` holds it; the longest waiter still submitting, or None."""
+        with self.lock:
+            if self.submit_locks.get(lane) != job_id:
+                return None
+            del self.submit_locks[lane]
+            line = self.submit_waiters.get(lane, [])
+            while line:
+                waiter = self.jobs.get(line.pop(0))
+                if waiter is not None and waiter.state == JobState.SUBMITTING:
+                    return waiter.job_id
+            return None
 
     def note_duplicate(self, job_id: str) -> None:
         """Count a repeated intake without touching the version (a missing job stays missing)."""
@@ -279,7 +323,7 @@ class FakeVideoApi:
             return _next(self.detect_script, "detect")
 
     def submit_is_ambiguous(self, exc: TransientError) -> bool:
-        return getattr(exc, "ambiguous", False) is True
+        return isinstance(exc, DashScopeUncertain) or getattr(exc, "ambiguous", False) is True
 
     def poll(self, account: str, task_id: str) -> RemoteSnapshot:
         with self.lock:

@@ -187,6 +187,8 @@ def build_services(settings: Settings) -> Services:
         submit=SubmitPolicy(
             max_attempts=settings.submit_max_attempts,
             attempt_seconds=attempt_seconds,
+            list_lag=settings.submit_list_lag_seconds,
+            clock_skew=settings.submit_clock_skew_seconds,
             backoff=Backoff(base=settings.submit_backoff_base, cap=settings.submit_backoff_max),
         ),
         copy=CopyPolicy(

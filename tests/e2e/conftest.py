@@ -28,6 +28,7 @@ FAST_ENV = {
     "POLL_ERROR_BACKOFF_MAX": "1",
     "SUBMIT_BACKOFF_BASE": "0.2",
     "SUBMIT_BACKOFF_MAX": "1",
+    "SUBMIT_LIST_LAG_SECONDS": "1",  # the emulator's list does not lag (unless told to)
     "COPY_BACKOFF_BASE": "0.2",
     "COPY_BACKOFF_MAX": "1",
     "COPY_EXPIRY_MARGIN_SECONDS": "1",

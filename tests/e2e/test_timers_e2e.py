@@ -82,11 +82,16 @@ def test_a_job_polls_through_the_timer_and_no_worker_holds_its_polls(
                 version = r.hget(f"animate-queue:job:{job_id}", "version")
                 assert version is not None and member[2] == int(version)  # the fencing token
                 ahead = due - time.time()
-                # due soon (or just now); or on a dispatcher's 60 s lease, taken and being sent
-                assert -1.0 < ahead <= POLL + 0.5 or LEASE - 1.0 <= ahead <= LEASE + 0.5, ahead
-                # nothing held in a worker: kombu's unacked hash has no poll of this job
-                held = [json.loads(v) for v in r.hvals("unacked")]
-                assert not any(job_id in json.dumps(h) for h in held), held
+                if LEASE - 1.0 <= ahead <= LEASE + 0.5:
+                    # on a dispatcher's 60 s lease: taken and being sent (its message may be
+                    # running already, until the entry is confirmed): not a held countdown
+                    time.sleep(0.05)
+                    continue
+                assert -1.0 < ahead <= POLL + 0.5, ahead  # due soon (or just now)
+                if ahead > 0.5:  # (not about to be taken and sent while we look)
+                    # nothing held in a worker: kombu's unacked hash has no poll of this job
+                    held = [json.loads(v) for v in r.hvals("unacked")]
+                    assert not any(job_id in json.dumps(h) for h in held), held
                 versions.add(member[2])
             time.sleep(0.1)
         assert view["state"] == "STORED", view

@@ -760,6 +760,15 @@ class TestFaults:
         assert "expired" not in refused.text.lower()
         assert api.http.get(url).status_code == 200  # one-shot
 
+    def test_a_list_that_lags_behind(self, api: Api) -> None:
+        """list_lag_seconds: a new task is queryable at once but listed only after the lag."""
+        api.admin("PATCH", "config", json={"list_lag_seconds": 30})
+        task_id = api.submit().json()["output"]["task_id"]
+        assert api.http.get(f"/api/v1/tasks/{task_id}", headers=api.auth).status_code == 200
+        assert api.http.get("/api/v1/tasks", headers=api.auth).json()["total"] == 0
+        api.admin("POST", "clock", json={"advance": 31})
+        assert api.http.get("/api/v1/tasks", headers=api.auth).json()["total"] == 1
+
     def test_truncated_video(self, api: Api) -> None:
         """truncate: the body ends at half the announced Content-Length, then the line drops."""
         task_id = api.submit().json()["output"]["task_id"]

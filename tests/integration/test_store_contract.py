@@ -103,6 +103,8 @@ def full_job(job_id: str = "full-1") -> Job:
         throttled=2,
         cancel_requested=True,
         wake="sent",
+        submit_uncertain_since=T0 + 1.5,
+        submit_ended_at=T0 + 31.5,
         copy_checkpoint='{"upload_id":"u1","parts":2}',
         resumes=2,
         resume_state="COPYING",
@@ -275,11 +277,54 @@ class TestJobStoreContract:
         assert store.get("gone") is None
         assert store.create(new_job("gone"))[1]
 
-    def test_claim_remote_task(self, store: JobStore) -> None:
-        """A task id can be claimed once."""
-        assert store.claim_remote_task("task-1") is True
-        assert store.claim_remote_task("task-1") is False
-        assert store.claim_remote_task("task-2") is True
+    def test_record_submission_records_the_task_with_its_owner(self, store: JobStore) -> None:
+        """The task id and its owner come in one step; a task another job owns is never
+        recorded (nothing is written); a stale version records nothing."""
+        a, _ = store.create(new_job("a", state=JobState.SUBMITTING))
+        b, _ = store.create(new_job("b", state=JobState.SUBMITTING))
+        assert store.lock_submit("lane-1", "a") is None
+        done = store.record_submission(a, "task-1", remote_status="PENDING")
+        assert done is not None and (done.state, done.remote_task_id) == (
+            JobState.SUBMITTED,
+            "task-1",
+        )
+        assert store.remote_owners(["task-1", "task-9"]) == {"task-1": "a", "task-9": None}
+        assert store.lock_submit("lane-1", "b") is None  # freed by the record
+        assert store.record_submission(b, "task-1") is None  # owned by a
+        assert store.get("b") == b and store.remote_owners(["task-1"]) == {"task-1": "a"}
+        assert store.record_submission(a, "task-2") is None  # a's old version
+        assert store.remote_owners(["task-2"]) == {"task-2": None}
+
+    def test_the_submit_lock_holds_while_its_holder_submits(self, store: JobStore) -> None:
+        """One holder per lane while it is SUBMITTING; the others wait in line and the unlock
+        hands back the longest waiter still submitting; a holder that moved on, or is gone, is
+        taken over; unlocking is the holder's alone."""
+        a, _ = store.create(new_job("a", state=JobState.SUBMITTING))
+        for name in ("b", "c", "d"):
+            store.create(new_job(name, state=JobState.SUBMITTING))
+        assert store.lock_submit("lane", "a") is None
+        assert store.lock_submit("lane", "a") is None  # again: still a's
+        assert store.lock_submit("lane", "b") == "a"
+        assert store.lock_submit("lane", "c") == "a"
+        assert store.lock_submit("lane", "b") == "a"  # waits once, in its first place
+        assert store.lock_submit("other-lane", "d") is None
+        assert store.unlock_submit("lane", "b") is None  # not b's: nothing
+        assert store.lock_submit("lane", "d") == "a"
+        assert store.unlock_submit("lane", "a") == "b"  # the longest waiter, to be woken
+        assert store.lock_submit("lane", "b") is None
+        c = store.get("c")
+        assert c is not None
+        store.transition(c, JobState.CANCELED)  # c waited, then ended: skipped
+        assert store.unlock_submit("lane", "b") == "d"
+        assert store.lock_submit("lane", "d") is None
+        assert store.unlock_submit("lane", "d") is None  # nobody left waiting
+        assert store.lock_submit("lane", "a") is None
+        a = store.get("a")
+        assert a is not None
+        store.transition(a, JobState.FAILED)
+        assert store.lock_submit("lane", "b") is None  # a ended: taken over
+        assert store.lock_submit("lane", "gone-job") == "b"
+        assert store.unlock_submit("lane", "b") is None  # a waiter with no record: skipped
 
     def test_due_and_counts(self, store: JobStore) -> None:
         """The deadline index lists non-final jobs that are due, earliest first; counts by state."""
@@ -495,14 +540,15 @@ class TestRedisIndexes:
             assert job is not None
             redis_store.transition(job, JobState.REJECTED)
         redis_store.redis.delete(redis_store.key("gone-1"), redis_store.key("gone-2"))
-        redis_store.claim_remote_task("old-task")
-        redis_store.claim_remote_task("new-task")
+        for name, task in (("old-owner", "old-task"), ("new-owner", "new-task")):
+            owner, _ = redis_store.create(new_job(name, state=JobState.SUBMITTING))
+            assert redis_store.record_submission(owner, task) is not None
         old = time.time() - FINAL_TTL - 2 * 86400
         redis_store.redis.zadd(f"{redis_store.prefix}:remote-tasks", {"old-task": old})
         assert redis_store.sweep(batch=10) == 3
         assert self.members(redis_store, JobState.REJECTED) == {b"kept"}
-        assert redis_store.claim_remote_task("new-task") is False  # still owned
-        assert redis_store.claim_remote_task("old-task") is True  # forgotten after retention
+        owners = redis_store.remote_owners(["new-task", "old-task"])
+        assert owners == {"new-task": "new-owner", "old-task": None}  # forgotten after retention
         assert redis_store.sweep() == 0
 
     def test_none_fields_absent(self, redis_store: RedisJobStore) -> None:

@@ -21,6 +21,7 @@ from workers.errors import (
     SourceRejected,
     SourceUnavailable,
     StorageUnavailable,
+    StoreUnavailable,
 )
 from workers.jobs import (
     URL_TTL_SECONDS,
@@ -279,7 +280,7 @@ class TestSubmit:
         assert job.submit_ambiguous is False
         assert job.next_action_at == START + 10 + PollPolicy().first_delay
         assert w.api.submits == [job.request]
-        assert not w.store.claim_remote_task("task-1")  # recorded as owned
+        assert w.store.remote_owners(["task-1"]) == {"task-1": JOB}  # recorded as owned
 
     def test_duplicate_submit_message_does_nothing(self, w: World) -> None:
         """A second submit message with the same version finds a stale version: one api.submit."""
@@ -426,16 +427,20 @@ class TestSubmit:
         assert job.submit_ambiguous is False
         assert job.submit_attempts == 1  # no second attempt was made
         assert len(w.api.submits) == 1  # zero extra submits
-        assert w.api.recent_calls == [(started - 5, START + 30 + 5)]
+        # the window: the uncertain POST's start to its failure, each widened by the clock skew
+        skew = SubmitPolicy().clock_skew
+        assert w.api.recent_calls == [(started - skew, START + skew)]
 
     def test_task_claimed_by_another_job_is_not_adopted(self, w: World) -> None:
-        """A listed task that another job owns is skipped; with nothing else, submit again."""
-        assert w.store.claim_remote_task("task-other")
+        """A listed task that another job owns is skipped; with nothing else listed once the
+        list's lag has passed, the job submits again."""
+        w.store.remote_owner["task-other"] = "other-job"
         step = queued(w)
         w.api.submit_script.append(ambiguous(DashScopeUnavailable("read timeout")))
         retry = pipeline.submit(w.svc, JOB, step.version)
         assert retry is not None
         w.api.recent = ["task-other"]
+        w.clock.advance(SubmitPolicy().list_lag)
         w.api.submit_script.append("task-new")
         assert pipeline.submit(w.svc, JOB, retry.version) is not None
         job = w.job()
@@ -444,16 +449,137 @@ class TestSubmit:
         assert len(w.api.submits) == 2
         assert len(w.api.recent_calls) == 1
 
-    def test_skips_claimed_and_adopts_next(self, w: World) -> None:
-        """Owned tasks are skipped, the first unowned one is adopted."""
-        w.store.claim_remote_task("task-a")
+    def test_the_one_unowned_task_among_owned_ones_is_adopted(self, w: World) -> None:
+        w.store.remote_owner.update({"task-a": "job-a", "task-c": "job-c"})
         w.api.submit_script.append(ambiguous(DashScopeUnavailable("read timeout")))
         retry = pipeline.submit(w.svc, JOB, queued(w).version)
         assert retry is not None
         w.api.recent = ["task-a", "task-b", "task-c"]
         pipeline.submit(w.svc, JOB, retry.version)
         assert w.job().remote_task_id == "task-b"
-        assert w.store.claim_remote_task("task-c")  # not taken
+        assert w.store.remote_owners(["task-b"]) == {"task-b": JOB}
+
+    def test_several_unclaimed_tasks_are_never_adopted(self) -> None:
+        """Two unowned tasks in the window (someone else used the key meanwhile): neither can be
+        told to be this job's, so none is adopted (no swapped videos), nothing is submitted
+        again (no second payment); the job fails saying which tasks, and they are counted."""
+        w = make_world()
+        counted: list[tuple[str, float, dict[str, str]]] = []
+
+        class Counting:
+            def inc(self, name: str, amount: float = 1.0, **labels: str) -> None:
+                counted.append((name, amount, labels))
+
+            def observe(self, name: str, value: float, **labels: str) -> None:
+                pass
+
+        w.svc.metrics = Counting()
+        w.api.submit_script.append(ambiguous(DashScopeUnavailable("read timeout")))
+        retry = pipeline.submit(w.svc, JOB, queued(w).version)
+        assert retry is not None
+        w.api.recent = ["task-x", "task-y"]
+        assert pipeline.submit(w.svc, JOB, retry.version) is None
+        job = w.job()
+        assert (job.state, job.error_code) == (JobState.FAILED, "SubmitAmbiguous")
+        assert "task-x" in (job.error_message or "") and "task-y" in (job.error_message or "")
+        assert job.remote_task_id is None and len(w.api.submits) == 1
+        assert ("remote_tasks_unclaimed_total", 2, {"account": "default"}) in counted
+        assert w.store.remote_owners(["task-x", "task-y"]) == {"task-x": None, "task-y": None}
+
+    def test_a_list_that_lags_is_read_again_before_anything_is_resent(self, w: World) -> None:
+        """The uncertain POST's task is not listed yet: no second POST; the list is read again
+        (not an attempt) until list_lag after the POST ended, and the late task is adopted."""
+        w.api.submit_script.append(ambiguous(DashScopeUnavailable("read timeout")))
+        step = pipeline.submit(w.svc, JOB, queued(w).version)
+        assert step is not None
+        w.api.recent = []
+        looks = 0
+        while w.clock.now < START + 20:
+            w.clock.advance(step.countdown)
+            step = pipeline.submit(w.svc, JOB, step.version)
+            assert step is not None and step.step == "submit"
+            looks += 1
+        assert looks >= 2 and len(w.api.submits) == 1 and w.job().submit_attempts == 1
+        w.api.recent = ["task-late"]
+        w.clock.advance(step.countdown)
+        poll = pipeline.submit(w.svc, JOB, step.version)
+        assert poll is not None and poll.step == "poll"
+        assert w.job().remote_task_id == "task-late" and len(w.api.submits) == 1
+        # every look covered the same window, from the uncertain POST's start
+        assert {since for since, _ in w.api.recent_calls} == {START - SubmitPolicy().clock_skew}
+
+    def test_the_task_id_and_its_owner_are_one_write(self) -> None:
+        """Redis times out on the write that records the task id: nothing is half-recorded,
+        so the resumed job finds its own task unowned in the list and adopts it. (Two writes,
+        "owned" then "the job's", once left the task owned by nobody's record: the job skipped
+        it and paid again.)"""
+
+        class TimesOut(InMemoryJobStore):
+            """Times out on the first write that carries the task id, however it is made."""
+
+            armed = True
+
+            def fire(self) -> None:
+                if self.armed:
+                    self.armed = False
+                    raise StoreUnavailable("updating job: timeout")
+
+            def record_submission(self, *args: Any, **kwargs: Any) -> Job | None:
+                self.fire()
+                return super().record_submission(*args, **kwargs)
+
+            def transition(self, job: Job, state: JobState, **changes: Any) -> Job | None:
+                if "remote_task_id" in changes:
+                    self.fire()
+                return super().transition(job, state, **changes)
+
+        w = make_world(store=TimesOut())
+        w.api.submit_script.append("task-1")
+        with pytest.raises(StoreUnavailable):
+            pipeline.submit(w.svc, JOB, queued(w).version)
+        job = w.job()
+        assert (job.state, job.submit_ambiguous) == (JobState.SUBMITTING, True)
+        w.api.recent = ["task-1"]
+        assert pipeline.submit(w.svc, JOB, job.version) is not None  # the watchdog's resume
+        assert w.job().remote_task_id == "task-1"
+        assert len(w.api.submits) == 1
+
+    def test_the_lane_waits_while_a_submit_is_unresolved(self) -> None:
+        """Job A's POST is uncertain: job B of the same lane does not POST until A's task is
+        resolved, so A's reconciliation can only find A's task (never B's: no swap)."""
+        w = make_world()
+        step_a = queued(w)
+        w.api.submit_script.append(ambiguous(DashScopeUnavailable("read timeout")))
+        retry_a = pipeline.submit(w.svc, JOB, step_a.version)
+        assert retry_a is not None
+        pipeline.intake(
+            w.svc, {"image_url": IMAGE, "template_id": TEMPLATE, "job_id": "b", "detect": False},
+            (), "m-b",
+        )  # fmt: skip
+        b = w.store.get("b")
+        assert b is not None
+        w.store.transition(b, JobState.QUEUED, admitted_at=START)
+        b = w.store.get("b")
+        assert b is not None
+        assert pipeline.submit(w.svc, "b", b.version) is None  # waits in line, no message
+        assert len(w.api.submits) == 1  # B did not POST
+        waiting = w.store.get("b")
+        assert waiting is not None and (waiting.token_waits, waiting.wake) == (1, "timer")
+        w.api.recent = ["task-a"]
+        woken_before = len(w.svc.woken)  # type: ignore[attr-defined]
+        assert pipeline.submit(w.svc, JOB, retry_a.version) is not None  # A adopts its task
+        [wake_b] = w.svc.woken[woken_before:]  # type: ignore[attr-defined]
+        assert (wake_b.step, wake_b.job_id) == ("submit", "b")  # the unlock wakes B
+        w.api.submit_script.append("task-b")
+        assert pipeline.submit(w.svc, "b", wake_b.version) is not None  # the lane is free
+        assert (w.job().remote_task_id, w.store.get("b").remote_task_id) == ("task-a", "task-b")  # type: ignore[union-attr]
+
+    def test_a_definite_failure_frees_the_lane(self, w: World) -> None:
+        """A connect error, a 429 or a 4xx: nothing was created, the lane is free at once."""
+        w.api.submit_script.append(DashScopeUnavailable("connect refused"))
+        assert pipeline.submit(w.svc, JOB, queued(w).version) is not None
+        assert w.store.submit_locks == {}
+        assert w.job().submit_ambiguous is False
 
     def test_reconcile_failure_retries_without_submitting(self, w: World) -> None:
         """If the task list cannot be read, nothing is submitted: retry later, still ambiguous."""
@@ -484,15 +610,21 @@ class TestSubmit:
         assert job.error_message.startswith(f"{SubmitPolicy().max_attempts} submit attempts")
         assert len(w.api.submits) == 1
 
-    def test_ambiguity_survives_a_later_plain_failure(self, w: World) -> None:
-        """An unambiguous failure after an ambiguous one keeps the job marked for reconciliation."""
+    def test_ambiguity_survives_until_the_list_says_nothing_was_created(self, w: World) -> None:
+        """After an uncertain POST the job stays marked (and its lane locked) through every
+        look at the list; only a look after the lag with nothing found clears it, and then
+        the next POST's own outcome decides."""
         w.api.submit_script.append(ambiguous(DashScopeUnavailable("read timeout")))
         retry = pipeline.submit(w.svc, JOB, queued(w).version)
         assert retry is not None
+        assert w.job().submit_ambiguous is True and w.store.submit_locks == {"default": JOB}
+        w.clock.advance(SubmitPolicy().list_lag)
         w.api.submit_script.append(DashScopeUnavailable("connect refused"))
         retry = pipeline.submit(w.svc, JOB, retry.version)
         assert retry is not None
-        assert w.job().submit_ambiguous is True
+        job = w.job()
+        assert job.submit_ambiguous is False and job.submit_attempts == 2
+        assert w.store.submit_locks == {}
         assert len(w.api.recent_calls) == 1
 
     def test_duplicate_during_reconciliation_does_not_resubmit(self, w: World) -> None:
