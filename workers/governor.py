@@ -117,8 +117,19 @@ while n < cap do
     if redis.call('LLEN', rot) == 0 then redis.call('ZREM', base .. ':prios', prio) end
     if id then
       redis.call('DECR', base .. ':depth')
-      if redis.call('HGET', p .. ':job:' .. id, 'state') == 'QUEUED' then
+      local job = p .. ':job:' .. id
+      if redis.call('HGET', job, 'state') == 'QUEUED' then
+        -- The slot and the job's admission in one step: a crash after it leaves the job
+        -- admitted, due now and its message outstanding (the watchdog sends it again), never
+        -- holding a slot while it waits in QUEUED unadmitted.
         redis.call('SADD', inflight, id)
+        local t = redis.call('TIME')
+        local now = string.format('%d.%06d', t[1], t[2])
+        redis.call('HINCRBY', job, 'version', 1)
+        redis.call('HSET', job, 'admitted_at', now, 'updated_at', now, 'next_action_at', now,
+                   'wake', 'sent')
+        redis.call('HDEL', job, 'resumes')
+        redis.call('ZADD', p .. ':deadlines', now, id)
         table.insert(admitted, id)
         n = n + 1
       end
@@ -207,7 +218,9 @@ class RedisGovernor:
         )
 
     def admit(self, lane: str) -> list[str]:
-        """Job ids moved from the queue into the remote slot's reach, in order."""
+        """Job ids moved from the queue into the remote slot's reach, in order, each already
+        marked admitted on its record (admitted_at, due now, its submit message outstanding):
+        the caller sends the messages."""
         ids = self._call(self._admit, lane, str(self.capacity))
         return [_text(i) for i in ids]
 

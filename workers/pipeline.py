@@ -206,7 +206,8 @@ class Governor(Protocol):
     def enqueue(self, job: Job) -> None: ...
     def dequeue(self, job: Job) -> bool: ...
     def admit(self, account: str) -> list[str]:
-        """Queued job ids that may now go to DashScope, in order."""
+        """Queued job ids that may now go to DashScope, in order, each marked admitted on its
+        record in the same step (admitted_at; due now; its submit message outstanding)."""
 
     def release(self, account: str, job_id: str) -> None:
         """The job no longer holds or waits for the remote slot."""
@@ -490,17 +491,12 @@ def _account_for(svc: Services, request: JobRequest) -> tuple[str, InvalidJobReq
 
 def admit(svc: Services, lane: str) -> None:
     """Let queued jobs go to DashScope while the lane (an account and model) has room; wake
-    their submit steps."""
+    their submit steps. The governor takes the slot and marks the job admitted in one step, so
+    a crash here only loses the message, which the watchdog sends again."""
     for job_id in svc.governor.admit(lane):
         job = svc.store.get(job_id)
-        if job is None or job.state != JobState.QUEUED:
-            svc.governor.release(lane, job_id)
-            continue
-        woken = _then(svc, job, "submit", 0, admitted_at=svc.clock())
-        if woken is None:
-            svc.governor.release(lane, job_id)
-            continue
-        svc.wake(woken)
+        if job is not None and job.state == JobState.QUEUED and job.admitted_at is not None:
+            svc.wake(Next.of("submit", job, 0))
 
 
 # Beyond this many jobs holding or awaiting an account's slots (a dedicated deployment with many

@@ -354,8 +354,10 @@ class InMemoryGovernor:
     """The ``Governor`` port in memory, with RedisGovernor's order: priority, then producers in
     turn, then arrival. Tokens are unlimited unless ``waits`` scripts a wait for a kind."""
 
-    def __init__(self, capacity: int = 2) -> None:
+    def __init__(self, capacity: int = 2, store: InMemoryJobStore | None = None) -> None:
         self.capacity = capacity
+        self.store = store  # admission marks the job on its record, as the Redis script does
+        self.clock: Callable[[], float] = lambda: 0.0
         self.waits: dict[str, deque[float]] = {}
         self.throttles: list[tuple[str, str]] = []
         self.takes: list[tuple[str, str]] = []
@@ -410,9 +412,23 @@ class InMemoryGovernor:
                 job_id = line.popleft()
                 if line:
                     turns[prio].append(producer)
+                if self.store is not None and not self._mark(job_id):
+                    continue
                 inflight.add(job_id)
                 admitted.append(job_id)
             return admitted
+
+    def _mark(self, job_id: str) -> bool:
+        """The record's side of an admission, in the same step (the store's lock held)."""
+        assert self.store is not None
+        with self.store.lock:
+            job = self.store.jobs.get(job_id)
+            if job is None or job.state != JobState.QUEUED:
+                return False
+            now = self.clock()
+            self.store._apply(job, JobState.QUEUED, {"admitted_at": now, "updated_at": now,
+                              "next_action_at": now, "wake": "sent", "resumes": None})  # fmt: skip
+            return True
 
     def release(self, account: str, job_id: str) -> None:
         with self.lock:
@@ -538,6 +554,11 @@ def make_services(**overrides: Any) -> Services:
         "rand": lambda: 0.5,
     }
     values.update(overrides)
+    governor, store = values["governor"], values["store"]
+    if isinstance(governor, InMemoryGovernor) and governor.store is None:
+        if isinstance(store, InMemoryJobStore):
+            governor.store = store
+        governor.clock = values["clock"]
     svc = Services(**values)
     svc.woken = woken  # type: ignore[attr-defined]  # what the use cases asked to schedule
     return svc

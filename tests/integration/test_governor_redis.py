@@ -146,7 +146,10 @@ class TestAdmission:
         assert view["queued"] == 1 and view["templates"] == {"queued": 0, "inflight": 1}
         assert g.take("default", "template") == 0  # its own bucket: the video submit is untouched
         assert g.take("default", "submit") == 0
-        store.transition(template, JobState.READY)
+        admitted = store.get("t0")  # the admission moved its record on (admitted_at, version)
+        assert admitted is not None and admitted.admitted_at is not None
+        assert admitted.version == template.version + 1 and admitted.wake == "sent"
+        store.transition(admitted, JobState.READY)
         assert g.admit("default:template") == []  # a READY template leaves the slot
         assert g.inflight("default:template") == []
 

@@ -392,3 +392,34 @@ class TestPaidJobsAreNeverPoisoned:
 
 class WorkerDied(BaseException):
     """Stands for a SIGKILL mid-step: nothing the pipeline catches."""
+
+
+def test_a_crash_right_after_admission_leaves_nothing_stuck() -> None:
+    """The worker dies between the admission and sending the job's submit message (two leaks
+    of this kind used to stop a default lane: a slot held by a job QUEUED and never admitted).
+    The slot and the admission are one step, so the job is admitted and due, and the watchdog
+    sends its submit."""
+    svc = make_services()
+    sent: list[Next] = []
+
+    def dies(step: Next) -> None:
+        raise WorkerDied()
+
+    svc.wake = dies
+    with pytest.raises(WorkerDied):
+        pipeline.intake(
+            svc,
+            {"image_url": IMAGE, "template_id": TEMPLATE, "job_id": "j1", "detect": False},
+            (),
+            "m",
+        )
+    job = svc.store.get("j1")
+    assert job is not None and job.state == JobState.QUEUED and job.admitted_at is not None
+    assert svc.governor.inflight("default") == ["j1"]  # type: ignore[attr-defined]
+    svc.wake = sent.append
+    clock(svc).advance(31)
+    assert run(svc).resumed == ["j1"]
+    [submit] = sent
+    svc.api.submit_script.append("task-j1")  # type: ignore[attr-defined]
+    assert pipeline.submit(svc, "j1", submit.version) is not None
+    assert svc.store.get("j1").state == JobState.SUBMITTED  # type: ignore[union-attr]
