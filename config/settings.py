@@ -76,6 +76,12 @@ class Settings(BaseSettings):
 
     # --- Intake and the address guard
     image_check_timeout: float = Field(default=10.0, gt=0)
+    # A new job's inputs are checked within this long (the image fetched and read); a worker
+    # that dies meanwhile leaves a RECEIVED job the watchdog has checked again after it.
+    intake_seconds: float = Field(default=60.0, gt=0)
+    # A job waiting in our queue is looked at this often (it is put back in its lane's queue if
+    # a crash left it out).
+    queued_recheck_seconds: float = Field(default=3600.0, gt=0)
     # Hosts and networks our own requests may reach although they are internal (comma list:
     # "127.0.0.1,10.1.0.0/16,minio.internal"). Everything private is refused otherwise (SSRF).
     url_allowlist: str = ""

@@ -67,6 +67,21 @@ redis.call('SADD', p .. ':accounts', a)
 return 1
 """
 
+# Enqueue unless the id is already in its line (a job the watchdog found QUEUED and waiting).
+_ENSURE = """
+local p, a, prio, producer, id = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local base = p .. ':acct:' .. a
+local q = base .. ':q:' .. prio .. ':' .. producer
+if redis.call('LPOS', q, id) then return 0 end
+if redis.call('SISMEMBER', base .. ':inflight', id) == 1 then return 0 end
+redis.call('RPUSH', q, id)
+if redis.call('LLEN', q) == 1 then redis.call('RPUSH', base .. ':rot:' .. prio, producer) end
+redis.call('ZADD', base .. ':prios', -tonumber(prio), prio)
+redis.call('INCR', base .. ':depth')
+redis.call('SADD', p .. ':accounts', a)
+return 1
+"""
+
 _DEQUEUE = """
 local p, a, prio, producer, id = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local base = p .. ':acct:' .. a
@@ -168,6 +183,7 @@ class RedisGovernor:
         self._bucket = client.register_script(_BUCKET)
         self._enqueue = client.register_script(_ENQUEUE)
         self._dequeue = client.register_script(_DEQUEUE)
+        self._ensure = client.register_script(_ENSURE)
         self._admit = client.register_script(_ADMIT)
 
     def _bucket_key(self, account: str, kind: str) -> str:
@@ -204,6 +220,11 @@ class RedisGovernor:
     def enqueue(self, job: Job) -> None:
         self._call(self._enqueue, job.lane, str(job.request.priority), job.request.producer,
                    job.job_id)  # fmt: skip
+
+    def ensure_queued(self, job: Job) -> bool:
+        """Put the job in its line unless it is there (or holds a slot); True if it was not."""
+        prio, producer = str(job.request.priority), job.request.producer
+        return bool(self._call(self._ensure, job.lane, prio, producer, job.job_id))
 
     def dequeue(self, job: Job) -> bool:
         """Take a queued job out of the queue (cancel); False if it was not there."""

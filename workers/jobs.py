@@ -24,6 +24,7 @@ URL_TTL_SECONDS = 24 * 3600  # DashScope keeps video_url valid 24 h after the ta
 
 
 class JobState(StrEnum):
+    RECEIVED = "RECEIVED"  # recorded; its inputs are being checked (nothing sent; free to cancel)
     DETECTING = "DETECTING"  # the image check (animate-anyone-detect-gen2) is due (free to cancel)
     PREPARING = "PREPARING"  # the template video is checked, or its template is being made
     QUEUED = "QUEUED"  # accepted and validated; nothing sent yet (free to cancel)
@@ -53,6 +54,17 @@ SUCCESS_STATES = frozenset({JobState.STORED, JobState.READY})
 # Every allowed move. A self-move records progress (a poll, a retry) and bumps the version, which
 # is the fencing token: a message carrying an older version is stale and does nothing.
 TRANSITIONS: Mapping[JobState, frozenset[JobState]] = {
+    JobState.RECEIVED: frozenset(
+        {
+            JobState.RECEIVED,
+            JobState.DETECTING,
+            JobState.PREPARING,
+            JobState.QUEUED,
+            JobState.REJECTED,
+            JobState.FAILED,
+            JobState.CANCELED,
+        }
+    ),
     JobState.DETECTING: frozenset(
         {
             JobState.DETECTING,
@@ -73,7 +85,9 @@ TRANSITIONS: Mapping[JobState, frozenset[JobState]] = {
             JobState.CANCELED,
         }
     ),
-    JobState.QUEUED: frozenset({JobState.SUBMITTING, JobState.REJECTED, JobState.CANCELED}),
+    JobState.QUEUED: frozenset(
+        {JobState.QUEUED, JobState.SUBMITTING, JobState.REJECTED, JobState.CANCELED}
+    ),
     JobState.SUBMITTING: frozenset(
         {
             JobState.SUBMITTING,

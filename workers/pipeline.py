@@ -204,6 +204,9 @@ class Governor(Protocol):
         """A 429 arrived anyway: slow that bucket down."""
 
     def enqueue(self, job: Job) -> None: ...
+    def ensure_queued(self, job: Job) -> bool:
+        """Put a QUEUED job in its lane's queue unless it is there; True if it was missing."""
+
     def dequeue(self, job: Job) -> bool: ...
     def admit(self, account: str) -> list[str]:
         """Queued job ids that may now go to DashScope, in order, each marked admitted on its
@@ -315,11 +318,13 @@ class Services:
     clock: Callable[[], float] = time.time
     rand: Callable[[], float] = random.random
     queues: QueueWatch | None = None  # the broker's queues (None: unknown, e.g. in unit tests)
+    intake_seconds: float = 60.0  # checking a new job's inputs takes at most this long
+    queued_recheck: float = 3600.0  # a job waiting in our queue is looked at this often
 
 
 # ----------------------------------------------------------------------------- results
 
-Step = Literal["detect", "prepare", "submit", "poll", "copy", "webhook"]
+Step = Literal["validate", "detect", "prepare", "submit", "poll", "copy", "webhook"]
 
 
 @dataclass(frozen=True)
@@ -399,14 +404,10 @@ def intake(
         return IntakeResult(stored.job_id, stored.state, created)
 
     job_id = request.job_id or message_id
-    account, refusal = _account_for(svc, request)
-    if request.video_url is not None:
-        first = JobState.DETECTING if request.detect else JobState.PREPARING
-    else:
-        first = JobState.DETECTING if request.detect else JobState.QUEUED
+    account, _ = _account_for(svc, request)
     job = Job(
         job_id=job_id,
-        state=first,
+        state=JobState.RECEIVED,
         version=1,
         request=request,
         created_at=now,
@@ -414,6 +415,9 @@ def intake(
         account=account,
         kind=kind.value,
         intake_message_id=message_id,
+        # From its first write the job has a deadline: a worker that dies while checking the
+        # inputs leaves a job the watchdog finds, and checks again (animate.validate).
+        next_action_at=now + svc.intake_seconds,
     )
     stored, created = svc.store.create(job)
     if not created and stored.intake_message_id != message_id:
@@ -421,29 +425,60 @@ def intake(
         log.info("job %s already exists (state %s); duplicate intake ignored", job_id, stored.state)
         svc.store.note_duplicate(job_id)  # no version bump: in-flight messages stay valid
         return IntakeResult(job_id, stored.state, False)
-    if stored.version != 1 or stored.state != first or stored.admitted_at is not None:
+    if stored.state != JobState.RECEIVED:
         return IntakeResult(job_id, stored.state, created)  # a redelivered intake, already past
+    return IntakeResult(job_id, _validate(svc, stored), created)
+
+
+def validate(svc: Services, job_id: str, version: int) -> Next | None:
+    """Check a received job's inputs again: its intake's worker died while checking them."""
+    job = _load(svc, job_id, version)
+    if job is not None and job.state == JobState.RECEIVED:
+        _validate(svc, job)
+    return None
+
+
+def _validate(svc: Services, job: Job) -> JobState:
+    """Check a received job's inputs (nothing is sent before this passes), then move it on:
+    into the image check, the dance video's preparation, or our queue. The state it is in."""
+    request = job.request
     try:
+        _, refusal = _account_for(svc, request)
         if refusal is not None:
             raise refusal
         if request.webhook_url and svc.guard is not None:
             svc.guard.check(request.webhook_url, "webhook_url")
         for ref in (request.image_url, request.video_url):
             _check_input_ref(svc, ref)
-        facts = _probe_image(svc, request) if kind == JobKind.VIDEO else None
+        facts = _probe_image(svc, request) if not job.is_template else None
     except InvalidJobRequest as exc:
-        finish(svc, stored, Finish(JobState.REJECTED, exc.code, exc.message))
-        return IntakeResult(job_id, JobState.REJECTED, created)
-    if first == JobState.QUEUED:
-        # Into our own queue: nothing is sent until the account has room (admission control).
-        svc.governor.enqueue(stored)
-        admit(svc, stored.lane)
-        return IntakeResult(job_id, JobState.QUEUED, created)
-    step: Step = "detect" if first == JobState.DETECTING else "prepare"
-    woken = _then(svc, stored, step, 0, image_sha256=facts.sha256 if facts else None)
+        done = finish(svc, job, Finish(JobState.REJECTED, exc.code, exc.message))
+        return done.state if done else job.state
+    sha = facts.sha256 if facts else None
+    if request.detect and not job.is_template:
+        woken = _then(svc, job, "detect", 0, JobState.DETECTING, image_sha256=sha)
+    elif request.video_url is not None:
+        woken = _then(svc, job, "prepare", 0, JobState.PREPARING, image_sha256=sha)
+    else:
+        _enqueue(svc, job, image_sha256=sha)
+        return JobState.QUEUED
     if woken is not None:
         svc.wake(woken)
-    return IntakeResult(job_id, first, created)
+    return JobState.DETECTING if request.detect and not job.is_template else JobState.PREPARING
+
+
+def _enqueue(svc: Services, job: Job, **changes: Any) -> Job | None:
+    """Into our own queue: nothing is sent until the lane has room (admission control). A
+    queued job is looked at again after ``queued_recheck`` (the watchdog makes sure it is in
+    its lane's queue), so even a queued job always has a deadline."""
+    now = svc.clock()
+    moved = svc.store.transition(job, JobState.QUEUED, updated_at=now, wake=WAKE_TIMER,
+                                 next_action_at=now + svc.queued_recheck,
+                                 **changes)  # fmt: skip
+    if moved is not None:
+        svc.governor.enqueue(moved)
+        admit(svc, moved.lane)
+    return moved
 
 
 def _check_input_ref(svc: Services, ref: str | None) -> None:
@@ -638,13 +673,7 @@ def detect(svc: Services, job_id: str, version: int) -> Next | None:
         log.warning("job %s: %s", job_id, verdict)
     if job.request.video_url is not None:
         return _then(svc, job, "prepare", 0, JobState.PREPARING, warning=verdict, **seen)
-    now = svc.clock()
-    moved = svc.store.transition(
-        job, JobState.QUEUED, warning=verdict, updated_at=now, next_action_at=None, **seen
-    )
-    if moved is not None:
-        svc.governor.enqueue(moved)
-        admit(svc, moved.lane)
+    _enqueue(svc, job, warning=verdict, **seen)
     return None
 
 
@@ -800,35 +829,26 @@ def _resolve_template(svc: Services, job: Job) -> Next | object | None:
 
 
 def _template_found(svc: Services, job: Job, template_id: str, *, reused: bool) -> Next | None:
-    now = svc.clock()
     if job.is_template:
         finish(svc, job, Finish(JobState.READY), template_id=template_id, template_reused=reused)
         return None
-    moved = svc.store.transition(
+    moved = _enqueue(
+        svc,
         job,
-        JobState.QUEUED,
         template_id=template_id,
         template_reused=reused and job.template_job_id is None,
         error_code=None,
         error_message=None,
-        resumes=0,
-        updated_at=now,
-        next_action_at=None,
+        resumes=None,
     )
     if moved is not None:
         log.info("job %s: template %s ready; queued", job.job_id, template_id)
-        svc.governor.enqueue(moved)
-        admit(svc, moved.lane)
     return None
 
 
 def _queue_self(svc: Services, job: Job) -> Next | None:
     """A template job goes to its account's template lane."""
-    now = svc.clock()
-    moved = svc.store.transition(job, JobState.QUEUED, updated_at=now, next_action_at=None)
-    if moved is not None:
-        svc.governor.enqueue(moved)
-        admit(svc, moved.lane)
+    _enqueue(svc, job)
     return None
 
 
@@ -853,6 +873,8 @@ def _start_template_job(svc: Services, job: Job, maker_id: str) -> Job:
         kind=JobKind.TEMPLATE.value,
         source_sha256=job.source_sha256,
         source_seconds=job.source_seconds,
+        next_action_at=now + svc.queued_recheck,
+        wake=WAKE_TIMER,
     )
     stored, created = svc.store.create(maker)
     if created:
@@ -1459,6 +1481,7 @@ class WatchdogReport:
 
 
 RESUMABLE: Mapping[JobState, Step] = {
+    JobState.RECEIVED: "validate",  # its intake died while checking the inputs
     JobState.DETECTING: "detect",
     JobState.PREPARING: "prepare",  # fetching its video, or waiting for its template job
     JobState.QUEUED: "submit",  # admitted, but its submit message never ran
@@ -1499,6 +1522,7 @@ def watchdog(
         if job is None or job.final or job.state not in RESUMABLE:
             continue
         if job.state == JobState.QUEUED and job.admitted_at is None:
+            _recheck_queued(svc, job)
             continue
         step = RESUMABLE[job.state]
         overdue = now - (job.next_action_at if job.next_action_at is not None else now)
@@ -1545,6 +1569,17 @@ def watchdog(
     return WatchdogReport(resumed, poisoned, len(accounts), waiting)
 
 
+def _recheck_queued(svc: Services, job: Job) -> None:
+    """A job long in our queue: make sure it is in its lane's queue (it is put back if a crash
+    left it out), and look again later."""
+    if svc.governor.ensure_queued(job):
+        log.warning("job %s: QUEUED but not in its lane's queue; put back", job.job_id)
+    now = svc.clock()
+    svc.store.transition(job, JobState.QUEUED, updated_at=now, wake=WAKE_TIMER,
+                         next_action_at=now + svc.queued_recheck)  # fmt: skip
+    admit(svc, job.lane)
+
+
 def _in_backlog(
     queues: Mapping[str, tuple[int, float]] | None, step: Step, overdue: float, grace: float
 ) -> bool:
@@ -1587,7 +1622,7 @@ def cancel(svc: Services, job_id: str) -> CancelResult:
             return CancelResult(job_id, None, "not_found", "no such job")
         if job.final:
             return CancelResult(job_id, job.state, "final", f"the job already ended {job.state}")
-        if job.state in (JobState.DETECTING, JobState.PREPARING):
+        if job.state in (JobState.RECEIVED, JobState.DETECTING, JobState.PREPARING):
             # Nothing paid for this job's video yet. A template job it waits for goes on: the
             # template is the account's, and other jobs may want it.
             done = finish(

@@ -31,6 +31,7 @@ ROUTES: Mapping[str, str] = {
     "animate.generate": QUEUE_INTAKE,
     "animate.template": QUEUE_INTAKE,
     "animate.cancel": QUEUE_INTAKE,
+    "animate.validate": QUEUE_INTAKE,  # an intake whose worker died: its inputs checked again
     "animate.detect": QUEUE_DASHSCOPE,
     "animate.submit": QUEUE_DASHSCOPE,
     "animate.poll": QUEUE_DASHSCOPE,

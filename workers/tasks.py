@@ -73,6 +73,7 @@ def schedule(step: pipeline.Next | None) -> None:
 
 def _send(step: str, job_id: str, version: int, producer: str, countdown: float) -> None:
     task = {
+        "validate": validate_job,
         "detect": detect_job,
         "prepare": prepare_job,
         "submit": submit_job,
@@ -186,6 +187,19 @@ def make_template(self: Task[Any, Any], *args: Any, **kwargs: Any) -> None:
     """Intake of a template job: a dance video in, an action template id (state READY) out."""
     result = pipeline.intake(services(), kwargs, args, str(self.request.id), JobKind.TEMPLATE)
     schedule(result.next)
+
+
+@app.task(
+    name="animate.validate",
+    bind=True,
+    base=MeteredTask,
+    time_limit=int(settings.intake_seconds) + 30,
+    soft_time_limit=int(settings.intake_seconds),
+    **RETRY,
+)
+def validate_job(self: Task[Any, Any], job_id: str, version: int) -> None:
+    """A received job's inputs, checked again (its intake's worker died while checking them)."""
+    schedule(pipeline.validate(services(), job_id, version))
 
 
 @app.task(name="animate.detect", bind=True, base=MeteredTask, **RETRY)

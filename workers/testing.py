@@ -386,6 +386,18 @@ class InMemoryGovernor:
                 self.turns.setdefault(job.lane, {}).setdefault(prio, deque()).append(producer)
             line.append(job.job_id)
 
+    def ensure_queued(self, job: Job) -> bool:
+        with self.lock:
+            line = (
+                self.queues.get(job.lane, {})
+                .get(job.request.priority, {})
+                .get(job.request.producer, deque())
+            )
+            if job.job_id in line or job.job_id in self.inflight_sets.get(job.lane, set()):
+                return False
+        self.enqueue(job)
+        return True
+
     def dequeue(self, job: Job) -> bool:
         with self.lock:
             prio, producer = job.request.priority, job.request.producer

@@ -142,6 +142,8 @@ def build_services(settings: Settings) -> Services:
     broker = broker_redis(settings) or redis_client(settings)
     return Services(
         queues=BrokerQueues(RedisQueues(broker, prefix=settings.key_prefix)),
+        intake_seconds=settings.intake_seconds,
+        queued_recheck=settings.queued_recheck_seconds,
         webhooks=webhooks,
         copy_after_late_cancel=settings.cancel_too_late_copy,
         guard=guard,

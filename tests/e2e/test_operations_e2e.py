@@ -179,7 +179,8 @@ def test_timeline_of_a_job_with_retries(
                           timeout=30, env=env, check=True)  # fmt: skip
     events = json.loads(done.stdout)["timeline"]
     moves = [(e.get("from"), e["to"]) for e in events if "from" in e or e.get("created")]
-    assert moves[0] == (None, "DETECTING")  # the image check runs first, by default
+    assert moves[0] == (None, "RECEIVED")  # recorded, its inputs being checked
+    assert moves[1] == ("RECEIVED", "DETECTING")  # then the image check, by default
     assert ("DETECTING", "QUEUED") in moves
     assert ("QUEUED", "SUBMITTING") in moves
     assert ("SUBMITTING", "SUBMITTED") in moves

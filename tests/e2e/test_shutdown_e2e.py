@@ -191,7 +191,8 @@ def for_job(messages: list[dict[str, Any]], job_id: str, task: str) -> list[dict
 
 
 def no_job_left_behind(sq: AnimateQueue) -> None:
-    for state in ("DETECTING", "PREPARING", "QUEUED", "SUBMITTING", "SUBMITTED", "COPYING"):
+    for state in ("RECEIVED", "DETECTING", "PREPARING", "QUEUED", "SUBMITTING", "SUBMITTED",
+                  "COPYING"):  # fmt: skip
         assert sq.jobs(state) == [], state
 
 

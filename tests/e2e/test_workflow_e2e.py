@@ -128,7 +128,8 @@ def test_full_chain_from_local_files(
     assert view["detection"]["bodystyle"] == "full" and not view["detection"]["cached"]
     assert view["template_id"].startswith("AACT.") and not view["template_reused"]
     assert dedupe(states(wq, job_id)) == [
-        "DETECTING", "PREPARING", "QUEUED", "SUBMITTING", "SUBMITTED", "COPYING", "STORED",
+        "RECEIVED", "DETECTING", "PREPARING", "QUEUED", "SUBMITTING", "SUBMITTED", "COPYING",
+        "STORED",
     ]  # fmt: skip
     maker = wq.get(view["template_job_id"])
     assert maker is not None

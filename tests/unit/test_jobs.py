@@ -288,7 +288,6 @@ class TestTransitions:
             (JobState.QUEUED, JobState.SUBMITTED),
             (JobState.QUEUED, JobState.COPYING),
             (JobState.QUEUED, JobState.FAILED),
-            (JobState.QUEUED, JobState.QUEUED),
             (JobState.SUBMITTING, JobState.QUEUED),
             (JobState.SUBMITTING, JobState.COPYING),
             (JobState.SUBMITTING, JobState.REJECTED),

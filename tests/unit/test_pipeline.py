@@ -138,9 +138,10 @@ class TestIntake:
         """A valid request becomes a QUEUED job and asks for a submit now; nothing is sent yet."""
         result = pipeline.intake(w.svc, kwargs(metadata={"user": 7}), (), MSG)
         assert result == IntakeResult(JOB, JobState.QUEUED, True, None)
-        assert woken(w) == [Next("submit", JOB, 2, 0)]  # admitted at once: the account has room
+        # received (1), checked and queued (2), admitted at once: the account has room (3)
+        assert woken(w) == [Next("submit", JOB, 3, 0)]
         job = w.job()
-        assert (job.state, job.version) == (JobState.QUEUED, 2)
+        assert (job.state, job.version) == (JobState.QUEUED, 3)
         assert job.request == JobRequest(
             IMAGE, TEMPLATE, None, None, JOB, {"user": 7}, detect=False
         )

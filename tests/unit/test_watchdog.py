@@ -423,3 +423,64 @@ def test_a_crash_right_after_admission_leaves_nothing_stuck() -> None:
     svc.api.submit_script.append("task-j1")  # type: ignore[attr-defined]
     assert pipeline.submit(svc, "j1", submit.version) is not None
     assert svc.store.get("j1").state == JobState.SUBMITTED  # type: ignore[union-attr]
+
+
+def test_a_worker_killed_mid_intake_leaves_a_job_the_watchdog_finds() -> None:
+    """The record exists from intake's first write, RECEIVED with a deadline: the worker dying
+    while the image is fetched leaves a job the watchdog has checked again (animate.validate);
+    nothing was sent before that check passed."""
+    from workers.testing import FakeImageProbe
+
+    class DiesOnce(FakeImageProbe):
+        def probe(self, url: str, *, trusted: bool = False) -> Any:
+            if not self.probes:
+                self.probes.append(url)
+                raise WorkerDied()
+            return super().probe(url, trusted=trusted)
+
+    svc = make_services(images=DiesOnce())
+    with pytest.raises(WorkerDied):
+        pipeline.intake(svc, {"image_url": IMAGE, "template_id": TEMPLATE, "job_id": "j1"}, (), "m")
+    job = svc.store.get("j1")
+    assert job is not None and job.state == JobState.RECEIVED and job.next_action_at is not None
+    assert svc.store.due(clock(svc)() + svc.intake_seconds) == ["j1"]
+    clock(svc).advance(svc.intake_seconds + 31)
+    assert run(svc).resumed == ["j1"]
+    resume = woken(svc)[-1]
+    assert resume.step == "validate"
+    assert pipeline.validate(svc, "j1", resume.version) is None
+    job = svc.store.get("j1")
+    assert job is not None and job.state == JobState.DETECTING  # checked, on its way
+    assert woken(svc)[-1].step == "detect"
+    assert svc.api.detects == [] and svc.api.submits == []  # type: ignore[attr-defined]
+
+
+def test_a_received_job_can_be_cancelled_for_free() -> None:
+    svc = make_services()
+    svc.images.facts = WorkerDied()  # type: ignore[attr-defined]
+    with pytest.raises(WorkerDied):
+        pipeline.intake(svc, {"image_url": IMAGE, "template_id": TEMPLATE, "job_id": "j1"}, (), "m")
+    assert pipeline.cancel(svc, "j1").outcome == "canceled"
+    assert svc.store.get("j1").state == JobState.CANCELED  # type: ignore[union-attr]
+
+
+def test_a_queued_job_left_out_of_its_lane_is_put_back() -> None:
+    """QUEUED jobs have a deadline too: one that a crash left out of its lane's queue (between
+    the move and the enqueue) is put back when the watchdog looks, and goes on."""
+    svc = make_services()
+    svc.governor.capacity = 0  # type: ignore[attr-defined]
+    pipeline.intake(
+        svc, {"image_url": IMAGE, "template_id": TEMPLATE, "job_id": "j1", "detect": False}, (), "m"
+    )
+    job = svc.store.get("j1")
+    assert job is not None and job.state == JobState.QUEUED and job.next_action_at is not None
+    assert svc.governor.dequeue(job)  # type: ignore[attr-defined]  # "the crash"
+    svc.governor.capacity = 2  # type: ignore[attr-defined]
+    clock(svc).advance(svc.queued_recheck - 60)
+    run(svc)
+    assert svc.store.get("j1").admitted_at is None  # type: ignore[union-attr]  # not due yet
+    clock(svc).advance(120)
+    run(svc)
+    job = svc.store.get("j1")
+    assert job is not None and job.admitted_at is not None
+    assert woken(svc)[-1].step == "submit"
