@@ -99,7 +99,10 @@ class Settings(BaseSettings):
     detect_max_attempts: int = Field(default=6, ge=1)
     # Template videos are downloaded (at most 200 MB), hashed and probed before any template is
     # paid for; one attempt may take this long before the watchdog resumes it elsewhere.
-    video_probe_timeout: float = Field(default=120.0, gt=0)
+    video_probe_timeout: float = Field(default=120.0, gt=0)  # one read of the download
+    # The whole download of a dance video, however slowly it drips; the prepare step's time
+    # limits follow from it, so a resumed job never runs two downloads at once.
+    video_download_seconds: float = Field(default=300.0, gt=0)
     prepare_max_attempts: int = Field(default=6, ge=1)
     # A job waiting for its template is woken when the template job ends; this is the safety
     # net if that wake-up is lost (the watchdog re-checks it after this long).

@@ -54,6 +54,12 @@ class AddressGuard:
 
     def check(self, url: str, field: str = "image_url") -> None:
         """Raise ``InvalidJobRequest`` unless ``url`` may be fetched by this service."""
+        self.approve(url, field)
+
+    def approve(self, url: str, field: str = "image_url") -> str | None:
+        """The address to connect to for ``url`` (one its host resolved to, every one of them
+        checked), so that nothing resolves the name a second time (DNS rebinding); None for a
+        host an operator allowlisted by name. Raises ``InvalidJobRequest`` as ``check``."""
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https"):
             raise InvalidJobRequest(
@@ -64,7 +70,7 @@ class AddressGuard:
         if not host:
             raise InvalidJobRequest(f"{field} has no host", code="InvalidRequest.BadUrl")
         if self._allowed(host):
-            return
+            return host if _is_ip(host) else None
         try:
             addresses = [host] if _is_ip(host) else self.resolver(host)
         except (OSError, UnicodeError) as exc:
@@ -72,12 +78,17 @@ class AddressGuard:
                 f"{field}'s host {host!r} does not resolve ({type(exc).__name__})",
                 code="InvalidImage.Unreachable",
             ) from None
+        if not addresses:
+            raise InvalidJobRequest(
+                f"{field}'s host {host!r} does not resolve", code="InvalidImage.Unreachable"
+            )
         for address in addresses:
             if _internal(address) and not self._allowed(host, address):
                 raise InvalidJobRequest(
                     f"{field} points at an internal address ({address}); such URLs are refused",
                     code="InvalidRequest.PrivateAddress",
                 )
+        return addresses[0].split("%", 1)[0]
 
 
 def _is_ip(host: str) -> bool:

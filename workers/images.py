@@ -10,12 +10,15 @@ import dataclasses
 import hashlib
 import io
 import re
+import time
 import warnings
+from collections.abc import Callable
 
 import httpx
 from PIL import Image, UnidentifiedImageError
 
 from workers.errors import InvalidJobRequest, TransientError
+from workers.fetch import Deadline, guarded_get
 from workers.guard import AddressGuard
 from workers.jobs import IMAGE_MAX_BYTES, ImageFacts
 
@@ -30,35 +33,41 @@ class ImageUnavailable(TransientError):
 class HttpImageProbe:
     """Reads an image's format and size over HTTP with an injected ``httpx.Client``.
 
-    Every URL, the first and each redirect's target, passes the address guard first, so a
-    producer cannot make a worker fetch from inside the network.
+    Every URL, the first and each redirect's target, passes the address guard first, and the
+    connection goes to the address it approved (workers.fetch: no DNS rebinding), so a producer
+    cannot make a worker fetch from inside the network. The whole download is bounded by
+    ``total_seconds`` (per-read timeouts alone let a slow drip hold a worker).
     """
 
-    MAX_REDIRECTS = 5
-
-    def __init__(self, http: httpx.Client, guard: AddressGuard | None = None) -> None:
+    def __init__(
+        self,
+        http: httpx.Client,
+        guard: AddressGuard | None = None,
+        *,
+        total_seconds: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.http = http
         self.guard = guard or AddressGuard()
+        self.total_seconds = total_seconds
+        self.clock = clock
 
     def probe(self, url: str, *, trusted: bool = False) -> ImageFacts:
         """``trusted``: our own bucket's presigned URL, which the address guard need not vet."""
+        deadline = Deadline(self.total_seconds, self.clock)
         try:
-            for _ in range(self.MAX_REDIRECTS + 1):
-                if not trusted:
-                    self.guard.check(url)
-                with self.http.stream("GET", url, follow_redirects=False) as response:
-                    if response.is_redirect and "location" in response.headers:
-                        url = str(response.url.join(response.headers["location"]))
-                        continue
-                    return self._read(response)
+            with guarded_get(
+                self.http,
+                url,
+                guard=None if trusted else self.guard,
+                field="image_url",
+                unreachable_code="InvalidImage.Unreachable",
+            ) as response:
+                return self._read(response, deadline)
         except httpx.HTTPError as exc:
             raise ImageUnavailable(f"fetching the image failed: {type(exc).__name__}") from exc
-        raise InvalidJobRequest(
-            f"image_url redirects more than {self.MAX_REDIRECTS} times",
-            code="InvalidImage.Unreachable",
-        )
 
-    def _read(self, response: httpx.Response) -> ImageFacts:
+    def _read(self, response: httpx.Response, deadline: Deadline) -> ImageFacts:
         if response.status_code >= 500 or response.status_code == 429:
             raise ImageUnavailable(f"image URL answered HTTP {response.status_code}")
         if response.status_code not in (200, 206):
@@ -71,6 +80,7 @@ class HttpImageProbe:
             return facts_from_header(b"", size)  # refused on its size; not worth reading
         body = bytearray()
         for chunk in response.iter_bytes():
+            deadline.check(ImageUnavailable)
             body += chunk
             if len(body) >= IMAGE_MAX_BYTES:
                 return facts_from_header(bytes(body[:HEADER_BYTES]), len(body))

@@ -175,28 +175,33 @@ def services() -> pipeline.Services:
     return svc
 
 
-@app.task(name="animate.generate", bind=True, base=MeteredTask, **RETRY)
+# Time limits of the steps that download what a producer named: the downloads have deadlines
+# of their own; these make sure a stuck one is gone before the watchdog resumes its job.
+INTAKE_LIMITS: dict[str, Any] = {
+    "soft_time_limit": int(settings.intake_seconds),
+    "time_limit": int(settings.intake_seconds) + 15,
+}
+PREPARE_LIMITS: dict[str, Any] = {
+    "soft_time_limit": int(settings.video_download_seconds) + 30,
+    "time_limit": int(settings.video_download_seconds) + 45,
+}
+
+
+@app.task(name="animate.generate", bind=True, base=MeteredTask, **INTAKE_LIMITS, **RETRY)
 def generate(self: Task[Any, Any], *args: Any, **kwargs: Any) -> None:
     """Intake: validate, create the job (id = ``job_id`` or this message's id), then submit."""
     result = pipeline.intake(services(), kwargs, args, str(self.request.id))
     schedule(result.next)
 
 
-@app.task(name="animate.template", bind=True, base=MeteredTask, **RETRY)
+@app.task(name="animate.template", bind=True, base=MeteredTask, **INTAKE_LIMITS, **RETRY)
 def make_template(self: Task[Any, Any], *args: Any, **kwargs: Any) -> None:
     """Intake of a template job: a dance video in, an action template id (state READY) out."""
     result = pipeline.intake(services(), kwargs, args, str(self.request.id), JobKind.TEMPLATE)
     schedule(result.next)
 
 
-@app.task(
-    name="animate.validate",
-    bind=True,
-    base=MeteredTask,
-    time_limit=int(settings.intake_seconds) + 30,
-    soft_time_limit=int(settings.intake_seconds),
-    **RETRY,
-)
+@app.task(name="animate.validate", bind=True, base=MeteredTask, **INTAKE_LIMITS, **RETRY)
 def validate_job(self: Task[Any, Any], job_id: str, version: int) -> None:
     """A received job's inputs, checked again (its intake's worker died while checking them)."""
     schedule(pipeline.validate(services(), job_id, version))
@@ -208,7 +213,7 @@ def detect_job(self: Task[Any, Any], job_id: str, version: int) -> None:
     schedule(pipeline.detect(services(), job_id, version))
 
 
-@app.task(name="animate.prepare", bind=True, base=MeteredTask, **RETRY)
+@app.task(name="animate.prepare", bind=True, base=MeteredTask, **PREPARE_LIMITS, **RETRY)
 def prepare_job(self: Task[Any, Any], job_id: str, version: int) -> None:
     """The dance video's template: checked, reused, or made by a template job."""
     schedule(pipeline.prepare(services(), job_id, version))

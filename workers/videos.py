@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import hashlib
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 from urllib.parse import urlsplit
@@ -25,6 +27,7 @@ from av.container import InputContainer
 from av.video.stream import VideoStream
 
 from workers.errors import InvalidJobRequest, TransientError
+from workers.fetch import Deadline, guarded_get
 from workers.guard import AddressGuard
 from workers.jobs import VIDEO_MAX_BYTES, VideoFacts
 
@@ -158,11 +161,15 @@ class HttpVideoProbe:
         *,
         max_bytes: int = VIDEO_MAX_BYTES,
         tmp_dir: str | None = None,
+        total_seconds: float = 300.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.http = http
         self.guard = guard or AddressGuard()
         self.max_bytes = max_bytes
         self.tmp_dir = tmp_dir
+        self.total_seconds = total_seconds  # the whole download, however slowly it drips
+        self.clock = clock
 
     def probe(self, url: str, *, trusted: bool = False) -> VideoFacts:
         try:
@@ -175,41 +182,27 @@ class HttpVideoProbe:
             raise VideoUnavailable(f"could not spool the video: {exc}") from exc
 
     def _download(self, url: str, spool: IO[bytes], *, trusted: bool) -> str:
-        """Follow redirects to the body, write it to ``spool``; return its SHA-256 (hex)."""
+        """Follow redirects to the body (each hop checked and pinned: workers.fetch), write it
+        to ``spool``; return its SHA-256 (hex)."""
+        deadline = Deadline(self.total_seconds, self.clock)
         try:
-            for _ in range(self.MAX_REDIRECTS + 1):
-                if not trusted:
-                    self._check(url)
-                with self.http.stream(
-                    "GET",
-                    url,
-                    headers={"Accept-Encoding": "identity"},
-                    follow_redirects=False,
-                ) as response:
-                    if response.is_redirect and "location" in response.headers:
-                        url = str(response.url.join(response.headers["location"]))
-                        continue
-                    return self._save(response, spool)
-        except httpx.InvalidURL:
-            raise InvalidJobRequest(
-                "video_url redirects to an invalid URL", code="InvalidVideo.Unreachable"
-            ) from None
-        except httpx.HTTPError as exc:
-            raise VideoUnavailable(f"downloading the video failed: {type(exc).__name__}") from exc
-        raise InvalidJobRequest(
-            f"video_url redirects more than {self.MAX_REDIRECTS} times",
-            code="InvalidVideo.Unreachable",
-        )
-
-    def _check(self, url: str) -> None:
-        try:
-            self.guard.check(url, field="video_url")
+            with guarded_get(
+                self.http,
+                url,
+                guard=None if trusted else self.guard,
+                field="video_url",
+                unreachable_code="InvalidVideo.Unreachable",
+                headers={"Accept-Encoding": "identity"},
+            ) as response:
+                return self._save(response, spool, deadline)
         except InvalidJobRequest as exc:
             if exc.code == "InvalidImage.Unreachable":  # the guard's code for a host with no DNS
                 raise InvalidJobRequest(exc.message, code="InvalidVideo.Unreachable") from None
             raise
+        except httpx.HTTPError as exc:
+            raise VideoUnavailable(f"downloading the video failed: {type(exc).__name__}") from exc
 
-    def _save(self, response: httpx.Response, spool: IO[bytes]) -> str:
+    def _save(self, response: httpx.Response, spool: IO[bytes], deadline: Deadline) -> str:
         status = response.status_code
         if status >= 500 or status == 429:
             raise VideoUnavailable(f"video URL answered HTTP {status}")
@@ -236,6 +229,7 @@ class HttpVideoProbe:
         total = 0
         # Whole chunks of at most max_bytes + 1: the read stops within one chunk past the limit.
         for chunk in response.iter_raw(min(CHUNK_BYTES, self.max_bytes + 1)):
+            deadline.check(VideoUnavailable)
             total += len(chunk)
             if total > self.max_bytes:
                 raise InvalidJobRequest(

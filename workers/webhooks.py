@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 
 from workers.errors import PermanentError, TransientError
+from workers.fetch import pinned_request
 from workers.guard import AddressGuard
 
 
@@ -50,7 +51,6 @@ class HttpWebhooks:
     def send(self, url: str, msg_id: str, payload: dict[str, Any]) -> None:
         if not self.secret:
             raise WebhookRefused("WEBHOOK_SECRET is not set: webhooks cannot be signed")
-        self.guard.check(url, "webhook_url")  # again: DNS may have changed since intake
         body = json.dumps(payload, separators=(",", ":"), sort_keys=True).encode()
         timestamp = int(time.time())
         headers = {
@@ -60,7 +60,13 @@ class HttpWebhooks:
             "webhook-signature": sign(self.secret, msg_id, timestamp, body),
         }
         try:
-            response = self.http.post(url, content=body, headers=headers, follow_redirects=False)
+            # Checked again (DNS may have changed since intake), and sent to the address checked.
+            request = pinned_request(self.http, url, self.guard, "webhook_url", headers)
+            request = self.http.build_request(
+                "POST", request.url, content=body, headers=request.headers,
+                extensions=request.extensions,
+            )  # fmt: skip
+            response = self.http.send(request, follow_redirects=False)
         except httpx.HTTPError as exc:
             raise WebhookUnavailable(f"webhook: {type(exc).__name__}") from exc
         if 200 <= response.status_code < 300:

@@ -153,7 +153,7 @@ def build_services(settings: Settings) -> Services:
         api=api,
         inputs=inputs,
         input_bucket=settings.s3_bucket,
-        videos=HttpVideoProbe(video_http, guard),
+        videos=HttpVideoProbe(video_http, guard, total_seconds=settings.video_download_seconds),
         detect=DetectPolicy(
             max_attempts=settings.detect_max_attempts,
             attempt_seconds=attempt_seconds,
@@ -163,7 +163,7 @@ def build_services(settings: Settings) -> Services:
         ),
         prepare=PreparePolicy(
             max_attempts=settings.prepare_max_attempts,
-            attempt_seconds=settings.video_probe_timeout + 60,
+            attempt_seconds=settings.video_download_seconds + 60,
             recheck_seconds=settings.template_wait_recheck_seconds,
             backoff=Backoff(base=settings.submit_backoff_base, cap=settings.submit_backoff_max),
         ),
@@ -171,7 +171,9 @@ def build_services(settings: Settings) -> Services:
         accounts=frozenset(clients),
         default_account=settings.dashscope_default_account,
         copier=S3CopierPort(copier),
-        images=HttpImageProbe(image_http, guard),
+        images=HttpImageProbe(
+            image_http, guard, total_seconds=max(5.0, settings.intake_seconds - 15)
+        ),
         video_hosts=tuple(
             h.strip()
             for h in f"{settings.video_url_hosts},{settings.url_allowlist}".split(",")

@@ -211,3 +211,48 @@ def test_template_generation(client: DashScopeClient, emulator: EmulatorServer) 
     assert got.template_id is not None and got.template_id.startswith("AACT.")
     assert got.video_url is None
     assert got.video_duration == pytest.approx(2.5, abs=0.1)
+
+
+def test_a_slow_drip_image_url_does_not_hold_a_worker() -> None:
+    """A real server sending one byte every 0.3 s (no per-read timeout ever fires): the image
+    check gives up when its whole-download deadline passes."""
+    import http.server
+    import threading
+    import time as _time
+
+    from workers.errors import TransientError
+    from workers.guard import AddressGuard
+    from workers.images import HttpImageProbe
+
+    class Drip(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", "100000")
+            self.end_headers()
+            try:
+                for _ in range(100):
+                    self.wfile.write(b"\x89")
+                    self.wfile.flush()
+                    _time.sleep(0.3)
+            except OSError:
+                pass
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Drip)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        probe = HttpImageProbe(
+            httpx.Client(timeout=httpx.Timeout(5.0)),
+            AddressGuard.from_setting("127.0.0.1"),
+            total_seconds=1.0,
+        )
+        started = _time.monotonic()
+        with pytest.raises(TransientError, match="more than 1 s"):
+            probe.probe(f"http://127.0.0.1:{server.server_address[1]}/me.png")
+        assert _time.monotonic() - started < 3
+    finally:
+        server.shutdown()

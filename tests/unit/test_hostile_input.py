@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from workers.dashscope import DashScopeClient
-from workers.errors import InvalidJobRequest, WorkerError
+from workers.errors import InvalidJobRequest, TransientError, WorkerError
 from workers.guard import AddressGuard, host_allowed
 from workers.images import HttpImageProbe, facts_from_header
 from workers.jobs import check_image, parse_request
@@ -111,7 +111,7 @@ class TestImageProbe:
         """A public URL that redirects to the metadata service is refused at the hop."""
 
         def handler(request: httpx.Request) -> httpx.Response:
-            if request.url.host == "cdn.test":
+            if request.headers["host"] == "cdn.test":  # (the connection goes to its address)
                 return httpx.Response(302, headers={"location": "http://169.254.169.254/latest"})
             raise AssertionError("the internal address must never be fetched")
 
@@ -230,3 +230,67 @@ def test_remote_parser_never_crashes(body: Any, status: int) -> None:
         assert "sk-hypothesis" not in str(exc)
     else:
         assert task.task_id == "t1"
+
+
+class TestRebindingAndSlowDrip:
+    """The address the guard approved is the one connected to (no second lookup), and a whole
+    download is bounded, however slowly it drips."""
+
+    def rebinding(self) -> tuple[Any, list[str]]:
+        """A resolver that answers a public address once, then an internal one."""
+        asked: list[str] = []
+
+        def resolve(host: str) -> list[str]:
+            asked.append(host)
+            return [PUBLIC] if len(asked) == 1 else ["127.0.0.1"]
+
+        return resolve, asked
+
+    def test_the_image_is_fetched_from_the_address_that_was_checked(self) -> None:
+        resolve, asked = self.rebinding()
+        seen: list[tuple[str, str, Any]] = []
+
+        def handler(request: httpx.Request) -> httpx.Response:
+            seen.append(
+                (request.url.host, request.headers["host"], request.extensions.get("sni_hostname"))
+            )
+            return httpx.Response(200, content=png_bytes(64, 64))
+
+        http = httpx.Client(transport=httpx.MockTransport(handler))
+        HttpImageProbe(http, AddressGuard(resolver=resolve)).probe("https://rebind.test:8443/a.png")
+        assert asked == ["rebind.test"]  # one lookup: nothing resolves the name again
+        assert seen == [(PUBLIC, "rebind.test:8443", "rebind.test")]  # SNI and cert: the name
+
+    def test_a_webhook_is_posted_to_the_address_that_was_checked(self) -> None:
+        from workers.webhooks import HttpWebhooks
+
+        resolve, asked = self.rebinding()
+        seen: list[tuple[str, str]] = []
+
+        def handler(request: httpx.Request) -> httpx.Response:
+            seen.append((request.url.host, request.headers["host"]))
+            return httpx.Response(204)
+
+        http = httpx.Client(transport=httpx.MockTransport(handler))
+        hooks = HttpWebhooks(http, "whsec_c2VjcmV0", AddressGuard(resolver=resolve))
+        hooks.send("https://hooks.test/x", "msg_j1", {"a": 1})
+        assert seen == [(PUBLIC, "hooks.test")] and asked == ["hooks.test"]
+
+    def test_a_slow_drip_image_is_given_up_whole(self) -> None:
+        """One byte every 10 s never trips a per-read timeout; the total deadline stops it."""
+        now = [0.0]
+
+        def drip() -> Any:
+            for byte in png_bytes(64, 64):
+                now[0] += 10.0
+                yield bytes([byte])
+
+        def handler(request: httpx.Request) -> httpx.Response:
+            return httpx.Response(200, content=drip())
+
+        http = httpx.Client(transport=httpx.MockTransport(handler))
+        probe = HttpImageProbe(http, AddressGuard(resolver=resolver({"slow.test": [PUBLIC]})),
+                               total_seconds=30, clock=lambda: now[0])  # fmt: skip
+        with pytest.raises(TransientError, match="more than 30 s"):
+            probe.probe("https://slow.test/a.png")
+        assert now[0] <= 50  # stopped within a chunk or two of the deadline

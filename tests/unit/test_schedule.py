@@ -99,3 +99,18 @@ def test_a_copy_that_hits_its_soft_time_limit_is_sent_again_at_once(
     )
     tasks.copy_job.run("j1", 8)
     assert [(name, args) for name, args, _ in recorder.sent] == [("animate.copy", ("j1", 9))]
+
+
+def test_download_steps_end_before_the_watchdog_would_resume_them() -> None:
+    """A stuck download must be gone before its job is resumed elsewhere, or every resume of a
+    PREPARING job would start another download beside it: each download step's hard time limit
+    ends before its attempt's deadline (and the intake's before its RECEIVED deadline)."""
+    from config.settings import load_settings
+    from workers import wiring
+
+    settings = load_settings({"DASHSCOPE_API_KEY": "sk-test-limits", "S3_BUCKET": "b"})
+    svc = wiring.build_services(settings)
+    assert tasks.prepare_job.time_limit < svc.prepare.attempt_seconds
+    assert tasks.prepare_job.soft_time_limit < tasks.prepare_job.time_limit
+    for task in (tasks.generate, tasks.make_template, tasks.validate_job):
+        assert task.time_limit < svc.intake_seconds + 30  # the deadline plus the watchdog's grace
