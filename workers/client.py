@@ -33,7 +33,7 @@ from boto3.exceptions import Boto3Error
 from botocore.exceptions import BotoCoreError, ClientError
 from celery import Celery
 
-from workers.errors import CopyMismatch, JobNotFound, StorageUnavailable
+from workers.errors import CopyMismatch, InvalidJobRequest, JobNotFound, StorageUnavailable
 from workers.governor import RedisGovernor
 from workers.inputs import (
     S3Inputs,
@@ -42,13 +42,24 @@ from workers.inputs import (
     is_local,
     local_path,
 )
-from workers.jobs import FINAL_STATES, job_view
+from workers.jobs import FINAL_STATES, JOB_ID_RE, job_view
 from workers.routes import queue_for
 from workers.store import RedisJobStore
 
 INTAKE_TASK = "animate.generate"
 TEMPLATE_TASK = "animate.template"
 CANCEL_TASK = "animate.cancel"
+
+
+def _check_job_id(job_id: Any) -> None:
+    """Refuse, before sending, a job_id the workers could not use as one (it would name
+    nothing a producer could wait on)."""
+    if job_id is not None and not (isinstance(job_id, str) and JOB_ID_RE.match(job_id)):
+        raise InvalidJobRequest(
+            "job_id must be 1-128 characters of letters, digits and . _ : - (starting with a "
+            f"letter or digit), not {str(job_id)[:40]!r}",
+            code="InvalidRequest.JobId",
+        )
 
 
 class JobTimeout(TimeoutError):
@@ -116,6 +127,7 @@ class AnimateQueue:
             "producer": producer,
         }
         kwargs.update({k: v for k, v in optional.items() if v is not None})
+        _check_job_id(job_id)
         message_id = str(uuid.uuid4())
         self.celery.send_task(
             INTAKE_TASK, kwargs=kwargs, queue=queue_for(INTAKE_TASK), task_id=message_id
@@ -274,6 +286,7 @@ class AnimateQueue:
 
     def _send(self, task: str, kwargs: dict[str, Any], optional: dict[str, Any]) -> str:
         kwargs.update({k: v for k, v in optional.items() if v is not None})
+        _check_job_id(kwargs.get("job_id"))
         message_id = str(uuid.uuid4())
         self.celery.send_task(task, kwargs=kwargs, queue=queue_for(task), task_id=message_id)
         job_id = kwargs.get("job_id")

@@ -206,6 +206,8 @@ DEFAULT_PRODUCER = "default"
 JOB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}\Z")
 TEMPLATE_ID_RE = re.compile(r"^AACT\.[A-Za-z0-9][A-Za-z0-9._-]{1,254}\Z")
 MAX_URL_LENGTH = 2048
+MAX_ECHOED_NAMES = 5  # unknown field names quoted back in an error, at most...
+MAX_ECHOED_NAME = 40  # ...and this many characters of each
 MAX_METADATA_BYTES = 4096
 
 
@@ -280,12 +282,20 @@ def _check_args(
             "InvalidRequest.PositionalArgs",
             f"{kind} takes keyword arguments only (kwargs=...), got positional ones",
         )
-    unknown = sorted(set(kwargs) - allowed)
+    unknown = sorted(str(k) for k in set(kwargs) - allowed)
     if unknown:
+        # Names chosen by a producer go into the job's error and the logs: bounded, and shown
+        # as text (repr) whatever they hold.
+        shown = [repr(name[:MAX_ECHOED_NAME]) + ("..." if len(name) > MAX_ECHOED_NAME else "")
+                 for name in unknown[:MAX_ECHOED_NAMES]]  # fmt: skip
+        more = (
+            f" and {len(unknown) - MAX_ECHOED_NAMES} more"
+            if len(unknown) > MAX_ECHOED_NAMES
+            else ""
+        )
         raise reject(
             "InvalidRequest.UnknownField",
-            f"unknown field(s) {', '.join(map(repr, unknown))}; "
-            f"allowed: {', '.join(sorted(allowed))}",
+            f"unknown field(s) {', '.join(shown)}{more}; allowed: {', '.join(sorted(allowed))}",
         )
 
 
@@ -565,6 +575,7 @@ class Job:
     template_recreated: bool = False  # DashScope refused the template once; it was made again
     rejected_template: str | None = None  # the template DashScope refused
     intake_message_id: str | None = None
+    requested_id: str | None = None  # a job_id that could not be used (REJECTED under msg id)
     admitted_at: float | None = None  # left our queue for the remote one
     token_waits: int = 0  # times a step waited for the account's quota
     throttled: int = 0  # 429s DashScope answered this job with
@@ -575,6 +586,8 @@ class Job:
     wake: str | None = None
     resumes: int = 0  # steps taken in a row that never finished (worker deaths); 0 on progress
     resume_state: str | None = None  # (older records)
+    delivery: str | None = None  # "pending": a final job's results, callback, webhook not all out
+    published: bool = False  # its result and callback went out (at least once)
     webhook_state: str | None = None  # pending | delivered | failed
     webhook_attempts: int = 0
     webhook_delivered_at: float | None = None

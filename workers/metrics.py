@@ -251,6 +251,14 @@ METRICS: Mapping[str, MetricDef] = {
     )
 }
 _WRITTEN = tuple(m for m in METRICS.values() if m.kind != "gauge")
+MAX_PRODUCER_LABELS = 100  # distinct producer label values; the rest are counted as "other"
+OTHER_LABEL = "other"
+_ADMIT_LABEL = """
+if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 1 then return 1 end
+if redis.call('SCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
+redis.call('SADD', KEYS[1], ARGV[1])
+return 1
+"""
 _AT_ONCE = frozenset({VIDEO_SECONDS_TOTAL.name, JOBS_FINISHED_TOTAL.name})
 
 
@@ -341,10 +349,20 @@ class RedisMetrics:
     programming error and raises :class:`ValueError`.
     """
 
-    def __init__(self, client: redis.Redis, prefix: str, *, pause_seconds: float = 5.0) -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        prefix: str,
+        *,
+        pause_seconds: float = 5.0,
+        max_producers: int = MAX_PRODUCER_LABELS,
+    ) -> None:
         self.redis = client
         self.prefix = prefix
         self.pause_seconds = pause_seconds
+        self.max_producers = max_producers
+        self._producers: set[str] = set()  # producers this process knows are labelled
+        self._admit_label = client.register_script(_ADMIT_LABEL)
         self._lock = threading.Lock()
         self._paused_until = 0.0
         self._last_warning = -math.inf
@@ -354,6 +372,8 @@ class RedisMetrics:
     def inc(self, name: str, amount: float = 1.0, **labels: str) -> None:
         """Add ``amount`` (>= 0) to a counter."""
         metric = _lookup(name, "counter")
+        if "producer" in labels:
+            labels = {**labels, "producer": self._producer(labels["producer"])}
         field = _field(_label_values(metric, labels))
         if not (math.isfinite(amount) and amount >= 0):
             self._drop(f"{name}: bad increment {amount!r}")
@@ -381,6 +401,22 @@ class RedisMetrics:
             pipe.hincrbyfloat(key, total, value)
 
         self._write(write)
+
+    def _producer(self, value: str) -> str:
+        """The producer as a label, or ``other`` once ``max_producers`` distinct ones are in
+        use: producers choose the name, and every new one would be a new series for good."""
+        if value in self._producers:
+            return value
+        try:
+            admitted = self._admit_label(
+                keys=[f"{self.prefix}:m:labels:producer"], args=[value, self.max_producers]
+            )
+        except redis.RedisError:
+            return OTHER_LABEL
+        if admitted:
+            self._producers.add(value)
+            return value
+        return OTHER_LABEL
 
     @contextlib.contextmanager
     def batch(self) -> Iterator[None]:

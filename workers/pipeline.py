@@ -100,8 +100,12 @@ class JobStore(Protocol):
         """Hold the lane's submit lock (one POST in flight or unresolved per lane): None when
         ``job_id`` holds it, else the job that does (``job_id`` then waits in line)."""
 
-    def unlock_submit(self, lane: str, job_id: str) -> str | None:
-        """Free the lock if ``job_id`` holds it; the job that waited longest, to be woken."""
+    def unlock_submit(self, lane: str, job_id: str) -> tuple[str, int] | None:
+        """Free the lock if ``job_id`` holds it; the job that waited longest (and its
+        version), to be woken."""
+
+    def delivered(self, job: Job) -> bool:
+        """Mark a final job's deliveries done, without a version bump; False if it moved."""
 
     def note_duplicate(self, job_id: str) -> None: ...
     def request_cancel(self, job_id: str) -> None: ...
@@ -298,7 +302,8 @@ class Services:
     governor: Governor
     videos: VideoProbe | None = None
     inputs: Inputs = field(default_factory=UrlInputs)
-    input_bucket: str | None = None  # s3:// inputs must be in this bucket
+    input_bucket: str | None = None  # s3:// inputs must be in this bucket...
+    input_prefix: str = "inputs/"  # ...under this prefix (never another job's output)
     detect: DetectPolicy = field(default_factory=DetectPolicy)
     prepare: PreparePolicy = field(default_factory=PreparePolicy)
     accounts: frozenset[str] = frozenset({"default"})
@@ -320,11 +325,12 @@ class Services:
     queues: QueueWatch | None = None  # the broker's queues (None: unknown, e.g. in unit tests)
     intake_seconds: float = 60.0  # checking a new job's inputs takes at most this long
     queued_recheck: float = 3600.0  # a job waiting in our queue is looked at this often
+    delivery_seconds: float = 60.0  # a final job's results are delivered within this, or again
 
 
 # ----------------------------------------------------------------------------- results
 
-Step = Literal["validate", "detect", "prepare", "submit", "poll", "copy", "webhook"]
+Step = Literal["validate", "detect", "prepare", "submit", "poll", "copy", "deliver"]
 
 
 @dataclass(frozen=True)
@@ -396,6 +402,10 @@ def intake(
             finished_at=now,
             error_code=exc.code,
             error_message=exc.message,
+            # A job_id that cannot name a job: the record goes under the message id, and the
+            # refusal is also published under the id the producer asked for (its AsyncResult).
+            requested_id=raw_id if job_id != raw_id and _echoable_id(raw_id) else None,
+            **_final_fields(svc, now),
         )
         stored, created = svc.store.create(job)
         log.info("job %s rejected at intake: %s", stored.job_id, exc)
@@ -489,6 +499,15 @@ def _check_input_ref(svc: Services, ref: str | None) -> None:
         raise InvalidJobRequest(
             f"{ref} is not in this service's input bucket "
             f"({svc.input_bucket or 'none is configured'}); use an http(s) URL",
+            code="InvalidRequest.BadUrl",
+        )
+    prefix = svc.input_prefix.lstrip("/")
+    key = where[1]
+    if not key.startswith(prefix) or ".." in key.split("/") or key == prefix:
+        # Only what producers upload is theirs to name: never another job's stored video.
+        raise InvalidJobRequest(
+            f"s3:// inputs must be under {prefix!r} in the input bucket (where the client and "
+            "CLI upload local files); use an http(s) URL for anything else",
             code="InvalidRequest.BadUrl",
         )
 
@@ -609,6 +628,11 @@ def _next_fields(svc: Services, job: Job, delay: float) -> dict[str, Any]:
 
 def _usable_id(value: str) -> bool:
     return bool(JOB_ID_RE.match(value))
+
+
+def _echoable_id(value: Any) -> bool:
+    """A producer's unusable job_id that can still key its result (a short string)."""
+    return isinstance(value, str) and 0 < len(value) <= 256
 
 
 # ----------------------------------------------------------------------------- detect
@@ -989,10 +1013,7 @@ def submit(svc: Services, job_id: str, version: int) -> Next | None:
         job = claimed
     if svc.store.lock_submit(job.lane, job.job_id) is not None:
         # Another job's POST in this lane is in flight or unresolved: wait in line (not an
-        # attempt, no message: the unlock wakes us; the deadline is the fallback).
-        svc.store.transition(job, job.state, token_waits=job.token_waits + 1, updated_at=now,
-                             next_action_at=now + svc.submit.attempt_seconds,
-                             wake=WAKE_TIMER)  # fmt: skip
+        # attempt, no message: the unlock wakes us; the record's deadline is the fallback).
         return None
 
     if job.submit_ambiguous:
@@ -1087,10 +1108,9 @@ def _submitted(svc: Services, job: Job, task_id: str) -> Next | None:
 
 def _free_lane(svc: Services, job: Job) -> None:
     """Free the lane's submit lock (if the job holds it) and wake the job waiting longest."""
-    waiter_id = svc.store.unlock_submit(job.lane, job.job_id)
-    waiter = svc.store.get(waiter_id) if waiter_id else None
-    if waiter is not None and waiter.state == JobState.SUBMITTING:
-        svc.wake(Next.of("submit", waiter, 0))
+    waiter = svc.store.unlock_submit(job.lane, job.job_id)
+    if waiter is not None:
+        svc.wake(Next("submit", waiter[0], waiter[1], 0))
 
 
 def _submit_throttled(svc: Services, job: Job, exc: DashScopeThrottled) -> Next | None:
@@ -1396,8 +1416,9 @@ def copy(svc: Services, job_id: str, version: int) -> Next | None:
         updated_at=done,
         error_code=None,
         error_message=None,
-        next_action_at=None,
         copy_checkpoint=None,
+        wake=None,
+        **_final_fields(svc, done),
     )
     if final is None:
         log.warning("job %s: copy finished but the job moved on (stale copy)", job_id)
@@ -1519,12 +1540,19 @@ def watchdog(
     waiting: list[str] = []
     for job_id in svc.store.due(now - grace, limit):
         job = svc.store.get(job_id)
-        if job is None or job.final or job.state not in RESUMABLE:
+        if job is None:
             continue
-        if job.state == JobState.QUEUED and job.admitted_at is None:
+        if job.final:
+            if job.delivery != DELIVERY_PENDING:
+                continue
+            step: Step = "deliver"
+        elif job.state not in RESUMABLE:
+            continue
+        elif job.state == JobState.QUEUED and job.admitted_at is None:
             _recheck_queued(svc, job)
             continue
-        step = RESUMABLE[job.state]
+        else:
+            step = RESUMABLE[job.state]
         overdue = now - (job.next_action_at if job.next_action_at is not None else now)
         if job.wake == WAKE_SENT and _in_backlog(queues, step, overdue, grace):
             waiting.append(job_id)
@@ -1712,7 +1740,8 @@ def finish(svc: Services, job: Job, decision: Finish, **changes: Any) -> Job | N
         "error_message": decision.message,
         "finished_at": now,
         "updated_at": now,
-        "next_action_at": None,
+        "wake": None,
+        **_final_fields(svc, now),
     }
     fields.update(changes)
     done = svc.store.transition(job, decision.state, **fields)
@@ -1726,61 +1755,100 @@ def finish(svc: Services, job: Job, decision: Finish, **changes: Any) -> Job | N
     return done
 
 
+DELIVERY_PENDING = "pending"
+
+
+def _final_fields(svc: Services, now: float) -> dict[str, Any]:
+    """What every move to a final state also records: its results, callback and webhook are
+    still to be delivered, by this deadline (a worker that dies before they are leaves a final
+    job the watchdog delivers: at least once, never never)."""
+    return {"delivery": DELIVERY_PENDING, "next_action_at": now + svc.delivery_seconds}
+
+
 def _ended(svc: Services, job: Job) -> None:
-    """The job is final: announce it once (the final transition happens once)."""
+    """The job is final: count it, then deliver its outcome (at once; again if need be)."""
     svc.metrics.inc("jobs_finished_total", state=job.state.value, account=job.account,
                     kind=job.kind)  # fmt: skip
-    try:
-        svc.results.publish(job)
-    except Exception:  # the job is final whatever happens here; say so loudly
-        log.exception("job %s: its final result could not be published", job.job_id)
-    if job.is_template:
-        _wake_waiters(svc, job)
-    if job.request.webhook_url:
-        pending = svc.store.transition(job, job.state, webhook_state="pending")
-        if pending is not None:
-            svc.wake(Next.of("webhook", pending, 0))
+    later = _deliver(svc, job)
+    if later is not None:
+        svc.wake(later)
+
+
+def deliver(svc: Services, job_id: str, version: int) -> Next | None:
+    """The deliveries of a final job not yet made (its worker died, or the webhook is retried)."""
+    job = _load(svc, job_id, version)
+    return _deliver(svc, job) if job is not None else None
 
 
 def deliver_webhook(svc: Services, job_id: str, version: int) -> Next | None:
-    """POST the final result to the job's webhook; retry with backoff for a bounded time."""
-    job = _load(svc, job_id, version)
-    if job is None or not job.final or not job.request.webhook_url:
+    """``animate.webhook`` messages sent before deliveries were one step."""
+    return deliver(svc, job_id, version)
+
+
+def _deliver(svc: Services, job: Job) -> Next | None:
+    """Publish the result object (the result backend, and the producer's callback), wake the
+    jobs waiting for a template, POST the webhook: each at least once, keyed by the job id
+    (the callback's message id ``<job_id>.callback``, the webhook's ``msg_<job_id>``), then mark
+    the job delivered. A webhook that fails transiently is tried again with backoff, for
+    ``WEBHOOK_GIVE_UP_SECONDS``; the watchdog stands behind every retry."""
+    legacy_webhook = job.delivery is None and job.webhook_state == "pending"
+    if not job.final or (job.delivery != DELIVERY_PENDING and not legacy_webhook):
         return None
-    if job.webhook_state in ("delivered", "failed"):
-        return None
+    changes: dict[str, Any] = {}
+    if not job.published and not legacy_webhook:
+        try:
+            svc.results.publish(job)
+        except Exception as exc:  # the broker or result backend: try again shortly
+            log.exception("job %s: its final result could not be published", job.job_id)
+            delay = svc.webhook.backoff.delay(1, svc.rand)
+            return _then(svc, job, "deliver", delay, webhook_error=f"publish: {exc}"[:200])
+        changes["published"] = True
+        if job.is_template:
+            _wake_waiters(svc, job)
+    if job.request.webhook_url and job.webhook_state not in ("delivered", "failed"):
+        outcome = _post_webhook(svc, job)
+        if isinstance(outcome, float):  # again later: the delivery stays pending
+            return _then(svc, job, "deliver", outcome, webhook_state="pending",
+                         webhook_attempts=job.webhook_attempts + 1, **changes)  # fmt: skip
+        changes.update(outcome)
+    if changes.keys() - {"published"}:  # the webhook's outcome to record as well
+        done = svc.store.transition(job, job.state, delivery=None, next_action_at=None,
+                                    wake=None, **changes) is not None  # fmt: skip
+    else:
+        done = svc.store.delivered(job)
+    if not done:
+        log.info("job %s: delivered, but the record moved on meanwhile", job.job_id)
+    return None
+
+
+def _post_webhook(svc: Services, job: Job) -> dict[str, Any] | float:
+    """POST the signed final result: the fields to record, or the delay before trying again."""
     now = svc.clock()
     payload = {
         "type": "job.finished",
         "timestamp": job.finished_at or now,
         "data": result_object(job),
     }
+    attempts = job.webhook_attempts + 1
     try:
         if svc.webhooks is None:
             raise PermanentError("no webhook sender configured", code="WebhookUnavailable")
+        assert job.request.webhook_url is not None
         svc.webhooks.send(job.request.webhook_url, f"msg_{job.job_id}", payload)
     except (WorkerError, InvalidJobRequest) as exc:
-        attempts = job.webhook_attempts + 1
         ended = job.finished_at or job.updated_at
-        retry = isinstance(exc, TransientError) and now - ended < svc.webhook.give_up_after
-        if not retry:
-            svc.store.transition(job, job.state, webhook_state="failed", webhook_attempts=attempts,
-                                 webhook_error=f"{exc.code}: {exc.message}")  # fmt: skip
-            log.warning("job %s: webhook given up after %d attempts: %s", job_id, attempts, exc)
-            return None
-        delay = svc.webhook.backoff.delay(attempts, svc.rand)
-        moved = svc.store.transition(job, job.state, webhook_attempts=attempts,
-                                     webhook_error=f"{exc.code}: {exc.message}")  # fmt: skip
-        return Next.of("webhook", moved, delay) if moved else None
-    svc.store.transition(
-        job,
-        job.state,
-        webhook_state="delivered",
-        webhook_attempts=job.webhook_attempts + 1,
-        webhook_delivered_at=svc.clock(),
-        webhook_error=None,
-    )
-    return None
+        error = f"{exc.code}: {exc.message}"
+        if isinstance(exc, TransientError) and now - ended < svc.webhook.give_up_after:
+            log.info("job %s: webhook attempt %d failed (%s)", job.job_id, attempts, exc)
+            return svc.webhook.backoff.delay(attempts, svc.rand)
+        log.warning("job %s: webhook given up after %d attempts: %s", job.job_id, attempts, exc)
+        return {"webhook_state": "failed", "webhook_attempts": attempts, "webhook_error": error}
+    return {
+        "webhook_state": "delivered",
+        "webhook_attempts": attempts,
+        "webhook_delivered_at": svc.clock(),
+        "webhook_error": None,
+    }
 
 
 def _load(svc: Services, job_id: str, version: int) -> Job | None:

@@ -30,11 +30,16 @@ class CeleryResults:
         else:
             error = JobFailed(job.error_code or job.state.value, job.error_message or "", outcome)
             backend.store_result(job.job_id, error, "FAILURE")
+            if job.requested_id:  # the producer waits on the job_id it sent, unusable as it was
+                backend.store_result(job.requested_id, error, "FAILURE")
         if job.request.callback_task:
+            # At least once: sent again if the worker died before the job was marked delivered.
+            # The message id is the job's (plus ".callback"): the producer's key to deduplicate.
             # Jobs from before callback_queue was required may have none: their old default.
             self.app.send_task(
                 job.request.callback_task,
                 args=[outcome],
                 queue=job.request.callback_queue or "celery",
+                task_id=f"{job.job_id}.callback",
             )
             log.info("job %s: callback %s sent", job.job_id, job.request.callback_task)

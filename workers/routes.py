@@ -38,7 +38,8 @@ ROUTES: Mapping[str, str] = {
     "animate.watchdog": QUEUE_DASHSCOPE,
     "animate.prepare": QUEUE_TRANSFER,  # downloads the dance video
     "animate.copy": QUEUE_TRANSFER,
-    "animate.webhook": QUEUE_TRANSFER,
+    "animate.deliver": QUEUE_TRANSFER,  # a final job's result, callback and webhook
+    "animate.webhook": QUEUE_TRANSFER,  # (its old name, for messages sent before the upgrade)
 }
 
 

@@ -154,6 +154,8 @@ if holder and holder ~= ARGV[2] then
   if state == 'SUBMITTING' then
     local t = redis.call('TIME')
     redis.call('ZADD', KEYS[2], 'NX', t[1] + t[2] / 1000000, ARGV[2])
+    -- It waits with no message of its own: the unlock wakes it, its deadline is the fallback.
+    redis.call('HSET', ARGV[1] .. ':job:' .. ARGV[2], 'wake', 'timer')
     return holder
   end
 end
@@ -162,17 +164,26 @@ redis.call('ZREM', KEYS[2], ARGV[2])
 return ''
 """
 
-# Free the lock if ARGV[1] holds it; hand back the longest waiter still submitting, to be woken.
+# Free the lock if ARGV[1] holds it; hand back the longest waiter still submitting, to be woken,
+# as "<job id> <version>".
 _UNLOCK_SUBMIT = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return '' end
 redis.call('DEL', KEYS[1])
 while true do
   local first = redis.call('ZPOPMIN', KEYS[2])
   if #first == 0 then return '' end
-  if redis.call('HGET', ARGV[2] .. ':job:' .. first[1], 'state') == 'SUBMITTING' then
-    return first[1]
-  end
+  local job = redis.call('HMGET', ARGV[2] .. ':job:' .. first[1], 'state', 'version')
+  if job[1] == 'SUBMITTING' then return first[1] .. ' ' .. job[2] end
 end
+"""
+
+# A final job's deliveries are out: one small step, no version bump (nothing is fenced by it).
+_DELIVERED = """
+if redis.call('HGET', KEYS[1], 'version') ~= ARGV[2] then return 0 end
+redis.call('HDEL', KEYS[1], 'delivery', 'wake')
+redis.call('HSET', KEYS[1], 'published', '1')
+redis.call('ZREM', ARGV[1] .. ':deadlines', ARGV[3])
+return 1
 """
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Job)}
@@ -486,6 +497,7 @@ class RedisJobStore(WorkflowRecords):
         self._take = client.register_script(_TAKE)
         self._lock_submit = client.register_script(_LOCK_SUBMIT)
         self._unlock_submit = client.register_script(_UNLOCK_SUBMIT)
+        self._delivered = client.register_script(_DELIVERED)
         self._init_workflow()
 
     def key(self, job_id: str) -> str:
@@ -577,10 +589,10 @@ class RedisJobStore(WorkflowRecords):
                 to_del.append(name)  # a default reads back the same: the record stays small
             else:
                 to_set += [name, encode_value(name, value)]
+        # A final job keeps a deadline only while its deliveries are pending (given explicitly).
+        final_due = state not in FINAL_STATES or changes.get("next_action_at") is not None
         next_at = (
-            ""
-            if updated.next_action_at is None or state in FINAL_STATES
-            else repr(updated.next_action_at)
+            "" if updated.next_action_at is None or not final_due else repr(updated.next_action_at)
         )
         ttl = self.final_ttl if state in FINAL_STATES else 0
         try:
@@ -664,15 +676,27 @@ class RedisJobStore(WorkflowRecords):
             raise StoreUnavailable(f"submit lock: {exc}") from exc
         return holder or None
 
-    def unlock_submit(self, lane: str, job_id: str) -> str | None:
+    def unlock_submit(self, lane: str, job_id: str) -> tuple[str, int] | None:
         """Free the lane's submit lock if ``job_id`` holds it: the job that waited longest for
-        it (still submitting), to be woken, or None."""
+        it (still submitting) and its version, to be woken, or None."""
         keys = [self._lock_key(lane), self._lock_key(lane) + ":waiting"]
         try:
             waiter = _text(self._unlock_submit(keys=keys, args=[job_id, self.prefix]))
         except redis.RedisError as exc:
             raise StoreUnavailable(f"submit lock: {exc}") from exc
-        return waiter or None
+        if not waiter:
+            return None
+        waiter_id, version = waiter.rsplit(" ", 1)
+        return waiter_id, int(version)
+
+    def delivered(self, job: Job) -> bool:
+        """Mark a final job's deliveries done (it is at ``job.version``); False if it moved."""
+        try:
+            done = self._delivered(keys=[self.key(job.job_id)],
+                                   args=[self.prefix, str(job.version), job.job_id])  # fmt: skip
+        except redis.RedisError as exc:
+            raise StoreUnavailable(f"updating job: {exc}") from exc
+        return bool(done)
 
     def note_duplicate(self, job_id: str) -> None:
         """Count a repeated intake without touching the version (the fencing token)."""
@@ -752,3 +776,30 @@ class RedisJobStore(WorkflowRecords):
         """Job ids whose next wake-up was due by ``now`` (the watchdog's work list)."""
         ids = self.redis.zrangebyscore(f"{self.prefix}:deadlines", "-inf", now, start=0, num=limit)
         return [_text(i) for i in ids]
+
+
+class RedisClock:
+    """Redis's clock, for every deadline the workers set and compare (the watchdog, timers,
+    admission and quota buckets already run on Redis's ``TIME``): hosts whose clocks differ
+    still agree on when a job is due. Read from Redis once per ``refresh`` seconds and carried
+    forward by this host's monotonic clock, so it costs no round trip per use and does not jump
+    with the host's wall clock. If Redis cannot be read before the first reading, the host's
+    clock stands in."""
+
+    def __init__(self, client: redis.Redis, refresh: float = 60.0) -> None:
+        self.redis = client
+        self.refresh = refresh
+        self._offset: float | None = None
+        self._read_at = 0.0
+
+    def __call__(self) -> float:
+        now = time.monotonic()
+        if self._offset is None or now - self._read_at >= self.refresh:
+            try:
+                secs, micros = self.redis.time()
+                self._offset = float(secs) + float(micros) / 1e6 - time.monotonic()
+                self._read_at = now
+            except redis.RedisError:
+                if self._offset is None:
+                    return time.time()
+        return time.monotonic() + self._offset

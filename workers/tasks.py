@@ -79,6 +79,7 @@ def _send(step: str, job_id: str, version: int, producer: str, countdown: float)
         "submit": submit_job,
         "poll": poll_job,
         "copy": copy_job,
+        "deliver": deliver_job,
         "webhook": webhook_job,
     }[step]
     task.apply_async(
@@ -246,9 +247,15 @@ def copy_job(self: Task[Any, Any], job_id: str, version: int) -> None:
         schedule(pipeline.copy_interrupted(services(), job_id))
 
 
+@app.task(name="animate.deliver", bind=True, base=MeteredTask, **RETRY)
+def deliver_job(self: Task[Any, Any], job_id: str, version: int) -> None:
+    """A final job's result, callback and signed webhook, at least once."""
+    schedule(pipeline.deliver(services(), job_id, version))
+
+
 @app.task(name="animate.webhook", bind=True, base=MeteredTask, **RETRY)
 def webhook_job(self: Task[Any, Any], job_id: str, version: int) -> None:
-    """Deliver the signed final result to the job's webhook_url."""
+    """The old name of animate.deliver (its messages sent before the upgrade)."""
     schedule(pipeline.deliver_webhook(services(), job_id, version))
 
 

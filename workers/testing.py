@@ -130,14 +130,18 @@ class InMemoryJobStore:
                     line = self.submit_waiters.setdefault(lane, [])
                     if job_id not in line:
                         line.append(job_id)
+                    waiting = self.jobs.get(job_id)
+                    if waiting is not None:  # no message of its own: the unlock wakes it
+                        self.jobs[job_id] = dataclasses.replace(waiting, wake="timer")
                     return holder
             self.submit_locks[lane] = job_id
             if job_id in self.submit_waiters.get(lane, []):
                 self.submit_waiters[lane].remove(job_id)
             return None
 
-    def unlock_submit(self, lane: str, job_id: str) -> str | None:
-        """Free the lock if ``job_id`` holds it; the longest waiter still submitting, or None."""
+    def unlock_submit(self, lane: str, job_id: str) -> tuple[str, int] | None:
+        """Free the lock if ``job_id`` holds it; the longest waiter still submitting and its
+        version, or None."""
         with self.lock:
             if self.submit_locks.get(lane) != job_id:
                 return None
@@ -146,8 +150,19 @@ class InMemoryJobStore:
             while line:
                 waiter = self.jobs.get(line.pop(0))
                 if waiter is not None and waiter.state == JobState.SUBMITTING:
-                    return waiter.job_id
+                    return waiter.job_id, waiter.version
             return None
+
+    def delivered(self, job: Job) -> bool:
+        """Mark a final job's deliveries done (no version bump); False if it moved."""
+        with self.lock:
+            stored = self.jobs.get(job.job_id)
+            if stored is None or stored.version != job.version:
+                return False
+            self.jobs[job.job_id] = dataclasses.replace(
+                stored, delivery=None, wake=None, published=True, next_action_at=None
+            )
+            return True
 
     def note_duplicate(self, job_id: str) -> None:
         """Count a repeated intake without touching the version (a missing job stays missing)."""
@@ -246,7 +261,7 @@ class InMemoryJobStore:
                 (job.next_action_at, job.job_id)
                 for job in self.jobs.values()
                 if job.next_action_at is not None
-                and job.state not in FINAL_STATES
+                and (job.state not in FINAL_STATES or job.delivery == "pending")
                 and job.next_action_at <= now
             ]
         return [job_id for _, job_id in sorted(pending)[:limit]]

@@ -31,7 +31,7 @@ from workers.metrics import RedisMetrics
 from workers.pipeline import Services
 from workers.queues import RedisQueues
 from workers.storage import S3Copier, make_s3_client
-from workers.store import RedisJobStore
+from workers.store import RedisClock, RedisJobStore
 from workers.videos import HttpVideoProbe
 from workers.webhooks import HttpWebhooks
 
@@ -141,6 +141,7 @@ def build_services(settings: Settings) -> Services:
         )
     broker = broker_redis(settings) or redis_client(settings)
     return Services(
+        clock=RedisClock(redis_client(settings)),  # one clock for every deadline: Redis's
         queues=BrokerQueues(RedisQueues(broker, prefix=settings.key_prefix)),
         intake_seconds=settings.intake_seconds,
         queued_recheck=settings.queued_recheck_seconds,
@@ -153,6 +154,7 @@ def build_services(settings: Settings) -> Services:
         api=api,
         inputs=inputs,
         input_bucket=settings.s3_bucket,
+        input_prefix=settings.input_prefix,
         videos=HttpVideoProbe(video_http, guard, total_seconds=settings.video_download_seconds),
         detect=DetectPolicy(
             max_attempts=settings.detect_max_attempts,

@@ -492,3 +492,19 @@ def test_copies_at_risk_follow_the_jobs_copying(client: redis.Redis, prefix: str
     seen = gauges()
     assert seen["animate_queue_copies_at_risk"] == [0.0]
     assert seen["animate_queue_copy_url_left_seconds"][0] > 19 * 3600
+
+
+def test_producer_labels_are_capped(client: redis.Redis, prefix: str) -> None:
+    """Producers name themselves: past the cap, new names are counted under "other" (the bill
+    is kept whole; the series stop growing)."""
+    writer = RedisMetrics(client, prefix, max_producers=2)
+    for producer in ("shop", "billing", "spam-1", "spam-2", "shop"):
+        writer.inc("video_seconds_total", 5.0, account="a", producer=producer, kind="video")
+    text = generate_latest(make_app_registry(client, prefix)).decode()
+    bills = {
+        s.labels["producer"]: s.value
+        for f in text_string_to_metric_families(text)
+        if f.name == "animate_queue_video_seconds"
+        for s in f.samples
+    }
+    assert bills == {"shop": 10.0, "billing": 5.0, "other": 10.0}

@@ -103,6 +103,8 @@ def full_job(job_id: str = "full-1") -> Job:
         throttled=2,
         cancel_requested=True,
         wake="sent",
+        delivery="pending",
+        published=True,
         submit_uncertain_since=T0 + 1.5,
         submit_ended_at=T0 + 31.5,
         copy_checkpoint='{"upload_id":"u1","parts":2}',
@@ -310,12 +312,16 @@ class TestJobStoreContract:
         assert store.lock_submit("other-lane", "d") is None
         assert store.unlock_submit("lane", "b") is None  # not b's: nothing
         assert store.lock_submit("lane", "d") == "a"
-        assert store.unlock_submit("lane", "a") == "b"  # the longest waiter, to be woken
+        b = store.get("b")
+        assert b is not None and b.wake == "timer"  # waiting with no message of its own
+        assert store.unlock_submit("lane", "a") == ("b", b.version)  # the longest waiter
         assert store.lock_submit("lane", "b") is None
         c = store.get("c")
         assert c is not None
         store.transition(c, JobState.CANCELED)  # c waited, then ended: skipped
-        assert store.unlock_submit("lane", "b") == "d"
+        d = store.get("d")
+        assert d is not None
+        assert store.unlock_submit("lane", "b") == ("d", d.version)
         assert store.lock_submit("lane", "d") is None
         assert store.unlock_submit("lane", "d") is None  # nobody left waiting
         assert store.lock_submit("lane", "a") is None
@@ -618,3 +624,19 @@ class TestRedisIndexes:
         """Counting a duplicate of an expired job writes no hash (it could never be decoded)."""
         redis_store.note_duplicate("gone")
         assert not redis_store.redis.exists(redis_store.key("gone"))
+
+
+def test_the_workers_clock_is_redis_s_whatever_the_hosts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two hosts whose wall clocks are an hour apart read the same time, Redis's: deadlines one
+    sets are due when the other (the watchdog) thinks so, as for the timers and buckets."""
+    import redis as redis_lib
+
+    from workers.store import RedisClock
+
+    client = redis_lib.Redis.from_url(os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
+    real_time = time.time
+    monkeypatch.setattr(time, "time", lambda: real_time() + 3600)  # this host is an hour fast
+    clock = RedisClock(client)
+    secs, micros = client.time()
+    assert abs(clock() - (secs + micros / 1e6)) < 0.5
+    client.close()

@@ -1,7 +1,8 @@
 """Crash at every point: the worker dies (an exception nothing catches, standing for SIGKILL) at
-each write two jobs make to the store on their way from admission to STORED, and right after
-DashScope accepted a POST or S3 stored a video. Whatever the point, each job is paid exactly
-once and ends STORED with its own video, the watchdog resuming what the crash left.
+each write two jobs make to the store on their way from admission to STORED and delivered, and
+right after DashScope accepted a POST, S3 stored a video or a result was published. Whatever the
+point, each job is paid exactly once, ends STORED with its own video, and its result goes out
+at least once, the watchdog resuming what the crash left.
 """
 
 from __future__ import annotations
@@ -126,12 +127,25 @@ class Bucket:
         pass
 
 
+class Published:
+    """The result backend and callbacks: what went out, and a crash right after it did."""
+
+    def __init__(self, points: Points) -> None:
+        self.points = points
+        self.jobs: list[str] = []
+
+    def publish(self, job: Job) -> None:
+        self.jobs.append(job.job_id)
+        self.points.hit("after the result was published")
+
+
 STEPS = {
     "submit": pipeline.submit,
     "poll": pipeline.poll,
     "copy": pipeline.copy,
     "detect": pipeline.detect,
     "prepare": pipeline.prepare,
+    "deliver": pipeline.deliver,
 }
 
 
@@ -147,7 +161,8 @@ def run(crash_at: int | None) -> tuple[Services, Remote, Points]:
         heapq.heappush(due, (clock() + step.countdown, next(order), step))
 
     svc = make_services(store=CrashingStore(points), api=remote, copier=bucket, clock=clock,
-                        governor=InMemoryGovernor(capacity=2), wake=wake)  # fmt: skip
+                        governor=InMemoryGovernor(capacity=2), wake=wake,
+                        results=Published(points))  # fmt: skip
     for job_id in JOBS:
         kwargs = {"image_url": f"{IMAGE}?{job_id}", "template_id": TEMPLATE, "job_id": job_id,
                   "detect": False}  # fmt: skip
@@ -158,7 +173,7 @@ def run(crash_at: int | None) -> tuple[Services, Remote, Points]:
     beat = clock() + 15  # beat sends the watchdog every 15 s, whatever else happens
     for _ in range(10_000):
         jobs = [svc.store.get(j) for j in JOBS]
-        if all(j is not None and j.final for j in jobs):
+        if all(j is not None and j.final and j.delivery is None for j in jobs):
             break
         if due and due[0][0] <= beat:
             at, _, step = heapq.heappop(due)
@@ -184,7 +199,10 @@ def crash_points() -> int:
 
 @pytest.mark.parametrize("crash_at", range(1, crash_points() + 1))
 def test_every_crash_point_pays_once_and_stores_each_jobs_own_video(crash_at: int) -> None:
+    """...and delivers each job's result at least once."""
     svc, remote, points = run(crash_at)
+    published = svc.results.jobs  # type: ignore[attr-defined]
+    assert all(published.count(j) >= 1 for j in JOBS), published
     where = points.names[crash_at - 1] if len(points.names) >= crash_at else "?"
     jobs: list[Job] = []
     for job_id in JOBS:
@@ -206,6 +224,7 @@ def test_the_harness_reaches_the_dangerous_points() -> None:
     names = points.names
     assert names.count("after the POST was accepted") == 2
     assert names.count("after the video was stored") == 2
+    assert names.count("after the result was published") == 2
     assert names.count("record_submission") == 2
     first_post = names.index("after the POST was accepted")
     assert names[first_post + 1 : first_post + 3] == ["record_submission", "unlock_submit"]

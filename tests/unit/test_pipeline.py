@@ -191,7 +191,9 @@ class TestIntake:
         pipeline.intake(w.svc, kwargs(bogus=1), (), MSG)
         again = pipeline.intake(w.svc, kwargs(bogus=1), (), MSG)
         assert again == IntakeResult(JOB, JobState.REJECTED, False, None)
-        assert w.job().version == 1
+        job = w.job()
+        assert job.version == 1  # created REJECTED (its delivery bumps nothing): nothing new
+        assert (job.delivery, job.published) == (None, True)
 
     def test_duplicate_job_id_from_another_message(self, w: World) -> None:
         """Same job_id, another message: no new job, the duplicate is counted, version unchanged."""
@@ -247,6 +249,7 @@ class TestIntake:
         result = pipeline.intake(w.svc, kwargs(), (), MSG)
         assert result == IntakeResult(JOB, JobState.REJECTED, True, None)
         job = w.job()
+        # received (1), rejected (2); its outcome delivered (no version bump)
         assert (job.state, job.error_code, job.version) == (JobState.REJECTED, code, 2)
         assert job.finished_at == START
         assert w.api.submits == []
@@ -565,7 +568,7 @@ class TestSubmit:
         assert pipeline.submit(w.svc, "b", b.version) is None  # waits in line, no message
         assert len(w.api.submits) == 1  # B did not POST
         waiting = w.store.get("b")
-        assert waiting is not None and (waiting.token_waits, waiting.wake) == (1, "timer")
+        assert waiting is not None and waiting.wake == "timer"  # no message: it waits in line
         w.api.recent = ["task-a"]
         woken_before = len(w.svc.woken)  # type: ignore[attr-defined]
         assert pipeline.submit(w.svc, JOB, retry_a.version) is not None  # A adopts its task

@@ -484,3 +484,74 @@ def test_a_queued_job_left_out_of_its_lane_is_put_back() -> None:
     job = svc.store.get("j1")
     assert job is not None and job.admitted_at is not None
     assert woken(svc)[-1].step == "submit"
+
+
+class TestDeliveries:
+    """Results, callbacks and webhooks go out at least once: a worker that dies between a job's
+    final move and its deliveries leaves a final job with a deadline, which the watchdog
+    delivers."""
+
+    def test_a_death_between_the_final_move_and_the_result_is_delivered_later(self) -> None:
+        published: list[str] = []
+
+        class Results:
+            dead = True
+
+            def publish(self, job: Any) -> None:
+                if self.dead:
+                    self.dead = False
+                    raise WorkerDied()
+                published.append(job.job_id)
+
+        svc = make_services(results=Results(), queues=FakeQueueWatch({"transfer": (1, 0.0)}))
+        copy_step = copying(svc)
+        svc.copier.script.append(stored_copy("videos/j1.mp4"))  # type: ignore[attr-defined]
+        with pytest.raises(WorkerDied):
+            pipeline.copy(svc, "j1", copy_step.version)
+        job = svc.store.get("j1")
+        assert job is not None and job.state == JobState.STORED  # the video is safe
+        assert (job.delivery, job.published) == ("pending", False) and published == []
+        clock(svc).advance(svc.delivery_seconds + 31)
+        assert run(svc).resumed == ["j1"]
+        deliver = woken(svc)[-1]
+        assert deliver.step == "deliver"
+        assert pipeline.deliver(svc, "j1", deliver.version) is None
+        job = svc.store.get("j1")
+        assert job is not None and (job.delivery, job.published) == (None, True)
+        assert published == ["j1"]
+        assert svc.store.due(clock(svc)() + 10_000) == []  # nothing left to do
+
+    def test_webhook_retries_have_the_watchdog_behind_them(self) -> None:
+        """A webhook retry whose message is lost is sent again by the watchdog; a delivered
+        webhook ends the deliveries."""
+        from workers.errors import TransientError
+
+        sent: list[str] = []
+
+        class Hooks:
+            def send(self, url: str, msg_id: str, payload: dict[str, Any]) -> None:
+                sent.append(msg_id)
+                if len(sent) == 1:
+                    raise TransientError("503", code="WebhookUnavailable")
+
+        svc = make_services(webhooks=Hooks(), queues=FakeQueueWatch({"transfer": (1, 0.0)}))
+        pipeline.intake(
+            svc,
+            {"image_url": IMAGE, "template_id": TEMPLATE, "job_id": "j1", "detect": False,
+             "webhook_url": "https://hooks.test/h"},
+            (),
+            "m",
+        )  # fmt: skip
+        pipeline.cancel(svc, "j1")  # final: CANCELED, its webhook due
+        job = svc.store.get("j1")
+        assert job is not None and job.state == JobState.CANCELED
+        assert (job.delivery, job.webhook_state, sent) == ("pending", "pending", ["msg_j1"])
+        retry = woken(svc)[-1]
+        assert retry.step == "deliver" and retry.countdown > 0
+        clock(svc).advance(retry.countdown + 60)  # the retry's message was lost
+        assert run(svc).resumed == ["j1"]
+        again = woken(svc)[-1]
+        assert pipeline.deliver(svc, "j1", again.version) is None
+        job = svc.store.get("j1")
+        assert job is not None and (job.delivery, job.webhook_state) == (None, "delivered")
+        assert sent == ["msg_j1", "msg_j1"]  # the same id: the receiver's key to deduplicate
