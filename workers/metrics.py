@@ -372,6 +372,7 @@ class RedisMetrics:
     def inc(self, name: str, amount: float = 1.0, **labels: str) -> None:
         """Add ``amount`` (>= 0) to a counter."""
         metric = _lookup(name, "counter")
+        _label_values(metric, labels)  # a wrong label set raises before anything is written
         if "producer" in labels:
             labels = {**labels, "producer": self._producer(labels["producer"])}
         field = _field(_label_values(metric, labels))

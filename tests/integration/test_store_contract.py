@@ -98,6 +98,7 @@ def full_job(job_id: str = "full-1") -> Job:
         updated_at=0.1 + 0.2,
         account="acct-b",
         intake_message_id="3f1e6c1a-msg",
+        requested_id="order 42",
         admitted_at=T0 + 0.5,
         token_waits=3,
         throttled=2,
