@@ -22,7 +22,10 @@ class SettingsError(Exception):
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(case_sensitive=False, extra="ignore", frozen=True)
+    # An empty variable means "the default" (docker-compose passes unset ones through empty).
+    model_config = SettingsConfigDict(
+        case_sensitive=False, extra="ignore", frozen=True, env_ignore_empty=True
+    )
 
     # --- Redis and Celery
     redis_url: str = "redis://127.0.0.1:6379/0"
@@ -246,7 +249,7 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
         values: dict[str, object] = {}
         for key, value in environ.items():
             name = key.lower()
-            if name not in Settings.model_fields:
+            if name not in Settings.model_fields or value == "":
                 continue
             # Complex values arrive as JSON, as pydantic-settings reads them from os.environ.
             values[name] = json.loads(value) if name in _JSON_FIELDS and value else value

@@ -47,8 +47,14 @@ REAL_LOOKING_SECRET = re.compile(
 FILLED = {
     "DASHSCOPE_API_KEY": "test-placeholder",
     "MINIO_ROOT_PASSWORD": "test-placeholder-password",
+    "AWS_ACCESS_KEY_ID": "animate-queue-worker",
+    "AWS_SECRET_ACCESS_KEY": "test-placeholder-worker-secret",
+    "REDIS_PASSWORD": "testplaceholderredis",
     "FLOWER_BASIC_AUTH": "admin:test-placeholder",
 }
+# What only the workers may hold (never beat, Flower or the exporter).
+WORKER_SECRETS = ("DASHSCOPE_API_KEY", "DASHSCOPE_ACCOUNTS", "AWS_ACCESS_KEY_ID",
+                  "AWS_SECRET_ACCESS_KEY", "WEBHOOK_SECRET", "MINIO_ROOT_PASSWORD")  # fmt: skip
 
 
 # --- reading the files -----------------------------------------------------------------------
@@ -352,10 +358,11 @@ def image_env() -> dict[str, str]:
 
 
 def effective_env(svc: Mapping[str, Any], dotenv: Mapping[str, str]) -> dict[str, str]:
-    """A container's environment: the image's ENV, then env_file (.env), then `environment:`."""
-    assert svc.get("env_file") == ".env", "our services read .env"
+    """A container's environment: the image's ENV, then env_file (.env: the workers only), then
+    `environment:`."""
+    from_file = dotenv if svc.get("env_file") == ".env" else {}
     environment = {k: str(v) for k, v in resolved(svc.get("environment", {}), dotenv).items()}
-    return {**image_env(), **dotenv, **environment}
+    return {**image_env(), **from_file, **environment}
 
 
 def mounted(svc: Mapping[str, Any], path: str) -> bool:
@@ -548,8 +555,8 @@ def test_redis_is_persistent_and_never_evicts() -> None:
     assert "--maxmemory-policy noeviction" in command
     assert "--hash-max-listpack-value 1024" in command  # job records in the compact encoding
     assert mounted(svc, "/data")
-    assert svc["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
-    # No password on it: it must not be published beyond loopback.
+    assert svc["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]  # REDISCLI_AUTH set
+    assert svc["environment"]["REDISCLI_AUTH"].startswith("${REDIS_PASSWORD:?")
     assert all(p.startswith("127.0.0.1:") for p in svc["ports"])
 
 
@@ -560,6 +567,7 @@ def test_minio_bucket_is_created_idempotently() -> None:
     assert "mc mb --ignore-existing" in script
     assert '"local/$$S3_BUCKET"' in script
     assert "/minio/health/live" in " ".join(svcs["minio"]["healthcheck"]["test"])
+    assert svcs["minio"]["environment"]["MINIO_API_STALE_UPLOADS_EXPIRY"] == "48h"
     assert all(p.startswith("127.0.0.1:") for p in svcs["minio"]["ports"])
     for svc in (svcs["minio"], init):
         assert ":latest" not in svc["image"] and "RELEASE." in svc["image"]
@@ -590,7 +598,8 @@ def test_environment_our_services_get_is_read_by_them() -> None:
 
 def test_compose_refuses_to_start_until_the_secrets_are_filled_in() -> None:
     active, _ = env_example()
-    for secret in ("MINIO_ROOT_PASSWORD", "FLOWER_BASIC_AUTH"):
+    for secret in ("MINIO_ROOT_PASSWORD", "FLOWER_BASIC_AUTH", "REDIS_PASSWORD",
+                   "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):  # fmt: skip
         with pytest.raises(MissingVariable, match=secret):
             resolved(load_compose(), {**filled_env(), secret: active[secret]})
     resolved(load_compose(), filled_env())  # filled in: everything interpolates
@@ -601,18 +610,43 @@ def test_filled_env_example_is_a_working_worker_configuration() -> None:
         env = effective_env(services()[name], filled_env())
         settings = load_settings(env)
         settings.require_worker()  # a key and a bucket
-        assert settings.redis_url == "redis://redis:6379/0"
+        assert settings.redis_url == f"redis://:{FILLED['REDIS_PASSWORD']}@redis:6379/0"
         assert settings.aws_endpoint_url == "http://minio:9000"
         assert settings.s3_addressing_style == "path"
         assert settings.aws_request_checksum_calculation == "when_required"
         assert settings.aws_response_checksum_validation == "when_required"
         assert settings.log_format == "json"
-        # The bundled MinIO's root user, unless .env names other S3 credentials.
-        assert env["AWS_ACCESS_KEY_ID"] == env["MINIO_ROOT_USER"]
-        assert env["AWS_SECRET_ACCESS_KEY"] == FILLED["MINIO_ROOT_PASSWORD"]
-    trial = {**filled_env(), "AWS_ACCESS_KEY_ID": "other", "DASHSCOPE_BASE_URL": "x"}
-    env = effective_env(services()["worker-remote"], trial)
-    assert env["AWS_ACCESS_KEY_ID"] == "other"
+        # Their own S3 user, never MinIO's root.
+        assert env["AWS_ACCESS_KEY_ID"] == FILLED["AWS_ACCESS_KEY_ID"] != env["MINIO_ROOT_USER"]
+        assert env["AWS_SECRET_ACCESS_KEY"] != FILLED["MINIO_ROOT_PASSWORD"]
+
+
+def test_only_the_workers_get_the_secrets() -> None:
+    """Beat, Flower and the exporter run with the Redis URL (its password) and their own
+    settings: no DashScope key, no S3 credential, no webhook secret. The workers read .env."""
+    env = {**filled_env(), "WEBHOOK_SECRET": "whsec_test", "DASHSCOPE_ACCOUNTS": '{"a": "k"}'}
+    for name, svc in ours(services()).items():
+        if name in workers() or name == "emulator":
+            continue
+        assert "env_file" not in svc, name
+        got = effective_env(svc, env)
+        assert not set(WORKER_SECRETS) & set(got), (name, sorted(set(WORKER_SECRETS) & set(got)))
+        settings = load_settings(got)
+        assert settings.redis_url == f"redis://:{FILLED['REDIS_PASSWORD']}@redis:6379/0", name
+        assert settings.key_prefix == "animate-queue"  # empty means the default
+    for name in workers():
+        assert services()[name]["env_file"] == ".env"
+
+
+def test_redis_asks_for_a_password_and_minio_gives_the_workers_their_own_user() -> None:
+    svcs = services()
+    command = resolved(svcs["redis"]["command"], filled_env())
+    assert command[command.index("--requirepass") + 1] == FILLED["REDIS_PASSWORD"]
+    script = " ".join(svcs["minio-init"]["command"])
+    assert 'mc admin user add local "$$WORKER_KEY" "$$WORKER_SECRET"' in script
+    assert "mc admin policy attach local animate-queue-worker" in script
+    assert '"s3:PutObjectTagging"' in script and '"s3:AbortMultipartUpload"' in script
+    assert '"s3:*"' not in script  # the bucket's objects only, never the admin API
 
 
 def test_no_secret_has_a_default_or_a_real_looking_value() -> None:
