@@ -958,6 +958,8 @@ class Emulator:
                     "submit_time": t.submit_time,
                     "scheduled_time": t.scheduled_time,
                     "end_time": t.end_time,
+                    # which input it was made from: lets a test tell whose video is whose
+                    "image_sha256": t.inputs.get("image_sha256"),
                 }
                 for t in self.book.visible(now)
             ]
