@@ -31,7 +31,7 @@ def _queue() -> AnimateQueue:
     # Imported here: the health probes must not pay for Celery, boto3 and the job store.
     from workers.client import AnimateQueue
     from workers.inputs import S3Inputs
-    from workers.storage import make_s3_client
+    from workers.wiring import s3_client
 
     try:
         settings = get_settings()
@@ -39,14 +39,7 @@ def _queue() -> AnimateQueue:
         raise click.ClickException(str(exc)) from None
     inputs = None
     if settings.s3_bucket:
-        s3 = make_s3_client(
-            endpoint_url=settings.aws_endpoint_url,
-            region=settings.aws_default_region,
-            checksum_calculation=settings.aws_request_checksum_calculation,
-            checksum_validation=settings.aws_response_checksum_validation,
-            addressing_style=settings.s3_addressing_style,
-        )
-        inputs = S3Inputs(s3, settings.s3_bucket, settings.input_prefix)
+        inputs = S3Inputs(s3_client(settings), settings.s3_bucket, settings.input_prefix)
     return AnimateQueue(
         settings.redis_url,
         broker_url=settings.broker_url,
@@ -471,18 +464,13 @@ def bucket_setup(days: int) -> None:
     """Add (or update) the lifecycle rule that sweeps unfinished multipart uploads under
     S3_PREFIX. Copies keep an upload open between attempts on purpose; the workers abort one
     whose job ended, and this rule removes what a crash left. Other rules are kept."""
-    from workers.storage import ensure_abort_rule, make_s3_client
+    from workers.storage import ensure_abort_rule
+    from workers.wiring import s3_client
 
     settings = _settings()
     if not settings.s3_bucket:
         raise click.ClickException("S3_BUCKET is not set")
-    s3 = make_s3_client(
-        endpoint_url=settings.aws_endpoint_url,
-        region=settings.aws_default_region,
-        checksum_calculation=settings.aws_request_checksum_calculation,
-        checksum_validation=settings.aws_response_checksum_validation,
-        addressing_style=settings.s3_addressing_style,
-    )
+    s3 = s3_client(settings)
     try:
         rule = ensure_abort_rule(s3, settings.s3_bucket, settings.s3_prefix, days)
     except WorkerError as exc:

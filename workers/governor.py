@@ -55,10 +55,7 @@ redis.call('EXPIRE', KEYS[1], 86400)
 return {tostring(wait), tostring(tokens), tostring(factor)}
 """
 
-_ENQUEUE = """
-local p, a, prio, producer, id = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
-local base = p .. ':acct:' .. a
-local q = base .. ':q:' .. prio .. ':' .. producer
+_ENQUEUE_BODY = """
 redis.call('RPUSH', q, id)
 if redis.call('LLEN', q) == 1 then redis.call('RPUSH', base .. ':rot:' .. prio, producer) end
 redis.call('ZADD', base .. ':prios', -tonumber(prio), prio)
@@ -66,21 +63,21 @@ redis.call('INCR', base .. ':depth')
 redis.call('SADD', p .. ':accounts', a)
 return 1
 """
-
-# Enqueue unless the id is already in its line (a job the watchdog found QUEUED and waiting).
-_ENSURE = """
+_LINE = """
 local p, a, prio, producer, id = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local base = p .. ':acct:' .. a
 local q = base .. ':q:' .. prio .. ':' .. producer
+"""
+_ENQUEUE = _LINE + _ENQUEUE_BODY
+# Enqueue unless the id is already in its line or holds a slot (the watchdog's recheck).
+_ENSURE = (
+    _LINE
+    + """
 if redis.call('LPOS', q, id) then return 0 end
 if redis.call('SISMEMBER', base .. ':inflight', id) == 1 then return 0 end
-redis.call('RPUSH', q, id)
-if redis.call('LLEN', q) == 1 then redis.call('RPUSH', base .. ':rot:' .. prio, producer) end
-redis.call('ZADD', base .. ':prios', -tonumber(prio), prio)
-redis.call('INCR', base .. ':depth')
-redis.call('SADD', p .. ':accounts', a)
-return 1
 """
+    + _ENQUEUE_BODY
+)
 
 _DEQUEUE = """
 local p, a, prio, producer, id = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]

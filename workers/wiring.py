@@ -7,6 +7,7 @@ processes.
 from __future__ import annotations
 
 import threading
+from typing import TYPE_CHECKING
 
 import httpx
 import redis
@@ -35,6 +36,9 @@ from workers.store import RedisClock, RedisJobStore
 from workers.videos import HttpVideoProbe
 from workers.webhooks import HttpWebhooks
 
+if TYPE_CHECKING:
+    from mypy_boto3_s3.client import S3Client
+
 _lock = threading.Lock()
 _services: Services | None = None
 
@@ -51,6 +55,17 @@ def broker_redis(settings: Settings) -> redis.Redis | None:
     if url == settings.redis_url or not url.startswith(("redis://", "rediss://", "unix://")):
         return None
     return redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5)
+
+
+def s3_client(settings: Settings) -> S3Client:
+    """The S3 client every process of ours uses, as the settings describe it."""
+    return make_s3_client(
+        endpoint_url=settings.aws_endpoint_url,
+        region=settings.aws_default_region,
+        checksum_calculation=settings.aws_request_checksum_calculation,
+        checksum_validation=settings.aws_response_checksum_validation,
+        addressing_style=settings.s3_addressing_style,
+    )
 
 
 def job_store(settings: Settings, metrics: RedisMetrics | None = None) -> RedisJobStore:
@@ -99,13 +114,7 @@ def build_services(settings: Settings) -> Services:
     download = httpx.Client(
         timeout=httpx.Timeout(settings.copy_read_timeout, connect=10.0), follow_redirects=True
     )
-    s3 = make_s3_client(
-        endpoint_url=settings.aws_endpoint_url,
-        region=settings.aws_default_region,
-        checksum_calculation=settings.aws_request_checksum_calculation,
-        checksum_validation=settings.aws_response_checksum_validation,
-        addressing_style=settings.s3_addressing_style,
-    )
+    s3 = s3_client(settings)
     copier = S3Copier(
         s3,
         download,

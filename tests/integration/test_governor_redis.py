@@ -128,6 +128,25 @@ class TestAdmission:
         g.release("default", "j0")
         assert g.admit("default") == ["j2"]
 
+    def test_ensure_queued_puts_back_only_a_missing_job(
+        self, client: redis.Redis, prefix: str
+    ) -> None:
+        """The watchdog's recheck of a QUEUED job: present in its line, or holding a slot, it
+        is left alone; missing (a crash between the move and the enqueue), it is put back."""
+        store = RedisJobStore(client, prefix=prefix, final_ttl=60)
+        g = governor(client, prefix, capacity=1)
+        a, b = make_job(store, "a"), make_job(store, "b")
+        g.enqueue(a)
+        g.enqueue(b)
+        assert g.admit("default") == ["a"]  # a holds the slot, b waits in line
+        assert not g.ensure_queued(a) and not g.ensure_queued(b)
+        assert g.dequeue(b)
+        assert g.ensure_queued(b)  # missing: put back
+        assert not g.ensure_queued(b)
+        assert g.account_view("default")["queued"] == 1
+        g.release("default", "a")
+        assert g.admit("default") == ["b"]
+
     def test_templates_queue_in_their_own_lane(self, client: redis.Redis, prefix: str) -> None:
         """DashScope runs one template and one video at a time per account: a template job never
         waits behind the account's videos, and the lanes' buckets and views stay apart."""
