@@ -153,7 +153,10 @@ def test_poison_job_stops(
 ) -> None:
     """A job whose image check kills its worker every time ends FAILED PoisonJob before any
     video is paid for, not in a loop (a paid job is never failed this way: tests/unit)."""
-    env = {**crash_env, "WATCHDOG_MAX_RESUMES": "2"}
+    # Short DashScope timeouts: a detect attempt's deadline (its timeouts plus a margin) is what
+    # the watchdog waits out before each resume.
+    env = {**crash_env, "WATCHDOG_MAX_RESUMES": "2", "DASHSCOPE_CONNECT_TIMEOUT": "1",
+           "DASHSCOPE_READ_TIMEOUT": "2"}  # fmt: skip
     remote.http.post(
         "/_emulator/faults/next",
         json={"route": "detect", "kind": "slow", "seconds": 60, "count": 10},
