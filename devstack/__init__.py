@@ -92,7 +92,7 @@ def redis_server_binary(*, install: bool = False) -> str:
 
 # Job hashes stay in Redis's compact listpack encoding up to this value size. At Redis's default
 # (64 bytes) the request JSON alone turns a job into a hashtable: 1.9 KB instead of 0.8 KB
-# (bench/inflight.py). docker-compose.yml sets the same; the README asks operators for it.
+# (bench/inflight.py). docker-compose.yml sets the same; docs/operations.md asks operators for it.
 REDIS_TUNING: tuple[str, ...] = ("--hash-max-listpack-value", "1024")
 
 
