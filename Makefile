@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON ?= python3
 
-.PHONY: install test lint format emulator check demo dev
+.PHONY: install test test-fast lint format emulator check demo dev
 
 install:  ## a local virtual environment with everything (runtime, emulator, tests, checks)
 	$(PYTHON) -m venv $(VENV)
@@ -20,8 +20,11 @@ demo: $(VENV)/.installed  ## one job end to end on the emulator, a local S3 and 
 dev: $(VENV)/.installed  ## the full local stack in one command (Procfile.dev, .env.dev): Redis, S3, emulator, worker, beat, Flower, exporter
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(VENV)/bin/honcho -e .env.dev -f Procfile.dev start
 
-test:  ## the whole test suite (needs Redis at $$REDIS_URL, default redis://127.0.0.1:6379/0)
+test:  ## the whole test suite (Redis at $$REDIS_URL if it answers, else the suite starts its own)
 	$(PY) -m pytest -n 4 --dist loadfile
+
+test-fast:  ## the edit loop: unit tests, the layer rule and the store's contract suite (under a minute)
+	$(PY) -m pytest -n 4 tests/unit tests/deploy tests/integration/test_store_contract.py
 
 lint:  ## ruff lint + format check, strict mypy
 	$(PY) -m ruff check .

@@ -25,7 +25,7 @@ import httpx
 from devstack import Beat, RedisServer, S3Server, Worker, free_port
 from emulator.config import EmulatorConfig
 from emulator.server import EmulatorServer
-from workers.client import AnimateQueue
+from workers.producer import AnimateQueue
 
 API_KEY = "sk-chaos-000000000000001"
 BUCKET = "chaos"

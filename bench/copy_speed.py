@@ -21,7 +21,7 @@ emulator video of ``--mb`` MiB) and the same S3 server:
    SHA-256; a server without tagging gets a ``copy_object`` stamp instead, and it is timed too),
    its phases (client methods timed), CPU seconds, and the peak RSS growth of its process;
 4. ``copy, no sha256``: the same with ``hashlib.sha256`` replaced by a no-op inside
-   ``workers.storage`` (a benchmark-only monkeypatch: the copier has no switch), and
+   ``workers.adapters.s3.storage`` (a benchmark-only monkeypatch: the copier has no switch), and
    ``sha256 alone``: the time ``hashlib.sha256`` takes over the same bytes in 1 MiB chunks;
 5. the sweep: the copy again for each ``PARTxCONCURRENCYxIN_MEMORY`` of ``--sweep`` (MiB, threads,
    ``max_in_memory_chunks``), the measured growth beside the bound ``(in_memory + 1) x part +
@@ -269,7 +269,7 @@ def child_hash(spec: dict[str, Any]) -> dict[str, Any]:
 def child_upload_file(spec: dict[str, Any]) -> dict[str, Any]:
     from boto3.s3.transfer import TransferConfig
 
-    from workers.storage import make_s3_client
+    from workers.adapters.s3.storage import make_s3_client
 
     s3: Any = make_s3_client(endpoint_url=spec["endpoint"], region=REGION)
     config = _transfer_config(*spec["config"]) if spec["config"] else TransferConfig()
@@ -290,8 +290,8 @@ def child_upload_file(spec: dict[str, Any]) -> dict[str, Any]:
 def child_copy(spec: dict[str, Any]) -> dict[str, Any]:
     import httpx
 
-    import workers.storage as storage
-    from workers.storage import S3Copier, make_s3_client
+    from workers.adapters.s3 import storage as storage
+    from workers.adapters.s3.storage import S3Copier, make_s3_client
 
     if not spec["sha"]:
         storage.hashlib = _NoHashlib()  # type: ignore[assignment]
@@ -705,7 +705,7 @@ def main() -> int:
         )
         emulator, base = start_emulator(size_mib, tmp)
         moto, endpoint = start_moto(spool_dir)
-        from workers.storage import make_s3_client
+        from workers.adapters.s3.storage import make_s3_client
 
         for name, value in CREDENTIALS.items():
             os.environ.setdefault(name, value)

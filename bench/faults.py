@@ -43,7 +43,7 @@ import httpx
 from devstack import Beat, RedisServer, S3Server, Worker
 from emulator.config import EmulatorConfig
 from emulator.server import EmulatorServer
-from workers.client import AnimateQueue
+from workers.producer import AnimateQueue
 
 API_KEY = "sk-faults-0000000000000001"
 BUCKET = "faults"

@@ -64,7 +64,7 @@ from celery import Celery
 from bench import common
 from devstack import RedisServer, Worker
 from emulator.config import EmulatorConfig
-from workers.client import AnimateQueue
+from workers.producer import AnimateQueue
 
 BUCKET = "bench-inflight"
 QUEUES = ("celery", "dashscope", "transfer")

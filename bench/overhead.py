@@ -58,7 +58,7 @@ from celery import Celery
 from bench import common
 from devstack import Flower, RedisServer
 from emulator.config import EmulatorConfig
-from workers.client import AnimateQueue
+from workers.producer import AnimateQueue
 
 BUCKET = "bench-overhead"
 FINAL = ("STORED", "FAILED", "REJECTED", "CANCELED", "EXPIRED")

@@ -32,10 +32,12 @@ import redis
 from devstack import RedisServer, S3Server, Worker
 from emulator.config import EmulatorConfig
 from emulator.server import EmulatorServer
-from workers.client import AnimateQueue
-from workers.governor import RedisGovernor
-from workers.jobs import Job, JobRequest, JobState
-from workers.store import RedisJobStore
+from workers.adapters.redis.governor import RedisGovernor
+from workers.adapters.redis.store import RedisJobStore
+from workers.domain.job import Job
+from workers.domain.request import JobRequest
+from workers.domain.states import JobState
+from workers.producer import AnimateQueue
 
 API_KEY = "sk-bench-quota-0000000001"
 BUCKET = "bench-quota"

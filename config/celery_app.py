@@ -13,14 +13,14 @@ from celery.signals import setup_logging, worker_init, worker_process_init
 from kombu import Queue
 
 from config.settings import Settings, SettingsError, get_settings
-from workers.routes import QUEUE_INTAKE, QUEUES, celery_routes
+from workers.domain.routes import QUEUE_INTAKE, QUEUES, celery_routes
 
 try:
     settings: Settings = get_settings()
 except SettingsError as exc:
     sys.exit(f"animate-queue: {exc}")
 
-app = Celery("animate_queue", include=["workers.tasks"])
+app = Celery("animate_queue", include=["workers.entrypoints.celery.tasks"])
 transport = {
     # Redis re-delivers any message not acknowledged within this time, including countdown
     # messages waiting in a worker. Settings check that it is >= 4x the longest countdown and
@@ -62,12 +62,13 @@ app.conf.update(
     task_reject_on_worker_lost=False,
     worker_cancel_long_running_tasks_on_connection_loss=True,
     # Shutdown. Workers run with REMAP_SIGTERM=SIGQUIT (Procfile, Dockerfile): SIGTERM then
-    # waits up to 30 s for running tasks, cancels and requeues the rest, countdown messages
-    # included, and exits (about 32 s even when idle: give it a stop grace of 45 s or more). A
+    # waits up to WORKER_SOFT_SHUTDOWN_SECONDS (30) for running tasks, cancels and requeues the
+    # rest, countdown messages included, and exits (even when idle: give it a stop grace ~15 s
+    # longer). A
     # plain SIGTERM is Celery's warm shutdown, which waits for running tasks without a limit and
     # then also returns the held countdown messages. Either way nothing waits for the
     # visibility timeout (tests/e2e/test_shutdown_e2e.py); only SIGKILL strands messages.
-    worker_soft_shutdown_timeout=30.0,
+    worker_soft_shutdown_timeout=settings.worker_soft_shutdown_seconds,
     worker_enable_soft_shutdown_on_idle=True,
     # Every queue a job passes through is declared, so a bare `celery -A config.celery_app
     # worker` consumes them all (undeclared, it would consume only the default queue and every
@@ -108,6 +109,6 @@ def _require_worker_settings(**_: Any) -> None:
 @worker_process_init.connect
 def _fresh_clients(**_: Any) -> None:
     """Each forked process builds its own HTTP, S3 and Redis clients."""
-    from workers import wiring
+    from workers import bootstrap as wiring
 
     wiring.reset()

@@ -34,6 +34,9 @@ class Settings(BaseSettings):
     # Redis re-delivers an unacknowledged message after this long. It must sit far above the
     # longest countdown and the copy's hard time limit, or polls and copies run twice.
     visibility_timeout: int = Field(default=300, ge=60)
+    # A worker run with REMAP_SIGTERM=SIGQUIT gives its running tasks this long after SIGTERM,
+    # then requeues what is left: the container's stop grace must exceed it by ~15 s.
+    worker_soft_shutdown_seconds: float = Field(default=30.0, gt=0)
     result_expires_seconds: int = Field(default=7 * 24 * 3600, ge=60)
     job_retention_seconds: int = Field(default=30 * 24 * 3600, ge=3600)  # final job records
     key_prefix: str = "animate-queue"
@@ -56,6 +59,9 @@ class Settings(BaseSettings):
     dashscope_endpoint: str = "video-synthesis"  # under /services/aigc/image2video/
     dashscope_connect_timeout: float = Field(default=5.0, gt=0)
     dashscope_read_timeout: float = Field(default=30.0, gt=0)
+    # A detect or submit attempt is presumed dead (the watchdog may resume it) this long after
+    # its DashScope timeouts (connect + read) have run out: room for its own Redis writes.
+    step_margin_seconds: float = Field(default=10.0, ge=1)
 
     # --- S3
     s3_bucket: str | None = None  # required by workers

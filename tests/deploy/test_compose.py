@@ -301,7 +301,7 @@ def check_argv(argv: list[str]) -> dict[str, Any]:
     if exe == "celery":
         return {"exe": exe, **celery_options(args)}
     if exe == "animate-queue":
-        from workers.cli import main
+        from workers.entrypoints.cli import main
 
         check_click(main, args, "animate-queue", click.Context(click.Group("root")))
         return {"exe": exe, "args": args}

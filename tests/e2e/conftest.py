@@ -12,7 +12,7 @@ import pytest
 
 from devstack import RedisServer, S3Server, Worker
 from emulator.server import EmulatorServer
-from workers.client import AnimateQueue
+from workers.producer import AnimateQueue
 
 API_KEY = "sk-e2e-worker-key-0123456789"
 AWS_SECRET = "aws-secret-e2e-7f3a9c1d"

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from devstack import RedisServer, S3Server, Worker
-from workers.client import AnimateQueue
+from workers.producer import AnimateQueue
 
 pytestmark = pytest.mark.timeout(150)
 

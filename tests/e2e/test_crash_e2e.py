@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from devstack import Beat, RedisServer, S3Server, Worker
-from workers.client import AnimateQueue
+from workers.producer import AnimateQueue
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -18,7 +18,10 @@ WATCHDOG_ENV = {
     "WATCHDOG_INTERVAL_SECONDS": "1",
     "WATCHDOG_GRACE_SECONDS": "2",
     "COPY_LEASE_SECONDS": "3",
-    "DASHSCOPE_READ_TIMEOUT": "10",
+    # A detect or submit attempt is presumed dead after 1 + 5 + 4 s (the default is 45 s).
+    "DASHSCOPE_CONNECT_TIMEOUT": "1",
+    "DASHSCOPE_READ_TIMEOUT": "5",
+    "STEP_MARGIN_SECONDS": "4",
 }
 
 
@@ -155,8 +158,8 @@ def test_poison_job_stops(
     video is paid for, not in a loop (a paid job is never failed this way: tests/unit)."""
     # Short DashScope timeouts: a detect attempt's deadline (its timeouts plus a margin) is what
     # the watchdog waits out before each resume.
-    env = {**crash_env, "WATCHDOG_MAX_RESUMES": "2", "DASHSCOPE_CONNECT_TIMEOUT": "1",
-           "DASHSCOPE_READ_TIMEOUT": "2"}  # fmt: skip
+    env = {**crash_env, "WATCHDOG_MAX_RESUMES": "2", "DASHSCOPE_READ_TIMEOUT": "2",
+           "STEP_MARGIN_SECONDS": "2"}  # fmt: skip
     remote.http.post(
         "/_emulator/faults/next",
         json={"route": "detect", "kind": "slow", "seconds": 60, "count": 10},

@@ -16,8 +16,8 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from workers.client import AnimateQueue
-from workers.inputs import S3Inputs
+from workers.adapters.s3.inputs import S3Inputs
+from workers.producer import AnimateQueue
 
 ROOT = Path(__file__).resolve().parents[2]
 ASSETS = ROOT / "devstack" / "assets"

@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from devstack import Flower, RedisServer, Worker
-from workers.client import AnimateQueue
+from workers.producer import AnimateQueue
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -75,7 +75,7 @@ def test_cli_submit_and_wait(
 ) -> None:
     """``animate-queue submit --wait`` prints the job id and ends with the record; wait exits 0."""
     env = {"REDIS_URL": redis_server.url, "PATH": os.environ["PATH"]}
-    cli = [sys.executable, "-m", "workers.cli"]
+    cli = [sys.executable, "-m", "workers.entrypoints.cli"]
     done = subprocess.run(
         [*cli, "submit", "--image-url", remote.image(), "--template-id", remote.template(),
          "--job-id", job_id, "--metadata", '{"who": "cli"}', "--wait"],
@@ -174,7 +174,7 @@ def test_timeline_of_a_job_with_retries(
     queue.submit(remote.image(), remote.template(), job_id=job_id)
     assert queue.wait(job_id, timeout=60)["state"] == "STORED"
     env = {"REDIS_URL": redis_server.url, "PATH": os.environ["PATH"]}
-    cli = [sys.executable, "-m", "workers.cli"]
+    cli = [sys.executable, "-m", "workers.entrypoints.cli"]
     done = subprocess.run([*cli, "status", job_id, "--json"], capture_output=True, text=True,
                           timeout=30, env=env, check=True)  # fmt: skip
     events = json.loads(done.stdout)["timeline"]
@@ -202,7 +202,7 @@ def test_timeline_of_a_job_with_retries(
 
 def health_queues(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "workers.cli", "health", "queues", "--timeout", "2"],
+        [sys.executable, "-m", "workers.entrypoints.cli", "health", "queues", "--timeout", "2"],
         env={**os.environ, **env}, capture_output=True, text=True, timeout=30,
     )  # fmt: skip
 

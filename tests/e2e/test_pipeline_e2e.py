@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from devstack import RedisServer, S3Server
-from workers.client import AnimateQueue
+from workers.producer import AnimateQueue
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -209,7 +209,7 @@ def test_status_cli(
     queue.submit(remote.image(), remote.template(), job_id=job_id)
     queue.wait(job_id, timeout=60)
     done = subprocess.run(
-        [sys.executable, "-m", "workers.cli", "status", job_id, "--json"],
+        [sys.executable, "-m", "workers.entrypoints.cli", "status", job_id, "--json"],
         capture_output=True,
         text=True,
         timeout=30,

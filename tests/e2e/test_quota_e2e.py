@@ -17,7 +17,7 @@ import pytest
 
 from devstack import RedisServer, S3Server, Worker
 from emulator.server import EmulatorServer
-from workers.client import AnimateQueue
+from workers.producer import AnimateQueue
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -239,7 +239,7 @@ def test_accounts_cli(fq: AnimateQueue, emu: Emu, fleet_redis: RedisServer) -> N
     ]
     wait_all(fq, ids)
     done = subprocess.run(
-        [sys.executable, "-m", "workers.cli", "accounts", "--json"],
+        [sys.executable, "-m", "workers.entrypoints.cli", "accounts", "--json"],
         capture_output=True,
         text=True,
         timeout=30,
@@ -254,7 +254,7 @@ def test_accounts_cli(fq: AnimateQueue, emu: Emu, fleet_redis: RedisServer) -> N
         )
         assert view["buckets"]["submit"]["rate_configured"] == 0.8
     table = subprocess.run(
-        [sys.executable, "-m", "workers.cli", "accounts"],
+        [sys.executable, "-m", "workers.entrypoints.cli", "accounts"],
         capture_output=True, text=True, timeout=30, check=True,
         env={"REDIS_URL": fleet_redis.url, "PATH": os.environ["PATH"], "COLUMNS": "200"},
     )  # fmt: skip

@@ -17,7 +17,7 @@ import pytest
 import redis
 
 from devstack import RedisServer, Worker
-from workers.client import AnimateQueue
+from workers.producer import AnimateQueue
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from workers.client import AnimateQueue
+from workers.producer import AnimateQueue
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -21,8 +21,8 @@ from devstack import RedisServer, S3Server, Worker
 from devstack.media import make_image, make_video
 from emulator.config import EmulatorConfig
 from emulator.server import EmulatorServer
-from workers.client import AnimateQueue
-from workers.inputs import S3Inputs
+from workers.adapters.s3.inputs import S3Inputs
+from workers.producer import AnimateQueue
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -19,7 +19,12 @@ from PIL import Image, PngImagePlugin
 
 from emulator import media
 from emulator.server import EmulatorServer
-from workers.dashscope import DashScopeClient, RemoteStatus, RemoteTask, VideoRequest
+from workers.adapters.dashscope.client import (
+    DashScopeClient,
+    RemoteStatus,
+    RemoteTask,
+    VideoRequest,
+)
 from workers.errors import DashScopeRejected
 
 DETECT = "animate-anyone-detect-gen2"

@@ -11,7 +11,7 @@ import pytest
 import redis
 from moto.server import ThreadedMotoServer
 
-from workers.storage import make_s3_client
+from workers.adapters.s3.storage import make_s3_client
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +48,7 @@ def bucket(s3: Any) -> str:
 
 @pytest.fixture
 def redis_client() -> Iterator[redis.Redis]:
-    """The Redis at REDIS_URL (CI makes sure one answers)."""
+    """The Redis at REDIS_URL (tests/conftest.py makes sure one answers)."""
     client = redis.Redis.from_url(os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
     client.ping()
     yield client

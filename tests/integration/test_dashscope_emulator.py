@@ -1,4 +1,4 @@
-"""workers.dashscope against the DashScope emulator over real HTTP: the happy path, faults, cancel, list."""
+"""workers.adapters.dashscope.client against the DashScope emulator over real HTTP: the happy path, faults, cancel, list."""
 
 from __future__ import annotations
 
@@ -11,7 +11,12 @@ import httpx
 import pytest
 
 from emulator.server import EmulatorServer
-from workers.dashscope import DashScopeClient, RemoteStatus, RemoteTask, VideoRequest
+from workers.adapters.dashscope.client import (
+    DashScopeClient,
+    RemoteStatus,
+    RemoteTask,
+    VideoRequest,
+)
 from workers.errors import DashScopeRejected, DashScopeThrottled, DashScopeUnavailable
 
 FINAL = {RemoteStatus.SUCCEEDED, RemoteStatus.FAILED, RemoteStatus.CANCELED, RemoteStatus.UNKNOWN}
@@ -220,9 +225,9 @@ def test_a_slow_drip_image_url_does_not_hold_a_worker() -> None:
     import threading
     import time as _time
 
+    from workers.adapters.web.guard import AddressGuard
+    from workers.adapters.web.images import HttpImageProbe
     from workers.errors import TransientError
-    from workers.guard import AddressGuard
-    from workers.images import HttpImageProbe
 
     class Drip(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:

@@ -12,9 +12,11 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from workers.governor import RedisGovernor
-from workers.jobs import Job, JobRequest, JobState
-from workers.store import RedisJobStore
+from workers.adapters.redis.governor import RedisGovernor
+from workers.adapters.redis.store import RedisJobStore
+from workers.domain.job import Job
+from workers.domain.request import JobRequest
+from workers.domain.states import JobState
 
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 

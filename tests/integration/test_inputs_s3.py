@@ -1,4 +1,4 @@
-"""workers.inputs against a real S3 API (moto's threaded server): content-addressed uploads,
+"""workers.adapters.s3.inputs against a real S3 API (moto's threaded server): content-addressed uploads,
 presigned URLs, references; and AnimateQueue sending and downloading through it."""
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 import pytest
 
-from workers.client import AnimateQueue
+from workers.adapters.s3.inputs import S3Inputs, is_local, local_path, parse_s3_ref
+from workers.adapters.s3.storage import make_s3_client
 from workers.errors import CopyMismatch, StorageUnavailable
-from workers.inputs import S3Inputs, is_local, local_path, parse_s3_ref
-from workers.storage import make_s3_client
+from workers.producer import AnimateQueue
 
 MiB = 1024 * 1024
 ASSETS = Path(__file__).resolve().parents[2] / "devstack" / "assets"

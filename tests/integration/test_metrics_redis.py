@@ -24,8 +24,8 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from workers import metrics
-from workers.metrics import (
+from workers.adapters.redis import metrics
+from workers.adapters.redis.metrics import (
     METRICS,
     NoMetrics,
     RedisMetrics,
@@ -33,7 +33,7 @@ from workers.metrics import (
     jobs_key,
     make_app_registry,
 )
-from workers.routes import QUEUES
+from workers.domain.routes import QUEUES
 
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 ROOT = Path(__file__).resolve().parents[2]
@@ -84,7 +84,7 @@ def value(samples: dict[str, list[Sample]], name: str, **labels: str) -> float:
 WRITER = textwrap.dedent(
     """
     import sys, redis
-    from workers.metrics import RedisMetrics
+    from workers.adapters.redis.metrics import RedisMetrics
     m = RedisMetrics(redis.Redis.from_url(sys.argv[1]), sys.argv[2])
     for _ in range(50):
         m.inc("copy_bytes_total", 1000, account="main")
@@ -286,13 +286,13 @@ class TestRedisDown:
     def test_writes_never_raise_and_warn_once(self, caplog: pytest.LogCaptureFixture) -> None:
         down = redis.Redis.from_url(f"redis://127.0.0.1:{closed_port()}/0")
         m = RedisMetrics(down, "down", pause_seconds=0)
-        with caplog.at_level(logging.WARNING, logger="workers.metrics"):
+        with caplog.at_level(logging.WARNING, logger="workers.adapters.redis.metrics"):
             started = time.monotonic()
             for _ in range(3):
                 m.inc("copy_bytes_total", 10, account="main")
                 m.observe("step_seconds", 1.0, step="COPYING", kind="video")
             assert time.monotonic() - started < 5
-        warnings = [r for r in caplog.records if r.name == "workers.metrics"]
+        warnings = [r for r in caplog.records if r.name == "workers.adapters.redis.metrics"]
         assert len(warnings) == 1
         assert "dropped" in warnings[0].getMessage()
         down.close()
@@ -318,7 +318,7 @@ class TestRedisDown:
 SERVE = textwrap.dedent(
     """
     import sys
-    from workers.metrics import serve
+    from workers.adapters.redis.metrics import serve
     serve(sys.argv[1], sys.argv[2], addr="127.0.0.1", port=int(sys.argv[3]))
     """
 )
@@ -458,8 +458,10 @@ def test_a_batch_sends_its_writes_in_one_transaction_at_its_end(
 def test_copies_at_risk_follow_the_jobs_copying(client: redis.Redis, prefix: str) -> None:
     """A paid video not yet stored whose URL has under 6 h left is counted at risk; stored, it is
     not. The soonest URL's time left is served too (nothing when no job is copying)."""
-    from workers.jobs import Job, JobRequest, JobState
-    from workers.store import RedisJobStore
+    from workers.adapters.redis.store import RedisJobStore
+    from workers.domain.job import Job
+    from workers.domain.request import JobRequest
+    from workers.domain.states import JobState
 
     store = RedisJobStore(client, prefix=prefix, final_ttl=3600)
     now = time.time()

@@ -13,9 +13,9 @@ from celery import Celery
 from prometheus_client import generate_latest
 
 from devstack import RedisServer
-from workers.metrics import make_app_registry
-from workers.queues import RedisQueues, problems
-from workers.routes import QUEUES
+from workers.adapters.redis.metrics import make_app_registry
+from workers.adapters.redis.queues import RedisQueues, problems
+from workers.domain.routes import QUEUES
 
 
 @pytest.fixture(scope="module")

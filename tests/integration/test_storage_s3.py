@@ -1,4 +1,4 @@
-"""workers.storage against a real S3 API (moto's threaded server) and the real emulator's videos.
+"""workers.adapters.s3.storage against a real S3 API (moto's threaded server) and the real emulator's videos.
 
 Also the truncation trap (pitfall #9): a naive file-like whose ``read(n)`` returns one network chunk
 makes ``upload_fileobj`` store a fraction of the stream without any error.
@@ -21,8 +21,8 @@ from boto3.s3.transfer import TransferConfig
 from botocore.awsrequest import AWSResponse
 
 from emulator.server import EmulatorServer
+from workers.adapters.s3.storage import S3Copier, SourceReader, make_s3_client
 from workers.errors import SourceExpired, SourceUnavailable, StorageUnavailable
-from workers.storage import S3Copier, SourceReader, make_s3_client
 
 MiB = 1024 * 1024
 
@@ -355,7 +355,7 @@ def test_bucket_setup_adds_the_abort_rule_and_keeps_the_others(
     from click.testing import CliRunner
 
     from config.settings import get_settings
-    from workers import cli
+    from workers.entrypoints import cli
 
     other = {"ID": "logs", "Filter": {"Prefix": "logs/"}, "Status": "Enabled",
              "Expiration": {"Days": 30}}  # fmt: skip

@@ -17,10 +17,13 @@ from typing import Any
 import pytest
 import redis
 
-from workers.jobs import FINAL_STATES, Detection, Job, JobRequest, JobState, TemplateSource
-from workers.pipeline import JobStore
-from workers.store import RedisJobStore
-from workers.testing import InMemoryJobStore
+from workers.adapters.memory.store import InMemoryJobStore
+from workers.adapters.redis.store import RedisJobStore
+from workers.domain.job import Job
+from workers.domain.request import JobRequest
+from workers.domain.states import FINAL_STATES, JobState
+from workers.domain.templates import Detection, TemplateSource
+from workers.ports import JobStore
 
 REDIS_URL = os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0"
 FINAL_TTL = 3600
@@ -521,7 +524,7 @@ class TestRedisIndexes:
         redis_store.create(new_job("b", kind="template"))
         a = redis_store.get("a")
         assert a is not None
-        caplog.set_level("INFO", logger="workers.store")
+        caplog.set_level("INFO", logger="workers.adapters.redis.store")
         moved = redis_store.transition(a, JobState.SUBMITTING, updated_at=T0 + 2.5)
         assert moved is not None and moved.state_since == T0 + 2.5
         assert redis_store.transition(moved, JobState.SUBMITTING, updated_at=T0 + 3) is not None
@@ -632,7 +635,7 @@ def test_the_workers_clock_is_redis_s_whatever_the_hosts(monkeypatch: pytest.Mon
     sets are due when the other (the watchdog) thinks so, as for the timers and buckets."""
     import redis as redis_lib
 
-    from workers.store import RedisClock
+    from workers.adapters.redis.store import RedisClock
 
     client = redis_lib.Redis.from_url(os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
     real_time = time.time

@@ -9,7 +9,7 @@ import time
 import pytest
 import redis
 
-from workers.timers import Dispatcher, Parked, RedisTimers
+from workers.adapters.redis.timers import Dispatcher, Parked, RedisTimers
 
 
 def wake(job_id: str, step: str = "poll", version: int = 3) -> Parked:

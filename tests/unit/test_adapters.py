@@ -9,8 +9,9 @@ from collections.abc import Callable
 import httpx
 import pytest
 
-from workers.adapters import DashScopeVideoApi
-from workers.dashscope import DashScopeClient
+from workers.adapters.dashscope.api import DashScopeVideoApi
+from workers.adapters.dashscope.client import DashScopeClient
+from workers.domain.request import JobRequest
 from workers.errors import (
     DashScopeBadResponse,
     DashScopeRejected,
@@ -19,7 +20,6 @@ from workers.errors import (
     DashScopeUncertain,
     TransientError,
 )
-from workers.jobs import JobRequest
 
 REQUEST = JobRequest(image_url="https://img.test/a.png", template_id="AACT.x.y")
 

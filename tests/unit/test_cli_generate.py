@@ -18,8 +18,8 @@ import pytest
 from click.testing import CliRunner
 
 from devstack.media import make_image, make_video
-from workers import cli
-from workers.client import AnimateQueue
+from workers.entrypoints import cli
+from workers.producer import AnimateQueue
 
 ASSETS = Path(__file__).resolve().parents[2] / "devstack" / "assets"
 BUCKET = "animate-test"

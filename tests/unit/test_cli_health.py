@@ -23,7 +23,7 @@ from click.testing import CliRunner, Result
 import config.celery_app
 from config.settings import get_settings
 from devstack import free_port
-from workers import cli
+from workers.entrypoints import cli
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -73,7 +73,7 @@ def assert_unhealthy(result: Result, *words: str) -> str:
 
 
 def test_heartbeat_key_is_the_one_the_watchdog_writes() -> None:
-    from workers import tasks
+    from workers.entrypoints.celery import tasks
 
     prefix = config.celery_app.settings.key_prefix
     assert cli.beat_heartbeat_key(prefix) == tasks.BEAT_HEARTBEAT_KEY
@@ -244,7 +244,7 @@ def test_worker_broker_down(prefix: str, monkeypatch: pytest.MonkeyPatch) -> Non
 
 def test_metrics_serves_with_the_settings(prefix: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """``animate-queue metrics`` hands REDIS_URL, KEY_PREFIX and the listen address to serve."""
-    from workers import metrics
+    from workers.adapters.redis import metrics
 
     calls: list[tuple[Any, ...]] = []
     monkeypatch.setattr(metrics, "serve", lambda *a, **kw: calls.append((a, kw)))

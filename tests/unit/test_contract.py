@@ -9,8 +9,8 @@ from typing import Any
 import jsonschema
 import pytest
 
-from workers.errors import InvalidJobRequest
-from workers.jobs import (
+from workers.domain.job import Job
+from workers.domain.request import (
     JOB_ID_RE,
     NAME_RE,
     PRIORITY_RANGE,
@@ -18,14 +18,14 @@ from workers.jobs import (
     TEMPLATE_FIELDS,
     TEMPLATE_ID_RE,
     VIDEO_RATIOS,
-    Job,
     JobKind,
     JobRequest,
-    JobState,
     parse_request,
     parse_template_request,
-    result_object,
 )
+from workers.domain.states import JobState
+from workers.domain.views import result_object
+from workers.errors import InvalidJobRequest
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 KWARGS = json.loads((DOCS / "schema" / "generate-kwargs.v1.json").read_text())
@@ -160,7 +160,7 @@ def test_result_object_matches_its_schema(state: str) -> None:
 def test_public_task_names_are_registered() -> None:
     """The task names the contract publishes are the ones the worker registers."""
     text = (DOCS / "contract.md").read_text()
-    import workers.tasks  # noqa: F401  (registers the tasks)
+    import workers.entrypoints.celery.tasks  # noqa: F401  (registers the tasks)
     from config.celery_app import app
 
     for name in ("animate.generate", "animate.template", "animate.cancel"):

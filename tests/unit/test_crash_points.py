@@ -16,10 +16,16 @@ from typing import Any
 
 import pytest
 
-from workers import pipeline
-from workers.jobs import Job, JobKind, JobRequest, JobState, RemoteSnapshot, RemoteStatus
-from workers.pipeline import Next, Services, StoredCopy
-from workers.testing import FakeClock, InMemoryGovernor, InMemoryJobStore, make_services
+from tests.fakes import FakeClock, make_services
+from workers import steps
+from workers.adapters.memory.governor import InMemoryGovernor
+from workers.adapters.memory.store import InMemoryJobStore
+from workers.domain.decisions import RemoteSnapshot
+from workers.domain.job import Job
+from workers.domain.request import JobKind, JobRequest
+from workers.domain.states import JobState, RemoteStatus
+from workers.ports import StoredCopy
+from workers.steps.context import Next, Services
 
 IMAGE = "https://img.test/person.png"
 TEMPLATE = "AACT.acct.1234-5678"
@@ -140,12 +146,12 @@ class Published:
 
 
 STEPS = {
-    "submit": pipeline.submit,
-    "poll": pipeline.poll,
-    "copy": pipeline.copy,
-    "detect": pipeline.detect,
-    "prepare": pipeline.prepare,
-    "deliver": pipeline.deliver,
+    "submit": steps.submit,
+    "poll": steps.poll,
+    "copy": steps.copy,
+    "detect": steps.detect,
+    "prepare": steps.prepare,
+    "deliver": steps.deliver,
 }
 
 
@@ -167,9 +173,9 @@ def run(crash_at: int | None) -> tuple[Services, Remote, Points]:
         kwargs = {"image_url": f"{IMAGE}?{job_id}", "template_id": TEMPLATE, "job_id": job_id,
                   "detect": False}  # fmt: skip
         try:
-            pipeline.intake(svc, kwargs, (), f"msg-{job_id}")
+            steps.intake(svc, kwargs, (), f"msg-{job_id}")
         except Crash:
-            pipeline.intake(svc, kwargs, (), f"msg-{job_id}")  # the intake message comes back
+            steps.intake(svc, kwargs, (), f"msg-{job_id}")  # the intake message comes back
     beat = clock() + 15  # beat sends the watchdog every 15 s, whatever else happens
     for _ in range(10_000):
         jobs = [svc.store.get(j) for j in JOBS]
@@ -187,7 +193,7 @@ def run(crash_at: int | None) -> tuple[Services, Remote, Points]:
         else:
             clock.now, beat = max(clock.now, beat), beat + 15
             with contextlib.suppress(Crash):
-                pipeline.watchdog(svc, grace=30, max_resumes=5, accounts=["default"])
+                steps.watchdog(svc, grace=30, max_resumes=5, accounts=["default"])
     return svc, remote, points
 
 

@@ -1,4 +1,4 @@
-"""workers.dashscope through httpx.MockTransport: request shapes, parsing and error mapping, no network."""
+"""workers.adapters.dashscope.client through httpx.MockTransport: request shapes, parsing and error mapping, no network."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
-from workers.dashscope import (
+from workers.adapters.dashscope.client import (
     DashScopeClient,
     RemoteStatus,
     RemoteTask,
@@ -522,7 +522,7 @@ class TestParsing:
     def test_debug_log_has_no_key(self, caplog: pytest.LogCaptureFixture) -> None:
         """The module logs method, path and status at DEBUG, and never the key."""
         client, _ = make(task({"task_status": "RUNNING"}), error(400, "InvalidParameter", KEY))
-        with caplog.at_level(logging.DEBUG, logger="workers.dashscope"):
+        with caplog.at_level(logging.DEBUG, logger="workers.adapters.dashscope.client"):
             client.get_task(TASK_ID)
             with pytest.raises(DashScopeRejected):
                 client.submit_video(VideoRequest(IMAGE, TEMPLATE_ID))

@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
-from workers.dashscope import DashScopeClient
+from workers.adapters.dashscope.client import DashScopeClient
 from workers.errors import (
     DashScopeBadResponse,
     DashScopeRejected,

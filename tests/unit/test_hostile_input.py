@@ -14,11 +14,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from workers.dashscope import DashScopeClient
+from workers.adapters.dashscope.client import DashScopeClient
+from workers.adapters.web.guard import AddressGuard
+from workers.adapters.web.images import HttpImageProbe, facts_from_header
+from workers.domain.media import check_image
+from workers.domain.request import host_allowed, parse_request
 from workers.errors import InvalidJobRequest, TransientError, WorkerError
-from workers.guard import AddressGuard, host_allowed
-from workers.images import HttpImageProbe, facts_from_header
-from workers.jobs import check_image, parse_request
 
 PUBLIC = "93.184.216.34"
 
@@ -262,7 +263,7 @@ class TestRebindingAndSlowDrip:
         assert seen == [(PUBLIC, "rebind.test:8443", "rebind.test")]  # SNI and cert: the name
 
     def test_a_webhook_is_posted_to_the_address_that_was_checked(self) -> None:
-        from workers.webhooks import HttpWebhooks
+        from workers.adapters.web.webhooks import HttpWebhooks
 
         resolve, asked = self.rebinding()
         seen: list[tuple[str, str]] = []

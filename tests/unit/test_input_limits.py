@@ -7,12 +7,13 @@ from typing import Any
 
 import pytest
 
-from workers import pipeline
-from workers.client import AnimateQueue
+from tests.fakes import make_services
+from workers import steps
+from workers.domain.request import parse_request
+from workers.domain.states import JobState
+from workers.entrypoints.celery.results import CeleryResults
 from workers.errors import InvalidJobRequest
-from workers.jobs import JobState, parse_request
-from workers.results import CeleryResults
-from workers.testing import make_services
+from workers.producer import AnimateQueue
 
 TEMPLATE = "AACT.acct.1234-5678"
 
@@ -29,9 +30,7 @@ def test_s3_inputs_are_confined_to_the_inputs_prefix(ref: str) -> None:
     """A producer may name only what was uploaded as an input: never another job's output, which
     would be handed to DashScope (and billed) as this job's image."""
     svc = make_services(input_bucket="our-bucket")
-    result = pipeline.intake(
-        svc, {"image_url": ref, "template_id": TEMPLATE, "job_id": "j"}, (), "m"
-    )
+    result = steps.intake(svc, {"image_url": ref, "template_id": TEMPLATE, "job_id": "j"}, (), "m")
     job = svc.store.get("j")
     assert result.state == JobState.REJECTED and job is not None
     assert job.error_code == "InvalidRequest.BadUrl" and "inputs/" in (job.error_message or "")
@@ -42,7 +41,7 @@ def test_an_input_under_the_prefix_is_accepted() -> None:
     svc = make_services(input_bucket="our-bucket")
     ref = "s3://our-bucket/inputs/ab12.png"
     svc.inputs.for_us = lambda r: ("https://presigned.test/ab12.png", True)  # type: ignore[method-assign]
-    pipeline.intake(svc, {"image_url": ref, "template_id": TEMPLATE, "job_id": "j"}, (), "m")
+    steps.intake(svc, {"image_url": ref, "template_id": TEMPLATE, "job_id": "j"}, (), "m")
     assert svc.store.get("j").state != JobState.REJECTED  # type: ignore[union-attr]
 
 
@@ -71,7 +70,7 @@ class TestUnusableJobId:
             backend = Backend()
 
         svc = make_services(results=CeleryResults(App()))
-        pipeline.intake(svc, {"image_url": "https://cdn.test/a.png", "template_id": TEMPLATE,
+        steps.intake(svc, {"image_url": "https://cdn.test/a.png", "template_id": TEMPLATE,
                               "job_id": "order 42"}, (), "msg-1")  # fmt: skip
         job = svc.store.get("msg-1")
         assert job is not None and (job.state, job.error_code) == (

@@ -1,4 +1,4 @@
-"""workers.jobs, the pure core: request and image rules, transitions, backoff, every decision."""
+"""workers.domain, the pure core: request and image rules, transitions, backoff, every decision."""
 
 from __future__ import annotations
 
@@ -8,38 +8,32 @@ from typing import Any
 
 import pytest
 
-from workers.errors import InvalidJobRequest
-from workers.jobs import (
-    ACTIVE_REMOTE,
-    FINAL_STATES,
-    IMAGE_MAX_BYTES,
-    MAX_METADATA_BYTES,
-    MAX_URL_LENGTH,
-    TRANSITIONS,
-    URL_TTL_SECONDS,
-    Backoff,
-    CopyPolicy,
+from workers.domain.decisions import (
     Finish,
-    ImageFacts,
-    Job,
-    JobRequest,
-    JobState,
-    PollPolicy,
     RemoteSnapshot,
-    RemoteStatus,
     RetryCopy,
     StartCopy,
     Wait,
-    can_move,
-    check_image,
     copy_expired,
     decide_copy_error,
     decide_poll,
     decide_poll_error,
-    parse_request,
-    s3_key,
     url_expiry,
 )
+from workers.domain.job import Job, s3_key
+from workers.domain.media import IMAGE_MAX_BYTES, ImageFacts, check_image
+from workers.domain.policies import Backoff, CopyPolicy, PollPolicy
+from workers.domain.request import MAX_METADATA_BYTES, MAX_URL_LENGTH, JobRequest, parse_request
+from workers.domain.states import (
+    ACTIVE_REMOTE,
+    FINAL_STATES,
+    TRANSITIONS,
+    URL_TTL_SECONDS,
+    JobState,
+    RemoteStatus,
+    can_move,
+)
+from workers.errors import InvalidJobRequest
 
 NOW = 1_700_000_000.0
 IMAGE = "https://img.test/person.png"

@@ -31,7 +31,7 @@ def test_json_lines_carry_the_structured_fields(
     restore_root: None, capsys: pytest.CaptureFixture[str]
 ) -> None:
     logs.configure(load_settings({"LOG_FORMAT": "json", "LOG_LEVEL": "INFO"}))
-    logging.getLogger("workers.store").info(
+    logging.getLogger("workers.adapters.redis.store").info(
         "job %s %s -> %s", "j1", "QUEUED", "SUBMITTING",
         extra={"event": "job.transition", "job_id": "j1", "remote_task_id": "t-1",
                "account": "main", "seconds_in_state": 2.5},
@@ -41,15 +41,15 @@ def test_json_lines_carry_the_structured_fields(
     (record,) = [json.loads(line) for line in lines]
     assert record["message"] == "job j1 QUEUED -> SUBMITTING"
     assert (record["level"], record["logger"], record["event"]) == (
-        "INFO", "workers.store", "job.transition")  # fmt: skip
+        "INFO", "workers.adapters.redis.store", "job.transition")  # fmt: skip
     assert (record["job_id"], record["remote_task_id"], record["account"]) == ("j1", "t-1", "main")
     assert record["seconds_in_state"] == 2.5 and "time" in record
 
 
 def test_text_by_default(restore_root: None, capsys: pytest.CaptureFixture[str]) -> None:
     logs.configure(load_settings({}))
-    logging.getLogger("workers.pipeline").warning("plain %s", "words")
+    logging.getLogger("workers.steps.poll").warning("plain %s", "words")
     err = capsys.readouterr().err
-    assert "WARNING" in err and "workers.pipeline: plain words" in err
+    assert "WARNING" in err and "workers.steps.poll: plain words" in err
     with pytest.raises(json.JSONDecodeError):
         json.loads(err.splitlines()[-1])

@@ -1,4 +1,4 @@
-"""workers.pipeline over the fakes of workers.testing: each use case, judged by the store."""
+"""The steps over the fakes of tests/fakes.py: each use case, judged by the store."""
 
 from __future__ import annotations
 
@@ -8,7 +8,23 @@ from typing import Any
 
 import pytest
 
-from workers import pipeline
+from tests.fakes import (
+    FakeClock,
+    FakeCopier,
+    FakeImageProbe,
+    FakeVideoApi,
+    ambiguous,
+    make_services,
+    stored_copy,
+)
+from workers import steps
+from workers.adapters.memory.store import START, InMemoryJobStore
+from workers.domain.decisions import Finish, RemoteSnapshot
+from workers.domain.job import Job
+from workers.domain.media import ImageFacts
+from workers.domain.policies import Backoff, CopyPolicy, PollPolicy, SubmitPolicy
+from workers.domain.request import JobRequest
+from workers.domain.states import URL_TTL_SECONDS, JobState, RemoteStatus
 from workers.errors import (
     CopyMismatch,
     CopyPaused,
@@ -23,32 +39,9 @@ from workers.errors import (
     StorageUnavailable,
     StoreUnavailable,
 )
-from workers.jobs import (
-    URL_TTL_SECONDS,
-    Backoff,
-    CopyPolicy,
-    Finish,
-    ImageFacts,
-    Job,
-    JobRequest,
-    JobState,
-    PollPolicy,
-    RemoteSnapshot,
-    RemoteStatus,
-    SubmitPolicy,
-)
-from workers.pipeline import IntakeResult, Next, Services, StoredCopy
-from workers.testing import (
-    START,
-    FakeClock,
-    FakeCopier,
-    FakeImageProbe,
-    FakeVideoApi,
-    InMemoryJobStore,
-    ambiguous,
-    make_services,
-    stored_copy,
-)
+from workers.ports import StoredCopy
+from workers.steps.context import Next, Services
+from workers.steps.intake import IntakeResult
 
 IMAGE = "https://img.test/person.png"
 TEMPLATE = "AACT.acct.1234-5678"
@@ -107,7 +100,7 @@ def woken(w: World, step: str = "submit", job_id: str = JOB) -> list[Next]:
 
 def queued(w: World) -> Next:
     """Intake, admission (the account has room): the submit wake-up it asked for."""
-    result = pipeline.intake(w.svc, kwargs(), (), MSG)
+    result = steps.intake(w.svc, kwargs(), (), MSG)
     assert result.state == JobState.QUEUED
     (step,) = woken(w)
     return step
@@ -115,7 +108,7 @@ def queued(w: World) -> Next:
 
 def submitted(w: World, task_id: str = "task-1") -> Next:
     w.api.submit_script.append(task_id)
-    step = pipeline.submit(w.svc, JOB, queued(w).version)
+    step = steps.submit(w.svc, JOB, queued(w).version)
     assert step is not None and step.step == "poll"
     return step
 
@@ -125,7 +118,7 @@ def copying(w: World) -> Next:
     w.api.poll_script.append(
         snap(RemoteStatus.SUCCEEDED, video_url=VIDEO, video_duration=5.0, end_time=START)
     )
-    step = pipeline.poll(w.svc, JOB, poll.version)
+    step = steps.poll(w.svc, JOB, poll.version)
     assert step is not None and step.step == "copy"
     return step
 
@@ -136,7 +129,7 @@ def copying(w: World) -> Next:
 class TestIntake:
     def test_valid_request_is_queued(self, w: World) -> None:
         """A valid request becomes a QUEUED job and asks for a submit now; nothing is sent yet."""
-        result = pipeline.intake(w.svc, kwargs(metadata={"user": 7}), (), MSG)
+        result = steps.intake(w.svc, kwargs(metadata={"user": 7}), (), MSG)
         assert result == IntakeResult(JOB, JobState.QUEUED, True, None)
         # received (1), checked and queued (2), admitted at once: the account has room (3)
         assert woken(w) == [Next("submit", JOB, 3, 0)]
@@ -152,7 +145,7 @@ class TestIntake:
 
     def test_message_id_when_no_job_id(self, w: World) -> None:
         """Without a job_id the message id names the job."""
-        result = pipeline.intake(
+        result = steps.intake(
             w.svc, {"image_url": IMAGE, "template_id": TEMPLATE, "detect": False}, (), MSG
         )
         assert result.job_id == MSG
@@ -160,7 +153,7 @@ class TestIntake:
 
     def test_invalid_request_is_rejected_with_code(self, w: World) -> None:
         """Bad input: a REJECTED record under the producer's job_id; nothing probed or sent."""
-        result = pipeline.intake(w.svc, kwargs(video_ratio="9:16"), (), MSG)
+        result = steps.intake(w.svc, kwargs(video_ratio="9:16"), (), MSG)
         assert result == IntakeResult(JOB, JobState.REJECTED, True, None)
         job = w.job()
         assert job.state == JobState.REJECTED
@@ -175,21 +168,21 @@ class TestIntake:
     @pytest.mark.parametrize("job_id", ["bad id!", 12, "x\n"])
     def test_invalid_job_id_falls_back_to_message_id(self, w: World, job_id: Any) -> None:
         """When the job_id itself is unusable, the REJECTED record is kept under the message id."""
-        result = pipeline.intake(w.svc, kwargs(job_id=job_id), (), MSG)
+        result = steps.intake(w.svc, kwargs(job_id=job_id), (), MSG)
         assert (result.job_id, result.state) == (MSG, JobState.REJECTED)
         assert w.job(MSG).error_code == "InvalidRequest.JobId"
         assert list(w.store.jobs) == [MSG]
 
     def test_positional_args_rejected(self, w: World) -> None:
         """Positional args are refused at intake like any other rule."""
-        result = pipeline.intake(w.svc, kwargs(), (IMAGE,), MSG)
+        result = steps.intake(w.svc, kwargs(), (IMAGE,), MSG)
         assert result.state == JobState.REJECTED
         assert w.job().error_code == "InvalidRequest.PositionalArgs"
 
     def test_rejected_intake_redelivered(self, w: World) -> None:
         """A redelivered bad request finds its REJECTED record; nothing new is made."""
-        pipeline.intake(w.svc, kwargs(bogus=1), (), MSG)
-        again = pipeline.intake(w.svc, kwargs(bogus=1), (), MSG)
+        steps.intake(w.svc, kwargs(bogus=1), (), MSG)
+        again = steps.intake(w.svc, kwargs(bogus=1), (), MSG)
         assert again == IntakeResult(JOB, JobState.REJECTED, False, None)
         job = w.job()
         assert job.version == 1  # created REJECTED (its delivery bumps nothing): nothing new
@@ -198,9 +191,9 @@ class TestIntake:
     def test_duplicate_job_id_from_another_message(self, w: World) -> None:
         """Same job_id, another message: no new job, the duplicate is counted, version unchanged."""
         first = queued(w)
-        again = pipeline.intake(w.svc, kwargs(template_id="AACT.other"), (), "msg-2")
+        again = steps.intake(w.svc, kwargs(template_id="AACT.other"), (), "msg-2")
         assert again == IntakeResult(JOB, JobState.QUEUED, False, None)
-        pipeline.intake(w.svc, kwargs(), (), "msg-3")
+        steps.intake(w.svc, kwargs(), (), "msg-3")
         job = w.job()
         assert job.duplicates == 2
         assert job.version == first.version
@@ -212,14 +205,14 @@ class TestIntake:
     def test_duplicate_keeps_inflight_messages_valid(self, w: World) -> None:
         """The submit message scheduled before the duplicate still works (no version bump)."""
         step = queued(w)
-        pipeline.intake(w.svc, kwargs(), (), "msg-2")
+        steps.intake(w.svc, kwargs(), (), "msg-2")
         w.api.submit_script.append("task-1")
-        assert pipeline.submit(w.svc, JOB, step.version) is not None
+        assert steps.submit(w.svc, JOB, step.version) is not None
 
     def test_redelivered_intake_continues(self, w: World) -> None:
         """The same message again (a redelivery) after admission changes nothing."""
         first = queued(w)
-        again = pipeline.intake(w.svc, kwargs(), (), MSG)
+        again = steps.intake(w.svc, kwargs(), (), MSG)
         assert again == IntakeResult(JOB, JobState.QUEUED, False, None)
         assert woken(w) == [first]
         assert w.job().duplicates == 0
@@ -227,7 +220,7 @@ class TestIntake:
     def test_redelivered_intake_after_submit_stops(self, w: World) -> None:
         """A redelivery after the job moved on reports the state and schedules nothing."""
         submitted(w)
-        again = pipeline.intake(w.svc, kwargs(), (), MSG)
+        again = steps.intake(w.svc, kwargs(), (), MSG)
         assert again == IntakeResult(JOB, JobState.SUBMITTED, False, None)
 
     @pytest.mark.parametrize(
@@ -246,7 +239,7 @@ class TestIntake:
     def test_image_rejected(self, facts: ImageFacts | Exception, code: str) -> None:
         """An image DashScope would refuse: REJECTED with InvalidImage.*, zero submits."""
         w = make_world(images=FakeImageProbe(facts))
-        result = pipeline.intake(w.svc, kwargs(), (), MSG)
+        result = steps.intake(w.svc, kwargs(), (), MSG)
         assert result == IntakeResult(JOB, JobState.REJECTED, True, None)
         job = w.job()
         # received (1), rejected (2); its outcome delivered (no version bump)
@@ -257,7 +250,7 @@ class TestIntake:
     def test_image_unreachable_is_rejected(self, w: World) -> None:
         """A transient probe failure refuses the job (never pay blind): InvalidImage.Unreachable."""
         w.images.facts = SourceUnavailable("image host answered 503")
-        result = pipeline.intake(w.svc, kwargs(), (), MSG)
+        result = steps.intake(w.svc, kwargs(), (), MSG)
         assert result.state == JobState.REJECTED
         job = w.job()
         assert job.error_code == "InvalidImage.Unreachable"
@@ -274,7 +267,7 @@ class TestSubmit:
         step = queued(w)
         w.clock.advance(10)
         w.api.submit_script.append("task-1")
-        nxt = pipeline.submit(w.svc, JOB, step.version)
+        nxt = steps.submit(w.svc, JOB, step.version)
         job = w.job()
         assert nxt == Next("poll", JOB, job.version, PollPolicy().first_delay)
         assert job.state == JobState.SUBMITTED
@@ -290,9 +283,9 @@ class TestSubmit:
         """A second submit message with the same version finds a stale version: one api.submit."""
         step = queued(w)
         w.api.submit_script.append("task-1")
-        assert pipeline.submit(w.svc, JOB, step.version) is not None
+        assert steps.submit(w.svc, JOB, step.version) is not None
         before = w.job()
-        assert pipeline.submit(w.svc, JOB, step.version) is None
+        assert steps.submit(w.svc, JOB, step.version) is None
         assert w.job() == before
         assert len(w.api.submits) == 1
 
@@ -316,9 +309,7 @@ class TestSubmit:
         store.racing = True
         results: list[Next | None] = []
         threads = [
-            threading.Thread(
-                target=lambda: results.append(pipeline.submit(w.svc, JOB, step.version))
-            )
+            threading.Thread(target=lambda: results.append(steps.submit(w.svc, JOB, step.version)))
             for _ in range(2)
         ]
         for t in threads:
@@ -334,16 +325,16 @@ class TestSubmit:
     def test_stale_or_missing_or_moved_on(self, w: World) -> None:
         """A stale version, an unknown job, or a job past SUBMITTING: nothing happens."""
         step = submitted(w)
-        assert pipeline.submit(w.svc, JOB, step.version - 1) is None
-        assert pipeline.submit(w.svc, "nope", 1) is None
-        assert pipeline.submit(w.svc, JOB, step.version) is None  # SUBMITTED at that version
+        assert steps.submit(w.svc, JOB, step.version - 1) is None
+        assert steps.submit(w.svc, "nope", 1) is None
+        assert steps.submit(w.svc, JOB, step.version) is None  # SUBMITTED at that version
         assert len(w.api.submits) == 1
 
     def test_rejected_by_dashscope(self, w: World) -> None:
         """A 4xx ends the job FAILED with DashScope's code and message; no retry."""
         step = queued(w)
         w.api.submit_script.append(DashScopeRejected("bad template", code="InvalidParameter"))
-        assert pipeline.submit(w.svc, JOB, step.version) is None
+        assert steps.submit(w.svc, JOB, step.version) is None
         job = w.job()
         assert (job.state, job.error_code, job.error_message) == (
             JobState.FAILED,
@@ -357,14 +348,14 @@ class TestSubmit:
         """Any permanent error from submit ends the job FAILED with its code."""
         step = queued(w)
         w.api.submit_script.append(DashScopeBadResponse("no task_id"))
-        assert pipeline.submit(w.svc, JOB, step.version) is None
+        assert steps.submit(w.svc, JOB, step.version) is None
         assert w.job().error_code == "DashScopeBadResponse"
 
     def test_transient_error_retries_with_backoff(self, w: World) -> None:
         """A transient, unambiguous failure schedules another submit after the backoff."""
         step = queued(w)
         w.api.submit_script.append(DashScopeUnavailable("503"))
-        nxt = pipeline.submit(w.svc, JOB, step.version)
+        nxt = steps.submit(w.svc, JOB, step.version)
         job = w.job()
         delay = SubmitPolicy().backoff.delay(1, lambda: 0.5)
         assert nxt == Next("submit", JOB, job.version, delay)
@@ -377,7 +368,7 @@ class TestSubmit:
         w.clock.advance(delay)
         w.api.submit_script.append("task-1")
         assert nxt is not None
-        poll = pipeline.submit(w.svc, JOB, nxt.version)
+        poll = steps.submit(w.svc, JOB, nxt.version)
         assert poll is not None and poll.step == "poll"
         job = w.job()
         assert (job.state, job.submit_attempts) == (JobState.SUBMITTED, 2)
@@ -391,7 +382,7 @@ class TestSubmit:
         for _ in range(3):
             w.api.submit_script.append(DashScopeUnavailable("503"))
             assert step is not None
-            step = pipeline.submit(w.svc, JOB, step.version)
+            step = steps.submit(w.svc, JOB, step.version)
             if step is not None:
                 delays.append(step.countdown)
         assert step is None
@@ -408,14 +399,14 @@ class TestSubmit:
         """Giving up after an ambiguous last attempt says so (a task may exist)."""
         w = make_world(submit=SubmitPolicy(max_attempts=1))
         w.api.submit_script.append(ambiguous(DashScopeUnavailable("read timeout")))
-        assert pipeline.submit(w.svc, JOB, queued(w).version) is None
+        assert steps.submit(w.svc, JOB, queued(w).version) is None
         assert w.job().error_code == "SubmitAmbiguous"
 
     def test_ambiguous_then_adopts_unclaimed_task(self, w: World) -> None:
         """After an ambiguous failure the next attempt reads the task list first and adopts."""
         step = queued(w)
         w.api.submit_script.append(ambiguous(DashScopeUnavailable("read timeout")))
-        retry = pipeline.submit(w.svc, JOB, step.version)
+        retry = steps.submit(w.svc, JOB, step.version)
         assert retry is not None and retry.step == "submit"
         job = w.job()
         assert job.submit_ambiguous is True
@@ -424,7 +415,7 @@ class TestSubmit:
 
         w.clock.advance(30)
         w.api.recent = ["task-lost"]
-        poll = pipeline.submit(w.svc, JOB, retry.version)
+        poll = steps.submit(w.svc, JOB, retry.version)
         job = w.job()
         assert poll == Next("poll", JOB, job.version, PollPolicy().first_delay)
         assert (job.state, job.remote_task_id) == (JobState.SUBMITTED, "task-lost")
@@ -441,12 +432,12 @@ class TestSubmit:
         w.store.remote_owner["task-other"] = "other-job"
         step = queued(w)
         w.api.submit_script.append(ambiguous(DashScopeUnavailable("read timeout")))
-        retry = pipeline.submit(w.svc, JOB, step.version)
+        retry = steps.submit(w.svc, JOB, step.version)
         assert retry is not None
         w.api.recent = ["task-other"]
         w.clock.advance(SubmitPolicy().list_lag)
         w.api.submit_script.append("task-new")
-        assert pipeline.submit(w.svc, JOB, retry.version) is not None
+        assert steps.submit(w.svc, JOB, retry.version) is not None
         job = w.job()
         assert job.remote_task_id == "task-new"
         assert (job.submit_attempts, job.submit_ambiguous) == (2, False)
@@ -456,10 +447,10 @@ class TestSubmit:
     def test_the_one_unowned_task_among_owned_ones_is_adopted(self, w: World) -> None:
         w.store.remote_owner.update({"task-a": "job-a", "task-c": "job-c"})
         w.api.submit_script.append(ambiguous(DashScopeUnavailable("read timeout")))
-        retry = pipeline.submit(w.svc, JOB, queued(w).version)
+        retry = steps.submit(w.svc, JOB, queued(w).version)
         assert retry is not None
         w.api.recent = ["task-a", "task-b", "task-c"]
-        pipeline.submit(w.svc, JOB, retry.version)
+        steps.submit(w.svc, JOB, retry.version)
         assert w.job().remote_task_id == "task-b"
         assert w.store.remote_owners(["task-b"]) == {"task-b": JOB}
 
@@ -479,10 +470,10 @@ class TestSubmit:
 
         w.svc.metrics = Counting()
         w.api.submit_script.append(ambiguous(DashScopeUnavailable("read timeout")))
-        retry = pipeline.submit(w.svc, JOB, queued(w).version)
+        retry = steps.submit(w.svc, JOB, queued(w).version)
         assert retry is not None
         w.api.recent = ["task-x", "task-y"]
-        assert pipeline.submit(w.svc, JOB, retry.version) is None
+        assert steps.submit(w.svc, JOB, retry.version) is None
         job = w.job()
         assert (job.state, job.error_code) == (JobState.FAILED, "SubmitAmbiguous")
         assert "task-x" in (job.error_message or "") and "task-y" in (job.error_message or "")
@@ -494,19 +485,19 @@ class TestSubmit:
         """The uncertain POST's task is not listed yet: no second POST; the list is read again
         (not an attempt) until list_lag after the POST ended, and the late task is adopted."""
         w.api.submit_script.append(ambiguous(DashScopeUnavailable("read timeout")))
-        step = pipeline.submit(w.svc, JOB, queued(w).version)
+        step = steps.submit(w.svc, JOB, queued(w).version)
         assert step is not None
         w.api.recent = []
         looks = 0
         while w.clock.now < START + 20:
             w.clock.advance(step.countdown)
-            step = pipeline.submit(w.svc, JOB, step.version)
+            step = steps.submit(w.svc, JOB, step.version)
             assert step is not None and step.step == "submit"
             looks += 1
         assert looks >= 2 and len(w.api.submits) == 1 and w.job().submit_attempts == 1
         w.api.recent = ["task-late"]
         w.clock.advance(step.countdown)
-        poll = pipeline.submit(w.svc, JOB, step.version)
+        poll = steps.submit(w.svc, JOB, step.version)
         assert poll is not None and poll.step == "poll"
         assert w.job().remote_task_id == "task-late" and len(w.api.submits) == 1
         # every look covered the same window, from the uncertain POST's start
@@ -540,11 +531,11 @@ class TestSubmit:
         w = make_world(store=TimesOut())
         w.api.submit_script.append("task-1")
         with pytest.raises(StoreUnavailable):
-            pipeline.submit(w.svc, JOB, queued(w).version)
+            steps.submit(w.svc, JOB, queued(w).version)
         job = w.job()
         assert (job.state, job.submit_ambiguous) == (JobState.SUBMITTING, True)
         w.api.recent = ["task-1"]
-        assert pipeline.submit(w.svc, JOB, job.version) is not None  # the watchdog's resume
+        assert steps.submit(w.svc, JOB, job.version) is not None  # the watchdog's resume
         assert w.job().remote_task_id == "task-1"
         assert len(w.api.submits) == 1
 
@@ -554,9 +545,9 @@ class TestSubmit:
         w = make_world()
         step_a = queued(w)
         w.api.submit_script.append(ambiguous(DashScopeUnavailable("read timeout")))
-        retry_a = pipeline.submit(w.svc, JOB, step_a.version)
+        retry_a = steps.submit(w.svc, JOB, step_a.version)
         assert retry_a is not None
-        pipeline.intake(
+        steps.intake(
             w.svc, {"image_url": IMAGE, "template_id": TEMPLATE, "job_id": "b", "detect": False},
             (), "m-b",
         )  # fmt: skip
@@ -565,33 +556,33 @@ class TestSubmit:
         w.store.transition(b, JobState.QUEUED, admitted_at=START)
         b = w.store.get("b")
         assert b is not None
-        assert pipeline.submit(w.svc, "b", b.version) is None  # waits in line, no message
+        assert steps.submit(w.svc, "b", b.version) is None  # waits in line, no message
         assert len(w.api.submits) == 1  # B did not POST
         waiting = w.store.get("b")
         assert waiting is not None and waiting.wake == "timer"  # no message: it waits in line
         w.api.recent = ["task-a"]
         woken_before = len(w.svc.woken)  # type: ignore[attr-defined]
-        assert pipeline.submit(w.svc, JOB, retry_a.version) is not None  # A adopts its task
+        assert steps.submit(w.svc, JOB, retry_a.version) is not None  # A adopts its task
         [wake_b] = w.svc.woken[woken_before:]  # type: ignore[attr-defined]
         assert (wake_b.step, wake_b.job_id) == ("submit", "b")  # the unlock wakes B
         w.api.submit_script.append("task-b")
-        assert pipeline.submit(w.svc, "b", wake_b.version) is not None  # the lane is free
+        assert steps.submit(w.svc, "b", wake_b.version) is not None  # the lane is free
         assert (w.job().remote_task_id, w.store.get("b").remote_task_id) == ("task-a", "task-b")  # type: ignore[union-attr]
 
     def test_a_definite_failure_frees_the_lane(self, w: World) -> None:
         """A connect error, a 429 or a 4xx: nothing was created, the lane is free at once."""
         w.api.submit_script.append(DashScopeUnavailable("connect refused"))
-        assert pipeline.submit(w.svc, JOB, queued(w).version) is not None
+        assert steps.submit(w.svc, JOB, queued(w).version) is not None
         assert w.store.submit_locks == {}
         assert w.job().submit_ambiguous is False
 
     def test_reconcile_failure_retries_without_submitting(self, w: World) -> None:
         """If the task list cannot be read, nothing is submitted: retry later, still ambiguous."""
         w.api.submit_script.append(ambiguous(DashScopeUnavailable("read timeout")))
-        retry = pipeline.submit(w.svc, JOB, queued(w).version)
+        retry = steps.submit(w.svc, JOB, queued(w).version)
         assert retry is not None
         w.api.recent_error = DashScopeUnavailable("list 503")
-        again = pipeline.submit(w.svc, JOB, retry.version)
+        again = steps.submit(w.svc, JOB, retry.version)
         assert again is not None and again.step == "submit"
         job = w.job()
         assert (job.state, job.submit_ambiguous, job.submit_attempts) == (
@@ -605,10 +596,10 @@ class TestSubmit:
     def test_reconcile_failures_are_bounded(self, w: World) -> None:
         """A task list that never answers ends the job SubmitAmbiguous after max_attempts."""
         w.api.submit_script.append(ambiguous(DashScopeUnavailable("read timeout")))
-        step = pipeline.submit(w.svc, JOB, queued(w).version)
+        step = steps.submit(w.svc, JOB, queued(w).version)
         w.api.recent_error = DashScopeUnavailable("list 503")
         while step is not None:
-            step = pipeline.submit(w.svc, JOB, step.version)
+            step = steps.submit(w.svc, JOB, step.version)
         job = w.job()
         assert (job.state, job.error_code) == (JobState.FAILED, "SubmitAmbiguous")
         assert job.error_message.startswith(f"{SubmitPolicy().max_attempts} submit attempts")
@@ -619,12 +610,12 @@ class TestSubmit:
         look at the list; only a look after the lag with nothing found clears it, and then
         the next POST's own outcome decides."""
         w.api.submit_script.append(ambiguous(DashScopeUnavailable("read timeout")))
-        retry = pipeline.submit(w.svc, JOB, queued(w).version)
+        retry = steps.submit(w.svc, JOB, queued(w).version)
         assert retry is not None
         assert w.job().submit_ambiguous is True and w.store.submit_locks == {"default": JOB}
         w.clock.advance(SubmitPolicy().list_lag)
         w.api.submit_script.append(DashScopeUnavailable("connect refused"))
-        retry = pipeline.submit(w.svc, JOB, retry.version)
+        retry = steps.submit(w.svc, JOB, retry.version)
         assert retry is not None
         job = w.job()
         assert job.submit_ambiguous is False and job.submit_attempts == 2
@@ -637,7 +628,7 @@ class TestSubmit:
         The first must not reload the job and submit on top of the other's POST in flight.
         """
         w.api.submit_script.append(ambiguous(DashScopeUnavailable("read timeout")))
-        retry = pipeline.submit(w.svc, JOB, queued(w).version)
+        retry = steps.submit(w.svc, JOB, queued(w).version)
         assert retry is not None
         loaded = w.job()
 
@@ -648,7 +639,7 @@ class TestSubmit:
             assert claimed is not None
 
         w.api.on_recent_tasks = other_worker_claims_the_attempt
-        assert pipeline.submit(w.svc, JOB, retry.version) is None
+        assert steps.submit(w.svc, JOB, retry.version) is None
         assert len(w.api.submits) == 1
 
     def test_crash_mid_post_is_reconciled_on_resume(self, w: World) -> None:
@@ -666,7 +657,7 @@ class TestSubmit:
 
         w.api.on_submit = die
         with pytest.raises(Crash):
-            pipeline.submit(w.svc, JOB, queued(w).version)
+            steps.submit(w.svc, JOB, queued(w).version)
         job = w.job()
         assert (job.state, job.submit_ambiguous, job.submit_attempts) == (
             JobState.SUBMITTING,
@@ -675,7 +666,7 @@ class TestSubmit:
         )
         w.api.on_submit = None
         w.api.recent = ["task-created-before-crash"]
-        assert pipeline.submit(w.svc, JOB, job.version) is not None
+        assert steps.submit(w.svc, JOB, job.version) is not None
         assert w.job().remote_task_id == "task-created-before-crash"
         assert len(w.api.submits) == 1
 
@@ -692,7 +683,7 @@ class TestPoll:
             w.api.poll_script.append(snap(RemoteStatus.PENDING))
             assert step is not None
             w.clock.advance(step.countdown)
-            step = pipeline.poll(w.svc, JOB, step.version)
+            step = steps.poll(w.svc, JOB, step.version)
             assert step is not None and step.step == "poll"
             countdowns.append(step.countdown)
         assert countdowns == [5.0, 7.5]
@@ -712,7 +703,7 @@ class TestPoll:
         step = submitted(w)
         w.clock.advance(2)
         w.api.poll_script.append(snap(status))
-        nxt = pipeline.poll(w.svc, JOB, step.version)
+        nxt = steps.poll(w.svc, JOB, step.version)
         job = w.job()
         assert nxt == Next("poll", JOB, job.version, PollPolicy().running_interval)
         assert (job.remote_status, job.remote_started_at) == (status.value, START + 2)
@@ -720,7 +711,7 @@ class TestPoll:
         w.clock.advance(3)
         w.api.poll_script.append(snap(RemoteStatus.RUNNING))
         assert nxt is not None
-        pipeline.poll(w.svc, JOB, nxt.version)
+        steps.poll(w.svc, JOB, nxt.version)
         assert w.job().remote_started_at == START + 2  # the first sighting is kept
 
     def test_succeeded_starts_copy(self, w: World) -> None:
@@ -730,7 +721,7 @@ class TestPoll:
         w.api.poll_script.append(
             snap(RemoteStatus.SUCCEEDED, video_url=VIDEO, video_duration=5.0, end_time=START + 55)
         )
-        nxt = pipeline.poll(w.svc, JOB, step.version)
+        nxt = steps.poll(w.svc, JOB, step.version)
         job = w.job()
         assert nxt == Next("copy", JOB, job.version, 0)
         assert job.state == JobState.COPYING
@@ -749,14 +740,14 @@ class TestPoll:
         w.api.poll_script.append(
             snap(RemoteStatus.SUCCEEDED, video_url="https://b.test/x.mp4", end_time=START + 5)
         )
-        pipeline.poll(w.svc, JOB, step.version)
+        steps.poll(w.svc, JOB, step.version)
         assert w.job().video_expires_at == START + 5 + URL_TTL_SECONDS
 
     def test_succeeded_without_url_fails(self, w: World) -> None:
         """SUCCEEDED without a video_url: FAILED, DashScopeBadResponse."""
         step = submitted(w)
         w.api.poll_script.append(snap(RemoteStatus.SUCCEEDED))
-        assert pipeline.poll(w.svc, JOB, step.version) is None
+        assert steps.poll(w.svc, JOB, step.version) is None
         job = w.job()
         assert (job.state, job.error_code) == (JobState.FAILED, "DashScopeBadResponse")
 
@@ -767,7 +758,7 @@ class TestPoll:
         w.api.poll_script.append(
             snap(RemoteStatus.FAILED, code="DataInspectionFailed", message="no")
         )
-        assert pipeline.poll(w.svc, JOB, step.version) is None
+        assert steps.poll(w.svc, JOB, step.version) is None
         job = w.job()
         assert (job.state, job.error_code, job.error_message) == (
             JobState.FAILED,
@@ -783,7 +774,7 @@ class TestPoll:
         """CANCELED remotely ends the job CANCELED."""
         step = submitted(w)
         w.api.poll_script.append(snap(RemoteStatus.CANCELED))
-        assert pipeline.poll(w.svc, JOB, step.version) is None
+        assert steps.poll(w.svc, JOB, step.version) is None
         assert w.job().state == JobState.CANCELED
 
     def test_unknown_grace_then_failed(self, w: World) -> None:
@@ -792,12 +783,12 @@ class TestPoll:
         for _ in range(PollPolicy().unknown_grace - 1):
             w.api.poll_script.append(snap(RemoteStatus.UNKNOWN))
             assert step is not None
-            step = pipeline.poll(w.svc, JOB, step.version)
+            step = steps.poll(w.svc, JOB, step.version)
             assert step is not None and step.countdown == PollPolicy().running_interval
         assert w.job().unknown_polls == PollPolicy().unknown_grace - 1
         w.api.poll_script.append(snap(RemoteStatus.UNKNOWN))
         assert step is not None
-        assert pipeline.poll(w.svc, JOB, step.version) is None
+        assert steps.poll(w.svc, JOB, step.version) is None
         job = w.job()
         assert (job.state, job.error_code) == (JobState.FAILED, "RemoteTaskUnknown")
 
@@ -805,7 +796,7 @@ class TestPoll:
         """An undocumented status is recorded raw and polled at the slow interval."""
         step = submitted(w)
         w.api.poll_script.append(snap(RemoteStatus.UNKNOWN, raw="SUSPENDED"))
-        nxt = pipeline.poll(w.svc, JOB, step.version)
+        nxt = steps.poll(w.svc, JOB, step.version)
         assert nxt is not None and nxt.countdown == PollPolicy().pending_max
         job = w.job()
         assert (job.state, job.remote_status, job.unknown_polls) == (
@@ -818,30 +809,30 @@ class TestPoll:
         """A poll message from an older version neither asks DashScope nor changes the job."""
         step = submitted(w)
         w.api.poll_script.append(snap(RemoteStatus.PENDING))
-        nxt = pipeline.poll(w.svc, JOB, step.version)
+        nxt = steps.poll(w.svc, JOB, step.version)
         assert nxt is not None
         before = w.job()
-        assert pipeline.poll(w.svc, JOB, step.version) is None
+        assert steps.poll(w.svc, JOB, step.version) is None
         assert w.job() == before
         assert len(w.api.polls) == 1
 
     def test_not_submitted_ignored(self, w: World) -> None:
         """A poll for a job in another state, or an unknown job, does nothing."""
         step = queued(w)
-        assert pipeline.poll(w.svc, JOB, step.version) is None
-        assert pipeline.poll(w.svc, "nope", 1) is None
+        assert steps.poll(w.svc, JOB, step.version) is None
+        assert steps.poll(w.svc, "nope", 1) is None
         assert w.api.polls == []
 
     def test_transient_error_counts_and_retries(self, w: World) -> None:
         """A failed poll: poll again after the error backoff, poll_errors + 1, state unchanged."""
         step = submitted(w)
         w.api.poll_script.append(snap(RemoteStatus.RUNNING))
-        step2 = pipeline.poll(w.svc, JOB, step.version)
+        step2 = steps.poll(w.svc, JOB, step.version)
         assert step2 is not None
         w.api.poll_script.extend([DashScopeUnavailable("timeout"), DashScopeUnavailable("502")])
-        first = pipeline.poll(w.svc, JOB, step2.version)
+        first = steps.poll(w.svc, JOB, step2.version)
         assert first is not None
-        second = pipeline.poll(w.svc, JOB, first.version)
+        second = steps.poll(w.svc, JOB, first.version)
         job = w.job()
         assert second == Next("poll", JOB, job.version, 3.0)
         assert first.countdown == 1.5
@@ -853,7 +844,7 @@ class TestPoll:
         )
         w.api.poll_script.append(snap(RemoteStatus.RUNNING))
         assert second is not None
-        pipeline.poll(w.svc, JOB, second.version)
+        steps.poll(w.svc, JOB, second.version)
         assert w.job().poll_errors == 0  # consecutive errors only
 
     def test_transient_error_past_deadline_fails(self, w: World) -> None:
@@ -861,7 +852,7 @@ class TestPoll:
         step = submitted(w)
         w.clock.advance(PollPolicy().deadline)
         w.api.poll_script.append(DashScopeUnavailable("timeout"))
-        assert pipeline.poll(w.svc, JOB, step.version) is None
+        assert steps.poll(w.svc, JOB, step.version) is None
         job = w.job()
         assert (job.state, job.error_code) == (JobState.FAILED, "PollDeadlineExceeded")
         assert w.api.cancels == []
@@ -870,7 +861,7 @@ class TestPoll:
         """Even a 4xx on a query does not abandon a task that may be paid for: retry, show why."""
         step = submitted(w)
         w.api.poll_script.append(DashScopeRejected("bad key", code="InvalidApiKey"))
-        retry = pipeline.poll(w.svc, JOB, step.version)
+        retry = steps.poll(w.svc, JOB, step.version)
         assert retry is not None and retry.step == "poll"
         job = w.job()
         assert (job.state, job.error_code, job.poll_errors) == (
@@ -879,7 +870,7 @@ class TestPoll:
             1,
         )
         w.api.poll_script.append(snap(RemoteStatus.RUNNING))
-        pipeline.poll(w.svc, JOB, retry.version)
+        steps.poll(w.svc, JOB, retry.version)
         assert (w.job().error_code, w.job().poll_errors) == (None, 0)
 
     def test_deadline_while_pending_cancels_remote(self, w: World) -> None:
@@ -887,7 +878,7 @@ class TestPoll:
         step = submitted(w)
         w.clock.advance(PollPolicy().deadline)
         w.api.poll_script.append(snap(RemoteStatus.PENDING))
-        assert pipeline.poll(w.svc, JOB, step.version) is None
+        assert steps.poll(w.svc, JOB, step.version) is None
         job = w.job()
         assert (job.state, job.error_code, job.remote_status) == (
             JobState.FAILED,
@@ -901,7 +892,7 @@ class TestPoll:
         step = submitted(w)
         w.clock.advance(PollPolicy().deadline)
         w.api.poll_script.append(snap(RemoteStatus.RUNNING))
-        assert pipeline.poll(w.svc, JOB, step.version) is None
+        assert steps.poll(w.svc, JOB, step.version) is None
         assert w.job().state == JobState.FAILED
         assert w.api.cancels == []
 
@@ -911,7 +902,7 @@ class TestPoll:
         w.clock.advance(PollPolicy().deadline)
         w.api.poll_script.append(snap(RemoteStatus.PENDING))
         w.api.cancel_script.append(DashScopeUnavailable("503"))
-        assert pipeline.poll(w.svc, JOB, step.version) is None
+        assert steps.poll(w.svc, JOB, step.version) is None
         assert w.job().state == JobState.FAILED
         assert w.api.cancels == ["task-1"]
 
@@ -925,7 +916,7 @@ class TestCopy:
         step = copying(w)
         w.clock.advance(20)
         w.copier.script.append(StoredCopy("bkt", KEY, 4321, "f" * 64))
-        assert pipeline.copy(w.svc, JOB, step.version) is None
+        assert steps.copy(w.svc, JOB, step.version) is None
         job = w.job()
         assert job.state == JobState.STORED
         assert (job.s3_bucket, job.s3_key, job.bytes, job.sha256) == ("bkt", KEY, 4321, "f" * 64)
@@ -942,7 +933,7 @@ class TestCopy:
         """A transient failure schedules another copy after the backoff, then succeeds."""
         step = copying(w)
         w.copier.script.extend([SourceUnavailable("reset"), stored_copy(KEY)])
-        retry = pipeline.copy(w.svc, JOB, step.version)
+        retry = steps.copy(w.svc, JOB, step.version)
         job = w.job()
         delay = CopyPolicy().backoff.delay(1, lambda: 0.5)
         assert retry == Next("copy", JOB, job.version, delay)
@@ -954,7 +945,7 @@ class TestCopy:
         assert job.next_action_at == START + delay
         w.clock.advance(delay)
         assert retry is not None
-        assert pipeline.copy(w.svc, JOB, retry.version) is None
+        assert steps.copy(w.svc, JOB, retry.version) is None
         job = w.job()
         assert (job.state, job.copy_attempts, job.error_code) == (JobState.STORED, 2, None)
         assert job.copy_started_at == START  # the first attempt's start is kept
@@ -964,7 +955,7 @@ class TestCopy:
         """CopyMismatch (S3 holds another size) is retried like a transient error."""
         step = copying(w)
         w.copier.script.append(error)
-        retry = pipeline.copy(w.svc, JOB, step.version)
+        retry = steps.copy(w.svc, JOB, step.version)
         assert retry is not None and retry.step == "copy"
         assert w.job().state == JobState.COPYING
 
@@ -972,7 +963,7 @@ class TestCopy:
         """A 403 from the signed URL: EXPIRED."""
         step = copying(w)
         w.copier.script.append(SourceExpired("403"))
-        assert pipeline.copy(w.svc, JOB, step.version) is None
+        assert steps.copy(w.svc, JOB, step.version) is None
         job = w.job()
         assert (job.state, job.error_code) == (JobState.EXPIRED, "VideoUrlExpired")
 
@@ -980,7 +971,7 @@ class TestCopy:
         """A copy that starts after the URL's expiry ends EXPIRED without trying."""
         step = copying(w)
         w.clock.now = float(EXPIRES)
-        assert pipeline.copy(w.svc, JOB, step.version) is None
+        assert steps.copy(w.svc, JOB, step.version) is None
         assert w.job().state == JobState.EXPIRED
         assert w.copier.calls == []
 
@@ -988,7 +979,7 @@ class TestCopy:
         """A permanent failure: FAILED with its code."""
         step = copying(w)
         w.copier.script.append(SourceRejected("404 from the bucket"))
-        assert pipeline.copy(w.svc, JOB, step.version) is None
+        assert steps.copy(w.svc, JOB, step.version) is None
         job = w.job()
         assert (job.state, job.error_code, job.error_message) == (
             JobState.FAILED,
@@ -1007,37 +998,37 @@ class TestCopy:
         while w.clock.now < outage_ends:
             assert step is not None and step.step == "copy"
             w.copier.script.append(StorageUnavailable("503 Slow Down"))
-            step = pipeline.copy(w.svc, JOB, step.version)
+            step = steps.copy(w.svc, JOB, step.version)
             attempts += 1
             assert step is not None and step.countdown <= w.svc.copy.backoff.cap
             w.clock.advance(step.countdown)
         assert attempts > 20 and w.job().state == JobState.COPYING
         w.copier.script.append(stored_copy(KEY))
-        assert step is not None and pipeline.copy(w.svc, JOB, step.version) is None
+        assert step is not None and steps.copy(w.svc, JOB, step.version) is None
         assert w.job().state == JobState.STORED
 
     def test_an_interrupted_copy_is_sent_again_at_once(self, w: World) -> None:
         """The task's soft time limit: the copy goes on at once, at a new version (the stuck
         attempt's lease renewals are fenced off); a job no longer COPYING is left alone."""
         step = copying(w)
-        again = pipeline.copy_interrupted(w.svc, JOB)
+        again = steps.copy_interrupted(w.svc, JOB)
         assert again is not None and (again.step, again.countdown) == ("copy", 0)
         assert again.version > step.version
         w.copier.script.append(stored_copy(KEY))
-        assert pipeline.copy(w.svc, JOB, again.version) is None
-        assert pipeline.copy_interrupted(w.svc, JOB) is None  # STORED
+        assert steps.copy(w.svc, JOB, again.version) is None
+        assert steps.copy_interrupted(w.svc, JOB) is None  # STORED
 
     def test_a_paused_copy_goes_on_at_once_from_its_checkpoint(self, w: World) -> None:
         """A copy that used its time budget: sent again at once (no backoff), and the next
         attempt is handed the checkpoint; the record drops it once the video is stored."""
         step = copying(w)
         w.copier.script.append(CopyPaused("paused at byte 16 MiB", '{"upload_id": "u1"}'))
-        again = pipeline.copy(w.svc, JOB, step.version)
+        again = steps.copy(w.svc, JOB, step.version)
         assert again is not None and (again.step, again.countdown) == ("copy", 0)
         assert w.job().copy_checkpoint == '{"upload_id": "u1"}'
         assert w.job().error_code is None  # not a failure
         w.copier.script.append(stored_copy(KEY))
-        assert pipeline.copy(w.svc, JOB, again.version) is None
+        assert steps.copy(w.svc, JOB, again.version) is None
         assert w.copier.resumes == [None, '{"upload_id": "u1"}']
         job = w.job()
         assert (job.state, job.copy_checkpoint) == (JobState.STORED, None)
@@ -1055,7 +1046,7 @@ class TestCopy:
         w.copier.on_copy = saves_a_checkpoint
         while step is not None:
             w.copier.script.append(StorageUnavailable("503 Slow Down"))
-            step = pipeline.copy(w.svc, JOB, step.version)
+            step = steps.copy(w.svc, JOB, step.version)
             if step is not None:
                 w.clock.advance(step.countdown)
         job = w.job()
@@ -1074,11 +1065,11 @@ class TestCopy:
         w.copier.find = lambda key: looked.append(key) or find(key)  # type: ignore[method-assign]
         w.copier.script.append(SourceUnavailable("the worker died mid-copy"))
         assert step is not None
-        step = pipeline.copy(w.svc, JOB, step.version)
+        step = steps.copy(w.svc, JOB, step.version)
         assert looked == [] and len(w.copier.calls) == 1
         w.copier.objects[KEY] = stored_copy(KEY)  # what that attempt had stored and verified
         assert step is not None
-        assert pipeline.copy(w.svc, JOB, step.version) is None
+        assert steps.copy(w.svc, JOB, step.version) is None
         assert looked == [KEY] and len(w.copier.calls) == 1  # taken as is: no second download
         assert w.job().state == JobState.STORED
 
@@ -1086,17 +1077,17 @@ class TestCopy:
         """A copy message from an older version does nothing."""
         step = copying(w)
         w.copier.script.append(SourceUnavailable("reset"))
-        assert pipeline.copy(w.svc, JOB, step.version) is not None
+        assert steps.copy(w.svc, JOB, step.version) is not None
         before = w.job()
-        assert pipeline.copy(w.svc, JOB, step.version) is None
+        assert steps.copy(w.svc, JOB, step.version) is None
         assert w.job() == before
         assert len(w.copier.calls) == 1
 
     def test_not_copying_ignored(self, w: World) -> None:
         """A copy message for a job in another state, or an unknown job, does nothing."""
         step = submitted(w)
-        assert pipeline.copy(w.svc, JOB, step.version) is None
-        assert pipeline.copy(w.svc, "nope", 1) is None
+        assert steps.copy(w.svc, JOB, step.version) is None
+        assert steps.copy(w.svc, "nope", 1) is None
         assert w.copier.calls == []
         assert w.job().state == JobState.SUBMITTED
 
@@ -1110,7 +1101,7 @@ class TestCopy:
 
         w.copier.on_copy = expire_meanwhile
         w.copier.script.append(stored_copy(KEY))
-        assert pipeline.copy(w.svc, JOB, step.version) is None
+        assert steps.copy(w.svc, JOB, step.version) is None
         job = w.job()
         assert (job.state, job.s3_key) == (JobState.EXPIRED, None)
 
@@ -1130,14 +1121,14 @@ class TestWholeJob:
             ]
         )
         w.copier.script.append(stored_copy(KEY))
-        steps = {"submit": pipeline.submit, "poll": pipeline.poll, "copy": pipeline.copy}
-        pipeline.intake(w.svc, kwargs(), (), MSG)
+        by_name = {"submit": steps.submit, "poll": steps.poll, "copy": steps.copy}
+        steps.intake(w.svc, kwargs(), (), MSG)
         step: Next | None = woken(w)[0]
         trail = []
         while step is not None:
             trail.append(step.step)
             w.clock.advance(step.countdown)
-            step = steps[step.step](w.svc, step.job_id, step.version)
+            step = by_name[step.step](w.svc, step.job_id, step.version)
         assert trail == ["submit", "poll", "poll", "poll", "copy"]
         job = w.job()
         assert job.state == JobState.STORED
@@ -1148,9 +1139,9 @@ class TestWholeJob:
 class TestFinish:
     def test_refuses_an_illegal_move(self, w: World) -> None:
         """finish() will not move a job out of a final state."""
-        pipeline.intake(w.svc, kwargs(bogus=1), (), MSG)
+        steps.intake(w.svc, kwargs(bogus=1), (), MSG)
         job = w.job()
-        assert pipeline.finish(w.svc, job, Finish(JobState.FAILED, "X", "y")) is None
+        assert steps.finish(w.svc, job, Finish(JobState.FAILED, "X", "y")) is None
         assert w.job() == job
 
     def test_services_are_plain_data(self) -> None:

@@ -8,17 +8,17 @@ from typing import Any
 import pytest
 
 from config.celery_app import app
-from workers import routes
-from workers.client import AnimateQueue
+from workers.domain import routes
+from workers.domain.request import parse_request, parse_template_request
 from workers.errors import InvalidJobRequest
-from workers.jobs import parse_request, parse_template_request
+from workers.producer import AnimateQueue
 
 OK = {"image_url": "https://cdn.test/a.png", "template_id": "AACT.abc.def"}
 
 
 def test_every_task_of_ours_has_a_route_and_every_route_a_task() -> None:
     """Adding a task without a route (or a route to nothing) fails here, not in production."""
-    import workers.tasks  # noqa: F401  (registers the tasks)
+    import workers.entrypoints.celery.tasks  # noqa: F401  (registers the tasks)
 
     ours = {name for name in app.tasks if name.startswith("animate.")}
     assert ours == set(routes.ROUTES)

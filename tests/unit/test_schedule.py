@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-import workers.tasks as tasks
-from workers.pipeline import Next
-from workers.timers import Parked
+from workers.adapters.redis.timers import Parked
+from workers.entrypoints.celery import tasks as tasks
+from workers.steps.context import Next
 
 
 class Recorder:
@@ -87,15 +87,15 @@ def test_a_copy_that_hits_its_soft_time_limit_is_sent_again_at_once(
     watchdog."""
     from celery.exceptions import SoftTimeLimitExceeded
 
-    from workers import pipeline
+    from workers import steps
 
     def hangs(svc: Any, job_id: str, version: int) -> None:
         raise SoftTimeLimitExceeded()
 
-    monkeypatch.setattr(pipeline, "copy", hangs)
+    monkeypatch.setattr(steps, "copy", hangs)
     monkeypatch.setattr(tasks, "services", lambda: None)
     monkeypatch.setattr(
-        pipeline, "copy_interrupted", lambda svc, job_id: Next("copy", job_id, 9, 0, "shop")
+        steps, "copy_interrupted", lambda svc, job_id: Next("copy", job_id, 9, 0, "shop")
     )
     tasks.copy_job.run("j1", 8)
     assert [(name, args) for name, args, _ in recorder.sent] == [("animate.copy", ("j1", 9))]
@@ -106,7 +106,7 @@ def test_download_steps_end_before_the_watchdog_would_resume_them() -> None:
     PREPARING job would start another download beside it: each download step's hard time limit
     ends before its attempt's deadline (and the intake's before its RECEIVED deadline)."""
     from config.settings import load_settings
-    from workers import wiring
+    from workers import bootstrap as wiring
 
     settings = load_settings({"DASHSCOPE_API_KEY": "sk-test-limits", "S3_BUCKET": "b"})
     svc = wiring.build_services(settings)

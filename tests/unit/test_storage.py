@@ -1,4 +1,4 @@
-"""workers.storage without a network: the reader, the client factory, and S3Copier over fakes.
+"""workers.adapters.s3.storage without a network: the reader, the client factory, and S3Copier over fakes.
 
 The source is an ``httpx.MockTransport``; S3 is ``FakeS3``, which reads the body the way
 s3transfer's non-seekable path does (``read(threshold)``, then ``read(chunksize)`` until empty) and
@@ -19,7 +19,9 @@ import httpx
 import pytest
 from botocore.exceptions import ClientError, EndpointConnectionError, ReadTimeoutError
 
-from workers import storage
+from workers.adapters.s3 import storage
+from workers.adapters.s3.multipart import Checkpoint
+from workers.adapters.s3.storage import S3Copier, SourceReader, StoredObject, make_s3_client
 from workers.errors import (
     CopyMismatch,
     SourceExpired,
@@ -27,8 +29,6 @@ from workers.errors import (
     SourceUnavailable,
     StorageUnavailable,
 )
-from workers.multipart import Checkpoint
-from workers.storage import S3Copier, SourceReader, StoredObject, make_s3_client
 
 MiB = 1024 * 1024
 SIGNATURE = "c0ffee0123456789abcdef0123456789"

@@ -1,4 +1,4 @@
-"""workers.videos on real files: PyAV probes of generated clips, each template limit refused with
+"""workers.adapters.web.videos on real files: PyAV probes of generated clips, each template limit refused with
 its exact code, and the capped, guarded, hashed download through httpx.MockTransport."""
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ from PIL import Image
 
 from devstack.media import can_encode, make_image, make_video
 from emulator.media import pad_mp4
+from workers.adapters.web.guard import AddressGuard
+from workers.adapters.web.images import facts_from_header
+from workers.adapters.web.videos import HttpVideoProbe, VideoUnavailable, probe_file
+from workers.domain.media import VIDEO_MAX_BYTES, VideoFacts, check_image, check_template_video
 from workers.errors import InvalidJobRequest, TransientError
-from workers.guard import AddressGuard
-from workers.images import facts_from_header
-from workers.jobs import VIDEO_MAX_BYTES, VideoFacts, check_image, check_template_video
-from workers.videos import HttpVideoProbe, VideoUnavailable, probe_file
 
 ASSETS = Path(__file__).parents[2] / "devstack" / "assets"
 PUBLIC = "93.184.216.34"

@@ -6,11 +6,13 @@ from typing import Any
 
 import pytest
 
-from workers import pipeline
+from tests.fakes import FakeClock, FakeQueueWatch, make_services, stored_copy
+from workers import steps
+from workers.domain.decisions import RemoteSnapshot
+from workers.domain.states import JobState, RemoteStatus
+from workers.domain.templates import Detection
 from workers.errors import StaleStep
-from workers.jobs import Detection, JobState, RemoteSnapshot, RemoteStatus
-from workers.pipeline import Next, Services
-from workers.testing import FakeClock, FakeQueueWatch, make_services, stored_copy
+from workers.steps.context import Next, Services
 
 IMAGE = "https://img.test/person.png"
 TEMPLATE = "AACT.acct.1234-5678"
@@ -28,14 +30,12 @@ def died_mid_step(svc: Services, job_id: str) -> None:
     svc.store.take(job_id, job.version)
 
 
-def run(svc: Services, **kw: Any) -> pipeline.WatchdogReport:
-    return pipeline.watchdog(
-        svc, grace=30, max_resumes=kw.get("max_resumes", 3), accounts=["default"]
-    )
+def run(svc: Services, **kw: Any) -> steps.WatchdogReport:
+    return steps.watchdog(svc, grace=30, max_resumes=kw.get("max_resumes", 3), accounts=["default"])
 
 
 def submitted(svc: Services, job_id: str = "j1") -> Next:
-    pipeline.intake(
+    steps.intake(
         svc,
         {"image_url": IMAGE, "template_id": TEMPLATE, "job_id": job_id, "detect": False},
         (),
@@ -43,7 +43,7 @@ def submitted(svc: Services, job_id: str = "j1") -> Next:
     )
     (submit,) = [n for n in woken(svc) if n.job_id == job_id and n.step == "submit"]
     svc.api.submit_script.append(f"task-{job_id}")  # type: ignore[attr-defined]
-    step = pipeline.submit(svc, job_id, submit.version)
+    step = steps.submit(svc, job_id, submit.version)
     assert step is not None and step.step == "poll"
     return step
 
@@ -74,12 +74,12 @@ class TestWatchdog:
         assert (resume.step, resume.job_id, resume.countdown) == ("poll", "j1", 0)
         assert resume.version > step.version
         svc.api.poll_script.append(RemoteSnapshot(RemoteStatus.RUNNING, "RUNNING"))  # type: ignore[attr-defined]
-        assert pipeline.poll(svc, "j1", step.version) is None  # the original: stale
-        assert pipeline.poll(svc, "j1", resume.version) is not None
+        assert steps.poll(svc, "j1", step.version) is None  # the original: stale
+        assert steps.poll(svc, "j1", resume.version) is not None
 
     def test_submitting_resumes_submit(self, svc: Services) -> None:
         """A job stuck in SUBMITTING gets its submit step back (which reconciles first)."""
-        pipeline.intake(
+        steps.intake(
             svc,
             {"image_url": IMAGE, "template_id": TEMPLATE, "job_id": "j1", "detect": False},
             (),
@@ -97,7 +97,7 @@ class TestWatchdog:
     def test_a_step_that_kills_its_worker_before_payment_is_poison(self, svc: Services) -> None:
         """A detect step taken and never finished, max_resumes times in a row: FAILED
         PoisonJob, nothing paid (it would keep taking workers down)."""
-        pipeline.intake(svc, {"image_url": IMAGE, "template_id": TEMPLATE, "job_id": "j1"}, (), "m")
+        steps.intake(svc, {"image_url": IMAGE, "template_id": TEMPLATE, "job_id": "j1"}, (), "m")
         for _ in range(3):
             died_mid_step(svc, "j1")
             clock(svc).advance(100)
@@ -113,7 +113,7 @@ class TestWatchdog:
 
     def test_progress_resets_the_count(self, svc: Services) -> None:
         """Deaths count in a row: a step that finishes cleanly starts the count again."""
-        pipeline.intake(svc, {"image_url": IMAGE, "template_id": TEMPLATE, "job_id": "j1"}, (), "m")
+        steps.intake(svc, {"image_url": IMAGE, "template_id": TEMPLATE, "job_id": "j1"}, (), "m")
         for _ in range(2):
             died_mid_step(svc, "j1")
             clock(svc).advance(100)
@@ -121,14 +121,14 @@ class TestWatchdog:
         job = svc.store.get("j1")
         assert job is not None and job.resumes == 2
         svc.api.detect_script.append(Detection(True, "full"))  # type: ignore[attr-defined]
-        assert pipeline.detect(svc, "j1", woken(svc)[-1].version) is None  # done: QUEUED
+        assert steps.detect(svc, "j1", woken(svc)[-1].version) is None  # done: QUEUED
         job = svc.store.get("j1")
         assert job is not None and (job.state, job.resumes) == (JobState.QUEUED, 0)
 
     def test_unadmitted_queued_jobs_are_not_resumed(self, svc: Services) -> None:
         """Jobs waiting in our queue have no deadline: 10,000 of them cost the watchdog nothing."""
         svc.governor.capacity = 0  # type: ignore[attr-defined]
-        pipeline.intake(
+        steps.intake(
             svc,
             {"image_url": IMAGE, "template_id": TEMPLATE, "job_id": "q", "detect": False},
             (),
@@ -148,7 +148,7 @@ class TestCopyLease:
                 RemoteStatus.SUCCEEDED, "SUCCEEDED", video_url=VIDEO, end_time=clock(svc)()
             )
         )
-        copy_step = pipeline.poll(svc, "j1", step.version)
+        copy_step = steps.poll(svc, "j1", step.version)
         assert copy_step is not None and copy_step.step == "copy"
         outcome: list[str] = []
 
@@ -167,7 +167,7 @@ class TestCopyLease:
             return stored_copy(key)
 
         svc.copier.copy = copy_with_takeover  # type: ignore[method-assign]
-        assert pipeline.copy(svc, "j1", copy_step.version) is None
+        assert steps.copy(svc, "j1", copy_step.version) is None
         assert outcome == ["stale"]
         job = svc.store.get("j1")
         assert job is not None and job.state == JobState.COPYING  # the stale copy recorded nothing
@@ -185,9 +185,9 @@ def test_video_on_unexpected_host_is_not_fetched() -> None:
             end_time=clock(svc)(),
         )
     )
-    copy_step = pipeline.poll(svc, "j1", step.version)
+    copy_step = steps.poll(svc, "j1", step.version)
     assert copy_step is not None
-    assert pipeline.copy(svc, "j1", copy_step.version) is None
+    assert steps.copy(svc, "j1", copy_step.version) is None
     job = svc.store.get("j1")
     assert job is not None and (job.state, job.error_code) == (
         JobState.FAILED,
@@ -200,7 +200,7 @@ class TestCancel:
     def test_remote_pending_is_cancelled_at_dashscope(self, svc: Services) -> None:
         """A job queued at DashScope is cancelled there and ends CANCELED."""
         submitted(svc)
-        result = pipeline.cancel(svc, "j1")
+        result = steps.cancel(svc, "j1")
         assert result.outcome == "canceled"
         assert svc.api.cancels == ["task-j1"]  # type: ignore[attr-defined]
         job = svc.store.get("j1")
@@ -210,9 +210,9 @@ class TestCancel:
         """Running at DashScope: too late; by default the paid video is still stored."""
         step = submitted(svc)
         svc.api.poll_script.append(RemoteSnapshot(RemoteStatus.RUNNING, "RUNNING"))  # type: ignore[attr-defined]
-        step2 = pipeline.poll(svc, "j1", step.version)
+        step2 = steps.poll(svc, "j1", step.version)
         assert step2 is not None
-        assert pipeline.cancel(svc, "j1").outcome == "too_late"
+        assert steps.cancel(svc, "j1").outcome == "too_late"
         assert svc.api.cancels == []  # type: ignore[attr-defined]
         job = svc.store.get("j1")
         assert job is not None and job.cancel_requested
@@ -222,8 +222,8 @@ class TestCancel:
         svc = make_services(copy_after_late_cancel=False)
         step = submitted(svc)
         svc.api.poll_script.append(RemoteSnapshot(RemoteStatus.RUNNING, "RUNNING"))  # type: ignore[attr-defined]
-        step = pipeline.poll(svc, "j1", step.version) or step
-        pipeline.cancel(svc, "j1")
+        step = steps.poll(svc, "j1", step.version) or step
+        steps.cancel(svc, "j1")
         job = svc.store.get("j1")
         assert job is not None
         svc.api.poll_script.append(  # type: ignore[attr-defined]
@@ -231,7 +231,7 @@ class TestCancel:
                 RemoteStatus.SUCCEEDED, "SUCCEEDED", video_url=VIDEO, end_time=clock(svc)()
             )
         )
-        assert pipeline.poll(svc, "j1", job.version) is None
+        assert steps.poll(svc, "j1", job.version) is None
         job = svc.store.get("j1")
         assert job is not None and (job.state, job.error_code) == (
             JobState.CANCELED,
@@ -244,7 +244,7 @@ def test_copy_progress_reaches_the_job() -> None:
     """The reader's heartbeat reports bytes so far; the lease renewal records them on the job."""
     import io
 
-    from workers.storage import SourceReader
+    from workers.adapters.s3.storage import SourceReader
 
     counts: list[int] = []
     chunks = iter([b"a" * 10, b"b" * 20, b"c" * 5])
@@ -258,7 +258,7 @@ def test_copy_progress_reaches_the_job() -> None:
     svc.api.poll_script.append(  # type: ignore[attr-defined]
         RemoteSnapshot(RemoteStatus.SUCCEEDED, "SUCCEEDED", video_url=VIDEO, end_time=clock(svc)())
     )
-    copy_step = pipeline.poll(svc, "j1", step.version)
+    copy_step = steps.poll(svc, "j1", step.version)
     assert copy_step is not None
     seen: list[int | None] = []
 
@@ -269,7 +269,7 @@ def test_copy_progress_reaches_the_job() -> None:
         return stored_copy(key)
 
     svc.copier.copy = copy  # type: ignore[method-assign]
-    pipeline.copy(svc, "j1", copy_step.version)
+    steps.copy(svc, "j1", copy_step.version)
     assert seen == [1234]
 
 
@@ -279,7 +279,7 @@ def copying(svc: Services, video: str = VIDEO) -> Next:
     svc.api.poll_script.append(  # type: ignore[attr-defined]
         RemoteSnapshot(RemoteStatus.SUCCEEDED, "SUCCEEDED", video_url=video, end_time=clock(svc)())
     )
-    copy_step = pipeline.poll(svc, "j1", step.version)
+    copy_step = steps.poll(svc, "j1", step.version)
     assert copy_step is not None and copy_step.step == "copy"
     return copy_step
 
@@ -314,7 +314,7 @@ class TestBacklogIsNotACrash:
         )
         queues.states["transfer"] = (1, 0.0)  # the pool is back and takes the message
         svc.copier.script.append(stored_copy("videos/j1.mp4"))  # type: ignore[attr-defined]
-        assert pipeline.copy(svc, "j1", step.version) is None
+        assert steps.copy(svc, "j1", step.version) is None
         job = svc.store.get("j1")
         assert job is not None and job.state == JobState.STORED
         assert len(svc.copier.calls) == 1  # type: ignore[attr-defined]
@@ -360,7 +360,7 @@ class TestPaidJobsAreNeverPoisoned:
         while clock(svc).advance(latest.countdown) < job.video_expires_at:
             svc.copier.script.append(WorkerDied())  # type: ignore[attr-defined]
             with pytest.raises(WorkerDied):
-                pipeline.copy(svc, "j1", latest.version)
+                steps.copy(svc, "j1", latest.version)
             clock(svc).advance(svc.copy.lease_seconds + 31)
             report = run(svc, max_resumes=2)
             assert report.poisoned == []
@@ -372,7 +372,7 @@ class TestPaidJobsAreNeverPoisoned:
             if len(delays) > 2000:
                 raise AssertionError("no end in sight")
         assert max(delays) <= svc.copy.backoff.cap and delays[-1] > delays[0]
-        pipeline.copy(svc, "j1", latest.version)
+        steps.copy(svc, "j1", latest.version)
         current = svc.store.get("j1")
         assert current is not None
         assert (current.state, current.error_code) == (JobState.EXPIRED, "VideoUrlExpired")
@@ -407,7 +407,7 @@ def test_a_crash_right_after_admission_leaves_nothing_stuck() -> None:
 
     svc.wake = dies
     with pytest.raises(WorkerDied):
-        pipeline.intake(
+        steps.intake(
             svc,
             {"image_url": IMAGE, "template_id": TEMPLATE, "job_id": "j1", "detect": False},
             (),
@@ -421,7 +421,7 @@ def test_a_crash_right_after_admission_leaves_nothing_stuck() -> None:
     assert run(svc).resumed == ["j1"]
     [submit] = sent
     svc.api.submit_script.append("task-j1")  # type: ignore[attr-defined]
-    assert pipeline.submit(svc, "j1", submit.version) is not None
+    assert steps.submit(svc, "j1", submit.version) is not None
     assert svc.store.get("j1").state == JobState.SUBMITTED  # type: ignore[union-attr]
 
 
@@ -429,7 +429,7 @@ def test_a_worker_killed_mid_intake_leaves_a_job_the_watchdog_finds() -> None:
     """The record exists from intake's first write, RECEIVED with a deadline: the worker dying
     while the image is fetched leaves a job the watchdog has checked again (animate.validate);
     nothing was sent before that check passed."""
-    from workers.testing import FakeImageProbe
+    from tests.fakes import FakeImageProbe
 
     class DiesOnce(FakeImageProbe):
         def probe(self, url: str, *, trusted: bool = False) -> Any:
@@ -440,7 +440,7 @@ def test_a_worker_killed_mid_intake_leaves_a_job_the_watchdog_finds() -> None:
 
     svc = make_services(images=DiesOnce())
     with pytest.raises(WorkerDied):
-        pipeline.intake(svc, {"image_url": IMAGE, "template_id": TEMPLATE, "job_id": "j1"}, (), "m")
+        steps.intake(svc, {"image_url": IMAGE, "template_id": TEMPLATE, "job_id": "j1"}, (), "m")
     job = svc.store.get("j1")
     assert job is not None and job.state == JobState.RECEIVED and job.next_action_at is not None
     assert svc.store.due(clock(svc)() + svc.intake_seconds) == ["j1"]
@@ -448,7 +448,7 @@ def test_a_worker_killed_mid_intake_leaves_a_job_the_watchdog_finds() -> None:
     assert run(svc).resumed == ["j1"]
     resume = woken(svc)[-1]
     assert resume.step == "validate"
-    assert pipeline.validate(svc, "j1", resume.version) is None
+    assert steps.validate(svc, "j1", resume.version) is None
     job = svc.store.get("j1")
     assert job is not None and job.state == JobState.DETECTING  # checked, on its way
     assert woken(svc)[-1].step == "detect"
@@ -459,8 +459,8 @@ def test_a_received_job_can_be_cancelled_for_free() -> None:
     svc = make_services()
     svc.images.facts = WorkerDied()  # type: ignore[attr-defined]
     with pytest.raises(WorkerDied):
-        pipeline.intake(svc, {"image_url": IMAGE, "template_id": TEMPLATE, "job_id": "j1"}, (), "m")
-    assert pipeline.cancel(svc, "j1").outcome == "canceled"
+        steps.intake(svc, {"image_url": IMAGE, "template_id": TEMPLATE, "job_id": "j1"}, (), "m")
+    assert steps.cancel(svc, "j1").outcome == "canceled"
     assert svc.store.get("j1").state == JobState.CANCELED  # type: ignore[union-attr]
 
 
@@ -469,7 +469,7 @@ def test_a_queued_job_left_out_of_its_lane_is_put_back() -> None:
     the move and the enqueue) is put back when the watchdog looks, and goes on."""
     svc = make_services()
     svc.governor.capacity = 0  # type: ignore[attr-defined]
-    pipeline.intake(
+    steps.intake(
         svc, {"image_url": IMAGE, "template_id": TEMPLATE, "job_id": "j1", "detect": False}, (), "m"
     )
     job = svc.store.get("j1")
@@ -507,7 +507,7 @@ class TestDeliveries:
         copy_step = copying(svc)
         svc.copier.script.append(stored_copy("videos/j1.mp4"))  # type: ignore[attr-defined]
         with pytest.raises(WorkerDied):
-            pipeline.copy(svc, "j1", copy_step.version)
+            steps.copy(svc, "j1", copy_step.version)
         job = svc.store.get("j1")
         assert job is not None and job.state == JobState.STORED  # the video is safe
         assert (job.delivery, job.published) == ("pending", False) and published == []
@@ -515,7 +515,7 @@ class TestDeliveries:
         assert run(svc).resumed == ["j1"]
         deliver = woken(svc)[-1]
         assert deliver.step == "deliver"
-        assert pipeline.deliver(svc, "j1", deliver.version) is None
+        assert steps.deliver(svc, "j1", deliver.version) is None
         job = svc.store.get("j1")
         assert job is not None and (job.delivery, job.published) == (None, True)
         assert published == ["j1"]
@@ -535,14 +535,14 @@ class TestDeliveries:
                     raise TransientError("503", code="WebhookUnavailable")
 
         svc = make_services(webhooks=Hooks(), queues=FakeQueueWatch({"transfer": (1, 0.0)}))
-        pipeline.intake(
+        steps.intake(
             svc,
             {"image_url": IMAGE, "template_id": TEMPLATE, "job_id": "j1", "detect": False,
              "webhook_url": "https://hooks.test/h"},
             (),
             "m",
         )  # fmt: skip
-        pipeline.cancel(svc, "j1")  # final: CANCELED, its webhook due
+        steps.cancel(svc, "j1")  # final: CANCELED, its webhook due
         job = svc.store.get("j1")
         assert job is not None and job.state == JobState.CANCELED
         assert (job.delivery, job.webhook_state, sent) == ("pending", "pending", ["msg_j1"])
@@ -551,7 +551,7 @@ class TestDeliveries:
         clock(svc).advance(retry.countdown + 60)  # the retry's message was lost
         assert run(svc).resumed == ["j1"]
         again = woken(svc)[-1]
-        assert pipeline.deliver(svc, "j1", again.version) is None
+        assert steps.deliver(svc, "j1", again.version) is None
         job = svc.store.get("j1")
         assert job is not None and (job.delivery, job.webhook_state) == (None, "delivered")
         assert sent == ["msg_j1", "msg_j1"]  # the same id: the receiver's key to deduplicate

@@ -7,34 +7,29 @@ from typing import Any
 
 import pytest
 
-from workers import pipeline
-from workers.errors import DashScopeRejected, DashScopeUnavailable, InvalidJobRequest
-from workers.jobs import (
-    Detection,
-    DetectPolicy,
-    ImageFacts,
-    Job,
-    JobKind,
-    JobState,
-    PollPolicy,
-    RemoteSnapshot,
-    RemoteStatus,
-    VideoFacts,
-    template_job_id,
-)
-from workers.pipeline import Next, Services
-from workers.testing import (
+from tests.fakes import (
     VALID_VIDEO,
     FakeClock,
     FakeCopier,
     FakeImageProbe,
     FakeVideoApi,
     FakeVideoProbe,
-    InMemoryGovernor,
-    InMemoryJobStore,
     make_services,
     stored_copy,
 )
+from workers import steps
+from workers.adapters.memory.governor import InMemoryGovernor
+from workers.adapters.memory.store import InMemoryJobStore
+from workers.domain.decisions import RemoteSnapshot
+from workers.domain.job import Job
+from workers.domain.media import ImageFacts, VideoFacts
+from workers.domain.policies import DetectPolicy, PollPolicy, PreparePolicy
+from workers.domain.request import JobKind
+from workers.domain.states import JobState, RemoteStatus
+from workers.domain.templates import Detection, template_job_id
+from workers.errors import DashScopeRejected, DashScopeUnavailable, InvalidJobRequest
+from workers.steps.context import Next, Services
+from workers.steps.intake import _probe_image
 
 IMAGE = "https://img.test/person.png"
 DANCE = "https://cdn.test/dance.mp4"
@@ -67,13 +62,13 @@ class World:
         assert job is not None
         return job
 
-    def run(self, steps: int | None = None) -> None:
-        """Run the wake-ups the use cases ask for, in order: ``steps`` of them, or until none is
+    def run(self, count: int | None = None) -> None:
+        """Run the wake-ups the use cases ask for, in order: ``count`` of them, or until none is
         left, or until the next one would need a remote answer the test did not script."""
-        handlers = {"detect": pipeline.detect, "prepare": pipeline.prepare,
-                 "submit": pipeline.submit, "poll": pipeline.poll, "copy": pipeline.copy,
-                 "webhook": pipeline.deliver_webhook}  # fmt: skip
-        for _ in range(steps or 50):
+        handlers = {"detect": steps.detect, "prepare": steps.prepare,
+                 "submit": steps.submit, "poll": steps.poll, "copy": steps.copy,
+                 "webhook": steps.deliver_webhook}  # fmt: skip
+        for _ in range(count or 50):
             if not self.woken:
                 return
             step = self.woken.pop(0)
@@ -86,11 +81,11 @@ class World:
                 return
             if nxt is not None:
                 self.woken.append(nxt)
-        if steps is None:
+        if count is None:
             raise RuntimeError("the jobs did not settle")
 
-    def generate(self, job_id: str, **kwargs: Any) -> pipeline.IntakeResult:
-        return pipeline.intake(
+    def generate(self, job_id: str, **kwargs: Any) -> steps.IntakeResult:
+        return steps.intake(
             self.svc, {"image_url": IMAGE, "job_id": job_id, **kwargs}, (), "m-" + job_id
         )
 
@@ -121,7 +116,7 @@ class TestDetect:
         # The same image again (same content hash): no second check is billed.
         w.generate("j2", template_id="AACT.x.1")
         step = next(n for n in w.woken if n.job_id == "j2")
-        pipeline.detect(w.svc, "j2", step.version)
+        steps.detect(w.svc, "j2", step.version)
         second = w.job("j2")
         assert second.detect_cached and second.detect_attempts == 0
         assert w.api.detects == [IMAGE]
@@ -182,15 +177,15 @@ class TestDetect:
         w = World()
         w.store.claim_detection("default", "ee" * 32, "other-job", 60)
         w.svc.images = type(w.svc.images)(  # an image whose hash another job is checking
-            pipeline.ImageFacts("PNG", 1000, 500, 800, "ee" * 32)
+            ImageFacts("PNG", 1000, 500, 800, "ee" * 32)
         )
         w.generate("j1", template_id="AACT.x.1")
         step = w.woken.pop()
-        again = pipeline.detect(w.svc, step.job_id, step.version)
+        again = steps.detect(w.svc, step.job_id, step.version)
         assert again is not None and again.step == "detect" and 1 <= again.countdown <= 2
         assert w.api.detects == []
         w.store.save_detection("default", "ee" * 32, PASS, 60)  # the other job's answer lands
-        assert pipeline.detect(w.svc, "j1", again.version) is None
+        assert steps.detect(w.svc, "j1", again.version) is None
         assert w.job("j1").detect_cached and w.job("j1").state == JobState.QUEUED
 
 
@@ -262,7 +257,7 @@ class TestTemplates:
         assert w.api.template_submits == [] and w.api.submits == []
 
     def test_unreachable_video_is_retried_then_failed(self) -> None:
-        w = World(prepare=pipeline.PreparePolicy(max_attempts=2))
+        w = World(prepare=PreparePolicy(max_attempts=2))
         w.videos.script.extend([DashScopeUnavailable("503")] * 2)
         w.generate("j1", video_url=DANCE, detect=False)
         w.run()
@@ -333,7 +328,7 @@ class TestTemplates:
         w = World()
         w.api.submit_script.append("tpl-task")
         w.api.poll_script.append(template_done())
-        result = pipeline.intake(w.svc, {"video_url": DANCE, "job_id": "t1"}, (), "m",
+        result = steps.intake(w.svc, {"video_url": DANCE, "job_id": "t1"}, (), "m",
                                  JobKind.TEMPLATE)  # fmt: skip
         assert result.state == JobState.PREPARING
         w.run()
@@ -341,7 +336,7 @@ class TestTemplates:
         assert (job.state, job.template_id, job.kind) == (JobState.READY, "AACT.default.t1",
                                                            "template")  # fmt: skip
         # Asked again for the same video: READY at once with the same template, nothing paid.
-        pipeline.intake(w.svc, {"video_url": DANCE, "job_id": "t2"}, (), "m2", JobKind.TEMPLATE)
+        steps.intake(w.svc, {"video_url": DANCE, "job_id": "t2"}, (), "m2", JobKind.TEMPLATE)
         w.run()
         again = w.job("t2")
         assert (again.state, again.template_id, again.template_reused) == (
@@ -354,7 +349,7 @@ class TestTemplates:
         w.generate("v1", template_id="AACT.x.1", detect=False)  # takes the video slot
         w.generate("j1", video_url=DANCE, detect=False)
         step = next(n for n in w.woken if n.job_id == "j1")
-        assert pipeline.prepare(w.svc, "j1", step.version) is None
+        assert steps.prepare(w.svc, "j1", step.version) is None
         maker_id = template_job_id("default", SHA, 1)
         assert w.governor.inflight("default") == ["v1"]
         assert w.governor.inflight("default:template") == [maker_id]
@@ -364,15 +359,15 @@ class TestCancelAndWatchdog:
     def test_cancel_while_detecting_or_preparing_is_free(self) -> None:
         w = World()
         w.generate("j1", template_id="AACT.x.1")
-        assert pipeline.cancel(w.svc, "j1").outcome == "canceled"
+        assert steps.cancel(w.svc, "j1").outcome == "canceled"
         w.generate("j2", video_url=DANCE, detect=False)
         w.run(2)  # waiting for its template job
         assert w.job("j2").state == JobState.PREPARING
-        assert pipeline.cancel(w.svc, "j2").outcome == "canceled"
+        assert steps.cancel(w.svc, "j2").outcome == "canceled"
         assert w.job(template_job_id("default", SHA, 1)).state == JobState.QUEUED  # goes on
 
     def test_lost_wake_up_of_a_waiting_job_is_recovered(self) -> None:
-        w = World(prepare=pipeline.PreparePolicy(recheck_seconds=600))
+        w = World(prepare=PreparePolicy(recheck_seconds=600))
         w.api.submit_script.extend(["tpl-task", "vid-task"])
         w.generate("j1", video_url=DANCE, detect=False)
         w.run(3)
@@ -382,19 +377,19 @@ class TestCancelAndWatchdog:
         poll = next(n for n in w.woken if n.step == "poll")
         w.woken.clear()
         w.svc.wake = lambda step: None
-        pipeline.poll(w.svc, maker_id, poll.version)
+        steps.poll(w.svc, maker_id, poll.version)
         assert w.job(maker_id).state == JobState.READY and w.job("j1").state == JobState.PREPARING
         woken: list[Next] = []
         w.svc.wake = woken.append
         w.clock.advance(600 + 31)
-        report = pipeline.watchdog(w.svc, grace=30, max_resumes=3, accounts=["default"])
+        report = steps.watchdog(w.svc, grace=30, max_resumes=3, accounts=["default"])
         assert report.resumed == ["j1"]
-        assert pipeline.prepare(w.svc, "j1", woken[0].version) is None
+        assert steps.prepare(w.svc, "j1", woken[0].version) is None
         assert w.job("j1").state == JobState.QUEUED
 
     def test_a_long_wait_is_not_poison(self) -> None:
         """Re-checks of a job whose template is still being made reset the resume count."""
-        w = World(prepare=pipeline.PreparePolicy(recheck_seconds=60),
+        w = World(prepare=PreparePolicy(recheck_seconds=60),
                   poll=PollPolicy(first_delay=1, running_interval=300))  # fmt: skip
         w.api.submit_script.append("tpl-task")
         w.generate("j1", video_url=DANCE, detect=False)
@@ -402,7 +397,7 @@ class TestCancelAndWatchdog:
         for _ in range(6):  # the template job runs for a long time (and is polled meanwhile)
             w.clock.advance(60 + 31)
             w.api.poll_script.append(RemoteSnapshot(RemoteStatus.RUNNING, "RUNNING"))
-            pipeline.watchdog(w.svc, grace=30, max_resumes=2, accounts=[])
+            steps.watchdog(w.svc, grace=30, max_resumes=2, accounts=[])
             assert any(n.job_id == "j1" for n in w.woken), "the watchdog re-checks the waiter"
             w.run()
             assert w.job("j1").state == JobState.PREPARING, w.job("j1").error_message
@@ -421,14 +416,14 @@ def test_unreachable_image_at_intake_is_rejected() -> None:
     w.generate("j1", template_id="AACT.x.1")
     assert w.job("j1").error_code == "InvalidImage.Unreachable"
     with pytest.raises(InvalidJobRequest):
-        pipeline._probe_image(w.svc, w.job("j1").request)
+        _probe_image(w.svc, w.job("j1").request)
 
 
 class Recorder:
     """Metrics checked against the exporter's definitions, and kept for assertions."""
 
     def __init__(self) -> None:
-        from workers.metrics import NoMetrics
+        from workers.adapters.redis.metrics import NoMetrics
 
         self.check = NoMetrics()
         self.seen: list[tuple[str, float, dict[str, str]]] = []

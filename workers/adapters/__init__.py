@@ -1,0 +1,1 @@
+"""The adapters: each implements a port (workers/ports.py) on one technology."""

@@ -1,0 +1,1 @@
+"""DashScope: the HTTP client of the task API, and its fitting to the VideoApi port."""

@@ -1,0 +1,174 @@
+"""The DashScope client fitted to the VideoApi port (core types in and out)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from datetime import UTC, datetime
+
+import httpx
+
+from workers.adapters.dashscope.client import DashScopeClient, RemoteTask, VideoRequest
+from workers.domain.decisions import RemoteSnapshot
+from workers.domain.request import JobKind, JobRequest
+from workers.domain.templates import Detection
+from workers.errors import (
+    DashScopeBadResponse,
+    DashScopeRejected,
+    DashScopeThrottled,
+    DashScopeUnavailable,
+    DashScopeUncertain,
+    TransientError,
+    WorkerError,
+)
+from workers.ports import Metrics
+
+# Errors raised after the request left us: DashScope may have acted on it. (Connect errors and
+# a full pool mean nothing was sent.)
+_AMBIGUOUS = (httpx.ReadTimeout, httpx.WriteTimeout, httpx.ReadError, httpx.WriteError,
+              httpx.RemoteProtocolError, httpx.DecodingError)  # fmt: skip
+
+
+MAX_LIST_PAGES = 50  # 5,000 tasks in one submit's window: more means something else is wrong
+
+
+@contextmanager
+def _uncertain_when_unanswered() -> Iterator[None]:
+    """A submit's errors that leave open whether DashScope created the (paid) task become
+    :class:`DashScopeUncertain`: transport errors after sending, 5xx and 408 answers (a gateway
+    may have forwarded it), and a 200 we cannot read. 429 and other 4xx stay what they are:
+    DashScope documents that nothing was done."""
+    try:
+        yield
+    except DashScopeThrottled:
+        raise
+    except DashScopeUnavailable as exc:
+        cause = exc.__cause__
+        if cause is None or isinstance(cause, _AMBIGUOUS):  # an HTTP 5xx/408, or sent and lost
+            raise DashScopeUncertain(exc.message, code=exc.code) from exc
+        raise
+    except DashScopeBadResponse as exc:
+        raise DashScopeUncertain(
+            f"{exc.message} (the answer to a submit: a task may exist)", code=exc.code
+        ) from exc
+
+
+class DashScopeVideoApi:
+    """The pipeline's ``VideoApi`` over one :class:`DashScopeClient` per account."""
+
+    def __init__(
+        self,
+        clients: Mapping[str, DashScopeClient],
+        model: str,
+        *,
+        template_model: str = "animate-anyone-template-gen2",
+        detect_model: str = "animate-anyone-detect-gen2",
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.metrics = metrics
+        self.clients = dict(clients)
+        self.model = model
+        self.template_model = template_model
+        self.detect_model = detect_model
+
+    def model_for(self, kind: str) -> str:
+        """The model name behind a step: ``video``, ``template`` or ``detect``."""
+        return {"template": self.template_model, "detect": self.detect_model}.get(kind, self.model)
+
+    @contextmanager
+    def _counted(self, op: str, account: str) -> Iterator[None]:
+        """Count DashScope's refusals and failures by code (429s also on their own)."""
+        try:
+            yield
+        except WorkerError as exc:
+            if self.metrics is not None:
+                self.metrics.inc("remote_errors_total", account=account, op=op, code=exc.code)
+                if isinstance(exc, DashScopeThrottled):
+                    self.metrics.inc("throttled_total", account=account, op=op)
+            raise
+
+    def _client(self, account: str) -> DashScopeClient:
+        try:
+            return self.clients[account]
+        except KeyError:
+            raise DashScopeRejected(
+                f"account {account!r} is not configured on this worker", code="UnknownAccount"
+            ) from None
+
+    def submit(self, account: str, request: JobRequest) -> str:
+        with self._counted("submit", account), _uncertain_when_unanswered():
+            submitted = self._client(account).submit_video(
+                VideoRequest(
+                    image_url=request.image_url,
+                    template_id=request.template_id,
+                    use_ref_img_bg=request.use_ref_img_bg,
+                    video_ratio=request.video_ratio,
+                )
+            )
+            return submitted.task_id
+
+    def submit_template(self, account: str, video_url: str) -> str:
+        with self._counted("template", account), _uncertain_when_unanswered():
+            submitted = self._client(account).submit_async(
+                "aa-template-generation", self.template_model, {"video_url": video_url}
+            )
+            return submitted.task_id
+
+    def detect(self, account: str, image_url: str) -> Detection:
+        with self._counted("detect", account):
+            output = self._client(account).detect(image_url, model=self.detect_model)
+            bodystyle, reason = output.get("bodystyle"), output.get("reason")
+            return Detection(
+                check_pass=bool(output["check_pass"]),
+                bodystyle=bodystyle if isinstance(bodystyle, str) and bodystyle else None,
+                reason=reason if isinstance(reason, str) and reason else None,
+            )
+
+    def upload(self, account: str, kind: str, filename: str, data: bytes) -> str:
+        """DashScope's temporary storage (docs §7): an oss:// URL for one account and model."""
+        with self._counted("upload", account):
+            return self._client(account).upload(self.model_for(kind), filename, data)
+
+    def submit_is_ambiguous(self, exc: TransientError) -> bool:
+        return isinstance(exc, DashScopeUncertain)
+
+    def poll(self, account: str, task_id: str) -> RemoteSnapshot:
+        with self._counted("query", account):
+            return snapshot(self._client(account).get_task(task_id))
+
+    def cancel(self, account: str, task_id: str) -> None:
+        with self._counted("cancel", account):
+            self._client(account).cancel_task(task_id)
+
+    def recent_tasks(
+        self, account: str, since: float, until: float, kind: str = JobKind.VIDEO
+    ) -> list[str]:
+        """Every task of the account for the kind's model created in [since, until]: every
+        page is read (a busy account's window may hold more than one)."""
+        ids: list[str] = []
+        with self._counted("list", account):
+            for page_no in range(1, MAX_LIST_PAGES + 1):
+                page = self._client(account).list_tasks(
+                    start=datetime.fromtimestamp(since, UTC),
+                    end=datetime.fromtimestamp(until, UTC),
+                    model=self.model_for(kind),
+                    page_no=page_no,
+                    page_size=100,
+                )
+                ids += [item.task_id for item in page.items]
+                if not page.items or page_no >= page.total_page:
+                    return ids
+        raise DashScopeUnavailable(f"list: more than {MAX_LIST_PAGES} pages of tasks in the window")
+
+
+def snapshot(task: RemoteTask) -> RemoteSnapshot:
+    return RemoteSnapshot(
+        status=task.status,
+        raw_status=task.raw_status,
+        video_url=task.video_url,
+        video_duration=task.video_duration,
+        end_time=task.end_time.timestamp() if task.end_time else None,
+        code=task.code,
+        message=task.message,
+        template_id=task.template_id,
+    )

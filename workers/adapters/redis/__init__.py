@@ -1,0 +1,1 @@
+"""Redis: the job store, the governor (quotas and admission), timers, queue sampling, metrics."""

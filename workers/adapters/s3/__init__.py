@@ -1,0 +1,1 @@
+"""S3: the resumable copier, input uploads and presigned URLs."""

@@ -1,0 +1,1 @@
+"""The web: the address guard, pinned downloads with deadlines, media probes, webhooks."""

@@ -1,0 +1,239 @@
+"""The composition root: build the pipeline's services from settings, once per worker process.
+
+Clients are made lazily after the prefork fork (never at import), so no socket is shared between
+processes.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING
+
+import httpx
+import redis
+
+from config.settings import Settings, get_settings
+from workers.adapters.dashscope.api import DashScopeVideoApi
+from workers.adapters.dashscope.client import DashScopeClient
+from workers.adapters.redis.broker import BrokerQueues
+from workers.adapters.redis.governor import RedisGovernor
+from workers.adapters.redis.metrics import RedisMetrics
+from workers.adapters.redis.queues import RedisQueues
+from workers.adapters.redis.store import RedisClock, RedisJobStore
+from workers.adapters.s3.bucket_inputs import BucketInputs
+from workers.adapters.s3.copier import S3CopierPort
+from workers.adapters.s3.inputs import S3Inputs
+from workers.adapters.s3.storage import S3Copier, make_s3_client
+from workers.adapters.web.guard import AddressGuard
+from workers.adapters.web.images import HttpImageProbe
+from workers.adapters.web.videos import HttpVideoProbe
+from workers.adapters.web.webhooks import HttpWebhooks
+from workers.domain.policies import (
+    Backoff,
+    CopyPolicy,
+    DetectPolicy,
+    PollPolicy,
+    PreparePolicy,
+    SubmitPolicy,
+    WebhookPolicy,
+)
+from workers.steps.context import Services
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3.client import S3Client
+
+_lock = threading.Lock()
+_services: Services | None = None
+
+
+def redis_client(settings: Settings) -> redis.Redis:
+    return redis.Redis.from_url(
+        settings.redis_url, socket_timeout=10, socket_connect_timeout=5, health_check_interval=30
+    )
+
+
+def broker_redis(settings: Settings) -> redis.Redis | None:
+    """A client of the broker's Redis when it is not the job store's (None: the same one)."""
+    url = settings.broker_url
+    if url == settings.redis_url or not url.startswith(("redis://", "rediss://", "unix://")):
+        return None
+    return redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5)
+
+
+def s3_client(settings: Settings) -> S3Client:
+    """The S3 client every process of ours uses, as the settings describe it."""
+    return make_s3_client(
+        endpoint_url=settings.aws_endpoint_url,
+        region=settings.aws_default_region,
+        checksum_calculation=settings.aws_request_checksum_calculation,
+        checksum_validation=settings.aws_response_checksum_validation,
+        addressing_style=settings.s3_addressing_style,
+    )
+
+
+def job_store(settings: Settings, metrics: RedisMetrics | None = None) -> RedisJobStore:
+    return RedisJobStore(
+        redis_client(settings),
+        prefix=settings.key_prefix,
+        final_ttl=settings.job_retention_seconds,
+        metrics=metrics,
+    )
+
+
+def governor(settings: Settings) -> RedisGovernor:
+    return RedisGovernor(
+        redis_client(settings),
+        prefix=settings.key_prefix,
+        model=settings.dashscope_model,
+        rates={
+            "submit": settings.dashscope_submit_rate,
+            "query": settings.dashscope_query_rate,
+            "detect": settings.dashscope_detect_rate,
+            "template": settings.dashscope_submit_rate,
+        },
+        capacity=settings.dashscope_concurrency + settings.admission_lookahead,
+    )
+
+
+def build_services(settings: Settings) -> Services:
+    settings.require_worker()
+    assert settings.s3_bucket is not None
+    metrics = RedisMetrics(redis_client(settings), settings.key_prefix)
+    api_http = httpx.Client(
+        timeout=httpx.Timeout(
+            settings.dashscope_read_timeout, connect=settings.dashscope_connect_timeout
+        )
+    )
+    clients = {
+        account: DashScopeClient(
+            api_http,
+            api_key=key,
+            base_url=settings.dashscope_base_url,
+            model=settings.dashscope_model,
+            endpoint=settings.dashscope_endpoint,
+        )
+        for account, key in settings.accounts().items()
+    }
+    download = httpx.Client(
+        timeout=httpx.Timeout(settings.copy_read_timeout, connect=10.0), follow_redirects=True
+    )
+    s3 = s3_client(settings)
+    copier = S3Copier(
+        s3,
+        download,
+        bucket=settings.s3_bucket,
+        part_size=settings.copy_part_size_mb * 1024 * 1024,
+        max_concurrency=settings.copy_concurrency,
+    )
+    image_http = httpx.Client(timeout=httpx.Timeout(settings.image_check_timeout))
+    video_http = httpx.Client(timeout=httpx.Timeout(settings.video_probe_timeout, connect=10.0))
+    guard = AddressGuard.from_setting(settings.url_allowlist)
+    api = DashScopeVideoApi(
+        clients,
+        settings.dashscope_model,
+        template_model=settings.dashscope_template_model,
+        detect_model=settings.dashscope_detect_model,
+        metrics=metrics,
+    )
+    inputs = BucketInputs(
+        S3Inputs(s3, settings.s3_bucket, settings.input_prefix),
+        ttl=settings.input_url_ttl_seconds,
+        mode=settings.input_upload_mode,
+        api=api,
+        cache=redis_client(settings),
+        prefix=settings.key_prefix,
+    )
+    attempt_seconds = (
+        settings.dashscope_connect_timeout
+        + settings.dashscope_read_timeout
+        + settings.step_margin_seconds
+    )
+    webhooks = None
+    if settings.webhook_secret is not None and settings.webhook_secret.get_secret_value():
+        webhooks = HttpWebhooks(
+            httpx.Client(timeout=httpx.Timeout(settings.webhook_timeout_seconds)),
+            settings.webhook_secret.get_secret_value(),
+            guard,
+        )
+    broker = broker_redis(settings) or redis_client(settings)
+    return Services(
+        clock=RedisClock(redis_client(settings)),  # one clock for every deadline: Redis's
+        queues=BrokerQueues(RedisQueues(broker, prefix=settings.key_prefix)),
+        intake_seconds=settings.intake_seconds,
+        queued_recheck=settings.queued_recheck_seconds,
+        webhooks=webhooks,
+        copy_after_late_cancel=settings.cancel_too_late_copy,
+        guard=guard,
+        webhook=WebhookPolicy(give_up_after=settings.webhook_give_up_seconds),
+        store=job_store(settings, metrics),
+        metrics=metrics,
+        api=api,
+        inputs=inputs,
+        input_bucket=settings.s3_bucket,
+        input_prefix=settings.input_prefix,
+        videos=HttpVideoProbe(video_http, guard, total_seconds=settings.video_download_seconds),
+        detect=DetectPolicy(
+            max_attempts=settings.detect_max_attempts,
+            attempt_seconds=attempt_seconds,
+            cache_seconds=settings.detect_cache_seconds,
+            half_body=settings.half_body_without_ref_bg,
+            backoff=Backoff(base=settings.submit_backoff_base, cap=settings.submit_backoff_max),
+        ),
+        prepare=PreparePolicy(
+            max_attempts=settings.prepare_max_attempts,
+            attempt_seconds=settings.video_download_seconds + 60,
+            recheck_seconds=settings.template_wait_recheck_seconds,
+            backoff=Backoff(base=settings.submit_backoff_base, cap=settings.submit_backoff_max),
+        ),
+        governor=governor(settings),
+        accounts=frozenset(clients),
+        default_account=settings.dashscope_default_account,
+        copier=S3CopierPort(copier),
+        images=HttpImageProbe(
+            image_http, guard, total_seconds=max(5.0, settings.intake_seconds - 15)
+        ),
+        video_hosts=tuple(
+            h.strip()
+            for h in f"{settings.video_url_hosts},{settings.url_allowlist}".split(",")
+            if h.strip() and "/" not in h
+        ),
+        s3_prefix=settings.s3_prefix,
+        poll=PollPolicy(
+            first_delay=settings.poll_first_seconds,
+            running_interval=settings.poll_running_seconds,
+            pending_interval=settings.poll_pending_seconds,
+            pending_max=settings.poll_pending_max_seconds,
+            deadline=settings.job_remote_deadline_seconds,
+            error_backoff=Backoff(base=1.0, cap=settings.poll_error_backoff_max),
+        ),
+        submit=SubmitPolicy(
+            max_attempts=settings.submit_max_attempts,
+            attempt_seconds=attempt_seconds,
+            list_lag=settings.submit_list_lag_seconds,
+            clock_skew=settings.submit_clock_skew_seconds,
+            backoff=Backoff(base=settings.submit_backoff_base, cap=settings.submit_backoff_max),
+        ),
+        copy=CopyPolicy(
+            backoff=Backoff(base=settings.copy_backoff_base, cap=settings.copy_backoff_max),
+            lease_seconds=settings.copy_lease_seconds,
+            expiry_margin=settings.copy_expiry_margin_seconds,
+            # Pause (and go on in the next attempt) well before the task's soft time limit.
+            attempt_seconds=max(settings.copy_time_limit / 2, settings.copy_time_limit - 60),
+        ),
+    )
+
+
+def services() -> Services:
+    """This process's services, built on first use."""
+    global _services
+    if _services is None:
+        with _lock:
+            if _services is None:
+                _services = build_services(get_settings())
+    return _services
+
+
+def reset() -> None:
+    """Forget the services (after a fork, or in tests)."""
+    global _services
+    _services = None

@@ -1,0 +1,1 @@
+"""The ways in: the Celery app and its tasks, and the operators' CLI."""

@@ -1,0 +1,301 @@
+"""The Celery tasks: thin shells around :mod:`workers.steps`. Task names are a wire contract.
+
+``animate.generate``, ``animate.template`` and ``animate.cancel`` are public (other services
+``send_task`` them). ``animate.detect``, ``animate.prepare``, ``animate.submit``, ``animate.poll``,
+``animate.copy`` and ``animate.webhook`` are internal, but their names are still fixed: countdown
+messages wait in Redis across deploys. Their arguments are always ``(job_id, version)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import time
+from typing import Any
+
+from celery import Task, bootsteps
+from celery.exceptions import SoftTimeLimitExceeded
+
+from config.celery_app import app, settings
+from workers import steps
+from workers.adapters.redis.queues import Heartbeats, RedisQueues
+from workers.adapters.redis.store import RedisJobStore
+from workers.adapters.redis.timers import Dispatcher, Parked, RedisTimers
+from workers.bootstrap import broker_redis, redis_client
+from workers.bootstrap import services as _services
+from workers.domain.request import JobKind
+from workers.domain.routes import QUEUES
+from workers.entrypoints.celery.results import CeleryResults
+from workers.errors import StoreUnavailable
+
+log = logging.getLogger(__name__)
+LOCK_KEY = f"{settings.key_prefix}:watchdog-lock"
+# When a watchdog message (sent by beat) last ran: `animate-queue health beat` reads it.
+BEAT_HEARTBEAT_KEY = f"{settings.key_prefix}:beat-heartbeat"
+
+
+@functools.cache
+def svc_lock() -> Any:
+    return redis_client(settings)  # one connection pool per process, not one per tick
+
+
+RETRY: dict[str, Any] = {
+    # Only the job store can fail outside the pipeline's own handling; DashScope and S3 errors
+    # are decided on by the pipeline (which never uses Celery retries for "not ready yet").
+    "autoretry_for": (StoreUnavailable,),
+    "retry_backoff": 2,
+    "retry_backoff_max": 60,
+    "retry_jitter": True,
+    "max_retries": 8,
+}
+
+
+@functools.cache
+def timers() -> RedisTimers:
+    return RedisTimers(svc_lock(), prefix=settings.key_prefix)
+
+
+def schedule(step: steps.Next | None) -> None:
+    """Send the next step: now, as a short countdown, or parked in the Redis timer when later.
+
+    Only waits up to ``COUNTDOWN_MAX_SECONDS`` become Celery countdowns (held by a worker until
+    due); a later one goes to ``P:timers``, which the dispatchers send when due (workers.adapters.redis.timers).
+    """
+    if step is None:
+        return
+    if step.countdown > settings.countdown_max_seconds:
+        wake = Parked(step.step, step.job_id, step.version, step.producer)
+        timers().park(wake, step.countdown)
+        return
+    _send(step.step, step.job_id, step.version, step.producer, max(0.0, step.countdown))
+
+
+def _send(step: str, job_id: str, version: int, producer: str, countdown: float) -> None:
+    task = {
+        "validate": validate_job,
+        "detect": detect_job,
+        "prepare": prepare_job,
+        "submit": submit_job,
+        "poll": poll_job,
+        "copy": copy_job,
+        "deliver": deliver_job,
+        "webhook": webhook_job,
+    }[step]
+    task.apply_async(
+        (job_id, version),
+        countdown=countdown or None,
+        # What Flower shows as the arguments: the job id and its producer, searchable there.
+        argsrepr=f"(job_id={job_id!r}, version={version}, producer={producer!r})",
+    )
+
+
+def _send_parked(parked: Parked) -> None:
+    _send(parked.step, parked.job_id, parked.version, parked.producer, 0.0)
+
+
+class TimerDispatch(bootsteps.StartStopStep):
+    """A thread in each worker's main process that sends parked wake-ups once they are due.
+
+    Every worker runs one; taking is atomic, so they share the work. It starts after the pool's
+    first processes are forked; billiard forks a replacement from the main process when one dies,
+    which Celery's and redis-py's after-fork resets make safe for the clients this thread uses.
+    Celery calls ``stop`` on a warm shutdown and ``terminate`` on a cold one (SIGQUIT, which
+    ``REMAP_SIGTERM`` makes of SIGTERM): both stop the thread, and whatever it had taken and not
+    confirmed comes due again after the lease.
+    """
+
+    requires = ("celery.worker.components:Pool",)
+
+    def __init__(self, worker: Any, **kwargs: Any) -> None:
+        super().__init__(worker, **kwargs)
+        self.dispatcher: Dispatcher | None = None
+
+    def start(self, worker: Any) -> None:
+        self.dispatcher = Dispatcher(timers(), _send_parked, tick=settings.timer_tick_seconds)
+        self.dispatcher.start()
+
+    def stop(self, worker: Any) -> None:
+        if self.dispatcher is not None:
+            self.dispatcher.stop()
+            self.dispatcher = None
+
+    def terminate(self, worker: Any) -> None:
+        self.stop(worker)
+
+
+class QueueHeartbeat(bootsteps.StartStopStep):
+    """A thread in each worker's main process saying which queues this node consumes, so an
+    operator sees a routed queue that nobody consumes (workers.adapters.redis.queues, health queues)."""
+
+    requires = ("celery.worker.components:Pool",)
+
+    def __init__(self, worker: Any, **kwargs: Any) -> None:
+        super().__init__(worker, **kwargs)
+        self.heartbeats: Heartbeats | None = None
+
+    def start(self, worker: Any) -> None:
+        self.heartbeats = Heartbeats(
+            RedisQueues(broker_redis(settings) or svc_lock(), prefix=settings.key_prefix),
+            worker.hostname,
+            lambda: list(worker.app.amqp.queues.consume_from),
+            QUEUES,
+        )
+        self.heartbeats.start()
+
+    def stop(self, worker: Any) -> None:
+        if self.heartbeats is not None:
+            self.heartbeats.stop()
+            self.heartbeats = None
+
+    def terminate(self, worker: Any) -> None:
+        self.stop(worker)
+
+
+app.steps["worker"].add(TimerDispatch)
+app.steps["worker"].add(QueueHeartbeat)
+
+
+class MeteredTask(Task[Any, Any]):
+    """Our tasks' base: what a task records goes to Redis in one transaction at its end.
+
+    (A base class rather than a decorator, so Celery still checks the arguments against the
+    task function's own signature.)
+    """
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        batch = getattr(_services().metrics, "batch", None)
+        with batch() if batch is not None else contextlib.nullcontext():
+            return super().__call__(*args, **kwargs)
+
+
+def services() -> steps.Services:
+    svc = _services()
+    svc.wake = schedule  # wake-ups the use cases ask for on the side (admissions)
+    svc.results = CeleryResults(app)  # final outcomes under the job id
+    return svc
+
+
+# Time limits of the steps that download what a producer named: the downloads have deadlines
+# of their own; these make sure a stuck one is gone before the watchdog resumes its job.
+INTAKE_LIMITS: dict[str, Any] = {
+    "soft_time_limit": int(settings.intake_seconds),
+    "time_limit": int(settings.intake_seconds) + 15,
+}
+PREPARE_LIMITS: dict[str, Any] = {
+    "soft_time_limit": int(settings.video_download_seconds) + 30,
+    "time_limit": int(settings.video_download_seconds) + 45,
+}
+
+
+@app.task(name="animate.generate", bind=True, base=MeteredTask, **INTAKE_LIMITS, **RETRY)
+def generate(self: Task[Any, Any], *args: Any, **kwargs: Any) -> None:
+    """Intake: validate, create the job (id = ``job_id`` or this message's id), then submit."""
+    result = steps.intake(services(), kwargs, args, str(self.request.id))
+    schedule(result.next)
+
+
+@app.task(name="animate.template", bind=True, base=MeteredTask, **INTAKE_LIMITS, **RETRY)
+def make_template(self: Task[Any, Any], *args: Any, **kwargs: Any) -> None:
+    """Intake of a template job: a dance video in, an action template id (state READY) out."""
+    result = steps.intake(services(), kwargs, args, str(self.request.id), JobKind.TEMPLATE)
+    schedule(result.next)
+
+
+@app.task(name="animate.validate", bind=True, base=MeteredTask, **INTAKE_LIMITS, **RETRY)
+def validate_job(self: Task[Any, Any], job_id: str, version: int) -> None:
+    """A received job's inputs, checked again (its intake's worker died while checking them)."""
+    schedule(steps.validate(services(), job_id, version))
+
+
+@app.task(name="animate.detect", bind=True, base=MeteredTask, **RETRY)
+def detect_job(self: Task[Any, Any], job_id: str, version: int) -> None:
+    """The image check (cached per image and account)."""
+    schedule(steps.detect(services(), job_id, version))
+
+
+@app.task(name="animate.prepare", bind=True, base=MeteredTask, **PREPARE_LIMITS, **RETRY)
+def prepare_job(self: Task[Any, Any], job_id: str, version: int) -> None:
+    """The dance video's template: checked, reused, or made by a template job."""
+    schedule(steps.prepare(services(), job_id, version))
+
+
+@app.task(name="animate.submit", bind=True, base=MeteredTask, **RETRY)
+def submit_job(self: Task[Any, Any], job_id: str, version: int) -> None:
+    schedule(steps.submit(services(), job_id, version))
+
+
+@app.task(name="animate.poll", bind=True, base=MeteredTask, **RETRY)
+def poll_job(self: Task[Any, Any], job_id: str, version: int) -> None:
+    schedule(steps.poll(services(), job_id, version))
+
+
+@app.task(
+    name="animate.copy",
+    bind=True,
+    time_limit=settings.copy_time_limit,
+    soft_time_limit=settings.copy_time_limit - 30,
+    base=MeteredTask,
+    **RETRY,
+)
+def copy_job(self: Task[Any, Any], job_id: str, version: int) -> None:
+    """The copy. It pauses itself before its time budget ends (the next attempt goes on from
+    its checkpoint); should something hang past the soft limit, it is sent again at once."""
+    try:
+        schedule(steps.copy(services(), job_id, version))
+    except SoftTimeLimitExceeded:
+        schedule(steps.copy_interrupted(services(), job_id))
+
+
+@app.task(name="animate.deliver", bind=True, base=MeteredTask, **RETRY)
+def deliver_job(self: Task[Any, Any], job_id: str, version: int) -> None:
+    """A final job's result, callback and signed webhook, at least once."""
+    schedule(steps.deliver(services(), job_id, version))
+
+
+@app.task(name="animate.webhook", bind=True, base=MeteredTask, **RETRY)
+def webhook_job(self: Task[Any, Any], job_id: str, version: int) -> None:
+    """The old name of animate.deliver (its messages sent before the upgrade)."""
+    schedule(steps.deliver_webhook(services(), job_id, version))
+
+
+@app.task(name="animate.cancel", bind=True, ignore_result=False, base=MeteredTask, **RETRY)
+def cancel_job(self: Task[Any, Any], job_id: str) -> dict[str, Any]:
+    """Cancel a job (free while queued; DashScope's cancel while remote PENDING)."""
+    result = steps.cancel(services(), str(job_id))
+    return {
+        "job_id": result.job_id,
+        "state": result.state.value if result.state else None,
+        "outcome": result.outcome,
+        "message": result.message,
+    }
+
+
+@app.task(name="animate.watchdog", bind=True, base=MeteredTask, **RETRY)
+def watchdog(self: Task[Any, Any]) -> None:
+    """Resume overdue jobs and run an admission pass per account (sent by celery beat)."""
+    svc = services()
+    # One watchdog per interval, whatever number of beats send it: the lock is never released,
+    # it expires.
+    ttl = max(1, int(settings.watchdog_interval_seconds * 0.8))
+    svc_lock().set(BEAT_HEARTBEAT_KEY, repr(time.time()), ex=int(ttl * 20) + 60)
+    if not svc_lock().set(LOCK_KEY, str(self.request.id), nx=True, ex=ttl):
+        return
+    # Index entries whose records expired (final-state sets, old remote task ids), a bounded
+    # batch per pass, so Redis memory per job stays flat over months.
+    swept = svc.store.sweep() if isinstance(svc.store, RedisJobStore) else 0
+    report = steps.watchdog(
+        svc,
+        grace=settings.watchdog_grace_seconds,
+        max_resumes=settings.watchdog_max_resumes,
+        accounts=sorted(svc.accounts),
+    )
+    log.info("watchdog pass: %d resumed, %d poisoned, %d waiting in a backlog, %d index "
+             "entries swept", len(report.resumed), len(report.poisoned), len(report.waiting),
+             swept)  # fmt: skip
+    if report.resumed or report.poisoned:
+        log.warning(
+            "watchdog resumed %d job(s), failed %d poison job(s)",
+            len(report.resumed),
+            len(report.poisoned),
+        )

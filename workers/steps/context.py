@@ -1,0 +1,211 @@
+"""What every step is handed (:class:`Services`), what it returns (:class:`Next`), and the
+helpers each step uses to load a job and to schedule its next wake-up."""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from workers.domain.job import Job
+from workers.domain.policies import (
+    CopyPolicy,
+    DetectPolicy,
+    PollPolicy,
+    PreparePolicy,
+    SubmitPolicy,
+    WebhookPolicy,
+)
+from workers.domain.request import (
+    s3_ref,
+)
+from workers.domain.states import JobState
+from workers.errors import (
+    InvalidJobRequest,
+    WorkerError,
+)
+from workers.ports import (
+    Copier,
+    Governor,
+    ImageProbe,
+    Inputs,
+    JobStore,
+    Metrics,
+    QueueWatch,
+    Results,
+    UrlGuard,
+    VideoApi,
+    VideoProbe,
+    Webhooks,
+)
+
+log = logging.getLogger(__name__)
+
+
+class NoResults:
+    def publish(self, job: Job) -> None:
+        pass
+
+
+class NoMetricsRecorded:
+    def inc(self, name: str, amount: float = 1.0, **labels: str) -> None:
+        pass
+
+    def observe(self, name: str, value: float, **labels: str) -> None:
+        pass
+
+
+class UrlInputs:
+    """Inputs that are all http(s) URLs already (s3:// refs need a bucket: see the adapters)."""
+
+    def for_us(self, ref: str) -> tuple[str, bool]:
+        self._http_only(ref)
+        return ref, False
+
+    def for_dashscope(self, ref: str, account: str, model: str) -> str:
+        self._http_only(ref)
+        return ref
+
+    @staticmethod
+    def _http_only(ref: str) -> None:
+        if s3_ref(ref) is not None:
+            raise InvalidJobRequest("s3:// inputs need S3_BUCKET", code="InvalidRequest.BadUrl")
+
+
+@dataclass
+class Services:
+    store: JobStore
+    api: VideoApi
+    copier: Copier
+    images: ImageProbe
+    s3_prefix: str
+    governor: Governor
+    videos: VideoProbe | None = None
+    inputs: Inputs = field(default_factory=UrlInputs)
+    input_bucket: str | None = None  # s3:// inputs must be in this bucket...
+    input_prefix: str = "inputs/"  # ...under this prefix (never another job's output)
+    detect: DetectPolicy = field(default_factory=DetectPolicy)
+    prepare: PreparePolicy = field(default_factory=PreparePolicy)
+    accounts: frozenset[str] = frozenset({"default"})
+    default_account: str = "default"
+    wake: Callable[[Next], None] = field(default_factory=lambda: _unscheduled)
+    max_throttled: int = 50  # 429s one job may collect before it fails
+    video_hosts: tuple[str, ...] = ("*",)  # hosts a result video may be downloaded from
+    results: Results = field(default_factory=NoResults)
+    metrics: Metrics = field(default_factory=NoMetricsRecorded)
+    webhooks: Webhooks | None = None
+    guard: UrlGuard | None = None  # where our own requests may go (webhooks)
+    webhook: WebhookPolicy = field(default_factory=WebhookPolicy)
+    copy_after_late_cancel: bool = True  # a cancel that came too late: still store the video?
+    poll: PollPolicy = field(default_factory=PollPolicy)
+    submit: SubmitPolicy = field(default_factory=SubmitPolicy)
+    copy: CopyPolicy = field(default_factory=CopyPolicy)
+    clock: Callable[[], float] = time.time
+    rand: Callable[[], float] = random.random
+    queues: QueueWatch | None = None  # the broker's queues (None: unknown, e.g. in unit tests)
+    intake_seconds: float = 60.0  # checking a new job's inputs takes at most this long
+    queued_recheck: float = 3600.0  # a job waiting in our queue is looked at this often
+    delivery_seconds: float = 60.0  # a final job's results are delivered within this, or again
+
+
+Step = Literal["validate", "detect", "prepare", "submit", "poll", "copy", "deliver"]
+
+
+@dataclass(frozen=True)
+class Next:
+    """Wake ``step`` for ``job_id`` after ``countdown`` seconds, carrying ``version``."""
+
+    step: Step
+    job_id: str
+    version: int
+    countdown: float
+    producer: str = field(default="", compare=False)  # shown beside the job id in Flower
+
+    @classmethod
+    def of(cls, step: Step, job: Job, countdown: float) -> Next:
+        return cls(step, job.job_id, job.version, countdown, job.request.producer)
+
+
+def _unscheduled(step: Next) -> None:
+    raise RuntimeError(f"no scheduler for {step}")  # the task layer always injects one
+
+
+WAKE_SENT = "sent"  # a message for this version is queued, parked or held: no worker has it yet
+
+
+WAKE_TIMER = "timer"  # no message: the deadline itself wakes the job (the watchdog sends it)
+
+
+def then(
+    svc: Services,
+    job: Job,
+    step: Step,
+    delay: float,
+    state: JobState | None = None,
+    **changes: Any,
+) -> Next | None:
+    """The job moves on (to ``state``; default: it stays) and ``step`` is due in ``delay`` s.
+
+    One compare-and-set records the move, the deadline and that a message is outstanding
+    (``wake``), then the message is returned for the task layer to send. A step that ends here
+    finished cleanly: the job's count of steps that died with their worker starts again.
+    """
+    fields = {**next_fields(svc, job, delay), **changes}
+    moved = svc.store.transition(job, state or job.state, **fields)
+    return Next.of(step, moved, delay) if moved else None
+
+
+def next_fields(svc: Services, job: Job, delay: float) -> dict[str, Any]:
+    """The record's side of "the next step is due in ``delay`` s and its message is sent"."""
+    now = svc.clock()
+    fields: dict[str, Any] = {"updated_at": now, "next_action_at": now + delay, "wake": WAKE_SENT}
+    if job.resumes:
+        fields["resumes"] = None
+    return fields
+
+
+def retry_later(
+    svc: Services,
+    job: Job,
+    step: Step,
+    delay: float,
+    *,
+    error: WorkerError | None = None,
+    throttled: bool = False,
+    token_wait: bool = False,
+) -> Next | None:
+    """The same step again after ``delay``, in the same state, recording why."""
+    changes: dict[str, Any] = {}
+    if error is not None:
+        changes.update(error_code=error.code, error_message=error.message)
+    if throttled:
+        changes["throttled"] = job.throttled + 1
+    if token_wait:
+        changes["token_waits"] = job.token_waits + 1
+    return then(svc, job, step, delay, **changes)
+
+
+def source_ref(job: Job) -> str:
+    """The dance video of a job: as requested, or as recorded for a template made again."""
+    ref = job.request.video_url or job.source_url
+    assert ref is not None, f"job {job.job_id} has no dance video"
+    return ref
+
+
+DELIVERY_PENDING = "pending"
+
+
+def load(svc: Services, job_id: str, version: int) -> Job | None:
+    """The job for a step sent at ``version``, the step marked taken; None if stale or gone."""
+    job = svc.store.take(job_id, version)
+    if job is None:
+        log.warning("job %s: no record (expired or never created)", job_id)
+        return None
+    if job.version != version:
+        log.info("job %s: stale message (version %d, job at %d); ignored", job_id, version,
+                 job.version)  # fmt: skip
+        return None
+    return job

@@ -1,0 +1,156 @@
+"""The watchdog: overdue jobs resumed, backlogs told from deaths, queued jobs rechecked."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from workers.domain.decisions import (
+    Finish,
+)
+from workers.domain.job import Job
+from workers.domain.routes import queue_for
+from workers.domain.states import JobState
+from workers.domain.templates import (
+    template_lane,
+)
+from workers.steps.admission import admit
+from workers.steps.context import DELIVERY_PENDING, WAKE_SENT, WAKE_TIMER, Next, Services, Step
+from workers.steps.finish import finish
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WatchdogReport:
+    resumed: list[str]  # sent their step again (a lost message, or a worker that died)
+    poisoned: list[str]  # failed: their step killed its worker max_resumes times in a row
+    admitted_accounts: int
+    waiting: list[str] = field(default_factory=list)  # overdue, but their message is in a backlog
+
+
+RESUMABLE: Mapping[JobState, Step] = {
+    JobState.RECEIVED: "validate",  # its intake died while checking the inputs
+    JobState.DETECTING: "detect",
+    JobState.PREPARING: "prepare",  # fetching its video, or waiting for its template job
+    JobState.QUEUED: "submit",  # admitted, but its submit message never ran
+    JobState.SUBMITTING: "submit",  # reconciles first: the job is marked ambiguous
+    JobState.SUBMITTED: "poll",
+    JobState.COPYING: "copy",
+}
+
+
+def watchdog(
+    svc: Services, *, grace: float, max_resumes: int, accounts: list[str], limit: int = 500
+) -> WatchdogReport:
+    """Look at every job whose next wake-up is overdue by more than ``grace``, and tell apart:
+
+    * **a message waiting in a backlog** (``wake`` "sent", and the step's queue has no consumer
+      or an oldest message at least as old as this job's wait): left alone. Sending another
+      would only lengthen the queue, and nothing has failed.
+    * **a lost message** (``wake`` "sent", but the queue flows: a SIGKILLed worker held it, or
+      a Redis failover dropped it) and **a deadline that is itself the wake-up** (``wake``
+      "timer"): sent again. Not a death.
+    * **a step a worker took and never finished** (no ``wake``): the worker died in it. The
+      count of such deaths in a row (reset by any step that finishes) decides: a job that has
+      taken ``max_resumes`` workers down before anything was paid is failed (``PoisonJob``); a
+      job with a paid task (submitted, polling, copying, or a submit that may have created a
+      task) never is: it is resumed with a growing delay until its own deadline (the poll
+      deadline, the video URL's expiry) ends it.
+
+    Each resend bumps the version, so a late original message is stale and does nothing. Then
+    every account gets an admission pass.
+    """
+    now = svc.clock()
+    queues = svc.queues.waiting() if svc.queues is not None else None
+    resumed: list[str] = []
+    poisoned: list[str] = []
+    waiting: list[str] = []
+    for job_id in svc.store.due(now - grace, limit):
+        job = svc.store.get(job_id)
+        if job is None:
+            continue
+        if job.final:
+            if job.delivery != DELIVERY_PENDING:
+                continue
+            step: Step = "deliver"
+        elif job.state not in RESUMABLE:
+            continue
+        elif job.state == JobState.QUEUED and job.admitted_at is None:
+            _recheck_queued(svc, job)
+            continue
+        else:
+            step = RESUMABLE[job.state]
+        overdue = now - (job.next_action_at if job.next_action_at is not None else now)
+        if job.wake == WAKE_SENT and _in_backlog(queues, step, overdue, grace):
+            waiting.append(job_id)
+            continue
+        if job.wake in (WAKE_SENT, WAKE_TIMER):
+            reason, deaths, delay = ("lost" if job.wake == WAKE_SENT else "timer"), job.resumes, 0.0
+        else:
+            reason, deaths = "died", job.resumes + 1
+            if deaths > max_resumes and not _paid(job):
+                finish(
+                    svc,
+                    job,
+                    Finish(
+                        JobState.FAILED,
+                        "PoisonJob",
+                        f"its {step} step was taken {deaths} times in a row in {job.state} and "
+                        "its worker died each time; stopped before anything was paid, so it "
+                        "cannot take more workers down",
+                    ),
+                )
+                poisoned.append(job_id)
+                continue
+            delay = svc.copy.backoff.delay(deaths, svc.rand) if deaths > 1 else 0.0
+        moved = svc.store.transition(
+            job,
+            job.state,
+            resumes=deaths or None,
+            updated_at=now,
+            next_action_at=now + delay,
+            wake=WAKE_SENT,
+        )
+        if moved is None:
+            continue  # it moved on by itself in the meantime
+        log.warning("job %s: resumed, overdue %.0f s in %s (%s): %s sent again in %.0f s",
+                    job_id, overdue, job.state, reason, step, delay)  # fmt: skip
+        svc.metrics.inc("watchdog_resumes_total", reason=reason, step=step)
+        svc.wake(Next.of(step, moved, delay))
+        resumed.append(job_id)
+    for account in accounts:
+        admit(svc, account)
+        admit(svc, template_lane(account))
+    return WatchdogReport(resumed, poisoned, len(accounts), waiting)
+
+
+def _recheck_queued(svc: Services, job: Job) -> None:
+    """A job long in our queue: make sure it is in its lane's queue (it is put back if a crash
+    left it out), and look again later."""
+    if svc.governor.ensure_queued(job):
+        log.warning("job %s: QUEUED but not in its lane's queue; put back", job.job_id)
+    now = svc.clock()
+    svc.store.transition(job, JobState.QUEUED, updated_at=now, wake=WAKE_TIMER,
+                         next_action_at=now + svc.queued_recheck)  # fmt: skip
+    admit(svc, job.lane)
+
+
+def _in_backlog(
+    queues: Mapping[str, tuple[int, float]] | None, step: Step, overdue: float, grace: float
+) -> bool:
+    """Whether the job's message is plausibly still waiting in its queue: nobody consumes the
+    queue, or its oldest message has waited about as long as this job (queues are FIFO, so a
+    queue whose oldest message is younger no longer holds this job's). Unknown queues: no."""
+    if queues is None:
+        return False
+    consumers, oldest = queues.get(queue_for(f"animate.{step}"), (0, 0.0))
+    return consumers == 0 or oldest + grace >= overdue
+
+
+def _paid(job: Job) -> bool:
+    """A remote task exists, or may: its video must not be given up for a crash count."""
+    return job.state in (JobState.SUBMITTED, JobState.COPYING) or (
+        job.state == JobState.SUBMITTING and job.submit_ambiguous
+    )
