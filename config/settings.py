@@ -137,7 +137,10 @@ class Settings(BaseSettings):
     poll_running_seconds: float = Field(default=1.0, gt=0)
     poll_pending_seconds: float = Field(default=5.0, gt=0)
     poll_pending_max_seconds: float = Field(default=30.0, gt=0)
+    poll_error_backoff_base: float = Field(default=1.0, gt=0)  # a poll that failed, again
     poll_error_backoff_max: float = Field(default=60.0, gt=0)
+    poll_unknown_grace: int = Field(default=3, ge=1)  # UNKNOWN answers in a row that end a job
+    throttled_max_per_job: int = Field(default=50, ge=1)  # 429s one job may collect, then FAILED
     # A wait up to this long is a Celery countdown, held in a worker's memory until due; a longer
     # one is parked in Redis (P:timers) and sent when due by the dispatcher thread every worker
     # runs each TIMER_TICK_SECONDS (workers/timers.py). 0 parks every wait.
@@ -154,6 +157,11 @@ class Settings(BaseSettings):
     webhook_secret: SecretStr | None = None
     webhook_timeout_seconds: float = Field(default=10.0, gt=0)
     webhook_give_up_seconds: float = Field(default=3600.0, gt=0)
+    webhook_backoff_base: float = Field(default=2.0, gt=0)
+    webhook_backoff_max: float = Field(default=60.0, gt=0)
+    # A final job's deliveries (result, callback, webhook) are made within this long, or the
+    # watchdog makes them again.
+    delivery_seconds: float = Field(default=60.0, gt=0)
 
     # --- Operations: logs, metrics, Flower
     log_format: Literal["text", "json"] = "text"  # json: one JSON object per line

@@ -6,8 +6,11 @@ from __future__ import annotations
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from config.settings import load_settings
+from workers import bootstrap
 from workers.adapters.memory.governor import InMemoryGovernor
 from workers.adapters.memory.store import START, InMemoryJobStore
 from workers.domain.decisions import RemoteSnapshot
@@ -214,18 +217,35 @@ class FakeClock:
         return self.now
 
 
-def make_services(**overrides: Any) -> Services:
-    """Services over fresh fakes, a :class:`FakeClock` and rand fixed at 0.5; override by name."""
+# Production's tuning: every policy and limit from Settings' one default per tunable (no
+# environment read), so unit tests run on the values production runs on.
+TUNING = bootstrap.tuning(load_settings({}))
+
+
+@dataclass(frozen=True)
+class FakeServices(Services):
+    """Services that keep what the use cases asked to schedule (``woken``)."""
+
+    woken: list[Next] = field(default_factory=list)
+
+
+def make_services(**overrides: Any) -> FakeServices:
+    """Services over fresh fakes, production tuning, a :class:`FakeClock` and rand fixed at 0.5;
+    override any field by name."""
     woken: list[Next] = []
     values: dict[str, Any] = {
+        # the fakes' URLs and accounts, not a deployment's
+        "accounts": frozenset({"default"}),
+        "video_hosts": ("*",),
+        "s3_prefix": "videos",
         "store": InMemoryJobStore(),
         "api": FakeVideoApi(),
         "governor": InMemoryGovernor(),
         "wake": woken.append,
+        "woken": woken,
         "copier": FakeCopier(),
         "images": FakeImageProbe(),
         "videos": FakeVideoProbe(),
-        "s3_prefix": "videos",
         "clock": FakeClock(),
         "rand": lambda: 0.5,
     }
@@ -235,9 +255,7 @@ def make_services(**overrides: Any) -> Services:
         if isinstance(store, InMemoryJobStore):
             governor.store = store
         governor.clock = values["clock"]
-    svc = Services(**values)
-    svc.woken = woken  # type: ignore[attr-defined]  # what the use cases asked to schedule
-    return svc
+    return FakeServices.of(TUNING, **values)
 
 
 class FakeQueueWatch:

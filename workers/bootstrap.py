@@ -7,7 +7,7 @@ processes.
 from __future__ import annotations
 
 import threading
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import redis
@@ -37,13 +37,16 @@ from workers.domain.policies import (
     SubmitPolicy,
     WebhookPolicy,
 )
-from workers.steps.context import Services
+from workers.steps.context import Services, Tuning
 
 if TYPE_CHECKING:
     from mypy_boto3_s3.client import S3Client
 
 _lock = threading.Lock()
 _services: Services | None = None
+# Ports only an entrypoint can make (the Celery tasks' scheduler and result backend), given once
+# when it is imported (install) and passed to every build.
+_installed: dict[str, Any] = {}
 
 
 def redis_client(settings: Settings) -> redis.Redis:
@@ -143,11 +146,6 @@ def build_services(settings: Settings) -> Services:
         cache=redis_client(settings),
         prefix=settings.key_prefix,
     )
-    attempt_seconds = (
-        settings.dashscope_connect_timeout
-        + settings.dashscope_read_timeout
-        + settings.step_margin_seconds
-    )
     webhooks = None
     if settings.webhook_secret is not None and settings.webhook_secret.get_secret_value():
         webhooks = HttpWebhooks(
@@ -156,62 +154,86 @@ def build_services(settings: Settings) -> Services:
             guard,
         )
     broker = broker_redis(settings) or redis_client(settings)
-    return Services(
+    return Services.of(
+        tuning(settings),
+        **_installed,
         clock=RedisClock(redis_client(settings)),  # one clock for every deadline: Redis's
         queues=BrokerQueues(RedisQueues(broker, prefix=settings.key_prefix)),
-        intake_seconds=settings.intake_seconds,
-        queued_recheck=settings.queued_recheck_seconds,
         webhooks=webhooks,
-        copy_after_late_cancel=settings.cancel_too_late_copy,
         guard=guard,
-        webhook=WebhookPolicy(give_up_after=settings.webhook_give_up_seconds),
         store=job_store(settings, metrics),
         metrics=metrics,
         api=api,
         inputs=inputs,
-        input_bucket=settings.s3_bucket,
-        input_prefix=settings.input_prefix,
         videos=HttpVideoProbe(video_http, guard, total_seconds=settings.video_download_seconds),
-        detect=DetectPolicy(
-            max_attempts=settings.detect_max_attempts,
-            attempt_seconds=attempt_seconds,
-            cache_seconds=settings.detect_cache_seconds,
-            half_body=settings.half_body_without_ref_bg,
-            backoff=Backoff(base=settings.submit_backoff_base, cap=settings.submit_backoff_max),
-        ),
-        prepare=PreparePolicy(
-            max_attempts=settings.prepare_max_attempts,
-            attempt_seconds=settings.video_download_seconds + 60,
-            recheck_seconds=settings.template_wait_recheck_seconds,
-            backoff=Backoff(base=settings.submit_backoff_base, cap=settings.submit_backoff_max),
-        ),
         governor=governor(settings),
-        accounts=frozenset(clients),
-        default_account=settings.dashscope_default_account,
         copier=S3CopierPort(copier),
         images=HttpImageProbe(
             image_http, guard, total_seconds=max(5.0, settings.intake_seconds - 15)
         ),
+    )
+
+
+# A prepare attempt downloads the dance video (VIDEO_DOWNLOAD_SECONDS at most), then probes and
+# hashes it: this much more before the watchdog may resume it elsewhere.
+PREPARE_MARGIN_SECONDS = 60.0
+
+
+def tuning(settings: Settings) -> Tuning:
+    """Every value the steps are tuned by, from ``settings`` (the one place defaults live)."""
+    # A detect or submit attempt is presumed dead once its DashScope timeouts and a margin passed.
+    attempt_seconds = (
+        settings.dashscope_connect_timeout
+        + settings.dashscope_read_timeout
+        + settings.step_margin_seconds
+    )
+    submit_backoff = Backoff(base=settings.submit_backoff_base, cap=settings.submit_backoff_max)
+    return Tuning(
+        s3_prefix=settings.s3_prefix,
+        input_bucket=settings.s3_bucket,
+        input_prefix=settings.input_prefix,
+        accounts=frozenset(settings.accounts()),
+        default_account=settings.dashscope_default_account,
         video_hosts=tuple(
             h.strip()
             for h in f"{settings.video_url_hosts},{settings.url_allowlist}".split(",")
             if h.strip() and "/" not in h
         ),
-        s3_prefix=settings.s3_prefix,
+        max_throttled=settings.throttled_max_per_job,
+        copy_after_late_cancel=settings.cancel_too_late_copy,
+        intake_seconds=settings.intake_seconds,
+        queued_recheck=settings.queued_recheck_seconds,
+        delivery_seconds=settings.delivery_seconds,
+        detect=DetectPolicy(
+            max_attempts=settings.detect_max_attempts,
+            attempt_seconds=attempt_seconds,
+            cache_seconds=settings.detect_cache_seconds,
+            half_body=settings.half_body_without_ref_bg,
+            backoff=submit_backoff,
+        ),
+        prepare=PreparePolicy(
+            max_attempts=settings.prepare_max_attempts,
+            attempt_seconds=settings.video_download_seconds + PREPARE_MARGIN_SECONDS,
+            recheck_seconds=settings.template_wait_recheck_seconds,
+            backoff=submit_backoff,
+        ),
         poll=PollPolicy(
             first_delay=settings.poll_first_seconds,
             running_interval=settings.poll_running_seconds,
             pending_interval=settings.poll_pending_seconds,
             pending_max=settings.poll_pending_max_seconds,
             deadline=settings.job_remote_deadline_seconds,
-            error_backoff=Backoff(base=1.0, cap=settings.poll_error_backoff_max),
+            unknown_grace=settings.poll_unknown_grace,
+            error_backoff=Backoff(
+                base=settings.poll_error_backoff_base, cap=settings.poll_error_backoff_max
+            ),
         ),
         submit=SubmitPolicy(
             max_attempts=settings.submit_max_attempts,
             attempt_seconds=attempt_seconds,
             list_lag=settings.submit_list_lag_seconds,
             clock_skew=settings.submit_clock_skew_seconds,
-            backoff=Backoff(base=settings.submit_backoff_base, cap=settings.submit_backoff_max),
+            backoff=submit_backoff,
         ),
         copy=CopyPolicy(
             backoff=Backoff(base=settings.copy_backoff_base, cap=settings.copy_backoff_max),
@@ -219,6 +241,10 @@ def build_services(settings: Settings) -> Services:
             expiry_margin=settings.copy_expiry_margin_seconds,
             # Pause (and go on in the next attempt) well before the task's soft time limit.
             attempt_seconds=max(settings.copy_time_limit / 2, settings.copy_time_limit - 60),
+        ),
+        webhook=WebhookPolicy(
+            give_up_after=settings.webhook_give_up_seconds,
+            backoff=Backoff(base=settings.webhook_backoff_base, cap=settings.webhook_backoff_max),
         ),
     )
 
@@ -231,6 +257,13 @@ def services() -> Services:
             if _services is None:
                 _services = build_services(get_settings())
     return _services
+
+
+def install(**ports: Any) -> None:
+    """Ports the entrypoint makes (``wake``, ``results``), for every services built from now."""
+    with _lock:
+        _installed.update(ports)
+    reset()
 
 
 def reset() -> None:

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from tests.fakes import TUNING
 from workers.domain.decisions import (
     Finish,
     RemoteSnapshot,
@@ -22,7 +23,7 @@ from workers.domain.decisions import (
 )
 from workers.domain.job import Job, s3_key
 from workers.domain.media import IMAGE_MAX_BYTES, ImageFacts, check_image
-from workers.domain.policies import Backoff, CopyPolicy, PollPolicy
+from workers.domain.policies import Backoff
 from workers.domain.request import MAX_METADATA_BYTES, MAX_URL_LENGTH, JobRequest, parse_request
 from workers.domain.states import (
     ACTIVE_REMOTE,
@@ -40,7 +41,7 @@ IMAGE = "https://img.test/person.png"
 TEMPLATE = "AACT.acct.1234-5678"
 EXPIRES = 1_700_086_400
 VIDEO = f"https://bucket.oss.test/out/t1.mp4?Expires={EXPIRES}&OSSAccessKeyId=x&Signature=y"
-POLICY = PollPolicy()
+POLICY = TUNING.poll
 
 
 def valid(**changes: Any) -> dict[str, Any]:
@@ -508,11 +509,12 @@ class TestDecidePollError:
     def test_backoff_from_consecutive_errors(self) -> None:
         """A failed poll waits by the error backoff, growing with consecutive errors."""
         rand = lambda: 0.5  # noqa: E731
-        first = decide_poll_error(make_job(poll_errors=0), NOW, POLICY, rand)
-        third = decide_poll_error(make_job(poll_errors=2), NOW, POLICY, rand)
+        policy = dataclasses.replace(POLICY, error_backoff=Backoff(base=2.0, cap=60.0))
+        first = decide_poll_error(make_job(poll_errors=0), NOW, policy, rand)
+        third = decide_poll_error(make_job(poll_errors=2), NOW, policy, rand)
         assert first == Wait(1.5, "poll error")
         assert third == Wait(6.0, "poll error")
-        capped = decide_poll_error(make_job(poll_errors=50), NOW, POLICY, rand)
+        capped = decide_poll_error(make_job(poll_errors=50), NOW, policy, rand)
         assert capped == Wait(45.0, "poll error")
 
     def test_deadline(self) -> None:
@@ -526,7 +528,7 @@ class TestDecidePollError:
 
 
 class TestDecideCopyError:
-    POLICY = CopyPolicy(expiry_margin=600.0)
+    POLICY = dataclasses.replace(TUNING.copy, expiry_margin=600.0)
 
     def job(self, **changes: Any) -> Job:
         fields: dict[str, Any] = {

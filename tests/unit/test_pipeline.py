@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from dataclasses import dataclass, replace
 from typing import Any
@@ -9,6 +10,7 @@ from typing import Any
 import pytest
 
 from tests.fakes import (
+    TUNING,
     FakeClock,
     FakeCopier,
     FakeImageProbe,
@@ -22,7 +24,7 @@ from workers.adapters.memory.store import START, InMemoryJobStore
 from workers.domain.decisions import Finish, RemoteSnapshot
 from workers.domain.job import Job
 from workers.domain.media import ImageFacts
-from workers.domain.policies import Backoff, CopyPolicy, PollPolicy, SubmitPolicy
+from workers.domain.policies import Backoff
 from workers.domain.request import JobRequest
 from workers.domain.states import URL_TTL_SECONDS, JobState, RemoteStatus
 from workers.errors import (
@@ -269,13 +271,13 @@ class TestSubmit:
         w.api.submit_script.append("task-1")
         nxt = steps.submit(w.svc, JOB, step.version)
         job = w.job()
-        assert nxt == Next("poll", JOB, job.version, PollPolicy().first_delay)
+        assert nxt == Next("poll", JOB, job.version, TUNING.poll.first_delay)
         assert job.state == JobState.SUBMITTED
         assert (job.remote_task_id, job.remote_status) == ("task-1", "PENDING")
         assert job.submit_attempts == 1
         assert job.submitted_at == job.submit_started_at == START + 10
         assert job.submit_ambiguous is False
-        assert job.next_action_at == START + 10 + PollPolicy().first_delay
+        assert job.next_action_at == START + 10 + TUNING.poll.first_delay
         assert w.api.submits == [job.request]
         assert w.store.remote_owners(["task-1"]) == {"task-1": JOB}  # recorded as owned
 
@@ -357,7 +359,7 @@ class TestSubmit:
         w.api.submit_script.append(DashScopeUnavailable("503"))
         nxt = steps.submit(w.svc, JOB, step.version)
         job = w.job()
-        delay = SubmitPolicy().backoff.delay(1, lambda: 0.5)
+        delay = TUNING.submit.backoff.delay(1, lambda: 0.5)
         assert nxt == Next("submit", JOB, job.version, delay)
         assert job.state == JobState.SUBMITTING
         assert job.submit_attempts == 1
@@ -376,7 +378,7 @@ class TestSubmit:
 
     def test_gives_up_after_max_attempts(self) -> None:
         """After max_attempts transient failures: FAILED, SubmitRetriesExhausted."""
-        w = make_world(submit=SubmitPolicy(max_attempts=3))
+        w = make_world(submit=dataclasses.replace(TUNING.submit, max_attempts=3))
         step: Next | None = queued(w)
         delays = []
         for _ in range(3):
@@ -397,7 +399,7 @@ class TestSubmit:
 
     def test_gives_up_ambiguous(self) -> None:
         """Giving up after an ambiguous last attempt says so (a task may exist)."""
-        w = make_world(submit=SubmitPolicy(max_attempts=1))
+        w = make_world(submit=dataclasses.replace(TUNING.submit, max_attempts=1))
         w.api.submit_script.append(ambiguous(DashScopeUnavailable("read timeout")))
         assert steps.submit(w.svc, JOB, queued(w).version) is None
         assert w.job().error_code == "SubmitAmbiguous"
@@ -417,13 +419,13 @@ class TestSubmit:
         w.api.recent = ["task-lost"]
         poll = steps.submit(w.svc, JOB, retry.version)
         job = w.job()
-        assert poll == Next("poll", JOB, job.version, PollPolicy().first_delay)
+        assert poll == Next("poll", JOB, job.version, TUNING.poll.first_delay)
         assert (job.state, job.remote_task_id) == (JobState.SUBMITTED, "task-lost")
         assert job.submit_ambiguous is False
         assert job.submit_attempts == 1  # no second attempt was made
         assert len(w.api.submits) == 1  # zero extra submits
         # the window: the uncertain POST's start to its failure, each widened by the clock skew
-        skew = SubmitPolicy().clock_skew
+        skew = TUNING.submit.clock_skew
         assert w.api.recent_calls == [(started - skew, START + skew)]
 
     def test_task_claimed_by_another_job_is_not_adopted(self, w: World) -> None:
@@ -435,7 +437,7 @@ class TestSubmit:
         retry = steps.submit(w.svc, JOB, step.version)
         assert retry is not None
         w.api.recent = ["task-other"]
-        w.clock.advance(SubmitPolicy().list_lag)
+        w.clock.advance(TUNING.submit.list_lag)
         w.api.submit_script.append("task-new")
         assert steps.submit(w.svc, JOB, retry.version) is not None
         job = w.job()
@@ -468,7 +470,7 @@ class TestSubmit:
             def observe(self, name: str, value: float, **labels: str) -> None:
                 pass
 
-        w.svc.metrics = Counting()
+        w.svc = dataclasses.replace(w.svc, metrics=Counting())
         w.api.submit_script.append(ambiguous(DashScopeUnavailable("read timeout")))
         retry = steps.submit(w.svc, JOB, queued(w).version)
         assert retry is not None
@@ -501,7 +503,7 @@ class TestSubmit:
         assert poll is not None and poll.step == "poll"
         assert w.job().remote_task_id == "task-late" and len(w.api.submits) == 1
         # every look covered the same window, from the uncertain POST's start
-        assert {since for since, _ in w.api.recent_calls} == {START - SubmitPolicy().clock_skew}
+        assert {since for since, _ in w.api.recent_calls} == {START - TUNING.submit.clock_skew}
 
     def test_the_task_id_and_its_owner_are_one_write(self) -> None:
         """Redis times out on the write that records the task id: nothing is half-recorded,
@@ -602,7 +604,7 @@ class TestSubmit:
             step = steps.submit(w.svc, JOB, step.version)
         job = w.job()
         assert (job.state, job.error_code) == (JobState.FAILED, "SubmitAmbiguous")
-        assert job.error_message.startswith(f"{SubmitPolicy().max_attempts} submit attempts")
+        assert job.error_message.startswith(f"{TUNING.submit.max_attempts} submit attempts")
         assert len(w.api.submits) == 1
 
     def test_ambiguity_survives_until_the_list_says_nothing_was_created(self, w: World) -> None:
@@ -613,7 +615,7 @@ class TestSubmit:
         retry = steps.submit(w.svc, JOB, queued(w).version)
         assert retry is not None
         assert w.job().submit_ambiguous is True and w.store.submit_locks == {"default": JOB}
-        w.clock.advance(SubmitPolicy().list_lag)
+        w.clock.advance(TUNING.submit.list_lag)
         w.api.submit_script.append(DashScopeUnavailable("connect refused"))
         retry = steps.submit(w.svc, JOB, retry.version)
         assert retry is not None
@@ -705,7 +707,7 @@ class TestPoll:
         w.api.poll_script.append(snap(status))
         nxt = steps.poll(w.svc, JOB, step.version)
         job = w.job()
-        assert nxt == Next("poll", JOB, job.version, PollPolicy().running_interval)
+        assert nxt == Next("poll", JOB, job.version, TUNING.poll.running_interval)
         assert (job.remote_status, job.remote_started_at) == (status.value, START + 2)
 
         w.clock.advance(3)
@@ -780,12 +782,12 @@ class TestPoll:
     def test_unknown_grace_then_failed(self, w: World) -> None:
         """UNKNOWN right after submit is tolerated briefly, then the job FAILS."""
         step: Next | None = submitted(w)
-        for _ in range(PollPolicy().unknown_grace - 1):
+        for _ in range(TUNING.poll.unknown_grace - 1):
             w.api.poll_script.append(snap(RemoteStatus.UNKNOWN))
             assert step is not None
             step = steps.poll(w.svc, JOB, step.version)
-            assert step is not None and step.countdown == PollPolicy().running_interval
-        assert w.job().unknown_polls == PollPolicy().unknown_grace - 1
+            assert step is not None and step.countdown == TUNING.poll.running_interval
+        assert w.job().unknown_polls == TUNING.poll.unknown_grace - 1
         w.api.poll_script.append(snap(RemoteStatus.UNKNOWN))
         assert step is not None
         assert steps.poll(w.svc, JOB, step.version) is None
@@ -797,7 +799,7 @@ class TestPoll:
         step = submitted(w)
         w.api.poll_script.append(snap(RemoteStatus.UNKNOWN, raw="SUSPENDED"))
         nxt = steps.poll(w.svc, JOB, step.version)
-        assert nxt is not None and nxt.countdown == PollPolicy().pending_max
+        assert nxt is not None and nxt.countdown == TUNING.poll.pending_max
         job = w.job()
         assert (job.state, job.remote_status, job.unknown_polls) == (
             JobState.SUBMITTED,
@@ -834,8 +836,10 @@ class TestPoll:
         assert first is not None
         second = steps.poll(w.svc, JOB, first.version)
         job = w.job()
-        assert second == Next("poll", JOB, job.version, 3.0)
-        assert first.countdown == 1.5
+        assert second == Next(
+            "poll", JOB, job.version, TUNING.poll.error_backoff.delay(2, w.svc.rand)
+        )
+        assert first.countdown == TUNING.poll.error_backoff.delay(1, w.svc.rand)
         assert (job.state, job.remote_status, job.poll_errors, job.polls) == (
             JobState.SUBMITTED,
             "RUNNING",
@@ -850,7 +854,7 @@ class TestPoll:
     def test_transient_error_past_deadline_fails(self, w: World) -> None:
         """A failed poll after the deadline ends the job FAILED, without a cancel."""
         step = submitted(w)
-        w.clock.advance(PollPolicy().deadline)
+        w.clock.advance(TUNING.poll.deadline)
         w.api.poll_script.append(DashScopeUnavailable("timeout"))
         assert steps.poll(w.svc, JOB, step.version) is None
         job = w.job()
@@ -876,7 +880,7 @@ class TestPoll:
     def test_deadline_while_pending_cancels_remote(self, w: World) -> None:
         """Past the deadline and still PENDING: cancel the (free) remote task, then FAILED."""
         step = submitted(w)
-        w.clock.advance(PollPolicy().deadline)
+        w.clock.advance(TUNING.poll.deadline)
         w.api.poll_script.append(snap(RemoteStatus.PENDING))
         assert steps.poll(w.svc, JOB, step.version) is None
         job = w.job()
@@ -890,7 +894,7 @@ class TestPoll:
     def test_deadline_while_running_does_not_cancel(self, w: World) -> None:
         """Past the deadline while RUNNING: FAILED, and no cancel (it would not be free)."""
         step = submitted(w)
-        w.clock.advance(PollPolicy().deadline)
+        w.clock.advance(TUNING.poll.deadline)
         w.api.poll_script.append(snap(RemoteStatus.RUNNING))
         assert steps.poll(w.svc, JOB, step.version) is None
         assert w.job().state == JobState.FAILED
@@ -899,7 +903,7 @@ class TestPoll:
     def test_cancel_failure_still_finishes(self, w: World) -> None:
         """A cancel that fails is logged; the job still ends FAILED."""
         step = submitted(w)
-        w.clock.advance(PollPolicy().deadline)
+        w.clock.advance(TUNING.poll.deadline)
         w.api.poll_script.append(snap(RemoteStatus.PENDING))
         w.api.cancel_script.append(DashScopeUnavailable("503"))
         assert steps.poll(w.svc, JOB, step.version) is None
@@ -935,7 +939,7 @@ class TestCopy:
         w.copier.script.extend([SourceUnavailable("reset"), stored_copy(KEY)])
         retry = steps.copy(w.svc, JOB, step.version)
         job = w.job()
-        delay = CopyPolicy().backoff.delay(1, lambda: 0.5)
+        delay = TUNING.copy.backoff.delay(1, lambda: 0.5)
         assert retry == Next("copy", JOB, job.version, delay)
         assert (job.state, job.copy_attempts, job.error_code) == (
             JobState.COPYING,
@@ -991,7 +995,7 @@ class TestCopy:
         """S3 refuses every upload for 20 minutes (more attempts than the fixed count of 20 the
         copy once had): it keeps retrying with capped backoff (60 s, as once deployed), and the
         video is stored once S3 is back."""
-        w = make_world(copy=CopyPolicy(backoff=Backoff(base=5.0, cap=60.0)))
+        w = make_world(copy=dataclasses.replace(TUNING.copy, backoff=Backoff(base=5.0, cap=60.0)))
         step: Next | None = copying(w)
         outage_ends = w.clock.now + 20 * 60
         attempts = 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import pytest
@@ -405,7 +406,7 @@ def test_a_crash_right_after_admission_leaves_nothing_stuck() -> None:
     def dies(step: Next) -> None:
         raise WorkerDied()
 
-    svc.wake = dies
+    svc = dataclasses.replace(svc, wake=dies)
     with pytest.raises(WorkerDied):
         steps.intake(
             svc,
@@ -416,7 +417,7 @@ def test_a_crash_right_after_admission_leaves_nothing_stuck() -> None:
     job = svc.store.get("j1")
     assert job is not None and job.state == JobState.QUEUED and job.admitted_at is not None
     assert svc.governor.inflight("default") == ["j1"]  # type: ignore[attr-defined]
-    svc.wake = sent.append
+    svc = dataclasses.replace(svc, wake=sent.append)
     clock(svc).advance(31)
     assert run(svc).resumed == ["j1"]
     [submit] = sent

@@ -3,11 +3,13 @@ recreation of a refused template, cancel and the watchdog in the new states."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import pytest
 
 from tests.fakes import (
+    TUNING,
     VALID_VIDEO,
     FakeClock,
     FakeCopier,
@@ -23,7 +25,6 @@ from workers.adapters.memory.store import InMemoryJobStore
 from workers.domain.decisions import RemoteSnapshot
 from workers.domain.job import Job
 from workers.domain.media import ImageFacts, VideoFacts
-from workers.domain.policies import DetectPolicy, PollPolicy, PreparePolicy
 from workers.domain.request import JobKind
 from workers.domain.states import JobState, RemoteStatus
 from workers.domain.templates import Detection, template_job_id
@@ -141,7 +142,10 @@ class TestDetect:
     def test_half_body_without_ref_bg(
         self, policy: str, bg: bool | None, state: JobState, warned: bool
     ) -> None:
-        w = World(detect=DetectPolicy(half_body=policy), governor=InMemoryGovernor(capacity=0))
+        w = World(
+            detect=dataclasses.replace(TUNING.detect, half_body=policy),
+            governor=InMemoryGovernor(capacity=0),
+        )
         w.api.detect_script.append(Detection(True, "half"))
         extra = {} if bg is None else {"use_ref_img_bg": bg}
         w.generate("j1", template_id="AACT.x.1", **extra)
@@ -153,7 +157,7 @@ class TestDetect:
             assert job.error_code == "InvalidImage.HalfBody"
 
     def test_transient_errors_retry_then_give_up(self) -> None:
-        w = World(detect=DetectPolicy(max_attempts=2))
+        w = World(detect=dataclasses.replace(TUNING.detect, max_attempts=2))
         w.api.detect_script.extend([DashScopeUnavailable("detect: HTTP 503")] * 2)
         w.generate("j1", template_id="AACT.x.1")
         w.run()
@@ -176,8 +180,8 @@ class TestDetect:
     def test_one_image_is_checked_by_one_job_at_a_time(self) -> None:
         w = World()
         w.store.claim_detection("default", "ee" * 32, "other-job", 60)
-        w.svc.images = type(w.svc.images)(  # an image whose hash another job is checking
-            ImageFacts("PNG", 1000, 500, 800, "ee" * 32)
+        w.svc = dataclasses.replace(  # an image whose hash another job is checking
+            w.svc, images=type(w.svc.images)(ImageFacts("PNG", 1000, 500, 800, "ee" * 32))
         )
         w.generate("j1", template_id="AACT.x.1")
         step = w.woken.pop()
@@ -257,7 +261,7 @@ class TestTemplates:
         assert w.api.template_submits == [] and w.api.submits == []
 
     def test_unreachable_video_is_retried_then_failed(self) -> None:
-        w = World(prepare=PreparePolicy(max_attempts=2))
+        w = World(prepare=dataclasses.replace(TUNING.prepare, max_attempts=2))
         w.videos.script.extend([DashScopeUnavailable("503")] * 2)
         w.generate("j1", video_url=DANCE, detect=False)
         w.run()
@@ -367,7 +371,7 @@ class TestCancelAndWatchdog:
         assert w.job(template_job_id("default", SHA, 1)).state == JobState.QUEUED  # goes on
 
     def test_lost_wake_up_of_a_waiting_job_is_recovered(self) -> None:
-        w = World(prepare=PreparePolicy(recheck_seconds=600))
+        w = World(prepare=dataclasses.replace(TUNING.prepare, recheck_seconds=600))
         w.api.submit_script.extend(["tpl-task", "vid-task"])
         w.generate("j1", video_url=DANCE, detect=False)
         w.run(3)
@@ -376,11 +380,11 @@ class TestCancelAndWatchdog:
         w.api.poll_script.append(template_done())
         poll = next(n for n in w.woken if n.step == "poll")
         w.woken.clear()
-        w.svc.wake = lambda step: None
+        w.svc = dataclasses.replace(w.svc, wake=lambda step: None)
         steps.poll(w.svc, maker_id, poll.version)
         assert w.job(maker_id).state == JobState.READY and w.job("j1").state == JobState.PREPARING
         woken: list[Next] = []
-        w.svc.wake = woken.append
+        w.svc = dataclasses.replace(w.svc, wake=woken.append)
         w.clock.advance(600 + 31)
         report = steps.watchdog(w.svc, grace=30, max_resumes=3, accounts=["default"])
         assert report.resumed == ["j1"]
@@ -389,8 +393,8 @@ class TestCancelAndWatchdog:
 
     def test_a_long_wait_is_not_poison(self) -> None:
         """Re-checks of a job whose template is still being made reset the resume count."""
-        w = World(prepare=PreparePolicy(recheck_seconds=60),
-                  poll=PollPolicy(first_delay=1, running_interval=300))  # fmt: skip
+        w = World(prepare=dataclasses.replace(TUNING.prepare, recheck_seconds=60),
+                  poll=dataclasses.replace(TUNING.poll, first_delay=1, running_interval=300))  # fmt: skip
         w.api.submit_script.append("tpl-task")
         w.generate("j1", video_url=DANCE, detect=False)
         w.run()
@@ -412,7 +416,9 @@ def test_s3_inputs_must_be_in_our_bucket() -> None:
 
 def test_unreachable_image_at_intake_is_rejected() -> None:
     w = World()
-    w.svc.images = type(w.svc.images)(DashScopeUnavailable("image: 503"))
+    w.svc = dataclasses.replace(
+        w.svc, images=type(w.svc.images)(DashScopeUnavailable("image: 503"))
+    )
     w.generate("j1", template_id="AACT.x.1")
     assert w.job("j1").error_code == "InvalidImage.Unreachable"
     with pytest.raises(InvalidJobRequest):

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 class Backoff:
     """Exponential backoff with full jitter: a delay drawn from [base*2^n / 2, base*2^n], capped."""
 
-    base: float = 2.0
-    cap: float = 300.0
+    base: float
+    cap: float
 
     def delay(self, attempt: int, rand: Callable[[], float] = random.random) -> float:
         try:
@@ -29,13 +29,13 @@ class Backoff:
 class PollPolicy:
     """How often to ask about a remote task, and for how long."""
 
-    first_delay: float = 2.0  # after the submit
-    running_interval: float = 3.0  # PRE-PROCESSING, RUNNING, POST-PROCESSING
-    pending_interval: float = 5.0  # first interval while queued remotely...
-    pending_max: float = 30.0  # ...growing by half each time up to this
-    deadline: float = 6 * 3600.0  # from submission; DashScope itself gives up after 3 h
-    unknown_grace: int = 3  # UNKNOWN answers in a row that end the job
-    error_backoff: Backoff = Backoff(base=2.0, cap=60.0)
+    first_delay: float  # after the submit
+    running_interval: float  # PRE-PROCESSING, RUNNING, POST-PROCESSING
+    pending_interval: float  # first interval while queued remotely...
+    pending_max: float  # ...growing by half each time up to this
+    deadline: float  # from submission; DashScope itself gives up after 3 h
+    unknown_grace: int  # UNKNOWN answers in a row that end the job
+    error_backoff: Backoff
 
 
 @dataclass(frozen=True)
@@ -43,39 +43,39 @@ class CopyPolicy:
     """A copy is retried while its video URL lives, not a fixed number of times: S3 outages
     can outlast any count of backoffs, and a paid video is lost only when its URL dies."""
 
-    lease_seconds: float = 60.0  # a copy that stops renewing this long is resumed elsewhere
-    backoff: Backoff = Backoff(base=5.0, cap=180.0)
-    expiry_margin: float = 300.0  # the last retry starts this long before the URL's expiry
-    attempt_seconds: float | None = None  # one attempt's budget; then it pauses and goes on
+    lease_seconds: float  # a copy that stops renewing this long is resumed elsewhere
+    backoff: Backoff
+    expiry_margin: float  # the last retry starts this long before the URL's expiry
+    attempt_seconds: float | None  # one attempt's budget; then it pauses and goes on
 
 
 @dataclass(frozen=True)
 class DetectPolicy:
-    max_attempts: int = 6
-    attempt_seconds: float = 45.0  # a detect call's timeouts plus a margin
-    cache_seconds: int = 30 * 24 * 3600
-    half_body: str = "reject"  # HALF_BODY_WITHOUT_REF_BG: reject | warn
-    backoff: Backoff = Backoff(base=2.0, cap=60.0)
+    max_attempts: int
+    attempt_seconds: float  # a detect call's timeouts plus a margin
+    cache_seconds: int
+    half_body: str  # HALF_BODY_WITHOUT_REF_BG: reject | warn
+    backoff: Backoff
 
 
 @dataclass(frozen=True)
 class PreparePolicy:
-    max_attempts: int = 6
-    attempt_seconds: float = 180.0  # one download and probe of a dance video, at most
-    recheck_seconds: float = 600.0  # the watchdog looks at a job waiting for its template
-    backoff: Backoff = Backoff(base=2.0, cap=60.0)
+    max_attempts: int
+    attempt_seconds: float  # one download and probe of a dance video, at most
+    recheck_seconds: float  # the watchdog looks at a job waiting for its template
+    backoff: Backoff
 
 
 @dataclass(frozen=True)
 class WebhookPolicy:
-    give_up_after: float = 3600.0  # seconds after the job ended
-    backoff: Backoff = Backoff(base=2.0, cap=60.0)
+    give_up_after: float  # seconds after the job ended
+    backoff: Backoff
 
 
 @dataclass(frozen=True)
 class SubmitPolicy:
-    max_attempts: int = 8
-    attempt_seconds: float = 45.0  # the longest a POST may take (its timeouts) plus a margin
-    backoff: Backoff = Backoff(base=2.0, cap=120.0)
-    list_lag: float = 30.0  # an uncertain POST's task may take this long to show in the list
-    clock_skew: float = 10.0  # ours against DashScope's, around a POST's window
+    max_attempts: int
+    attempt_seconds: float  # the longest a POST may take (its timeouts) plus a margin
+    backoff: Backoff
+    list_lag: float  # an uncertain POST's task may take this long to show in the list
+    clock_skew: float  # ours against DashScope's, around a POST's window

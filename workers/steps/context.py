@@ -7,7 +7,7 @@ import logging
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 from workers.domain.job import Job
@@ -75,40 +75,58 @@ class UrlInputs:
             raise InvalidJobRequest("s3:// inputs need S3_BUCKET", code="InvalidRequest.BadUrl")
 
 
-@dataclass
-class Services:
+@dataclass(frozen=True)
+class Tuning:
+    """Every value a step is tuned by. bootstrap builds it from settings, where each tunable has
+    its one default; tests build it the same way (tests/fakes.py), so they run on production
+    values."""
+
+    s3_prefix: str
+    input_bucket: str | None  # s3:// inputs must be in this bucket...
+    input_prefix: str  # ...under this prefix (never another job's output)
+    accounts: frozenset[str]
+    default_account: str
+    video_hosts: tuple[str, ...]  # hosts a result video may be downloaded from
+    max_throttled: int  # 429s one job may collect before it fails
+    copy_after_late_cancel: bool  # a cancel that came too late: still store the video?
+    intake_seconds: float  # checking a new job's inputs takes at most this long
+    queued_recheck: float  # a job waiting in our queue is looked at this often
+    delivery_seconds: float  # a final job's results are delivered within this, or again
+    detect: DetectPolicy
+    prepare: PreparePolicy
+    poll: PollPolicy
+    submit: SubmitPolicy
+    copy: CopyPolicy
+    webhook: WebhookPolicy
+
+
+@dataclass(frozen=True)
+class Services(Tuning):
+    """What every step is handed: the tuning and the ports. Built once per process (bootstrap)
+    and never changed; a test that needs another value builds another (``dataclasses.replace``)."""
+
     store: JobStore
     api: VideoApi
     copier: Copier
     images: ImageProbe
-    s3_prefix: str
     governor: Governor
     videos: VideoProbe | None = None
     inputs: Inputs = field(default_factory=UrlInputs)
-    input_bucket: str | None = None  # s3:// inputs must be in this bucket...
-    input_prefix: str = "inputs/"  # ...under this prefix (never another job's output)
-    detect: DetectPolicy = field(default_factory=DetectPolicy)
-    prepare: PreparePolicy = field(default_factory=PreparePolicy)
-    accounts: frozenset[str] = frozenset({"default"})
-    default_account: str = "default"
     wake: Callable[[Next], None] = field(default_factory=lambda: _unscheduled)
-    max_throttled: int = 50  # 429s one job may collect before it fails
-    video_hosts: tuple[str, ...] = ("*",)  # hosts a result video may be downloaded from
     results: Results = field(default_factory=NoResults)
     metrics: Metrics = field(default_factory=NoMetricsRecorded)
     webhooks: Webhooks | None = None
     guard: UrlGuard | None = None  # where our own requests may go (webhooks)
-    webhook: WebhookPolicy = field(default_factory=WebhookPolicy)
-    copy_after_late_cancel: bool = True  # a cancel that came too late: still store the video?
-    poll: PollPolicy = field(default_factory=PollPolicy)
-    submit: SubmitPolicy = field(default_factory=SubmitPolicy)
-    copy: CopyPolicy = field(default_factory=CopyPolicy)
     clock: Callable[[], float] = time.time
     rand: Callable[[], float] = random.random
     queues: QueueWatch | None = None  # the broker's queues (None: unknown, e.g. in unit tests)
-    intake_seconds: float = 60.0  # checking a new job's inputs takes at most this long
-    queued_recheck: float = 3600.0  # a job waiting in our queue is looked at this often
-    delivery_seconds: float = 60.0  # a final job's results are delivered within this, or again
+
+    @classmethod
+    def of(cls, tuning: Tuning, **ports: Any) -> Services:
+        """Services from ``tuning`` and the ports, by name (a tuned value named again wins)."""
+        values: dict[str, Any] = {f.name: getattr(tuning, f.name) for f in fields(Tuning)}
+        values.update(ports)
+        return cls(**values)
 
 
 Step = Literal["validate", "detect", "prepare", "submit", "poll", "copy", "deliver"]

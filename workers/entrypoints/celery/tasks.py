@@ -22,7 +22,7 @@ from workers import steps
 from workers.adapters.redis.queues import Heartbeats, RedisQueues
 from workers.adapters.redis.store import RedisJobStore
 from workers.adapters.redis.timers import Dispatcher, Parked, RedisTimers
-from workers.bootstrap import broker_redis, redis_client
+from workers.bootstrap import broker_redis, install, redis_client
 from workers.bootstrap import services as _services
 from workers.domain.request import JobKind
 from workers.domain.routes import QUEUES
@@ -170,10 +170,13 @@ class MeteredTask(Task[Any, Any]):
 
 
 def services() -> steps.Services:
-    svc = _services()
-    svc.wake = schedule  # wake-ups the use cases ask for on the side (admissions)
-    svc.results = CeleryResults(app)  # final outcomes under the job id
-    return svc
+    """This process's services (built once, never changed)."""
+    return _services()
+
+
+# The wake-ups the use cases ask for on the side (admissions), and final outcomes under the job
+# id, for every services this process builds. (``schedule`` is looked up when called.)
+install(wake=lambda step: schedule(step), results=CeleryResults(app))
 
 
 # Time limits of the steps that download what a producer named: the downloads have deadlines
