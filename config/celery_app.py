@@ -13,7 +13,8 @@ from celery.signals import setup_logging, worker_init, worker_process_init
 from kombu import Queue
 
 from config.settings import Settings, SettingsError, get_settings
-from workers.domain.routes import QUEUE_INTAKE, QUEUES, celery_routes
+from workers.domain.routes import QUEUE_INTAKE, QUEUES
+from workers.steps.table import celery_routes
 
 try:
     settings: Settings = get_settings()
@@ -72,7 +73,7 @@ app.conf.update(
     worker_enable_soft_shutdown_on_idle=True,
     # Every queue a job passes through is declared, so a bare `celery -A config.celery_app
     # worker` consumes them all (undeclared, it would consume only the default queue and every
-    # job would stop after intake); `-Q` still splits them. Routes: workers/routes.py.
+    # job would stop after intake); `-Q` still splits them. Routes: workers/steps/table.py.
     task_queues=[Queue(name, routing_key=name) for name in QUEUES],
     task_default_queue=QUEUE_INTAKE,
     task_routes=celery_routes(),

@@ -41,6 +41,20 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         server.stop()
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Files with a test marked ``slow`` (real processes, for long) first, then the other
+    end-to-end files, then the rest. `make test` runs files in parallel (``--dist loadfile
+    --no-loadscope-reorder``) in this order, so the long ones start at once instead of being the
+    run's tail. (The sort is stable: within a tier, collection order.)"""
+    slow_files = {item.nodeid.split("::")[0] for item in items if item.get_closest_marker("slow")}
+
+    def tier(item: pytest.Item) -> int:
+        path = item.nodeid.split("::")[0]
+        return 0 if path in slow_files else 1 if "/e2e/" in f"/{path}" else 2
+
+    items.sort(key=tier)
+
+
 # Fast but ordered: every phase is short, so a whole task takes about 0.7 s.
 FAST = {
     "preprocess_seconds": 0.1,

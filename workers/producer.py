@@ -43,7 +43,7 @@ from workers.adapters.s3.inputs import (
     local_path,
 )
 from workers.domain.request import JOB_ID_RE
-from workers.domain.routes import queue_for
+from workers.domain.routes import public_queue
 from workers.domain.states import FINAL_STATES
 from workers.domain.views import job_view
 from workers.errors import CopyMismatch, InvalidJobRequest, JobNotFound, StorageUnavailable
@@ -132,7 +132,7 @@ class AnimateQueue:
         _check_job_id(job_id)
         message_id = str(uuid.uuid4())
         self.celery.send_task(
-            INTAKE_TASK, kwargs=kwargs, queue=queue_for(INTAKE_TASK), task_id=message_id
+            INTAKE_TASK, kwargs=kwargs, queue=public_queue(INTAKE_TASK), task_id=message_id
         )
         return job_id or message_id
 
@@ -290,13 +290,13 @@ class AnimateQueue:
         kwargs.update({k: v for k, v in optional.items() if v is not None})
         _check_job_id(kwargs.get("job_id"))
         message_id = str(uuid.uuid4())
-        self.celery.send_task(task, kwargs=kwargs, queue=queue_for(task), task_id=message_id)
+        self.celery.send_task(task, kwargs=kwargs, queue=public_queue(task), task_id=message_id)
         job_id = kwargs.get("job_id")
         return job_id if isinstance(job_id, str) else message_id
 
     def cancel(self, job_id: str, timeout: float = 30) -> dict[str, Any]:
         """Cancel a job through a worker (``animate.cancel``); what happened."""
-        result = self.celery.send_task(CANCEL_TASK, args=(job_id,), queue=queue_for(CANCEL_TASK))
+        result = self.celery.send_task(CANCEL_TASK, args=(job_id,), queue=public_queue(CANCEL_TASK))
         return dict(result.get(timeout=timeout))
 
     def register_template(self, template_id: str, account: str) -> None:

@@ -12,6 +12,7 @@ import pytest
 BENCH = Path(__file__).resolve().parents[2] / "bench" / "chaos.py"
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_chaos_short() -> None:
     """16 jobs through faults, SIGKILLs, a Redis restart and an S3 outage all end as they should."""

@@ -13,7 +13,7 @@ import pytest
 from devstack import RedisServer, S3Server, Worker
 from workers.producer import AnimateQueue
 
-pytestmark = pytest.mark.timeout(150)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(150)]
 
 MiB = 1024 * 1024
 SIZE = 32 * MiB

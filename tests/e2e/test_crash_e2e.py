@@ -12,7 +12,7 @@ import pytest
 from devstack import Beat, RedisServer, S3Server, Worker
 from workers.producer import AnimateQueue
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
 WATCHDOG_ENV = {
     "WATCHDOG_INTERVAL_SECONDS": "1",

@@ -19,7 +19,7 @@ from devstack import RedisServer, S3Server, Worker
 from emulator.server import EmulatorServer
 from workers.producer import AnimateQueue
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
 KEYS = {"a": "sk-quota-account-a-0001", "b": "sk-quota-account-b-0002"}
 

@@ -37,7 +37,7 @@ import redis
 from devstack import RedisServer, S3Server, Worker
 from workers.producer import AnimateQueue
 
-pytestmark = pytest.mark.timeout(150)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(150)]
 
 VISIBILITY_TIMEOUT = 300  # the default; every bound below is far under it
 SOFT_SHUTDOWN = 6

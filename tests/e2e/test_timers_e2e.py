@@ -20,7 +20,7 @@ import redis
 from devstack import RedisServer, Worker
 from workers.producer import AnimateQueue
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
 TIMERS = "animate-queue:timers"
 POLL = 3.0  # every poll interval, seconds

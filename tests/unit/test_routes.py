@@ -12,6 +12,7 @@ from workers.domain import routes
 from workers.domain.request import parse_request, parse_template_request
 from workers.errors import InvalidJobRequest
 from workers.producer import AnimateQueue
+from workers.steps import table
 
 OK = {"image_url": "https://cdn.test/a.png", "template_id": "AACT.abc.def"}
 
@@ -21,9 +22,9 @@ def test_every_task_of_ours_has_a_route_and_every_route_a_task() -> None:
     import workers.entrypoints.celery.tasks  # noqa: F401  (registers the tasks)
 
     ours = {name for name in app.tasks if name.startswith("animate.")}
-    assert ours == set(routes.ROUTES)
-    assert app.conf.task_routes == routes.celery_routes()
-    assert set(routes.ROUTES.values()) <= set(routes.QUEUES)
+    assert ours == set(table.ROUTES)
+    assert app.conf.task_routes == table.celery_routes()
+    assert set(table.ROUTES.values()) <= set(routes.QUEUES)
 
 
 def test_a_bare_worker_consumes_every_queue() -> None:
@@ -50,8 +51,8 @@ def test_the_client_sends_cancel_where_the_table_routes_it(monkeypatch: Any) -> 
     queue.cancel("j")
     queue.submit("https://cdn.test/a.png", "AACT.abc.def", job_id="j2")
     assert sent == [
-        ("animate.cancel", routes.queue_for("animate.cancel")),
-        ("animate.generate", routes.queue_for("animate.generate")),
+        ("animate.cancel", table.queue_for("animate.cancel")),
+        ("animate.generate", table.queue_for("animate.generate")),
     ]
 
 
@@ -76,3 +77,34 @@ class TestCallbackQueue:
     def test_a_queue_of_the_producers_own_is_kept(self) -> None:
         request = parse_request({**OK, "callback_task": "shop.done", "callback_queue": "shop"})
         assert (request.callback_task, request.callback_queue) == ("shop.done", "shop")
+
+
+class TestStepTable:
+    """The step table generates the tasks, their routes and the watchdog's resume table."""
+
+    def test_each_row_is_a_registered_task_on_its_queue(self) -> None:
+        from workers.entrypoints.celery import tasks
+
+        for name, row in table.STEPS.items():
+            task = tasks.TASKS[name]
+            assert task.name == row.task and app.tasks[row.task].name == row.task
+            assert table.queue_for(row.task) == row.queue
+            assert app.tasks[row.task].__doc__ == row.doc  # (Flower shows it)
+
+    def test_the_watchdog_resumes_every_working_state_with_its_step(self) -> None:
+        from workers.domain.states import JobState
+
+        working = {JobState.RECEIVED, JobState.DETECTING, JobState.PREPARING, JobState.QUEUED,
+                   JobState.SUBMITTING, JobState.SUBMITTED, JobState.COPYING}  # fmt: skip
+        assert set(table.RESUMABLE) == working
+        assert table.RESUMABLE[JobState.SUBMITTED] == "poll"
+        assert table.RESUMABLE[JobState.SUBMITTING] == "submit"
+        assert not any(row.resumes for row in table.STEPS.values() if row.legacy)
+
+    def test_time_limits_follow_the_budget(self) -> None:
+        from workers.entrypoints.celery import tasks
+
+        assert tasks.TASKS["copy"].time_limit == tasks.settings.copy_time_limit
+        assert tasks.TASKS["validate"].time_limit == tasks.INTAKE_LIMITS["time_limit"]
+        assert tasks.TASKS["prepare"].time_limit == tasks.PREPARE_LIMITS["time_limit"]
+        assert tasks.TASKS["poll"].time_limit is None

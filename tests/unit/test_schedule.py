@@ -25,7 +25,7 @@ class Recorder:
 def recorder(monkeypatch: pytest.MonkeyPatch) -> Recorder:
     rec = Recorder()
     monkeypatch.setattr(tasks, "timers", lambda: rec)
-    for task in (tasks.poll_job, tasks.submit_job, tasks.copy_job):
+    for task in (tasks.TASKS["poll"], tasks.TASKS["submit"], tasks.TASKS["copy"]):
 
         def apply_async(args: tuple[Any, ...], _name: str = task.name, **options: Any) -> None:
             rec.sent.append((_name, args, options))
@@ -85,19 +85,22 @@ def test_a_copy_that_hits_its_soft_time_limit_is_sent_again_at_once(
     """SoftTimeLimitExceeded (a read or part upload hung past the budget's margin) is handled:
     the copy goes on from its checkpoint in a fresh message instead of the job waiting for the
     watchdog."""
+    import dataclasses
+
     from celery.exceptions import SoftTimeLimitExceeded
 
-    from workers import steps
+    from workers.steps.table import STEPS
 
     def hangs(svc: Any, job_id: str, version: int) -> None:
         raise SoftTimeLimitExceeded()
 
-    monkeypatch.setattr(steps, "copy", hangs)
+    def interrupted(svc: Any, job_id: str) -> Next:
+        return Next("copy", job_id, 9, 0, "shop")
+
     monkeypatch.setattr(tasks, "services", lambda: None)
-    monkeypatch.setattr(
-        steps, "copy_interrupted", lambda svc, job_id: Next("copy", job_id, 9, 0, "shop")
-    )
-    tasks.copy_job.run("j1", 8)
+    row = dataclasses.replace(STEPS["copy"], run=hangs, on_soft_limit=interrupted)
+    monkeypatch.setitem(STEPS, "copy", row)
+    tasks.TASKS["copy"].run("j1", 8)
     assert [(name, args) for name, args, _ in recorder.sent] == [("animate.copy", ("j1", 9))]
 
 
@@ -110,7 +113,7 @@ def test_download_steps_end_before_the_watchdog_would_resume_them() -> None:
 
     settings = load_settings({"DASHSCOPE_API_KEY": "sk-test-limits", "S3_BUCKET": "b"})
     svc = wiring.build_services(settings)
-    assert tasks.prepare_job.time_limit < svc.prepare.attempt_seconds
-    assert tasks.prepare_job.soft_time_limit < tasks.prepare_job.time_limit
-    for task in (tasks.generate, tasks.make_template, tasks.validate_job):
+    assert tasks.TASKS["prepare"].time_limit < svc.prepare.attempt_seconds
+    assert tasks.TASKS["prepare"].soft_time_limit < tasks.TASKS["prepare"].time_limit
+    for task in (tasks.generate, tasks.make_template, tasks.TASKS["validate"]):
         assert task.time_limit < svc.intake_seconds + 30  # the deadline plus the watchdog's grace

@@ -1,5 +1,6 @@
-"""The one table of queues and task routes: the Celery app, the producer client, callbacks and
-the queue checks all read it, so a task is never routed one way and sent another.
+"""The queues, and the routes of the public tasks: with the step table (workers/steps/table.py)
+the one source of routes the Celery app, the producer client, callbacks and the queue checks all
+read, so a task is never routed one way and sent another.
 
 Queues:
 
@@ -26,28 +27,17 @@ QUEUE_DASHSCOPE = "dashscope"
 QUEUE_TRANSFER = "transfer"
 QUEUES: tuple[str, ...] = (QUEUE_INTAKE, QUEUE_DASHSCOPE, QUEUE_TRANSFER)
 
-# Task name -> queue. Task names are a wire contract (messages wait in Redis across deploys).
-ROUTES: Mapping[str, str] = {
+# The public tasks (other services send_task them) and beat's watchdog -> queue. The steps' own
+# tasks and queues are in the step table (workers/steps/table.py), which adds them to these.
+# Task names are a wire contract (messages wait in Redis across deploys).
+PUBLIC_ROUTES: Mapping[str, str] = {
     "animate.generate": QUEUE_INTAKE,
     "animate.template": QUEUE_INTAKE,
     "animate.cancel": QUEUE_INTAKE,
-    "animate.validate": QUEUE_INTAKE,  # an intake whose worker died: its inputs checked again
-    "animate.detect": QUEUE_DASHSCOPE,
-    "animate.submit": QUEUE_DASHSCOPE,
-    "animate.poll": QUEUE_DASHSCOPE,
     "animate.watchdog": QUEUE_DASHSCOPE,
-    "animate.prepare": QUEUE_TRANSFER,  # downloads the dance video
-    "animate.copy": QUEUE_TRANSFER,
-    "animate.deliver": QUEUE_TRANSFER,  # a final job's result, callback and webhook
-    "animate.webhook": QUEUE_TRANSFER,  # (its old name, for messages sent before the upgrade)
 }
 
 
-def queue_for(task_name: str) -> str:
-    """The queue a task of ours is sent to (KeyError for a task that is not ours)."""
-    return ROUTES[task_name]
-
-
-def celery_routes() -> dict[str, dict[str, str]]:
-    """The table in Celery's ``task_routes`` form."""
-    return {name: {"queue": queue} for name, queue in ROUTES.items()}
+def public_queue(task_name: str) -> str:
+    """The queue a public task is sent to (KeyError for a task producers do not send)."""
+    return PUBLIC_ROUTES[task_name]

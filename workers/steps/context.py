@@ -129,7 +129,7 @@ class Services(Tuning):
         return cls(**values)
 
 
-Step = Literal["validate", "detect", "prepare", "submit", "poll", "copy", "deliver"]
+Step = Literal["validate", "detect", "prepare", "submit", "poll", "copy", "deliver", "webhook"]
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,6 @@ from workers.domain.decisions import (
     Finish,
 )
 from workers.domain.job import Job
-from workers.domain.routes import queue_for
 from workers.domain.states import JobState
 from workers.domain.templates import (
     template_lane,
@@ -18,6 +17,7 @@ from workers.domain.templates import (
 from workers.steps.admission import admit
 from workers.steps.context import DELIVERY_PENDING, WAKE_SENT, WAKE_TIMER, Next, Services, Step
 from workers.steps.finish import finish
+from workers.steps.table import RESUMABLE, STEPS
 
 log = logging.getLogger(__name__)
 
@@ -28,17 +28,6 @@ class WatchdogReport:
     poisoned: list[str]  # failed: their step killed its worker max_resumes times in a row
     admitted_accounts: int
     waiting: list[str] = field(default_factory=list)  # overdue, but their message is in a backlog
-
-
-RESUMABLE: Mapping[JobState, Step] = {
-    JobState.RECEIVED: "validate",  # its intake died while checking the inputs
-    JobState.DETECTING: "detect",
-    JobState.PREPARING: "prepare",  # fetching its video, or waiting for its template job
-    JobState.QUEUED: "submit",  # admitted, but its submit message never ran
-    JobState.SUBMITTING: "submit",  # reconciles first: the job is marked ambiguous
-    JobState.SUBMITTED: "poll",
-    JobState.COPYING: "copy",
-}
 
 
 def watchdog(
@@ -145,7 +134,7 @@ def _in_backlog(
     queue whose oldest message is younger no longer holds this job's). Unknown queues: no."""
     if queues is None:
         return False
-    consumers, oldest = queues.get(queue_for(f"animate.{step}"), (0, 0.0))
+    consumers, oldest = queues.get(STEPS[step].queue, (0, 0.0))
     return consumers == 0 or oldest + grace >= overdue
 
 

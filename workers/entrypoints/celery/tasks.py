@@ -1,9 +1,9 @@
 """The Celery tasks: thin shells around :mod:`workers.steps`. Task names are a wire contract.
 
 ``animate.generate``, ``animate.template`` and ``animate.cancel`` are public (other services
-``send_task`` them). ``animate.detect``, ``animate.prepare``, ``animate.submit``, ``animate.poll``,
-``animate.copy`` and ``animate.webhook`` are internal, but their names are still fixed: countdown
-messages wait in Redis across deploys. Their arguments are always ``(job_id, version)``.
+``send_task`` them). The steps' tasks (``animate.detect``, ``animate.poll``, ...) are generated
+from the step table (workers/steps/table.py); they are internal, but their names are still fixed:
+countdown messages wait in Redis across deploys. Their arguments are always ``(job_id, version)``.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import contextlib
 import functools
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from celery import Task, bootsteps
@@ -28,6 +29,8 @@ from workers.domain.request import JobKind
 from workers.domain.routes import QUEUES
 from workers.entrypoints.celery.results import CeleryResults
 from workers.errors import StoreUnavailable
+from workers.steps.context import Step
+from workers.steps.table import STEPS, Budget, StepDef
 
 log = logging.getLogger(__name__)
 LOCK_KEY = f"{settings.key_prefix}:watchdog-lock"
@@ -72,22 +75,13 @@ def schedule(step: steps.Next | None) -> None:
 
 
 def _send(step: str, job_id: str, version: int, producer: str, countdown: float) -> None:
-    task = {
-        "validate": validate_job,
-        "detect": detect_job,
-        "prepare": prepare_job,
-        "submit": submit_job,
-        "poll": poll_job,
-        "copy": copy_job,
-        "deliver": deliver_job,
-        "webhook": webhook_job,
-    }[step]
-    task.apply_async(
-        (job_id, version),
-        countdown=countdown or None,
+    task = TASKS[step]  # type: ignore[index]  # (a parked step named by an older release: KeyError)
+    options: dict[str, Any] = {
+        "countdown": countdown or None,
         # What Flower shows as the arguments: the job id and its producer, searchable there.
-        argsrepr=f"(job_id={job_id!r}, version={version}, producer={producer!r})",
-    )
+        "argsrepr": f"(job_id={job_id!r}, version={version}, producer={producer!r})",
+    }
+    task.apply_async((job_id, version), **options)
 
 
 def _send_parked(parked: Parked) -> None:
@@ -205,61 +199,41 @@ def make_template(self: Task[Any, Any], *args: Any, **kwargs: Any) -> None:
     schedule(result.next)
 
 
-@app.task(name="animate.validate", bind=True, base=MeteredTask, **INTAKE_LIMITS, **RETRY)
-def validate_job(self: Task[Any, Any], job_id: str, version: int) -> None:
-    """A received job's inputs, checked again (its intake's worker died while checking them)."""
-    schedule(steps.validate(services(), job_id, version))
+def _limits(budget: Budget) -> dict[str, Any]:
+    if budget == "intake":
+        return INTAKE_LIMITS
+    if budget == "prepare":
+        return PREPARE_LIMITS
+    if budget == "copy":
+        return {"time_limit": settings.copy_time_limit,
+                "soft_time_limit": settings.copy_time_limit - 30}  # fmt: skip
+    return {}
 
 
-@app.task(name="animate.detect", bind=True, base=MeteredTask, **RETRY)
-def detect_job(self: Task[Any, Any], job_id: str, version: int) -> None:
-    """The image check (cached per image and account)."""
-    schedule(steps.detect(services(), job_id, version))
+def _step_task(row: StepDef) -> Task[Any, Any]:
+    """The Celery task of one step: ``(job_id, version)`` in, the next wake-up scheduled."""
+    name = row.name
+
+    def run(self: Task[Any, Any], job_id: str, version: int) -> None:
+        step = STEPS[name]  # looked up when it runs (a test may swap the row)
+        try:
+            schedule(step.run(services(), job_id, version))
+        except SoftTimeLimitExceeded:
+            if step.on_soft_limit is None:
+                raise
+            schedule(step.on_soft_limit(services(), job_id))
+
+    run.__name__ = run.__qualname__ = f"{name}_job"
+    run.__doc__ = row.doc
+    run.__module__ = __name__
+    register: Callable[[Callable[..., None]], Task[Any, Any]] = app.task(
+        name=row.task, bind=True, base=MeteredTask, **_limits(row.budget), **RETRY
+    )
+    return register(run)
 
 
-@app.task(name="animate.prepare", bind=True, base=MeteredTask, **PREPARE_LIMITS, **RETRY)
-def prepare_job(self: Task[Any, Any], job_id: str, version: int) -> None:
-    """The dance video's template: checked, reused, or made by a template job."""
-    schedule(steps.prepare(services(), job_id, version))
-
-
-@app.task(name="animate.submit", bind=True, base=MeteredTask, **RETRY)
-def submit_job(self: Task[Any, Any], job_id: str, version: int) -> None:
-    schedule(steps.submit(services(), job_id, version))
-
-
-@app.task(name="animate.poll", bind=True, base=MeteredTask, **RETRY)
-def poll_job(self: Task[Any, Any], job_id: str, version: int) -> None:
-    schedule(steps.poll(services(), job_id, version))
-
-
-@app.task(
-    name="animate.copy",
-    bind=True,
-    time_limit=settings.copy_time_limit,
-    soft_time_limit=settings.copy_time_limit - 30,
-    base=MeteredTask,
-    **RETRY,
-)
-def copy_job(self: Task[Any, Any], job_id: str, version: int) -> None:
-    """The copy. It pauses itself before its time budget ends (the next attempt goes on from
-    its checkpoint); should something hang past the soft limit, it is sent again at once."""
-    try:
-        schedule(steps.copy(services(), job_id, version))
-    except SoftTimeLimitExceeded:
-        schedule(steps.copy_interrupted(services(), job_id))
-
-
-@app.task(name="animate.deliver", bind=True, base=MeteredTask, **RETRY)
-def deliver_job(self: Task[Any, Any], job_id: str, version: int) -> None:
-    """A final job's result, callback and signed webhook, at least once."""
-    schedule(steps.deliver(services(), job_id, version))
-
-
-@app.task(name="animate.webhook", bind=True, base=MeteredTask, **RETRY)
-def webhook_job(self: Task[Any, Any], job_id: str, version: int) -> None:
-    """The old name of animate.deliver (its messages sent before the upgrade)."""
-    schedule(steps.deliver_webhook(services(), job_id, version))
+# One task per row of the step table (workers/steps/table.py).
+TASKS: dict[Step, Task[Any, Any]] = {name: _step_task(row) for name, row in STEPS.items()}
 
 
 @app.task(name="animate.cancel", bind=True, ignore_result=False, base=MeteredTask, **RETRY)
