@@ -20,10 +20,10 @@ demo: $(VENV)/.installed  ## one job end to end on the emulator, a local S3 and 
 dev: $(VENV)/.installed  ## the full local stack in one command (Procfile.dev, .env.dev): Redis, S3, emulator, worker, beat, Flower, exporter
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(VENV)/bin/honcho -e .env.dev -f Procfile.dev start
 
-test:  ## the whole test suite (Redis at $$REDIS_URL if it answers, else the suite starts its own)
+test: $(VENV)/.installed  ## the whole test suite (Redis at $$REDIS_URL if it answers, else the suite starts its own)
 	$(PY) -m pytest -n 6 --dist loadfile --no-loadscope-reorder
 
-test-fast:  ## the edit loop: unit tests, the layer rule and the store's contract suite (under a minute)
+test-fast: $(VENV)/.installed  ## the edit loop: unit tests, the layer rule and the store's contract suite (under a minute)
 	$(PY) -m pytest -n 4 tests/unit tests/deploy tests/integration/test_store_contract.py
 
 lint:  ## ruff lint + format check, strict mypy
