@@ -200,9 +200,11 @@ class Worker(Service):
         name: str | None = None,
         extra_args: tuple[str, ...] = (),
         app: str = "config.celery_app",
+        cwd: str | Path | None = None,
     ) -> None:
         self.env = {**os.environ, **env}
         self.app = app
+        self.cwd = cwd  # another checkout's code (its directory comes first on the path)
         self.queues = queues
         self.concurrency = concurrency
         self.name = name or f"aq-{os.getpid()}-{free_port()}@%h"
@@ -220,7 +222,12 @@ class Worker(Service):
                 "--loglevel", "INFO", "-E", "--without-gossip", "--without-mingle",
                 *self.extra_args]  # fmt: skip
         self.proc = subprocess.Popen(
-            args, env=self.env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
+            args,
+            env=self.env,
+            cwd=self.cwd,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         deadline = time.monotonic() + timeout
         while b" ready." not in self.log_path.read_bytes():
