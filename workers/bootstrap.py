@@ -99,9 +99,45 @@ def governor(settings: Settings) -> RedisGovernor:
 
 
 def build_services(settings: Settings) -> Services:
+    """Every port the steps use, made from ``settings``, with the tuning (``tuning``)."""
     settings.require_worker()
     assert settings.s3_bucket is not None
     metrics = RedisMetrics(redis_client(settings), settings.key_prefix)
+    api = video_api(settings, metrics)
+    s3 = s3_client(settings)
+    guard = AddressGuard.from_setting(settings.url_allowlist)
+    image_http = httpx.Client(timeout=httpx.Timeout(settings.image_check_timeout))
+    video_http = httpx.Client(timeout=httpx.Timeout(settings.video_probe_timeout, connect=10.0))
+    broker = broker_redis(settings) or redis_client(settings)
+    return Services.of(
+        tuning(settings),
+        **_installed,
+        clock=RedisClock(redis_client(settings)),  # one clock for every deadline: Redis's
+        queues=BrokerQueues(RedisQueues(broker, prefix=settings.key_prefix)),
+        webhooks=webhooks(settings, guard),
+        guard=guard,
+        store=job_store(settings, metrics),
+        metrics=metrics,
+        api=api,
+        inputs=BucketInputs(
+            S3Inputs(s3, settings.s3_bucket, settings.input_prefix),
+            ttl=settings.input_url_ttl_seconds,
+            mode=settings.input_upload_mode,
+            api=api,
+            cache=redis_client(settings),
+            prefix=settings.key_prefix,
+        ),
+        videos=HttpVideoProbe(video_http, guard, total_seconds=settings.video_download_seconds),
+        governor=governor(settings),
+        copier=S3CopierPort(copier(settings, s3)),
+        images=HttpImageProbe(
+            image_http, guard, total_seconds=max(5.0, settings.intake_seconds - 15)
+        ),
+    )
+
+
+def video_api(settings: Settings, metrics: RedisMetrics) -> DashScopeVideoApi:
+    """DashScope, one client per account, over one HTTP pool with the call timeouts."""
     api_http = httpx.Client(
         timeout=httpx.Timeout(
             settings.dashscope_read_timeout, connect=settings.dashscope_connect_timeout
@@ -117,60 +153,38 @@ def build_services(settings: Settings) -> Services:
         )
         for account, key in settings.accounts().items()
     }
-    download = httpx.Client(
-        timeout=httpx.Timeout(settings.copy_read_timeout, connect=10.0), follow_redirects=True
-    )
-    s3 = s3_client(settings)
-    copier = S3Copier(
-        s3,
-        download,
-        bucket=settings.s3_bucket,
-        part_size=settings.copy_part_size_mb * 1024 * 1024,
-        max_concurrency=settings.copy_concurrency,
-    )
-    image_http = httpx.Client(timeout=httpx.Timeout(settings.image_check_timeout))
-    video_http = httpx.Client(timeout=httpx.Timeout(settings.video_probe_timeout, connect=10.0))
-    guard = AddressGuard.from_setting(settings.url_allowlist)
-    api = DashScopeVideoApi(
+    return DashScopeVideoApi(
         clients,
         settings.dashscope_model,
         template_model=settings.dashscope_template_model,
         detect_model=settings.dashscope_detect_model,
         metrics=metrics,
     )
-    inputs = BucketInputs(
-        S3Inputs(s3, settings.s3_bucket, settings.input_prefix),
-        ttl=settings.input_url_ttl_seconds,
-        mode=settings.input_upload_mode,
-        api=api,
-        cache=redis_client(settings),
-        prefix=settings.key_prefix,
+
+
+def copier(settings: Settings, s3: S3Client) -> S3Copier:
+    """The copy from a video URL into the bucket (its download client follows redirects)."""
+    assert settings.s3_bucket is not None
+    download = httpx.Client(
+        timeout=httpx.Timeout(settings.copy_read_timeout, connect=10.0), follow_redirects=True
     )
-    webhooks = None
-    if settings.webhook_secret is not None and settings.webhook_secret.get_secret_value():
-        webhooks = HttpWebhooks(
-            httpx.Client(timeout=httpx.Timeout(settings.webhook_timeout_seconds)),
-            settings.webhook_secret.get_secret_value(),
-            guard,
-        )
-    broker = broker_redis(settings) or redis_client(settings)
-    return Services.of(
-        tuning(settings),
-        **_installed,
-        clock=RedisClock(redis_client(settings)),  # one clock for every deadline: Redis's
-        queues=BrokerQueues(RedisQueues(broker, prefix=settings.key_prefix)),
-        webhooks=webhooks,
-        guard=guard,
-        store=job_store(settings, metrics),
-        metrics=metrics,
-        api=api,
-        inputs=inputs,
-        videos=HttpVideoProbe(video_http, guard, total_seconds=settings.video_download_seconds),
-        governor=governor(settings),
-        copier=S3CopierPort(copier),
-        images=HttpImageProbe(
-            image_http, guard, total_seconds=max(5.0, settings.intake_seconds - 15)
-        ),
+    return S3Copier(
+        s3,
+        download,
+        bucket=settings.s3_bucket,
+        part_size=settings.copy_part_size_mb * 1024 * 1024,
+        max_concurrency=settings.copy_concurrency,
+    )
+
+
+def webhooks(settings: Settings, guard: AddressGuard) -> HttpWebhooks | None:
+    """Signed webhooks, when a WEBHOOK_SECRET is set (None otherwise)."""
+    if settings.webhook_secret is None or not settings.webhook_secret.get_secret_value():
+        return None
+    return HttpWebhooks(
+        httpx.Client(timeout=httpx.Timeout(settings.webhook_timeout_seconds)),
+        settings.webhook_secret.get_secret_value(),
+        guard,
     )
 
 

@@ -29,57 +29,24 @@ log = logging.getLogger(__name__)
 
 
 def copy(svc: Services, job_id: str, version: int) -> Next | None:
+    """One copy attempt: from the video URL (or the attempt's checkpoint) into S3, under a lease
+    it renews; it pauses before its budget ends and the next attempt goes on."""
     job = load(svc, job_id, version)
     if job is None or job.state != JobState.COPYING or not job.video_url:
         return None
     now = svc.clock()
-    if not host_allowed(job.video_url, svc.video_hosts):
-        finish(
-            svc,
-            job,
-            Finish(
-                JobState.FAILED,
-                "UnexpectedVideoHost",
-                "DashScope returned a video_url on a host outside VIDEO_URL_HOSTS; not fetched",
-            ),
-        )
+    refused = _refused(svc, job, now)
+    if refused is not None:
+        finish(svc, job, refused)
         return None
-    if copy_expired(job, now):
-        finish(
-            svc,
-            job,
-            Finish(JobState.EXPIRED, "VideoUrlExpired", "the video URL expired before the copy"),
-        )
-        return None
-    attempt = svc.store.transition(
-        job,
-        JobState.COPYING,
-        copy_attempts=job.copy_attempts + 1,
-        copy_started_at=job.copy_started_at or now,
-        updated_at=now,
-        next_action_at=now + svc.copy.lease_seconds,
-    )
+    attempt = svc.store.transition(job, JobState.COPYING, copy_attempts=job.copy_attempts + 1,
+                                   copy_started_at=job.copy_started_at or now, updated_at=now,
+                                   next_action_at=now + svc.copy.lease_seconds)  # fmt: skip
     if attempt is None:
         return None
-    job = attempt
-    key = s3_key(svc.s3_prefix, job.job_id)
-    metadata = {"job-id": job.job_id}
-    if job.remote_task_id:
-        metadata["dashscope-task-id"] = job.remote_task_id
-    lease = _Lease(svc, job)
+    lease = _Lease(svc, attempt)
     try:
-        # An earlier attempt may have stored and verified the object, then lost its worker
-        # before recording it: the verified object (it carries its SHA-256) is taken as is.
-        # The first attempt has no earlier one (keys are per job): it skips that HEAD.
-        earlier = svc.copier.find(key) if job.copy_attempts > 1 else None
-        stored = earlier or svc.copier.copy(
-            job.video_url or "",
-            key,
-            metadata,
-            heartbeat=lease.renew,
-            resume=job.copy_checkpoint,
-            budget=svc.copy.attempt_seconds,
-        )
+        stored = _store(svc, attempt, lease)
     except StaleStep:
         log.warning("job %s: copy abandoned, another worker took the job over", job_id)
         return None
@@ -90,30 +57,50 @@ def copy(svc: Services, job_id: str, version: int) -> Next | None:
         return _copy_failed(svc, lease.job, exc, transient=True)
     except PermanentError as exc:
         return _copy_failed(svc, lease.job, exc, transient=False)
-    job = lease.job
-    done = svc.clock()
-    final = svc.store.transition(
-        job,
-        JobState.STORED,
-        s3_bucket=stored.bucket,
-        s3_key=stored.key,
-        bytes=stored.size,
-        sha256=stored.sha256,
-        finished_at=done,
-        updated_at=done,
-        error_code=None,
-        error_message=None,
-        copy_checkpoint=None,
-        wake=None,
-        **final_fields(svc, done),
-    )
-    if final is None:
-        log.warning("job %s: copy finished but the job moved on (stale copy)", job_id)
-    else:
-        log.info("job %s stored at %s (%d bytes)", job_id, final.s3_uri, stored.size)
-        _copy_metrics(svc, final, stored, done - now)
-        ended(svc, final)
+    _stored(svc, lease.job, stored, now)
     return None
+
+
+def _refused(svc: Services, job: Job, now: float) -> Finish | None:
+    """Why this video must not be fetched at all, if it must not."""
+    if not host_allowed(job.video_url or "", svc.video_hosts):
+        return Finish(JobState.FAILED, "UnexpectedVideoHost",
+                      "DashScope returned a video_url on a host outside VIDEO_URL_HOSTS; "
+                      "not fetched")  # fmt: skip
+    if copy_expired(job, now):
+        return Finish(JobState.EXPIRED, "VideoUrlExpired", "the video URL expired before the copy")
+    return None
+
+
+def _store(svc: Services, job: Job, lease: _Lease) -> StoredCopy:
+    """The object in S3: an earlier attempt's verified one, or this attempt's copy."""
+    key = s3_key(svc.s3_prefix, job.job_id)
+    metadata = {"job-id": job.job_id}
+    if job.remote_task_id:
+        metadata["dashscope-task-id"] = job.remote_task_id
+    # An earlier attempt may have stored and verified the object, then lost its worker before
+    # recording it: the verified object (it carries its SHA-256) is taken as is. The first
+    # attempt has no earlier one (keys are per job): it skips that HEAD.
+    earlier = svc.copier.find(key) if job.copy_attempts > 1 else None
+    return earlier or svc.copier.copy(job.video_url or "", key, metadata, heartbeat=lease.renew,
+                                      resume=job.copy_checkpoint,
+                                      budget=svc.copy.attempt_seconds)  # fmt: skip
+
+
+def _stored(svc: Services, job: Job, stored: StoredCopy, started: float) -> None:
+    """Record the stored copy: the job ends STORED and its deliveries go out."""
+    done = svc.clock()
+    final = svc.store.transition(job, JobState.STORED, s3_bucket=stored.bucket,
+                                 s3_key=stored.key, bytes=stored.size, sha256=stored.sha256,
+                                 finished_at=done, updated_at=done, error_code=None,
+                                 error_message=None, copy_checkpoint=None, wake=None,
+                                 **final_fields(svc, done))  # fmt: skip
+    if final is None:
+        log.warning("job %s: copy finished but the job moved on (stale copy)", job.job_id)
+        return
+    log.info("job %s stored at %s (%d bytes)", job.job_id, final.s3_uri, stored.size)
+    _copy_metrics(svc, final, stored, done - started)
+    ended(svc, final)
 
 
 def copy_interrupted(svc: Services, job_id: str) -> Next | None:

@@ -54,44 +54,12 @@ def intake(
     Bad input still creates a record, in REJECTED with the reason, so the producer can see why.
     """
     now = svc.clock()
-    raw_id = kwargs.get("job_id") if isinstance(kwargs, Mapping) else None
     try:
         request = (parse_template_request if kind == JobKind.TEMPLATE else parse_request)(
             kwargs, args
         )
     except InvalidJobRequest as exc:
-        job_id = raw_id if isinstance(raw_id, str) and _usable_id(raw_id) else message_id
-        # The request is refused, but its callback (if that part is sound) still hears why.
-        task, queue = kwargs.get("callback_task"), kwargs.get("callback_queue")
-        callback_ok = callback_task_ok(task) and callback_queue_ok(queue)
-        placeholder = JobRequest(
-            job_id=job_id,
-            callback_task=task if callback_ok else None,
-            callback_queue=queue if callback_ok else None,
-        )
-        job = Job(
-            job_id=job_id,
-            state=JobState.REJECTED,
-            version=1,
-            request=placeholder,
-            created_at=now,
-            updated_at=now,
-            kind=kind.value,
-            intake_message_id=message_id,
-            finished_at=now,
-            error_code=exc.code,
-            error_message=exc.message,
-            # A job_id that cannot name a job: the record goes under the message id, and the
-            # refusal is also published under the id the producer asked for (its AsyncResult).
-            requested_id=raw_id if job_id != raw_id and _echoable_id(raw_id) else None,
-            **final_fields(svc, now),
-        )
-        stored, created = svc.store.create(job)
-        log.info("job %s rejected at intake: %s", stored.job_id, exc)
-        if created:
-            ended(svc, stored)
-        return IntakeResult(stored.job_id, stored.state, created)
-
+        return _rejected(svc, kwargs, message_id, kind, exc, now)
     job_id = request.job_id or message_id
     account, _ = _account_for(svc, request)
     job = Job(
@@ -117,6 +85,32 @@ def intake(
     if stored.state != JobState.RECEIVED:
         return IntakeResult(job_id, stored.state, created)  # a redelivered intake, already past
     return IntakeResult(job_id, _validate(svc, stored), created)
+
+
+def _rejected(svc: Services, kwargs: Mapping[str, Any], message_id: str, kind: JobKind,
+              exc: InvalidJobRequest, now: float) -> IntakeResult:  # fmt: skip
+    """A refused request still gets a record, REJECTED with the reason, so the producer can see
+    why; its callback (if that part is sound) hears it too."""
+    raw_id = kwargs.get("job_id") if isinstance(kwargs, Mapping) else None
+    job_id = raw_id if isinstance(raw_id, str) and _usable_id(raw_id) else message_id
+    task, queue = kwargs.get("callback_task"), kwargs.get("callback_queue")
+    callback_ok = callback_task_ok(task) and callback_queue_ok(queue)
+    placeholder = JobRequest(job_id=job_id, callback_task=task if callback_ok else None,
+                             callback_queue=queue if callback_ok else None)  # fmt: skip
+    job = Job(
+        job_id=job_id, state=JobState.REJECTED, version=1, request=placeholder, created_at=now,
+        updated_at=now, kind=kind.value, intake_message_id=message_id, finished_at=now,
+        error_code=exc.code, error_message=exc.message,
+        # A job_id that cannot name a job: the record goes under the message id, and the
+        # refusal is also published under the id the producer asked for (its AsyncResult).
+        requested_id=raw_id if job_id != raw_id and _echoable_id(raw_id) else None,
+        **final_fields(svc, now),
+    )  # fmt: skip
+    stored, created = svc.store.create(job)
+    log.info("job %s rejected at intake: %s", stored.job_id, exc)
+    if created:
+        ended(svc, stored)
+    return IntakeResult(stored.job_id, stored.state, created)
 
 
 def validate(svc: Services, job_id: str, version: int) -> Next | None:

@@ -42,17 +42,10 @@ def submit(svc: Services, job_id: str, version: int) -> Next | None:
     waiting = wait_for_token(svc, job, "template" if job.is_template else "submit", "submit")
     if waiting is not None:
         return waiting
-    now = svc.clock()
-    if job.state == JobState.QUEUED:
-        claimed = svc.store.transition(
-            job,
-            JobState.SUBMITTING,
-            updated_at=now,
-            next_action_at=now + svc.submit.attempt_seconds,
-        )
-        if claimed is None:
-            return None
-        job = claimed
+    claimed = _claim(svc, job)
+    if claimed is None:
+        return None
+    job = claimed
     if svc.store.lock_submit(job.lane, job.job_id) is not None:
         # Another job's POST in this lane is in flight or unresolved: wait in line (not an
         # attempt, no message: the unlock wakes us; the record's deadline is the fallback).
@@ -76,14 +69,27 @@ def submit(svc: Services, job_id: str, version: int) -> Next | None:
     except PermanentError as exc:
         finish(svc, job, Finish(JobState.FAILED, exc.code, exc.message))
         return None
+    return _post(svc, job, inputs)
+
+
+def _claim(svc: Services, job: Job) -> Job | None:
+    """An admitted QUEUED job becomes SUBMITTING (None: another worker moved it first)."""
+    if job.state != JobState.QUEUED:
+        return job
+    now = svc.clock()
+    return svc.store.transition(job, JobState.SUBMITTING, updated_at=now,
+                                next_action_at=now + svc.submit.attempt_seconds)  # fmt: skip
+
+
+def _post(svc: Services, job: Job, inputs: JobRequest | str) -> Next | None:
+    """The paid POST, recorded as uncertain until its answer is: a worker that dies in between
+    leaves the job marked, so whoever resumes it reconciles instead of resubmitting."""
     started = svc.clock()
     attempting = svc.store.transition(
         job,
         JobState.SUBMITTING,
         submit_attempts=job.submit_attempts + 1,
         submit_started_at=started,
-        # Until its answer is recorded the POST may have created a task: a worker that dies in
-        # between leaves the job marked, so whoever resumes it reconciles instead of resubmitting.
         submit_ambiguous=True,
         submit_uncertain_since=started,
         submit_ended_at=None,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Literal
 
 from workers.domain.decisions import (
     Finish,
@@ -53,66 +54,60 @@ def watchdog(
     """
     now = svc.clock()
     queues = svc.queues.waiting() if svc.queues is not None else None
-    resumed: list[str] = []
-    poisoned: list[str] = []
-    waiting: list[str] = []
+    seen: dict[str, list[str]] = {"resumed": [], "poisoned": [], "waiting": []}
     for job_id in svc.store.due(now - grace, limit):
         job = svc.store.get(job_id)
-        if job is None:
+        step = _step_for(svc, job) if job is not None else None
+        if job is None or step is None:
             continue
-        if job.final:
-            if job.delivery != DELIVERY_PENDING:
-                continue
-            step: Step = "deliver"
-        elif job.state not in RESUMABLE:
-            continue
-        elif job.state == JobState.QUEUED and job.admitted_at is None:
-            _recheck_queued(svc, job)
-            continue
-        else:
-            step = RESUMABLE[job.state]
         overdue = now - (job.next_action_at if job.next_action_at is not None else now)
         if job.wake == WAKE_SENT and _in_backlog(queues, step, overdue, grace):
-            waiting.append(job_id)
+            seen["waiting"].append(job_id)
             continue
-        if job.wake in (WAKE_SENT, WAKE_TIMER):
-            reason, deaths, delay = ("lost" if job.wake == WAKE_SENT else "timer"), job.resumes, 0.0
-        else:
-            reason, deaths = "died", job.resumes + 1
-            if deaths > max_resumes and not _paid(job):
-                finish(
-                    svc,
-                    job,
-                    Finish(
-                        JobState.FAILED,
-                        "PoisonJob",
-                        f"its {step} step was taken {deaths} times in a row in {job.state} and "
-                        "its worker died each time; stopped before anything was paid, so it "
-                        "cannot take more workers down",
-                    ),
-                )
-                poisoned.append(job_id)
-                continue
-            delay = svc.copy.backoff.delay(deaths, svc.rand) if deaths > 1 else 0.0
-        moved = svc.store.transition(
-            job,
-            job.state,
-            resumes=deaths or None,
-            updated_at=now,
-            next_action_at=now + delay,
-            wake=WAKE_SENT,
-        )
-        if moved is None:
-            continue  # it moved on by itself in the meantime
-        log.warning("job %s: resumed, overdue %.0f s in %s (%s): %s sent again in %.0f s",
-                    job_id, overdue, job.state, reason, step, delay)  # fmt: skip
-        svc.metrics.inc("watchdog_resumes_total", reason=reason, step=step)
-        svc.wake(Next.of(step, moved, delay))
-        resumed.append(job_id)
+        outcome = _resume(svc, job, step, now, overdue, max_resumes)
+        if outcome is not None:
+            seen[outcome].append(job_id)
     for account in accounts:
         admit(svc, account)
         admit(svc, template_lane(account))
-    return WatchdogReport(resumed, poisoned, len(accounts), waiting)
+    return WatchdogReport(seen["resumed"], seen["poisoned"], len(accounts), seen["waiting"])
+
+
+def _step_for(svc: Services, job: Job) -> Step | None:
+    """The step that carries an overdue job on (None: nothing to resume; a QUEUED job not yet
+    admitted is rechecked on the spot)."""
+    if job.final:
+        return "deliver" if job.delivery == DELIVERY_PENDING else None
+    if job.state == JobState.QUEUED and job.admitted_at is None:
+        _recheck_queued(svc, job)
+        return None
+    return RESUMABLE.get(job.state)
+
+
+def _resume(svc: Services, job: Job, step: Step, now: float, overdue: float,
+            max_resumes: int) -> Literal["resumed", "poisoned"] | None:  # fmt: skip
+    """Send ``step`` again (a lost message or a timer: at once; a worker that died in it: with a
+    growing delay), or fail an unpaid job that took too many workers down."""
+    if job.wake in (WAKE_SENT, WAKE_TIMER):
+        reason, deaths, delay = ("lost" if job.wake == WAKE_SENT else "timer"), job.resumes, 0.0
+    else:
+        reason, deaths = "died", job.resumes + 1
+        if deaths > max_resumes and not _paid(job):
+            finish(svc, job, Finish(JobState.FAILED, "PoisonJob",
+                   f"its {step} step was taken {deaths} times in a row in {job.state} and its "
+                   "worker died each time; stopped before anything was paid, so it cannot take "
+                   "more workers down"))  # fmt: skip
+            return "poisoned"
+        delay = svc.copy.backoff.delay(deaths, svc.rand) if deaths > 1 else 0.0
+    moved = svc.store.transition(job, job.state, resumes=deaths or None, updated_at=now,
+                                 next_action_at=now + delay, wake=WAKE_SENT)  # fmt: skip
+    if moved is None:
+        return None  # it moved on by itself in the meantime
+    log.warning("job %s: resumed, overdue %.0f s in %s (%s): %s sent again in %.0f s",
+                job.job_id, overdue, job.state, reason, step, delay)  # fmt: skip
+    svc.metrics.inc("watchdog_resumes_total", reason=reason, step=step)
+    svc.wake(Next.of(step, moved, delay))
+    return "resumed"
 
 
 def _recheck_queued(svc: Services, job: Job) -> None:
