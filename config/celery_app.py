@@ -5,6 +5,7 @@ Each setting that matters carries its reason; most come from ../shared/docs/cele
 
 from __future__ import annotations
 
+import logging
 import sys
 from typing import Any
 
@@ -94,8 +95,11 @@ app.conf.update(
 def _logging(**_: Any) -> None:
     """Our handlers and format (LOG_FORMAT) for workers and beat, instead of Celery's."""
     from config import logs
+    from workers.logfields import JobFields
 
     logs.configure(settings)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(JobFields())  # the step, job id and version on every line
 
 
 @worker_init.connect

@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parents[2]
 # A module may import our modules of its own rank or lower, never higher.
 RANKS = {
     "workers.errors": 0,
+    "workers.logfields": 0,
     "workers.domain": 0,
     "workers.ports": 1,
     "workers.steps": 2,
@@ -24,7 +25,7 @@ RANKS = {
     "workers.entrypoints": 5,
 }
 # The pure layers import nothing from outside the standard library and our lower layers.
-PURE = ("workers.errors", "workers.domain", "workers.ports", "workers.steps")
+PURE = ("workers.errors", "workers.logfields", "workers.domain", "workers.ports", "workers.steps")
 
 
 def modules(package: str) -> list[str]:

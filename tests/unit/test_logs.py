@@ -53,3 +53,39 @@ def test_text_by_default(restore_root: None, capsys: pytest.CaptureFixture[str])
     assert "WARNING" in err and "workers.steps.poll: plain words" in err
     with pytest.raises(json.JSONDecodeError):
         json.loads(err.splitlines()[-1])
+
+
+def test_a_steps_lines_carry_its_step_job_and_version(
+    restore_root: None, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The task binds its step and the message's job id and version, the step's ``load`` the
+    job's state: every line the step logs carries them as JSON keys, not only in its text; the
+    next task's lines do not inherit them."""
+    from config import celery_app
+    from tests.fakes import make_services
+    from workers.domain.job import Job
+    from workers.domain.request import JobRequest
+    from workers.domain.states import JobState
+    from workers.entrypoints.celery import tasks
+    from workers.errors import DashScopeUnavailable
+
+    monkeypatch.setenv("LOG_FORMAT", "json")
+    monkeypatch.setattr(celery_app, "settings", load_settings({"LOG_FORMAT": "json"}))
+    celery_app._logging()  # what the worker's setup_logging signal runs
+    svc = make_services()
+    svc.store.create(Job(job_id="j-logs", state=JobState.SUBMITTED, version=4,
+                         request=JobRequest("https://cdn.test/a.png", "AACT.a.b"),
+                         created_at=svc.clock(), updated_at=svc.clock(),
+                         submitted_at=svc.clock(), remote_task_id="t-logs"))  # fmt: skip
+    svc.api.poll_script.append(DashScopeUnavailable("502 from the gateway"))  # type: ignore[attr-defined]
+    monkeypatch.setattr(tasks, "services", lambda: svc)
+    monkeypatch.setattr(tasks, "schedule", lambda step: None)
+    tasks.TASKS["poll"].run("j-logs", 4)
+    logging.getLogger("workers.steps.poll").warning("a line outside any task")
+    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.strip()]
+    failed = next(line for line in lines if "poll failed" in line["message"])
+    assert (failed["step"], failed["job_id"], failed["version"], failed["state"]) == (
+        "poll", "j-logs", 4, "SUBMITTED")  # fmt: skip
+    outside = lines[-1]
+    assert outside["message"] == "a line outside any task"
+    assert not {"step", "job_id", "version", "state"} & set(outside)

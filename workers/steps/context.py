@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
+from workers import logfields
 from workers.domain.job import Job
 from workers.domain.policies import (
     CopyPolicy,
@@ -226,4 +227,5 @@ def load(svc: Services, job_id: str, version: int) -> Job | None:
         log.info("job %s: stale message (version %d, job at %d); ignored", job_id, version,
                  job.version)  # fmt: skip
         return None
+    logfields.bind(job_id=job_id, version=version, state=job.state.value)
     return job

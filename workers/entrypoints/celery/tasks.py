@@ -19,7 +19,7 @@ from celery import Task, bootsteps
 from celery.exceptions import SoftTimeLimitExceeded
 
 from config.celery_app import app, settings
-from workers import steps
+from workers import logfields, steps
 from workers.adapters.redis.queues import Heartbeats, RedisQueues
 from workers.adapters.redis.store import RedisJobStore
 from workers.adapters.redis.timers import Dispatcher, Parked, RedisTimers
@@ -216,12 +216,13 @@ def _step_task(row: StepDef) -> Task[Any, Any]:
 
     def run(self: Task[Any, Any], job_id: str, version: int) -> None:
         step = STEPS[name]  # looked up when it runs (a test may swap the row)
-        try:
-            schedule(step.run(services(), job_id, version))
-        except SoftTimeLimitExceeded:
-            if step.on_soft_limit is None:
-                raise
-            schedule(step.on_soft_limit(services(), job_id))
+        with logfields.bound(step=name, job_id=job_id, version=version):
+            try:
+                schedule(step.run(services(), job_id, version))
+            except SoftTimeLimitExceeded:
+                if step.on_soft_limit is None:
+                    raise
+                schedule(step.on_soft_limit(services(), job_id))
 
     run.__name__ = run.__qualname__ = f"{name}_job"
     run.__doc__ = row.doc
