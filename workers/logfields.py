@@ -6,19 +6,18 @@ handlers; JSON lines (``LOG_FORMAT=json``) carry them as keys."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from types import MappingProxyType
 
-_NONE: Mapping[str, object] = MappingProxyType({})
-_FIELDS: ContextVar[Mapping[str, object]] = ContextVar("animate_queue_log_fields", default=_NONE)
+# The fields of the innermost bound() block; None outside any.
+_FIELDS: ContextVar[dict[str, object] | None] = ContextVar("animate_queue_log_fields", default=None)
 
 
 @contextmanager
 def bound(**fields: object) -> Iterator[None]:
     """Fields for every record made inside the block (and by what it calls); gone after it."""
-    token = _FIELDS.set({**_FIELDS.get(), **fields})
+    token = _FIELDS.set({**(_FIELDS.get() or {}), **fields})
     try:
         yield
     finally:
@@ -26,19 +25,22 @@ def bound(**fields: object) -> Iterator[None]:
 
 
 def bind(**fields: object) -> None:
-    """Add fields until the enclosing :func:`bound` block ends (``load`` binds the job)."""
-    _FIELDS.set({**_FIELDS.get(), **fields})
+    """Add fields until the enclosing :func:`bound` block ends; outside one, nothing (so a step
+    run by hand, a CLI or a test, leaves nothing behind)."""
+    block = _FIELDS.get()
+    if block is not None:
+        block.update(fields)
 
 
-def current() -> Mapping[str, object]:
-    return _FIELDS.get()
+def current() -> dict[str, object]:
+    return dict(_FIELDS.get() or {})
 
 
 class JobFields(logging.Filter):
     """Puts the bound fields on each record (a field the call passed as ``extra`` wins)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        for name, value in _FIELDS.get().items():
+        for name, value in (_FIELDS.get() or {}).items():
             if not hasattr(record, name):
                 setattr(record, name, value)
         return True

@@ -89,3 +89,16 @@ def test_a_steps_lines_carry_its_step_job_and_version(
     outside = lines[-1]
     assert outside["message"] == "a line outside any task"
     assert not {"step", "job_id", "version", "state"} & set(outside)
+
+
+def test_fields_live_only_inside_their_block() -> None:
+    from workers import logfields
+
+    logfields.bind(job_id="outside")  # a step run by hand: nothing is left behind
+    assert logfields.current() == {}
+    with logfields.bound(step="poll"):
+        logfields.bind(job_id="j1", version=3)
+        with logfields.bound(step="copy"):
+            assert logfields.current() == {"step": "copy", "job_id": "j1", "version": 3}
+        assert logfields.current() == {"step": "poll", "job_id": "j1", "version": 3}
+    assert logfields.current() == {}
