@@ -55,8 +55,8 @@ class Settings(BaseSettings):
     # Remote-queued tasks kept behind the running ones, so the slot never idles between tasks.
     admission_lookahead: int = Field(default=1, ge=0)
     dashscope_base_url: str = "https://dashscope.aliyuncs.com/api/v1"
+    # The model family (its profile, workers/models: endpoints, steps, limits, quotas, prices).
     dashscope_model: str = "animate-anyone-gen2"
-    dashscope_endpoint: str = "video-synthesis"  # under /services/aigc/image2video/
     dashscope_connect_timeout: float = Field(default=5.0, gt=0)
     dashscope_read_timeout: float = Field(default=30.0, gt=0)
     # A detect or submit attempt is presumed dead (the watchdog may resume it) this long after
@@ -98,8 +98,6 @@ class Settings(BaseSettings):
     video_url_hosts: str = "*.aliyuncs.com"
 
     # --- The workflow before generation: image check, action templates, inputs
-    dashscope_detect_model: str = "animate-anyone-detect-gen2"
-    dashscope_template_model: str = "animate-anyone-template-gen2"
     # A half-body image with use_ref_img_bg=false makes DashScope invent the legs (its docs
     # advise against it): "reject" ends the job REJECTED before anything is paid; "warn" records
     # a warning on the job and goes on.

@@ -13,6 +13,7 @@ import httpx
 import redis
 
 from config.settings import Settings, get_settings
+from workers import models
 from workers.adapters.dashscope.api import DashScopeVideoApi
 from workers.adapters.dashscope.client import DashScopeClient
 from workers.adapters.redis.broker import BrokerQueues
@@ -127,13 +128,27 @@ def build_services(settings: Settings) -> Services:
             cache=redis_client(settings),
             prefix=settings.key_prefix,
         ),
-        videos=HttpVideoProbe(video_http, guard, total_seconds=settings.video_download_seconds),
+        videos=HttpVideoProbe(
+            video_http,
+            guard,
+            total_seconds=settings.video_download_seconds,
+            max_bytes=_video_max_bytes(settings),
+        ),
         governor=governor(settings),
         copier=S3CopierPort(copier(settings, s3)),
         images=HttpImageProbe(
-            image_http, guard, total_seconds=max(5.0, settings.intake_seconds - 15)
+            image_http,
+            guard,
+            total_seconds=max(5.0, settings.intake_seconds - 15),
+            max_bytes=models.profile(settings.dashscope_model).image.max_bytes,
         ),
     )
+
+
+def _video_max_bytes(settings: Settings) -> int:
+    """The largest template video the model takes (0: it makes no templates)."""
+    limits = models.profile(settings.dashscope_model).template_video
+    return limits.max_bytes if limits is not None else 0
 
 
 def video_api(settings: Settings, metrics: RedisMetrics) -> DashScopeVideoApi:
@@ -143,23 +158,14 @@ def video_api(settings: Settings, metrics: RedisMetrics) -> DashScopeVideoApi:
             settings.dashscope_read_timeout, connect=settings.dashscope_connect_timeout
         )
     )
+    profile = models.profile(settings.dashscope_model)
     clients = {
         account: DashScopeClient(
-            api_http,
-            api_key=key,
-            base_url=settings.dashscope_base_url,
-            model=settings.dashscope_model,
-            endpoint=settings.dashscope_endpoint,
+            api_http, api_key=key, base_url=settings.dashscope_base_url, profile=profile
         )
         for account, key in settings.accounts().items()
     }
-    return DashScopeVideoApi(
-        clients,
-        settings.dashscope_model,
-        template_model=settings.dashscope_template_model,
-        detect_model=settings.dashscope_detect_model,
-        metrics=metrics,
-    )
+    return DashScopeVideoApi(clients, profile, metrics=metrics)
 
 
 def copier(settings: Settings, s3: S3Client) -> S3Copier:
@@ -208,6 +214,7 @@ def tuning(settings: Settings) -> Tuning:
         input_prefix=settings.input_prefix,
         accounts=frozenset(settings.accounts()),
         default_account=settings.dashscope_default_account,
+        profile=models.profile(settings.dashscope_model),
         video_hosts=tuple(
             h.strip()
             for h in f"{settings.video_url_hosts},{settings.url_allowlist}".split(",")

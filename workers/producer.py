@@ -33,6 +33,7 @@ from boto3.exceptions import Boto3Error
 from botocore.exceptions import BotoCoreError, ClientError
 from celery import Celery
 
+from workers import models
 from workers.adapters.redis.governor import RedisGovernor
 from workers.adapters.redis.store import RedisJobStore
 from workers.adapters.s3.inputs import (
@@ -47,6 +48,7 @@ from workers.domain.routes import public_queue
 from workers.domain.states import FINAL_STATES
 from workers.domain.views import job_view
 from workers.errors import CopyMismatch, InvalidJobRequest, JobNotFound, StorageUnavailable
+from workers.models import ANIMATE_ANYONE_GEN2
 
 INTAKE_TASK = "animate.generate"
 TEMPLATE_TASK = "animate.template"
@@ -81,7 +83,11 @@ class AnimateQueue:
         rates: dict[str, float] | None = None,
         capacity: int = 2,
         inputs: S3Inputs | None = None,
+        model: str = ANIMATE_ANYONE_GEN2.name,
+        governor: RedisGovernor | None = None,
     ) -> None:
+        """``model`` keys the quota buckets and lanes (the workers' DASHSCOPE_MODEL); ``rates``
+        and ``capacity`` only label the account views (the CLI passes the workers' governor)."""
         self.inputs = inputs  # only needed to send local files, or to download videos
         self.celery = Celery(
             "animate_queue_producer",
@@ -96,13 +102,16 @@ class AnimateQueue:
         )
         client = redis.Redis.from_url(redis_url, socket_timeout=10, socket_connect_timeout=5)
         self.store = RedisJobStore(client, prefix=key_prefix, final_ttl=0)
-        self.governor = RedisGovernor(
+        quotas = models.profile(model).quotas  # DashScope's own limits, when none are given
+        self.governor = governor or RedisGovernor(
             client,
             prefix=key_prefix,
-            model="animate-anyone-gen2",
-            rates=rates or {"submit": 0.8, "query": 15.0, "detect": 4.0},
+            model=model,
+            rates=rates or {"submit": quotas.submits_per_second,
+                            "query": quotas.queries_per_second,
+                            "detect": quotas.detects_per_second},
             capacity=capacity,
-        )
+        )  # fmt: skip
 
     def submit(
         self,

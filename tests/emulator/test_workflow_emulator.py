@@ -26,6 +26,7 @@ from workers.adapters.dashscope.client import (
     VideoRequest,
 )
 from workers.errors import DashScopeRejected
+from workers.models import ANIMATE_ANYONE_GEN2 as AA
 
 DETECT = "animate-anyone-detect-gen2"
 TEMPLATE = "animate-anyone-template-gen2"
@@ -95,7 +96,7 @@ def wait_for(client: DashScopeClient, task_id: str, timeout: float = 20) -> Remo
 
 
 def make_template(client: DashScopeClient, video_url: str) -> RemoteTask:
-    submitted = client.submit_async("aa-template-generation", TEMPLATE, {"video_url": video_url})
+    submitted = client.submit_async(AA.remote("template"), {"video_url": video_url})
     return wait_for(client, submitted.task_id)
 
 

@@ -18,6 +18,7 @@ from workers.adapters.dashscope.client import (
     VideoRequest,
 )
 from workers.errors import DashScopeRejected, DashScopeThrottled, DashScopeUnavailable
+from workers.models import ANIMATE_ANYONE_GEN2 as AA
 
 FINAL = {RemoteStatus.SUCCEEDED, RemoteStatus.FAILED, RemoteStatus.CANCELED, RemoteStatus.UNKNOWN}
 
@@ -206,8 +207,7 @@ def test_detect(client: DashScopeClient, person: str) -> None:
 def test_template_generation(client: DashScopeClient, emulator: EmulatorServer) -> None:
     """A template task submitted through submit_async ends with a template_id."""
     submitted = client.submit_async(
-        "aa-template-generation",
-        "animate-anyone-template-gen2",
+        AA.remote("template"),
         {"video_url": f"{emulator.url}/_emulator/samples/dance.mp4?seconds=2.5"},
     )
     assert submitted.status is RemoteStatus.PENDING

@@ -20,6 +20,7 @@ from workers.errors import (
     DashScopeUncertain,
     TransientError,
 )
+from workers.models import ANIMATE_ANYONE_GEN2 as AA
 
 REQUEST = JobRequest(image_url="https://img.test/a.png", template_id="AACT.x.y")
 
@@ -30,7 +31,7 @@ def api(handler: Callable[[httpx.Request], httpx.Response]) -> DashScopeVideoApi
         api_key="sk-test-0123456789",
         base_url="https://dashscope.test/api/v1",
     )
-    return DashScopeVideoApi({"default": client}, "animate-anyone-gen2")
+    return DashScopeVideoApi({"default": client}, AA)
 
 
 def answer(

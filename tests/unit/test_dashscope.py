@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections.abc import Callable
@@ -28,6 +29,7 @@ from workers.errors import (
     TransientError,
     WorkerError,
 )
+from workers.models import ANIMATE_ANYONE_GEN2 as AA
 
 KEY = "sk-unit-3f9c2a7be81d4c6f"
 BASE = "https://dashscope.test/api/v1"
@@ -167,8 +169,9 @@ class TestRequests:
         assert server.only.extensions["timeout"] == httpx.Timeout(3, connect=1).as_dict()
 
     def test_custom_model_and_endpoint(self) -> None:
-        """The constructor's model and endpoint pick the URL and the body's model."""
-        client, server = make(accepted(), model="wan2.2-animate-mix", endpoint="other-endpoint")
+        """The profile's video model picks the URL and the body's model."""
+        other = dataclasses.replace(AA.video, name="wan2.2-animate-mix", endpoint="other-endpoint")
+        client, server = make(accepted(), profile=dataclasses.replace(AA, video=other))
         client.submit_video(VideoRequest(IMAGE, TEMPLATE_ID))
         assert str(server.only.url) == f"{BASE}/services/aigc/image2video/other-endpoint"
         assert body_of(server.only)["model"] == "wan2.2-animate-mix"
@@ -265,9 +268,7 @@ class TestRequests:
         """The generic submit builds the URL from the endpoint and always sends parameters."""
         client, server = make(accepted())
         video = "https://v.test/dance.mp4"
-        submitted = client.submit_async(
-            "aa-template-generation", "animate-anyone-template-gen2", {"video_url": video}
-        )
+        submitted = client.submit_async(AA.remote("template"), {"video_url": video})
         assert submitted.task_id == TASK_ID
         request = server.only
         assert str(request.url) == f"{BASE}/services/aigc/image2video/aa-template-generation"
@@ -296,7 +297,7 @@ class TestRequests:
         )
         client.submit_video(VideoRequest(oss, TEMPLATE_ID))
         client.detect(oss)
-        client.submit_async("aa-template-generation", "m", {"video_url": oss})
+        client.submit_async(AA.remote("template"), {"video_url": oss})
         client.submit_video(VideoRequest(IMAGE, TEMPLATE_ID))
         headers = [r.headers.get("X-DashScope-OssResourceResolve") for r in server.requests]
         assert headers == ["enable", "enable", "enable", None]
@@ -316,9 +317,9 @@ class TestRequests:
         """submit_async refuses an endpoint that is not one path segment."""
         client, server = make()
         with pytest.raises(ValueError):
-            client.submit_async(bad, "m", {"video_url": IMAGE})
+            client.submit_async(dataclasses.replace(AA.video, endpoint=bad), {"video_url": IMAGE})
         with pytest.raises(ValueError):
-            make(endpoint=bad)
+            make(profile=dataclasses.replace(AA, video=dataclasses.replace(AA.video, endpoint=bad)))
         assert server.requests == []
 
     def test_list_needs_aware_bounds(self) -> None:

@@ -20,6 +20,7 @@ from workers.adapters.web.images import HttpImageProbe, facts_from_header
 from workers.domain.media import check_image
 from workers.domain.request import host_allowed, parse_request
 from workers.errors import InvalidJobRequest, TransientError, WorkerError
+from workers.models import ANIMATE_ANYONE_GEN2 as AA
 
 PUBLIC = "93.184.216.34"
 
@@ -140,7 +141,7 @@ class TestImageProbe:
 
         facts = probe_with(handler, {"cdn.test": [PUBLIC]}).probe("https://cdn.test/me.png")
         with pytest.raises(InvalidJobRequest) as info:
-            check_image(facts)
+            check_image(facts, AA.image)
         assert info.value.code == "InvalidImage.Format"
 
     def test_html_instead_of_image(self) -> None:

@@ -22,7 +22,7 @@ from workers.domain.decisions import (
     url_expiry,
 )
 from workers.domain.job import Job, s3_key
-from workers.domain.media import IMAGE_MAX_BYTES, ImageFacts, check_image
+from workers.domain.media import ImageFacts, check_image
 from workers.domain.policies import Backoff
 from workers.domain.request import MAX_METADATA_BYTES, MAX_URL_LENGTH, JobRequest, parse_request
 from workers.domain.states import (
@@ -35,6 +35,7 @@ from workers.domain.states import (
     can_move,
 )
 from workers.errors import InvalidJobRequest
+from workers.models import ANIMATE_ANYONE_GEN2 as AA
 
 NOW = 1_700_000_000.0
 IMAGE = "https://img.test/person.png"
@@ -218,49 +219,49 @@ class TestCheckImage:
     @pytest.mark.parametrize("fmt", ["JPEG", "PNG", "BMP"])
     def test_formats_accepted(self, fmt: str) -> None:
         """The three documented formats pass."""
-        check_image(ImageFacts(fmt, 1000, 640, 480))
+        check_image(ImageFacts(fmt, 1000, 640, 480), AA.image)
 
     @pytest.mark.parametrize("fmt", ["GIF", "WEBP", "jpeg", None])
     def test_format_refused(self, fmt: str | None) -> None:
         """Anything else, and an unknown format, is refused."""
         with pytest.raises(InvalidJobRequest) as info:
-            check_image(ImageFacts(fmt, 1000, 640, 480))
+            check_image(ImageFacts(fmt, 1000, 640, 480), AA.image)
         assert info.value.code == "InvalidImage.Format"
         assert (fmt or "unknown") in info.value.message
 
     def test_size_must_be_under_5_mib(self) -> None:
         """Exactly 5 MiB is refused; one byte less passes; an unknown size passes."""
         with pytest.raises(InvalidJobRequest) as info:
-            check_image(ImageFacts("PNG", IMAGE_MAX_BYTES, 640, 480))
+            check_image(ImageFacts("PNG", AA.image.max_bytes, 640, 480), AA.image)
         assert info.value.code == "InvalidImage.Size"
-        check_image(ImageFacts("PNG", IMAGE_MAX_BYTES - 1, 640, 480))
-        check_image(ImageFacts("PNG", None, 640, 480))
+        check_image(ImageFacts("PNG", AA.image.max_bytes - 1, 640, 480), AA.image)
+        check_image(ImageFacts("PNG", None, 640, 480), AA.image)
 
     @pytest.mark.parametrize(("w", "h"), [(0, 100), (100, 0), (0, 0), (-5, 10)])
     def test_no_pixels(self, w: int, h: int) -> None:
         """A zero (or negative) dimension is refused before any division."""
         with pytest.raises(InvalidJobRequest) as info:
-            check_image(ImageFacts("PNG", 10, w, h))
+            check_image(ImageFacts("PNG", 10, w, h), AA.image)
         assert info.value.code == "InvalidImage.Dimensions"
 
     @pytest.mark.parametrize(("w", "h"), [(4097, 3000), (3000, 4097)])
     def test_longest_side(self, w: int, h: int) -> None:
         """The longest side is at most 4096."""
         with pytest.raises(InvalidJobRequest) as info:
-            check_image(ImageFacts("JPEG", 10, w, h))
+            check_image(ImageFacts("JPEG", 10, w, h), AA.image)
         assert info.value.code == "InvalidImage.LongestSide"
 
     @pytest.mark.parametrize(("w", "h"), [(2001, 1000), (1000, 2001), (100, 300)])
     def test_aspect(self, w: int, h: int) -> None:
         """The aspect ratio is at most 2, either way round."""
         with pytest.raises(InvalidJobRequest) as info:
-            check_image(ImageFacts("JPEG", 10, w, h))
+            check_image(ImageFacts("JPEG", 10, w, h), AA.image)
         assert info.value.code == "InvalidImage.AspectRatio"
 
     @pytest.mark.parametrize(("w", "h"), [(4096, 2048), (2048, 4096), (4096, 4096), (1, 2), (1, 1)])
     def test_happy_path_at_the_limits(self, w: int, h: int) -> None:
         """4096 on the long side, aspect exactly 2, just under 5 MiB: all pass."""
-        check_image(ImageFacts("BMP", IMAGE_MAX_BYTES - 1, w, h))
+        check_image(ImageFacts("BMP", AA.image.max_bytes - 1, w, h), AA.image)
 
 
 class TestTransitions:

@@ -16,6 +16,7 @@ RANKS = {
     "workers.errors": 0,
     "workers.logfields": 0,
     "workers.domain": 0,
+    "workers.models": 0,
     "workers.ports": 1,
     "workers.steps": 2,
     "workers.adapters": 3,
@@ -25,7 +26,14 @@ RANKS = {
     "workers.entrypoints": 5,
 }
 # The pure layers import nothing from outside the standard library and our lower layers.
-PURE = ("workers.errors", "workers.logfields", "workers.domain", "workers.ports", "workers.steps")
+PURE = (
+    "workers.errors",
+    "workers.logfields",
+    "workers.models",
+    "workers.domain",
+    "workers.ports",
+    "workers.steps",
+)
 
 
 def modules(package: str) -> list[str]:

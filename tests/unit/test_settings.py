@@ -14,7 +14,6 @@ def test_defaults() -> None:
     assert s.broker_url == s.result_backend == s.redis_url
     assert s.dashscope_base_url == "https://dashscope.aliyuncs.com/api/v1"
     assert s.dashscope_model == "animate-anyone-gen2"
-    assert s.dashscope_endpoint == "video-synthesis"
     assert s.aws_request_checksum_calculation == "when_required"
 
 
@@ -25,10 +24,16 @@ def test_broker_and_backend_override() -> None:
     assert s.result_backend == "redis://a/1"
 
 
-def test_successor_model_is_configuration() -> None:
-    """Model and endpoint are settings."""
-    s = load_settings({"DASHSCOPE_MODEL": "wan2.7-r2v", "DASHSCOPE_ENDPOINT": "video-synthesis"})
+def test_the_model_is_a_setting_that_names_a_profile() -> None:
+    """DASHSCOPE_MODEL picks the model's profile (workers/models); a name with no profile stops
+    the worker with the known ones named, before anything is sent."""
+    from workers import bootstrap
+
+    s = load_settings({"DASHSCOPE_MODEL": "wan2.7-r2v"})
     assert s.dashscope_model == "wan2.7-r2v"
+    with pytest.raises(ValueError, match="has no profile; known: animate-anyone-gen2"):
+        bootstrap.tuning(s)
+    assert bootstrap.tuning(load_settings({})).profile.name == "animate-anyone-gen2"
 
 
 @pytest.mark.parametrize(

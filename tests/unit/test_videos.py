@@ -19,16 +19,20 @@ from emulator.media import pad_mp4
 from workers.adapters.web.guard import AddressGuard
 from workers.adapters.web.images import facts_from_header
 from workers.adapters.web.videos import HttpVideoProbe, VideoUnavailable, probe_file
-from workers.domain.media import VIDEO_MAX_BYTES, VideoFacts, check_image, check_template_video
+from workers.domain.media import VideoFacts, check_image, check_template_video
 from workers.errors import InvalidJobRequest, TransientError
+from workers.models import ANIMATE_ANYONE_GEN2 as AA
 
 ASSETS = Path(__file__).parents[2] / "devstack" / "assets"
 PUBLIC = "93.184.216.34"
 
+assert AA.template_video is not None
+LIMITS = AA.template_video
+
 
 def refusal(facts: VideoFacts) -> str:
     with pytest.raises(InvalidJobRequest) as caught:
-        check_template_video(facts)
+        check_template_video(facts, LIMITS)
     return caught.value.code
 
 
@@ -50,7 +54,7 @@ def test_probe_reads_a_valid_clip(clip: Path) -> None:
     assert facts.seconds == pytest.approx(3.0, abs=0.05)
     assert facts.byte_size == clip.stat().st_size
     assert facts.sha256 == hashlib.sha256(clip.read_bytes()).hexdigest()
-    check_template_video(facts)
+    check_template_video(facts, LIMITS)
 
 
 def test_probe_keeps_a_given_hash(clip: Path) -> None:
@@ -60,7 +64,7 @@ def test_probe_keeps_a_given_hash(clip: Path) -> None:
 def test_the_bundled_dance_passes() -> None:
     path = ASSETS / "dance.mp4"
     facts = probe_file(path)
-    check_template_video(facts)
+    check_template_video(facts, LIMITS)
     assert (facts.format, facts.codec, facts.width, facts.height) == ("mp4", "h264", 360, 640)
     assert facts.fps == pytest.approx(24.0)
     assert facts.seconds == pytest.approx(3.0, abs=0.05)
@@ -86,14 +90,14 @@ def test_container_names(tmp_path: Path, name: str, container: str | None, expec
 
 def test_mov_and_avi_pass(tmp_path: Path) -> None:
     for name in ("clip.mov", "clip.avi"):
-        check_template_video(probe_file(make_video(tmp_path / name, seconds=2.5)))
+        check_template_video(probe_file(make_video(tmp_path / name, seconds=2.5)), LIMITS)
 
 
 @pytest.mark.skipif(not can_encode("hevc"), reason="this PyAV build has no H.265 encoder")
 def test_hevc_passes(tmp_path: Path) -> None:
     facts = probe_file(make_video(tmp_path / "clip.mp4", codec="hevc", seconds=2.5))
     assert (facts.format, facts.codec) == ("mp4", "hevc")
-    check_template_video(facts)
+    check_template_video(facts, LIMITS)
 
 
 @pytest.mark.parametrize(
@@ -125,16 +129,18 @@ def test_each_limit_is_refused_with_its_code(
 
 def test_too_large_a_file_is_refused(tmp_path: Path, clip: Path) -> None:
     big = tmp_path / "big.mp4"
-    pad_mp4(clip, big, VIDEO_MAX_BYTES + 1)  # a trailing sparse `free` box: still a playable MP4
+    pad_mp4(clip, big, LIMITS.max_bytes + 1)  # a trailing sparse `free` box: still a playable MP4
     facts = probe_file(big)
-    assert (facts.format, facts.codec, facts.byte_size) == ("mp4", "h264", VIDEO_MAX_BYTES + 1)
+    assert (facts.format, facts.codec, facts.byte_size) == ("mp4", "h264", LIMITS.max_bytes + 1)
     assert refusal(facts) == "InvalidVideo.Size"
 
 
 def test_size_limit_boundary(clip: Path) -> None:
     facts = probe_file(clip)
-    check_template_video(dataclasses.replace(facts, byte_size=VIDEO_MAX_BYTES))
-    assert refusal(dataclasses.replace(facts, byte_size=VIDEO_MAX_BYTES + 1)) == "InvalidVideo.Size"
+    check_template_video(dataclasses.replace(facts, byte_size=LIMITS.max_bytes), LIMITS)
+    assert (
+        refusal(dataclasses.replace(facts, byte_size=LIMITS.max_bytes + 1)) == "InvalidVideo.Size"
+    )
 
 
 def unreadable(facts: VideoFacts) -> bool:
@@ -197,7 +203,7 @@ def test_make_image_writes_a_usable_person_with_text_chunks(tmp_path: Path) -> N
     with Image.open(path) as image:
         assert (image.format, image.size) == ("PNG", (512, 768))
         assert image.text == {"emulator_detect": "no_person"}  # type: ignore[attr-defined]
-    check_image(facts_from_header(path.read_bytes(), path.stat().st_size))
+    check_image(facts_from_header(path.read_bytes(), path.stat().st_size), AA.image)
     with Image.open(make_image(tmp_path / "person.jpg", 300, 500, fmt="JPEG")) as image:
         assert (image.format, image.size) == ("JPEG", (300, 500))
     with pytest.raises(ValueError, match="PNG"):

@@ -1,22 +1,13 @@
-"""Input media limits (DashScope's documented ones) and the checks of a probed image or dance video."""
+"""The checks of a probed image or dance video against the selected model's documented limits
+(its profile: workers/models), made before anything is paid."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from workers.domain.request import reject
-
-# DashScope's documented image limits for animate-anyone-gen2.
-IMAGE_FORMATS = ("JPEG", "PNG", "BMP")
-
-
-IMAGE_MAX_BYTES = 5 * 1024 * 1024  # "smaller than 5 MB"
-
-
-IMAGE_MAX_ASPECT = 2.0
-
-
-IMAGE_MAX_SIDE = 4096
+from workers.models.profile import ImageLimits, VideoLimits
 
 
 @dataclass(frozen=True)
@@ -28,52 +19,33 @@ class ImageFacts:
     sha256: str | None = None  # of the whole file, when it was read whole
 
 
-def check_image(facts: ImageFacts) -> None:
+def check_image(facts: ImageFacts, limits: ImageLimits) -> None:
     """Refuse an image DashScope would refuse, before any paid call."""
-    if facts.format not in IMAGE_FORMATS:
+    if facts.format not in limits.formats:
         raise reject(
             "InvalidImage.Format",
-            f"image format {facts.format or 'unknown'} is not one of JPEG, PNG, BMP",
+            f"image format {facts.format or 'unknown'} is not one of {', '.join(limits.formats)}",
         )
-    if facts.byte_size is not None and facts.byte_size >= IMAGE_MAX_BYTES:
+    if facts.byte_size is not None and facts.byte_size >= limits.max_bytes:
         raise reject(
-            "InvalidImage.Size", f"image is {facts.byte_size} bytes; it must be under 5 MB"
+            "InvalidImage.Size",
+            f"image is {facts.byte_size} bytes; it must be under {_mb(limits.max_bytes)} MB",
         )
     if min(facts.width, facts.height) <= 0:
         raise reject("InvalidImage.Dimensions", "image has no pixels")
-    if max(facts.width, facts.height) > IMAGE_MAX_SIDE:
+    if max(facts.width, facts.height) > limits.max_side:
         raise reject(
             "InvalidImage.LongestSide",
-            f"image is {facts.width}x{facts.height}; the longest side must be at most 4096",
+            f"image is {facts.width}x{facts.height}; the longest side must be at most "
+            f"{limits.max_side}",
         )
     aspect = max(facts.width, facts.height) / min(facts.width, facts.height)
-    if aspect > IMAGE_MAX_ASPECT:
+    if aspect > limits.max_aspect:
         raise reject(
             "InvalidImage.AspectRatio",
-            f"image is {facts.width}x{facts.height} (aspect {aspect:.2f}); at most 2",
+            f"image is {facts.width}x{facts.height} (aspect {aspect:.2f}); at most "
+            f"{limits.max_aspect:g}",
         )
-
-
-# DashScope's documented limits for template (dance) videos (animate-anyone-template-gen2, §3).
-VIDEO_FORMATS = ("mp4", "mov", "avi")  # containers
-
-
-VIDEO_CODECS = ("h264", "hevc")  # H.264 / H.265
-
-
-VIDEO_MAX_BYTES = 200 * 1024 * 1024
-
-
-VIDEO_SIDES = (200, 2048)
-
-
-VIDEO_MIN_FPS = 23.9  # documented as >= 24; slack for 23.976 (NTSC film) clips
-
-
-VIDEO_SECONDS = (2.0, 60.0)
-
-
-VIDEO_MAX_ASPECT = 3.0  # between 1:3 and 3:1
 
 
 @dataclass(frozen=True)
@@ -90,41 +62,56 @@ class VideoFacts:
     sha256: str
 
 
-def check_template_video(facts: VideoFacts) -> None:
+def check_template_video(facts: VideoFacts, limits: VideoLimits) -> None:
     """Refuse a template video DashScope would refuse (its documented limits), before paying."""
-    if facts.format not in VIDEO_FORMATS:
+    if facts.format not in limits.formats:
         raise reject(
             "InvalidVideo.Format",
-            f"video container is {facts.format or 'unreadable'}; it must be MP4, MOV or AVI",
+            f"video container is {facts.format or 'unreadable'}; it must be "
+            f"{_one_of(f.upper() for f in limits.formats)}",
         )
-    if facts.codec not in VIDEO_CODECS:
+    if facts.codec not in limits.codecs:
         raise reject(
             "InvalidVideo.Codec",
-            f"video codec is {facts.codec or 'unknown'}; it must be H.264 or H.265",
+            f"video codec is {facts.codec or 'unknown'}; it must be "
+            f"{_one_of(CODEC_NAMES.get(c, c) for c in limits.codecs)}",
         )
-    if facts.byte_size > VIDEO_MAX_BYTES:
+    if facts.byte_size > limits.max_bytes:
         raise reject(
             "InvalidVideo.Size",
-            f"video is {facts.byte_size} bytes; at most 200 MB ({VIDEO_MAX_BYTES} bytes)",
+            f"video is {facts.byte_size} bytes; at most {_mb(limits.max_bytes)} MB "
+            f"({limits.max_bytes} bytes)",
         )
-    low, high = VIDEO_SIDES
+    low, high = limits.sides
     if not (low <= facts.width <= high and low <= facts.height <= high):
         raise reject(
             "InvalidVideo.Resolution",
             f"video is {facts.width}x{facts.height}; each side must be {low}-{high} px",
         )
-    if facts.fps < VIDEO_MIN_FPS:
+    if facts.fps < limits.min_fps:
         raise reject("InvalidVideo.FPS", f"video is {facts.fps:.2f} fps; at least 24 fps")
-    shortest, longest = VIDEO_SECONDS
+    shortest, longest = limits.seconds
     if not shortest <= facts.seconds <= longest:
         raise reject(
             "InvalidVideo.Duration",
             f"video lasts {facts.seconds:.2f} s; it must last {shortest:.0f}-{longest:.0f} s",
         )
     aspect = max(facts.width, facts.height) / min(facts.width, facts.height)
-    if aspect > VIDEO_MAX_ASPECT:
+    if aspect > limits.max_aspect:
         raise reject(
             "InvalidVideo.AspectRatio",
             f"video is {facts.width}x{facts.height} (aspect {aspect:.2f}); "
             "it must be between 1:3 and 3:1",
         )
+
+
+def _mb(size: int) -> str:
+    return f"{size / (1024 * 1024):g}"
+
+
+CODEC_NAMES = {"h264": "H.264", "hevc": "H.265"}
+
+
+def _one_of(names: Iterable[str]) -> str:
+    *rest, last = list(names)
+    return f"{', '.join(rest)} or {last}" if rest else last

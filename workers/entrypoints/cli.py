@@ -30,7 +30,7 @@ T = TypeVar("T")
 def _queue() -> AnimateQueue:
     # Imported here: the health probes must not pay for Celery, boto3 and the job store.
     from workers.adapters.s3.inputs import S3Inputs
-    from workers.bootstrap import s3_client
+    from workers.bootstrap import governor, s3_client
     from workers.producer import AnimateQueue
 
     try:
@@ -45,13 +45,9 @@ def _queue() -> AnimateQueue:
         broker_url=settings.broker_url,
         result_backend=settings.result_backend,
         key_prefix=settings.key_prefix,
-        rates={
-            "submit": settings.dashscope_submit_rate,
-            "query": settings.dashscope_query_rate,
-            "detect": settings.dashscope_detect_rate,
-        },
-        capacity=settings.dashscope_concurrency + settings.admission_lookahead,
         inputs=inputs,
+        model=settings.dashscope_model,
+        governor=governor(settings),  # the workers' own rates and capacity
     )
 
 

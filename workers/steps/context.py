@@ -28,6 +28,7 @@ from workers.errors import (
     InvalidJobRequest,
     WorkerError,
 )
+from workers.models import ModelProfile
 from workers.ports import (
     Copier,
     Governor,
@@ -88,6 +89,7 @@ class Tuning:
     accounts: frozenset[str]
     default_account: str
     video_hosts: tuple[str, ...]  # hosts a result video may be downloaded from
+    profile: ModelProfile  # the model family's endpoints, steps and limits (DASHSCOPE_MODEL)
     max_throttled: int  # 429s one job may collect before it fails
     copy_after_late_cancel: bool  # a cancel that came too late: still store the video?
     intake_seconds: float  # checking a new job's inputs takes at most this long

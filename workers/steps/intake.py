@@ -180,7 +180,7 @@ def _probe_image(svc: Services, request: JobRequest) -> ImageFacts:
         # The image could not be fetched right now. Without a look at it we may not spend money,
         # so the job is refused with the reason; the producer may enqueue it again.
         raise InvalidJobRequest(exc.message, code="InvalidImage.Unreachable") from exc
-    check_image(facts)
+    check_image(facts, svc.profile.image)
     return facts
 
 

@@ -57,7 +57,11 @@ def prepare(svc: Services, job_id: str, version: int) -> Next | None:
         try:
             url, trusted = svc.inputs.for_us(source_ref(job))
             facts = svc.videos.probe(url, trusted=trusted)
-            check_template_video(facts)
+            limits = svc.profile.template_video
+            if limits is None:
+                raise InvalidJobRequest(f"{svc.profile.name} makes no action templates",
+                                        code="InvalidRequest.TemplateOrVideo")  # fmt: skip
+            check_template_video(facts, limits)
         except InvalidJobRequest as exc:
             finish(svc, job, Finish(JobState.REJECTED, exc.code, exc.message))
             return None

@@ -21,6 +21,7 @@ from workers.errors import (
     TransientError,
     WorkerError,
 )
+from workers.models import ModelProfile
 from workers.ports import Metrics
 
 # Errors raised after the request left us: DashScope may have acted on it. (Connect errors and
@@ -59,21 +60,18 @@ class DashScopeVideoApi:
     def __init__(
         self,
         clients: Mapping[str, DashScopeClient],
-        model: str,
+        profile: ModelProfile,
         *,
-        template_model: str = "animate-anyone-template-gen2",
-        detect_model: str = "animate-anyone-detect-gen2",
         metrics: Metrics | None = None,
     ) -> None:
         self.metrics = metrics
         self.clients = dict(clients)
-        self.model = model
-        self.template_model = template_model
-        self.detect_model = detect_model
+        self.profile = profile
+        self.model = profile.name
 
     def model_for(self, kind: str) -> str:
         """The model name behind a step: ``video``, ``template`` or ``detect``."""
-        return {"template": self.template_model, "detect": self.detect_model}.get(kind, self.model)
+        return self.profile.remote(kind if kind in ("template", "detect") else "video").name
 
     @contextmanager
     def _counted(self, op: str, account: str) -> Iterator[None]:
@@ -110,13 +108,13 @@ class DashScopeVideoApi:
     def submit_template(self, account: str, video_url: str) -> str:
         with self._counted("template", account), _uncertain_when_unanswered():
             submitted = self._client(account).submit_async(
-                "aa-template-generation", self.template_model, {"video_url": video_url}
+                self.profile.remote("template"), {"video_url": video_url}
             )
             return submitted.task_id
 
     def detect(self, account: str, image_url: str) -> Detection:
         with self._counted("detect", account):
-            output = self._client(account).detect(image_url, model=self.detect_model)
+            output = self._client(account).detect(image_url)
             bodystyle, reason = output.get("bodystyle"), output.get("reason")
             return Detection(
                 check_pass=bool(output["check_pass"]),

@@ -27,6 +27,7 @@ from workers.errors import (
     DashScopeThrottled,
     DashScopeUnavailable,
 )
+from workers.models import ANIMATE_ANYONE_GEN2, ModelProfile, RemoteModel
 
 logger = logging.getLogger(__name__)
 
@@ -35,8 +36,6 @@ BEIJING = timezone(timedelta(hours=8), "UTC+08:00")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _TASK_TIME_FORMATS = ("%Y-%m-%d %H:%M:%S.%f", "%Y-%m-%d %H:%M:%S")
 _LIST_TIME_FORMAT = "%Y%m%d%H%M%S"
-_SERVICES = "/services/aigc/image2video"
-_DETECT_ENDPOINT = "aa-detect"
 _MAX_ERROR_TEXT = 200  # of a non-JSON error body (an HTML page from a proxy, say)
 _MAX_ERROR_MESSAGE = 500  # of DashScope's own error message
 _UPLOADS = "/uploads"
@@ -157,8 +156,7 @@ class DashScopeClient:
         *,
         api_key: str,
         base_url: str,
-        model: str = "animate-anyone-gen2",
-        endpoint: str = "video-synthesis",
+        profile: ModelProfile = ANIMATE_ANYONE_GEN2,
         oss_resolve: bool = False,
     ) -> None:
         # A key with spaces or control characters would make httpx raise an error quoting the header.
@@ -169,16 +167,18 @@ class DashScopeClient:
             raise ValueError(
                 f"base_url must be an absolute http(s) URL without a query: {base_url!r}"
             )
-        _check_segment(endpoint, "endpoint")
+        for remote in (profile.video, profile.detect, profile.template):
+            if remote is not None:
+                _check_segment(remote.service, "service")
+                _check_segment(remote.endpoint, "endpoint")
         self._http = http
         self._api_key = api_key
         self._base_url = base_url.rstrip("/")
-        self._model = model
-        self._endpoint = endpoint
+        self._profile = profile
         self._oss_resolve = oss_resolve
 
     def __repr__(self) -> str:
-        return f"DashScopeClient(base_url={self._base_url!r}, model={self._model!r})"
+        return f"DashScopeClient(base_url={self._base_url!r}, model={self._profile.name!r})"
 
     # ------------------------------------------------------------------ public API
 
@@ -189,31 +189,27 @@ class DashScopeClient:
             parameters["use_ref_img_bg"] = request.use_ref_img_bg
         if request.video_ratio is not None:
             parameters["video_ratio"] = request.video_ratio
+        fields = self._profile.input_fields
         return self.submit_async(
-            self._endpoint,
-            self._model,
-            {"image_url": request.image_url, "template_id": request.template_id},
+            self._profile.video,
+            {fields["image_url"]: request.image_url, fields["template_id"]: request.template_id},
             parameters,
         )
 
     def submit_async(
         self,
-        endpoint: str,
-        model: str,
+        remote: RemoteModel,
         input: dict[str, Any],
         parameters: dict[str, Any] | None = None,
     ) -> SubmittedTask:
-        """Start any async task under ``/services/aigc/image2video/{endpoint}``.
+        """Start an async task of ``remote`` (at its ``/services/aigc/...`` path).
 
-        For example ``submit_async("aa-template-generation", "animate-anyone-template-gen2",
-        {"video_url": ...})``.
+        For example ``submit_async(profile.template, {"video_url": ...})``.
         """
-        _check_segment(endpoint, "endpoint")
+        _check_segment(remote.endpoint, "endpoint")
         headers = {"X-DashScope-Async": "enable", **self._oss_header(input)}
-        body = {"model": model, "input": input, "parameters": parameters or {}}
-        response = self._send(
-            "submit", "POST", f"{_SERVICES}/{endpoint}", json_body=body, headers=headers
-        )
+        body = {"model": remote.name, "input": input, "parameters": parameters or {}}
+        response = self._send("submit", "POST", remote.path, json_body=body, headers=headers)
         data = _json_object("submit", response)
         output = _output("submit", data)
         raw_status = _required_str("submit", output, "task_status")
@@ -268,18 +264,15 @@ class DashScopeClient:
         response = self._send("list", "GET", "/tasks", params=params)
         return _parse_page(_json_object("list", response), page_no, page_size)
 
-    def detect(self, image_url: str, model: str = "animate-anyone-detect-gen2") -> dict[str, Any]:
+    def detect(self, image_url: str) -> dict[str, Any]:
         """Run the sync image check and return its ``output``: ``check_pass``, ``bodystyle``, ``reason``.
 
         A failed check is a business answer (HTTP 200, ``check_pass`` false), not an exception.
         """
-        body = {"model": model, "input": {"image_url": image_url}, "parameters": {}}
+        detector = self._profile.remote("detect")
+        body = {"model": detector.name, "input": {"image_url": image_url}, "parameters": {}}
         response = self._send(
-            "detect",
-            "POST",
-            f"{_SERVICES}/{_DETECT_ENDPOINT}",
-            json_body=body,
-            headers=self._oss_header(body["input"]),
+            "detect", "POST", detector.path, json_body=body, headers=self._oss_header(body["input"])
         )
         output = _output("detect", _json_object("detect", response))
         if not isinstance(output.get("check_pass"), bool):

@@ -21,7 +21,8 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from workers.adapters.web.images import HEADER_BYTES, facts_from_header
 from workers.domain.media import ImageFacts, VideoFacts, check_image, check_template_video
-from workers.errors import StorageUnavailable
+from workers.errors import InvalidJobRequest, StorageUnavailable
+from workers.models import ANIMATE_ANYONE_GEN2, ModelProfile
 
 if TYPE_CHECKING:
     from mypy_boto3_s3.client import S3Client
@@ -84,22 +85,28 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def check_local_image(path: Path) -> ImageFacts:
-    """The image's facts, checked against DashScope's limits (InvalidJobRequest if refused)."""
+def check_local_image(path: Path, profile: ModelProfile = ANIMATE_ANYONE_GEN2) -> ImageFacts:
+    """The image's facts, checked against the model's limits (InvalidJobRequest if refused)."""
     size = path.stat().st_size
     with path.open("rb") as f:
         head = f.read(HEADER_BYTES)
-    facts = facts_from_header(head, size)
-    check_image(facts)
+    facts = facts_from_header(head, size, profile.image.max_bytes)
+    check_image(facts, profile.image)
     return facts
 
 
-def check_local_video(path: Path, *, sha256: str | None = None) -> VideoFacts:
+def check_local_video(
+    path: Path, *, sha256: str | None = None, profile: ModelProfile = ANIMATE_ANYONE_GEN2
+) -> VideoFacts:
     """The dance video's facts (PyAV), checked against the template limits (InvalidJobRequest)."""
     from workers.adapters.web.videos import probe_file
 
     facts = probe_file(path, sha256=sha256)
-    check_template_video(facts)
+    if profile.template_video is None:
+        raise InvalidJobRequest(
+            f"{profile.name} makes no templates", code="InvalidRequest.TemplateOrVideo"
+        )
+    check_template_video(facts, profile.template_video)
     return facts
 
 

@@ -19,8 +19,9 @@ from PIL import Image, UnidentifiedImageError
 
 from workers.adapters.web.fetch import Deadline, guarded_get
 from workers.adapters.web.guard import AddressGuard
-from workers.domain.media import IMAGE_MAX_BYTES, ImageFacts
+from workers.domain.media import ImageFacts
 from workers.errors import InvalidJobRequest, TransientError
+from workers.models import ANIMATE_ANYONE_GEN2
 
 HEADER_BYTES = 256 * 1024  # enough for PNG/BMP headers and JPEG SOF after ordinary EXIF blocks
 _TOTAL = re.compile(r"/(\d+)\s*$")
@@ -45,10 +46,12 @@ class HttpImageProbe:
         guard: AddressGuard | None = None,
         *,
         total_seconds: float = 30.0,
+        max_bytes: int = ANIMATE_ANYONE_GEN2.image.max_bytes,  # the model's limit
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.http = http
         self.guard = guard or AddressGuard()
+        self.max_bytes = max_bytes
         self.total_seconds = total_seconds
         self.clock = clock
 
@@ -76,15 +79,15 @@ class HttpImageProbe:
                 code="InvalidImage.Unreachable",
             )
         size = self._size(response)
-        if size is not None and size >= IMAGE_MAX_BYTES:
-            return facts_from_header(b"", size)  # refused on its size; not worth reading
+        if size is not None and size >= self.max_bytes:
+            return ImageFacts(None, size, 1, 1)  # refused on its size; not worth reading
         body = bytearray()
         for chunk in response.iter_bytes():
             deadline.check(ImageUnavailable)
             body += chunk
-            if len(body) >= IMAGE_MAX_BYTES:
-                return facts_from_header(bytes(body[:HEADER_BYTES]), len(body))
-        facts = facts_from_header(bytes(body), len(body))
+            if len(body) >= self.max_bytes:
+                return facts_from_header(bytes(body[:HEADER_BYTES]), len(body), self.max_bytes)
+        facts = facts_from_header(bytes(body), len(body), self.max_bytes)
         return dataclasses.replace(facts, sha256=hashlib.sha256(body).hexdigest())
 
     @staticmethod
@@ -96,9 +99,11 @@ class HttpImageProbe:
         return int(length) if length and length.isdigit() else None
 
 
-def facts_from_header(head: bytes, size: int | None) -> ImageFacts:
+def facts_from_header(
+    head: bytes, size: int | None, max_bytes: int = ANIMATE_ANYONE_GEN2.image.max_bytes
+) -> ImageFacts:
     """Format and dimensions from the first bytes of an image, or an InvalidJobRequest."""
-    if size is not None and size >= IMAGE_MAX_BYTES:
+    if size is not None and size >= max_bytes:
         # Reported before the format, which a header-only read may not settle.
         return ImageFacts(None if not head else _format(head), size, 1, 1)
     try:

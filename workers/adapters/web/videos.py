@@ -28,8 +28,12 @@ from av.video.stream import VideoStream
 
 from workers.adapters.web.fetch import Deadline, guarded_get
 from workers.adapters.web.guard import AddressGuard
-from workers.domain.media import VIDEO_MAX_BYTES, VideoFacts
+from workers.domain.media import VideoFacts
 from workers.errors import InvalidJobRequest, TransientError
+from workers.models import ANIMATE_ANYONE_GEN2
+
+_LIMITS = ANIMATE_ANYONE_GEN2.template_video
+_TEMPLATE_MAX_BYTES = _LIMITS.max_bytes if _LIMITS is not None else 0  # the default model's
 
 CHUNK_BYTES = 1 << 20
 # PyAV's one demuxer for the ISO family: mp4 and mov (and m4a, 3gp...) look alike to it.
@@ -159,7 +163,7 @@ class HttpVideoProbe:
         http: httpx.Client,
         guard: AddressGuard | None = None,
         *,
-        max_bytes: int = VIDEO_MAX_BYTES,
+        max_bytes: int = _TEMPLATE_MAX_BYTES,
         tmp_dir: str | None = None,
         total_seconds: float = 300.0,
         clock: Callable[[], float] = time.monotonic,

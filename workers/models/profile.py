@@ -1,0 +1,90 @@
+"""What a model profile holds: everything specific to one remote model family, as data.
+
+A profile names the remote models a job uses (the video model, and where the family has them the
+image detector and the template maker) with their endpoints and prices; the steps a job of the
+family runs; the documented limits of its inputs; the names of its request and result fields;
+DashScope's documented quotas for it; and the regions that serve it. The code reads these from
+the profile the deployment selected (``DASHSCOPE_MODEL``), never from constants of its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class RemoteModel:
+    """One model on DashScope's async task API, at ``/services/aigc/{service}/{endpoint}``."""
+
+    name: str
+    service: str
+    endpoint: str
+    price_cny_per_second: float | None = None  # of output video (usage.video_duration)
+    free_seconds: int = 0  # the free quota of a new account
+
+    @property
+    def path(self) -> str:
+        return f"/services/aigc/{self.service}/{self.endpoint}"
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """The person image the model accepts (documented; checked before anything is paid)."""
+
+    formats: tuple[str, ...]
+    max_bytes: int  # strictly under this
+    max_side: int
+    max_aspect: float
+
+
+@dataclass(frozen=True)
+class VideoLimits:
+    """A source video the model accepts (the dance video a template is made from)."""
+
+    formats: tuple[str, ...]  # containers
+    codecs: tuple[str, ...]
+    max_bytes: int
+    sides: tuple[int, int]  # each side within
+    min_fps: float
+    seconds: tuple[float, float]
+    max_aspect: float
+
+
+@dataclass(frozen=True)
+class Quotas:
+    """DashScope's documented limits per account and model. The fleet spends less
+    (DASHSCOPE_*_RATE), so jitter never earns a 429."""
+
+    submits_per_second: float
+    queries_per_second: float
+    detects_per_second: float
+    running_tasks: int
+
+
+@dataclass(frozen=True)
+class ModelProfile:
+    video: RemoteModel
+    steps: tuple[str, ...]  # the steps a video job of this family runs, in order
+    image: ImageLimits
+    input_fields: Mapping[str, str]  # our request field -> the API's input field
+    parameters: tuple[str, ...]  # request fields sent as the API's parameters
+    result_video_field: str  # in a SUCCEEDED task's output
+    result_seconds_field: str  # in its usage: the billed seconds
+    quotas: Quotas
+    regions: Mapping[str, str]  # region -> API base URL
+    detect: RemoteModel | None = None
+    template: RemoteModel | None = None
+    template_video: VideoLimits | None = None
+    retires: str | None = None  # Model Studio's announced retirement date
+
+    @property
+    def name(self) -> str:
+        return self.video.name
+
+    def remote(self, kind: str) -> RemoteModel:
+        """The model behind a kind of call: ``video``, ``template`` or ``detect``."""
+        chosen = {"video": self.video, "template": self.template, "detect": self.detect}.get(kind)
+        if chosen is None:
+            raise KeyError(f"{self.name} has no {kind} model")
+        return chosen
