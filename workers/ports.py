@@ -123,7 +123,9 @@ class Webhooks(Protocol):
 
 
 class Metrics(Protocol):
-    """Counters and histograms (best effort: never raises)."""
+    """Counters and histograms, best effort: a write the backend cannot take is dropped, a bad
+    value (negative, NaN) dropped with a warning; only a programming error (an unknown name, the
+    wrong labels) raises ValueError. Twins: RedisMetrics, InMemoryMetrics (one contract suite)."""
 
     def inc(self, name: str, amount: float = 1.0, **labels: str) -> None: ...
     def observe(self, name: str, value: float, **labels: str) -> None: ...
