@@ -23,8 +23,8 @@ dev: $(VENV)/.installed  ## the full local stack in one command (Procfile.dev, .
 test: $(VENV)/.installed  ## the whole test suite (Redis at $$REDIS_URL if it answers, else the suite starts its own)
 	$(PY) -m pytest -n 6 --dist loadfile --no-loadscope-reorder
 
-test-fast: $(VENV)/.installed  ## the edit loop: unit tests, the layer rule and the store's contract suite (under a minute)
-	$(PY) -m pytest -n 4 tests/unit tests/deploy tests/integration/test_store_contract.py
+test-fast: $(VENV)/.installed  ## the edit loop: unit tests, the layer rule and the contract suites (under a minute)
+	$(PY) -m pytest -n 4 tests/unit tests/deploy tests/integration/test_*_contract.py
 
 lint:  ## ruff lint + format check, strict mypy
 	$(PY) -m ruff check .
