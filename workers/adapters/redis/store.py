@@ -43,8 +43,11 @@ _CREATE = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 redis.call('HSET', KEYS[1], unpack(ARGV, 5))
 redis.call('SADD', ARGV[1] .. ':state:' .. ARGV[3], ARGV[2])
-local acct = redis.call('HGET', KEYS[1], 'account') or 'default'
-local kind = redis.call('HGET', KEYS[1], 'kind') or 'video'
+-- account and kind from the fields just written (absent: their defaults, never written)
+local acct, kind = 'default', 'video'
+for i = 5, #ARGV - 1, 2 do
+  if ARGV[i] == 'account' then acct = ARGV[i + 1] elseif ARGV[i] == 'kind' then kind = ARGV[i + 1] end
+end
 redis.call('HINCRBY', ARGV[1] .. ':m:jobs', ARGV[3] .. '|' .. acct .. '|' .. kind, 1)
 if ARGV[4] ~= '' then redis.call('ZADD', ARGV[1] .. ':deadlines', ARGV[4], ARGV[2]) end
 return 1
@@ -54,7 +57,8 @@ return 1
 #       n_set, set pairs..., n_del, del fields...
 _TRANSITION = """
 local key = KEYS[1]
-local current = redis.call('HMGET', key, 'version', 'state')
+-- (account and kind read here, in the same call: they label the jobs-by-state gauge)
+local current = redis.call('HMGET', key, 'version', 'state', 'account', 'kind')
 if not current[1] then return -1 end
 if current[1] ~= ARGV[3] then return 0 end
 local prefix, job_id, new_state = ARGV[1], ARGV[2], ARGV[4]
@@ -76,7 +80,7 @@ for i = 0, n_set - 1 do
   table.insert(fields, ARGV[9 + 2 * i])
 end
 redis.call('HSET', key, unpack(fields))
-for i = 1, n_del do redis.call('HDEL', key, ARGV[at + i]) end
+if n_del > 0 then redis.call('HDEL', key, unpack(ARGV, at + 1, at + n_del)) end
 if claim and claim ~= '' then
   local t = redis.call('TIME')
   redis.call('HSET', prefix .. ':remote-owner', claim, job_id)
@@ -85,9 +89,7 @@ end
 if current[2] ~= new_state then
   redis.call('SREM', prefix .. ':state:' .. current[2], job_id)
   redis.call('SADD', prefix .. ':state:' .. new_state, job_id)
-  local acct = redis.call('HGET', key, 'account') or 'default'
-  local kind = redis.call('HGET', key, 'kind') or 'video'
-  local tail = '|' .. acct .. '|' .. kind
+  local tail = '|' .. (current[3] or 'default') .. '|' .. (current[4] or 'video')
   redis.call('HINCRBY', prefix .. ':m:jobs', current[2] .. tail, -1)
   redis.call('HINCRBY', prefix .. ':m:jobs', new_state .. tail, 1)
 end
