@@ -634,26 +634,7 @@ class S3Copier:
         every byte (27 % of a 1 GiB copy on moto, bench/copy_speed.py).
         """
         key = job.key
-        if point is None:
-            part_size = _part_size_for(total, self._part_size)
-            hasher = new_hash()
-            try:
-                created = self._s3.create_multipart_upload(
-                    Bucket=self.bucket,
-                    Key=key,
-                    Metadata=dict(job.metadata),
-                    ContentType=CONTENT_TYPE,
-                )
-            except (BotoCoreError, ClientError) as exc:
-                raise self._storage_error("upload to", key, exc) from exc
-            upload_id, first, states = created["UploadId"], 1, {0: hash_state(hasher)}
-        else:
-            part_size, hasher = point.part_size, restore_hash(point.sha_state)
-            upload_id, first, states = (
-                point.upload_id,
-                point.parts + 1,
-                {point.parts: point.sha_state},
-            )
+        upload_id, part_size, hasher, first, states = self._open_upload(job, total, point)
 
         def checkpoint(parts: int) -> Checkpoint | None:
             if total is None:
@@ -719,6 +700,26 @@ class S3Copier:
         size = (point.offset if point is not None else 0) + reader.size
         beat(force=True)  # every part in: a crash after completing can still find the hash
         return self._complete(key, upload_id, uploads.parts(), size, sha256, job)
+
+    def _open_upload(
+        self, job: _Job, total: int | None, point: Checkpoint | None
+    ) -> tuple[str, int, Any, int, dict[int, Any]]:
+        """A new multipart upload, or the one ``point`` resumes: its id, part size, the running
+        SHA-256, the first part number to send, and the hash state after each part so far."""
+        if point is not None:
+            hasher = restore_hash(point.sha_state)
+            return (point.upload_id, point.part_size, hasher, point.parts + 1,
+                    {point.parts: point.sha_state})  # fmt: skip
+        hasher = new_hash()
+        try:
+            created = self._s3.create_multipart_upload(
+                Bucket=self.bucket, Key=job.key, Metadata=dict(job.metadata),
+                ContentType=CONTENT_TYPE,
+            )  # fmt: skip
+        except (BotoCoreError, ClientError) as exc:
+            raise self._storage_error("upload to", job.key, exc) from exc
+        part_size = _part_size_for(total, self._part_size)
+        return created["UploadId"], part_size, hasher, 1, {0: hash_state(hasher)}
 
     def _upload_part(self, key: str, upload_id: str, number: int, data: bytes) -> str:
         try:
