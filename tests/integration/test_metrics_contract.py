@@ -94,18 +94,6 @@ def buckets(samples: dict[str, list[Sample]], name: str, **labels: str) -> dict[
     }
 
 
-@pytest.fixture(scope="module")
-def redis_client() -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(REDIS_URL)
-    try:
-        client.ping()
-    except redis.RedisError as exc:
-        client.close()
-        pytest.skip(f"no Redis at {REDIS_URL}: {exc}")
-    yield client
-    client.close()
-
-
 @pytest.fixture
 def redis_twin(redis_client: redis.Redis) -> Iterator[Twin]:
     prefix = f"test-{uuid.uuid4().hex}"

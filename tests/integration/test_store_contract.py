@@ -32,18 +32,6 @@ IMAGE = "https://img.test/person.png"
 TEMPLATE = "AACT.acct.1234-5678"
 
 
-@pytest.fixture(scope="module")
-def redis_client() -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(REDIS_URL)
-    try:
-        client.ping()
-    except redis.RedisError as exc:
-        client.close()
-        pytest.skip(f"no Redis at {REDIS_URL}: {exc}")
-    yield client
-    client.close()
-
-
 @pytest.fixture
 def redis_store(redis_client: redis.Redis) -> Iterator[RedisJobStore]:
     prefix = f"test-{uuid.uuid4().hex}"

@@ -20,33 +20,22 @@ decimal text exactly and keeps 17 decimal places, which reads back as the same f
 
 from __future__ import annotations
 
-import contextlib
 import decimal
-import logging
-import math
 import threading
-import time
 from collections.abc import Callable, Iterator
 from decimal import Decimal
 
 from prometheus_client.core import Metric
 
 from workers.adapters.redis.metrics import (
-    _AT_ONCE,
     _WRITTEN,
     MAX_PRODUCER_LABELS,
     OTHER_LABEL,
-    WARN_INTERVAL_SECONDS,
-    _bucket_bound,
+    MetricsWriter,
     _counter_family,
     _family,
-    _field,
     _histogram_family,
-    _label_values,
-    _lookup,
 )
-
-log = logging.getLogger(__name__)
 
 # Enough digits for any finite float with its 17 decimal places (Redis's HINCRBYFLOAT output).
 _CONTEXT = decimal.Context(prec=400)
@@ -86,8 +75,9 @@ class MetricsState:
             return {name: dict(fields) for name, fields in self.hashes.items()}
 
 
-class InMemoryMetrics:
-    """The writers' side over a :class:`MetricsState`, with RedisMetrics' semantics.
+class InMemoryMetrics(MetricsWriter[Callable[[MetricsState], None]]):
+    """The writers' side over a :class:`MetricsState`, with RedisMetrics' semantics (the checks,
+    batching and warnings are their shared :class:`MetricsWriter`'s).
 
     An unknown metric name or a wrong set of labels raises :class:`ValueError`; a value that is
     not finite, or a negative increment, is dropped with a warning (at most one a minute); a
@@ -99,60 +89,23 @@ class InMemoryMetrics:
     def __init__(
         self, state: MetricsState | None = None, *, max_producers: int = MAX_PRODUCER_LABELS
     ) -> None:
+        super().__init__(max_producers=max_producers)
         self.state = state if state is not None else MetricsState()
-        self.max_producers = max_producers
-        self._lock = threading.Lock()
-        self._last_warning = -math.inf
-        self._dropped = 0
-        self._local = threading.local()
 
-    def inc(self, name: str, amount: float = 1.0, **labels: str) -> None:
-        """Add ``amount`` (>= 0) to a counter."""
-        metric = _lookup(name, "counter")
-        _label_values(metric, labels)  # a wrong label set raises before anything is written
-        if "producer" in labels:
-            labels = {**labels, "producer": self._producer(labels["producer"])}
-        field = _field(_label_values(metric, labels))
-        if not (math.isfinite(amount) and amount >= 0):
-            self._drop(f"{name}: bad increment {amount!r}")
-            return
-        if amount == 0:
-            return
+    def _incr(self, name: str, field: str, amount: float) -> Callable[[MetricsState], None]:
+        return lambda state: state.incr(name, field, amount)
 
-        def write(state: MetricsState) -> None:
-            state.incr(name, field, amount)
-
-        self._write(write, at_once=name in _AT_ONCE)
-
-    def observe(self, name: str, value: float, **labels: str) -> None:
-        """Count one observation in a histogram."""
-        metric = _lookup(name, "histogram")
-        values = _label_values(metric, labels)
-        if not math.isfinite(value):
-            self._drop(f"{name}: bad observation {value!r}")
-            return
-        bucket, total = _field([*values, _bucket_bound(metric, value)]), _field([*values, "sum"])
-
+    def _observe(
+        self, name: str, bucket: str, total: str, value: float
+    ) -> Callable[[MetricsState], None]:
         def write(state: MetricsState) -> None:
             state.incr(name, bucket, 1)
             state.incr(name, total, value)
 
-        self._write(write)
+        return write
 
-    @contextlib.contextmanager
-    def batch(self) -> Iterator[None]:
-        """Hold this thread's writes and apply them at once at the end, whatever the block
-        raises; a nested batch leaves that to the outer one."""
-        if getattr(self._local, "pending", None) is not None:
-            yield
-            return
-        self._local.pending = []
-        try:
-            yield
-        finally:
-            pending, self._local.pending = self._local.pending, None
-            if pending:
-                self.state.apply(pending)
+    def _send(self, ops: list[Callable[[MetricsState], None]]) -> None:
+        self.state.apply(ops)
 
     def describe(self) -> Iterator[Metric]:
         """The families :meth:`collect` yields, without samples."""
@@ -176,19 +129,3 @@ class InMemoryMetrics:
                 return OTHER_LABEL
             self.state.producers.add(value)
             return value
-
-    def _write(self, op: Callable[[MetricsState], None], *, at_once: bool = False) -> None:
-        pending = getattr(self._local, "pending", None)
-        if pending is not None and not at_once:
-            pending.append(op)
-        else:
-            self.state.apply([op])
-
-    def _drop(self, reason: str) -> None:
-        now = time.monotonic()
-        with self._lock:
-            self._dropped += 1
-            if now - self._last_warning < WARN_INTERVAL_SECONDS:
-                return
-            self._last_warning, dropped, self._dropped = now, self._dropped, 0
-        log.warning("metrics: %d write(s) dropped (best effort); last: %s", dropped, reason)

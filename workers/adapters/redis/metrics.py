@@ -45,7 +45,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from types import FrameType
-from typing import Any, Literal, Protocol
+from typing import Any, Generic, Literal, Protocol, TypeVar
 
 import redis
 from prometheus_client import CollectorRegistry, ProcessCollector, start_http_server
@@ -65,6 +65,7 @@ NAMESPACE = "animate_queue_"
 MAX_LABEL_LENGTH = 100
 JOBS_FIELD_SEPARATOR = "|"  # never in a state, an account (NAME_RE) or a kind
 WARN_INTERVAL_SECONDS = 60.0  # at most one warning a minute about failed writes, per process
+Op = TypeVar("Op")  # one write, as a metrics backend applies it
 
 Kind = Literal["counter", "histogram", "gauge"]
 
@@ -338,33 +339,16 @@ class NoMetrics:
         _label_values(_lookup(name, "histogram"), labels)
 
 
-class RedisMetrics:
-    """The writers' side: counters and histograms added up in Redis by every process.
+class MetricsWriter(Generic[Op]):
+    """What every metrics writer does the same way, whatever holds the numbers: the checks of a
+    name, its labels and its value, the producer-label cap, batching a thread's writes to the end
+    of a block (the bill and the outcomes never held), and the rate-limited warning about dropped
+    writes. A backend says how to add to a counter or a histogram (``_incr``, ``_observe``), how
+    to apply a list of such writes (``_send``) and how producer labels are admitted."""
 
-    Best effort: metrics never break a job. A Redis error is logged (at most one WARNING a
-    minute per process, with the number of writes dropped) and swallowed, and for
-    ``pause_seconds`` afterwards writes are dropped without trying: during an outage a process
-    spends at most one failed attempt per pause, not one per step. A value that is not finite, or a negative counter
-    increment, is dropped the same way. An unknown metric name or a wrong set of labels is a
-    programming error and raises :class:`ValueError`.
-    """
-
-    def __init__(
-        self,
-        client: redis.Redis,
-        prefix: str,
-        *,
-        pause_seconds: float = 5.0,
-        max_producers: int = MAX_PRODUCER_LABELS,
-    ) -> None:
-        self.redis = client
-        self.prefix = prefix
-        self.pause_seconds = pause_seconds
+    def __init__(self, *, max_producers: int = MAX_PRODUCER_LABELS) -> None:
         self.max_producers = max_producers
-        self._producers: set[str] = set()  # producers this process knows are labelled
-        self._admit_label = client.register_script(_ADMIT_LABEL)
         self._lock = threading.Lock()
-        self._paused_until = 0.0
         self._last_warning = -math.inf
         self._dropped = 0
         self._local = threading.local()
@@ -381,11 +365,9 @@ class RedisMetrics:
             return
         if amount == 0:
             return
-        key = counter_key(self.prefix, name)
         # The bill and the outcomes are written at once, even inside a batch: a worker killed
         # before the end of its task must not lose what was paid for.
-        at_once = name in _AT_ONCE
-        self._write(lambda pipe: pipe.hincrbyfloat(key, field, amount), at_once=at_once)
+        self._write(self._incr(name, field, amount), at_once=name in _AT_ONCE)
 
     def observe(self, name: str, value: float, **labels: str) -> None:
         """Count one observation in a histogram."""
@@ -394,14 +376,100 @@ class RedisMetrics:
         if not math.isfinite(value):
             self._drop(f"{name}: bad observation {value!r}")
             return
-        key = histogram_key(self.prefix, name)
         bucket, total = _field([*values, _bucket_bound(metric, value)]), _field([*values, "sum"])
+        self._write(self._observe(name, bucket, total, value))
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """Hold this thread's writes and send them together at the end.
+
+        The task layer wraps each Celery task in one: a job's step then costs one round trip for
+        its metrics, not one per observation (bench/overhead.py). Whatever the step raises, what
+        it recorded is still sent. The bill (``video_seconds_total``) and ``jobs_finished_total``
+        are not held: they are written at once. A nested batch leaves the sending to the outer.
+        """
+        if getattr(self._local, "pending", None) is not None:
+            yield
+            return
+        self._local.pending = []
+        try:
+            yield
+        finally:
+            pending, self._local.pending = self._local.pending, None
+            if pending:
+                self._send(pending)
+
+    def _write(self, op: Op, *, at_once: bool = False) -> None:
+        pending = getattr(self._local, "pending", None)
+        if pending is not None and not at_once:
+            pending.append(op)
+        else:
+            self._send([op])
+
+    def _drop(self, reason: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self._dropped += 1
+            if now - self._last_warning < WARN_INTERVAL_SECONDS:
+                return
+            self._last_warning, dropped, self._dropped = now, self._dropped, 0
+        logging.getLogger(type(self).__module__).warning(  # the backend's own logger
+            "metrics: %d write(s) dropped (best effort); last: %s", dropped, reason
+        )
+
+    def _producer(self, value: str) -> str:
+        raise NotImplementedError
+
+    def _incr(self, name: str, field: str, amount: float) -> Op:
+        raise NotImplementedError
+
+    def _observe(self, name: str, bucket: str, total: str, value: float) -> Op:
+        raise NotImplementedError
+
+    def _send(self, ops: list[Op]) -> None:
+        raise NotImplementedError
+
+
+class RedisMetrics(MetricsWriter[Callable[[Any], None]]):
+    """The writers' side: counters and histograms added up in Redis by every process.
+
+    Best effort: metrics never break a job. A Redis error is logged (at most one WARNING a
+    minute per process, with the number of writes dropped) and swallowed, and for
+    ``pause_seconds`` afterwards writes are dropped without trying: during an outage a process
+    spends at most one failed attempt per pause, not one per step. A value that is not finite,
+    or a negative counter increment, is dropped the same way. An unknown metric name or a wrong
+    set of labels is a programming error and raises :class:`ValueError`. A batch is sent as one
+    transaction.
+    """
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        prefix: str,
+        *,
+        pause_seconds: float = 5.0,
+        max_producers: int = MAX_PRODUCER_LABELS,
+    ) -> None:
+        super().__init__(max_producers=max_producers)
+        self.redis = client
+        self.prefix = prefix
+        self.pause_seconds = pause_seconds
+        self._producers: set[str] = set()  # producers this process knows are labelled
+        self._admit_label = client.register_script(_ADMIT_LABEL)
+        self._paused_until = 0.0
+
+    def _incr(self, name: str, field: str, amount: float) -> Callable[[Any], None]:
+        key = counter_key(self.prefix, name)
+        return lambda pipe: pipe.hincrbyfloat(key, field, amount)
+
+    def _observe(self, name: str, bucket: str, total: str, value: float) -> Callable[[Any], None]:
+        key = histogram_key(self.prefix, name)
 
         def write(pipe: Any) -> None:
             pipe.hincrby(key, bucket, 1)
             pipe.hincrbyfloat(key, total, value)
 
-        self._write(write)
+        return write
 
     def _producer(self, value: str) -> str:
         """The producer as a label, or ``other`` once ``max_producers`` distinct ones are in
@@ -418,34 +486,6 @@ class RedisMetrics:
             self._producers.add(value)
             return value
         return OTHER_LABEL
-
-    @contextlib.contextmanager
-    def batch(self) -> Iterator[None]:
-        """Hold this thread's writes and send them as one transaction at the end.
-
-        The task layer wraps each Celery task in one: a job's step then costs one round trip for
-        its metrics, not one per observation (bench/overhead.py). Whatever the step raises, what
-        it recorded is still sent. The bill (``video_seconds_total``) and ``jobs_finished_total``
-        are not held: they are written at once.
-        """
-        outer = getattr(self._local, "pending", None)
-        if outer is not None:  # already batching: the outer batch sends
-            yield
-            return
-        self._local.pending = []
-        try:
-            yield
-        finally:
-            pending, self._local.pending = self._local.pending, None
-            if pending:
-                self._send(pending)
-
-    def _write(self, op: Callable[[Any], None], *, at_once: bool = False) -> None:
-        pending = getattr(self._local, "pending", None)
-        if pending is not None and not at_once:
-            pending.append(op)
-        else:
-            self._send([op])
 
     def _send(self, ops: list[Callable[[Any], None]]) -> None:
         if self._paused():
@@ -469,15 +509,6 @@ class RedisMetrics:
         with self._lock:
             self._paused_until = time.monotonic() + self.pause_seconds
         self._drop(f"Redis: {exc}")
-
-    def _drop(self, reason: str) -> None:
-        now = time.monotonic()
-        with self._lock:
-            self._dropped += 1
-            if now - self._last_warning < WARN_INTERVAL_SECONDS:
-                return
-            self._last_warning, dropped, self._dropped = now, self._dropped, 0
-        log.warning("metrics: %d write(s) dropped (best effort); last: %s", dropped, reason)
 
 
 def _text(value: Any) -> str:
