@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -213,3 +214,36 @@ class Inputs(Protocol):
     def for_dashscope(self, ref: str, account: str, model: str) -> str:
         """Where DashScope fetches ``ref`` for ``model`` (``detect``, ``template`` or ``video``):
         http(s) as is; ``s3://`` presigned, or uploaded to its temporary storage."""
+
+
+# --- Timers: parked wake-ups (RedisTimers, InMemoryTimers)
+
+LEASE_SECONDS = 60.0  # a taken wake-up not confirmed sent by then is due again
+
+
+@dataclass(frozen=True)
+class Parked:
+    """One parked wake-up: ``step`` of ``job_id`` at ``version``; ``due``: when (Redis's clock)."""
+
+    step: str
+    job_id: str
+    version: int
+    producer: str
+    due: float = 0.0
+
+    def member(self) -> str:
+        return json.dumps([self.step, self.job_id, self.version, self.producer])
+
+    @classmethod
+    def from_member(cls, raw: str | bytes, due: float = 0.0) -> Parked:
+        step, job_id, version, producer = json.loads(raw)
+        return cls(str(step), str(job_id), int(version), str(producer), due)
+
+
+@dataclass(frozen=True)
+class Taken:
+    """Wake-ups taken on one lease: send them, then confirm with :meth:`done` of the timers that took them."""
+
+    lease: str  # the lease's score, as Redis formats it
+    wakes: list[Parked]
+    count: int  # members taken, unreadable ones (dropped) included

@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from workers.adapters.redis.timers import LEASE_SECONDS, Parked, Taken
+from workers.ports import LEASE_SECONDS, Parked, Taken
 
 log = logging.getLogger(__name__)
 

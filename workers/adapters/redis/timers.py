@@ -25,17 +25,18 @@ All times are Redis's own (``TIME``), so hosts whose clocks differ agree on when
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Protocol
 
 import redis
 
 from workers.errors import StoreUnavailable
+from workers.ports import LEASE_SECONDS, Parked, Taken
+
+__all__ = ["LEASE_SECONDS", "Dispatcher", "Parked", "RedisTimers", "Taken"]
 
 log = logging.getLogger(__name__)
 
@@ -73,36 +74,6 @@ for i = 2, #ARGV do
 end
 return n
 """
-
-LEASE_SECONDS = 60.0  # a taken wake-up not confirmed sent by then is due again
-
-
-@dataclass(frozen=True)
-class Parked:
-    """One parked wake-up: ``step`` of ``job_id`` at ``version``; ``due``: when (Redis's clock)."""
-
-    step: str
-    job_id: str
-    version: int
-    producer: str
-    due: float = 0.0
-
-    def member(self) -> str:
-        return json.dumps([self.step, self.job_id, self.version, self.producer])
-
-    @classmethod
-    def from_member(cls, raw: str | bytes, due: float = 0.0) -> Parked:
-        step, job_id, version, producer = json.loads(raw)
-        return cls(str(step), str(job_id), int(version), str(producer), due)
-
-
-@dataclass(frozen=True)
-class Taken:
-    """Wake-ups taken on one lease: send them, then confirm with :meth:`RedisTimers.done`."""
-
-    lease: str  # the lease's score, as Redis formats it
-    wakes: list[Parked]
-    count: int  # members taken, unreadable ones (dropped) included
 
 
 class RedisTimers:
