@@ -38,6 +38,7 @@ from workers.domain.policies import (
     SubmitPolicy,
     WebhookPolicy,
 )
+from workers.models import ModelProfile
 from workers.steps.context import Services, Tuning
 
 if TYPE_CHECKING:
@@ -104,14 +105,16 @@ def build_services(settings: Settings) -> Services:
     settings.require_worker()
     assert settings.s3_bucket is not None
     metrics = RedisMetrics(redis_client(settings), settings.key_prefix)
-    api = video_api(settings, metrics)
+    tuned = tuning(settings)
+    profile = tuned.profile
+    api = video_api(settings, metrics, profile)
     s3 = s3_client(settings)
     guard = AddressGuard.from_setting(settings.url_allowlist)
     image_http = httpx.Client(timeout=httpx.Timeout(settings.image_check_timeout))
     video_http = httpx.Client(timeout=httpx.Timeout(settings.video_probe_timeout, connect=10.0))
     broker = broker_redis(settings) or redis_client(settings)
     return Services.of(
-        tuning(settings),
+        tuned,
         **_installed,
         clock=RedisClock(redis_client(settings)),  # one clock for every deadline: Redis's
         queues=BrokerQueues(RedisQueues(broker, prefix=settings.key_prefix)),
@@ -132,7 +135,7 @@ def build_services(settings: Settings) -> Services:
             video_http,
             guard,
             total_seconds=settings.video_download_seconds,
-            max_bytes=_video_max_bytes(settings),
+            max_bytes=profile.template_video.max_bytes if profile.template_video else 0,
         ),
         governor=governor(settings),
         copier=S3CopierPort(copier(settings, s3)),
@@ -140,25 +143,20 @@ def build_services(settings: Settings) -> Services:
             image_http,
             guard,
             total_seconds=max(5.0, settings.intake_seconds - 15),
-            max_bytes=models.profile(settings.dashscope_model).image.max_bytes,
+            max_bytes=profile.image.max_bytes,
         ),
     )
 
 
-def _video_max_bytes(settings: Settings) -> int:
-    """The largest template video the model takes (0: it makes no templates)."""
-    limits = models.profile(settings.dashscope_model).template_video
-    return limits.max_bytes if limits is not None else 0
-
-
-def video_api(settings: Settings, metrics: RedisMetrics) -> DashScopeVideoApi:
+def video_api(
+    settings: Settings, metrics: RedisMetrics, profile: ModelProfile
+) -> DashScopeVideoApi:
     """DashScope, one client per account, over one HTTP pool with the call timeouts."""
     api_http = httpx.Client(
         timeout=httpx.Timeout(
             settings.dashscope_read_timeout, connect=settings.dashscope_connect_timeout
         )
     )
-    profile = models.profile(settings.dashscope_model)
     clients = {
         account: DashScopeClient(
             api_http, api_key=key, base_url=settings.dashscope_base_url, profile=profile
