@@ -64,6 +64,7 @@ from celery import Celery
 from bench import common
 from devstack import RedisServer, Worker
 from emulator.config import EmulatorConfig
+from workers.adapters.redis.store import with_moves
 from workers.producer import AnimateQueue
 
 BUCKET = "bench-inflight"
@@ -199,7 +200,8 @@ def timelines(client: redis.Redis, ids: list[str], batch: int = 1000) -> list[li
         pipe = client.pipeline()
         for job_id in ids[i : i + batch]:
             pipe.lrange(f"{P}:timeline:{job_id}", 0, -1)
-        out.extend([json.loads(e) for e in events] for events in pipe.execute())
+        # as the store reads them: each move with its "from" (the line before's "to")
+        out.extend(with_moves([json.loads(e) for e in events]) for events in pipe.execute())
     return out
 
 

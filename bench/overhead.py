@@ -47,6 +47,8 @@ if not __package__:
 
 import argparse
 import json
+import os
+import subprocess
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -234,6 +236,7 @@ def run_ours(args: argparse.Namespace, rs: RedisServer) -> dict[str, Any]:
             common.stop_all(workers)
             if flower is not None:
                 flower.stop()
+        by_step = step_breakdown(args, env, image, template)
     done = len(ids)
     wall = facts["last_finished"] - started
     delta = redis1.minus(redis0)
@@ -261,7 +264,30 @@ def run_ours(args: argparse.Namespace, rs: RedisServer) -> dict[str, Any]:
         "side_cpu_s": {k: side1[k] - side0[k] for k in side0},
         "usec_per_job": common.top_usec(delta, per),
         "profile": profiler.summary() if profiler is not None else None,
+        "by_step": by_step,
     }
+
+
+def step_breakdown(
+    args: argparse.Namespace, env: dict[str, str], image: str, template: str
+) -> dict[str, Any] | None:
+    """bench/steps.py on the same Redis, emulator and S3, the workers stopped: Redis commands
+    per step, counted exactly. Its first poll comes sooner (the jobs go one after another)."""
+    if args.steps_jobs <= 0:
+        return None
+    trace_env = {**os.environ, **env, "BENCH_IMAGE_URL": image, "BENCH_TEMPLATE_ID": template,
+                 "METRICS_FLUSH_SECONDS": "60", "POLL_FIRST_SECONDS": "0.2",
+                 "PYTHONPATH": str(common.REPO)}  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.steps", "--jobs", str(args.steps_jobs),
+         *(["--detail"] if args.steps_detail else [])],
+        env=trace_env, capture_output=True, text=True, timeout=args.timeout, cwd=common.REPO,
+    )  # fmt: skip
+    if done.returncode != 0:
+        print(f"bench.steps failed:\n{done.stderr[-3000:]}", flush=True)
+        return None
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
 
 
 # ----------------------------------------------------------------------------- Celery's floor
@@ -366,9 +392,14 @@ def main() -> None:
     parser.add_argument("--chain", action="store_true", help="also time no-op chains")
     parser.add_argument("--timeout", type=float, default=600, help="seconds to wait for a phase")
     parser.add_argument("--skip-noop", action="store_true")
+    parser.add_argument(
+        "--steps-jobs", type=int, default=50,
+        help="jobs for the per-step breakdown (bench/steps.py); 0: none",
+    )  # fmt: skip
+    parser.add_argument("--steps-detail", action="store_true", help="every command, per step")
     args = parser.parse_args()
     if args.quick:
-        args.jobs, args.noop_max = 30, 2000
+        args.jobs, args.noop_max, args.steps_jobs = 30, 2000, min(args.steps_jobs, 5)
     n = args.jobs
     with RedisServer() as rs:
         ours = run_ours(args, rs)
@@ -400,6 +431,10 @@ def main() -> None:
                 ("CPU elsewhere (s)", {k: round(v, 1) for k, v in ours["side_cpu_s"].items()}),
             ],
         )
+        if ours["by_step"] is not None:
+            from bench.steps import print_table
+
+            print_table(ours["by_step"])
         hops = max(1, round(ours["messages_per_job"]))
         total = max(1, min(args.noop_max, ours["messages"]))
         floor = None if args.skip_noop else run_noop(args, rs, total, hops)
@@ -471,6 +506,10 @@ def main() -> None:
     result["received_by_task_per_job"] = ours["received_by_task_per_job"]
     result["polls_per_job"] = common.finite(ours["polls_per_job"], 3)
     result["latency_p99_s"] = common.finite(ours["latency_p99_s"], 2)
+    if ours["by_step"] is not None:
+        result["redis_commands_by_step"] = {
+            name: row["commands_per_job"] for name, row in ours["by_step"]["steps"].items()
+        }
     print(json.dumps(result))
 
 

@@ -166,6 +166,9 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     metrics_addr: str = "0.0.0.0"  # the exporter (animate-queue metrics) listens here
     metrics_port: int = Field(default=9808, ge=1, le=65535)
+    # A worker process sends its step histograms and counters summed, at most this often (0:
+    # at the end of every task). The bill and the outcomes are always written at once.
+    metrics_flush_seconds: float = Field(default=1.0, ge=0, le=60)
     # Flower refuses to start without basic auth ("user:password", comma-separated for more
     # users) unless FLOWER_ALLOW_NO_AUTH=true says an operator chose an open Flower.
     flower_basic_auth: SecretStr | None = None

@@ -104,7 +104,9 @@ def build_services(settings: Settings) -> Services:
     """Every port the steps use, made from ``settings``, with the tuning (``tuning``)."""
     settings.require_worker()
     assert settings.s3_bucket is not None
-    metrics = RedisMetrics(redis_client(settings), settings.key_prefix)
+    metrics = RedisMetrics(
+        redis_client(settings), settings.key_prefix, flush_seconds=settings.metrics_flush_seconds
+    )
     tuned = tuning(settings)
     profile = tuned.profile
     api = video_api(settings, metrics, profile)
@@ -275,6 +277,11 @@ def services() -> Services:
         with _lock:
             if _services is None:
                 _services = build_services(get_settings())
+    return _services
+
+
+def built() -> Services | None:
+    """This process's services if they were built, else None (never builds them)."""
     return _services
 
 

@@ -108,7 +108,13 @@ def test_a_job_through_the_dev_stack_is_counted(stack: subprocess.Popen[bytes]) 
         queue.close()
     assert view["state"] == "STORED", view
 
-    ours = httpx.get(f"{EXPORTER}/metrics", timeout=10).text
+    # Step histograms reach Redis within METRICS_FLUSH_SECONDS (1 s) of the step's end.
+    deadline = time.monotonic() + 10
+    while True:
+        ours = httpx.get(f"{EXPORTER}/metrics", timeout=10).text
+        if samples(ours, "animate_queue_copy_delay_seconds_count") or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     stored = [v for labels, v in samples(ours, "animate_queue_jobs") if labels["state"] == "STORED"]
     assert sum(stored) >= 1
     billed = {

@@ -99,6 +99,22 @@ class TestBuckets:
         assert other.take("a", "query") > 0  # the same bucket, emptied by g
         assert client.exists(f"{prefix}:bucket:a:query")
 
+    def test_an_idle_bucket_expires_after_a_day_renewed_hourly(
+        self, client: redis.Redis, prefix: str
+    ) -> None:
+        """A bucket nobody takes from is gone a day later; its expiry is renewed when a take
+        falls in another hour than the last one, not on every take (one command fewer each)."""
+        g = governor(client, prefix)
+        key = f"{prefix}:bucket:a:query"
+        g.take("a", "query")
+        assert 86_000 < client.ttl(key) <= 86_400
+        client.expire(key, 500)
+        g.take("a", "query")  # the same hour: the expiry stands
+        assert client.ttl(key) <= 500
+        client.hset(key, "ts", str(time.time() - 3 * 3600))  # its last take, hours ago
+        g.take("a", "query")
+        assert 86_000 < client.ttl(key) <= 86_400
+
     def test_a_429_is_counted_and_shown(self, client: redis.Redis, prefix: str) -> None:
         """The account view counts the 429s and shows the bucket's lowered rate."""
         g = governor(client, prefix, submit=2.0)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -309,6 +310,48 @@ def test_a_batch_holds_its_writes_to_its_end_and_loses_none(twin: Twin) -> None:
     assert value(s, "animate_queue_copy_delay_seconds_sum") == 33.0
     m.inc("copy_bytes_total", 1, account="main")  # outside a batch: written at once
     assert value(scrape(twin), "animate_queue_copy_bytes_total", account="main") == 16
+
+
+def test_held_batches_are_summed_and_sent_together(twin: Twin) -> None:
+    """METRICS_FLUSH_SECONDS: batches are summed in the process and sent together by a timer
+    ``flush_seconds`` after the first one held, so an idle process does not sit on them; a batch
+    ending when the interval since the last send has passed is sent at its end."""
+    m = twin.writer(flush_seconds=0.3)
+    for amount in (1, 2, 3):
+        with m.batch():
+            m.inc("copy_bytes_total", amount, account="main")
+            m.observe("copy_delay_seconds", 3.0)
+    assert "animate_queue_copy_bytes_total" not in scrape(twin)  # held, not lost: see below
+    deadline = time.monotonic() + 5
+    while "animate_queue_copy_bytes_total" not in scrape(twin):
+        assert time.monotonic() < deadline, "the held writes were never sent"
+        time.sleep(0.02)
+    s = scrape(twin)
+    assert value(s, "animate_queue_copy_bytes_total", account="main") == 6
+    assert value(s, "animate_queue_copy_delay_seconds_count") == 3
+    assert value(s, "animate_queue_copy_delay_seconds_sum") == 9.0
+    assert buckets(s, "animate_queue_copy_delay_seconds")["5.0"] == 3
+    time.sleep(0.35)
+    with m.batch():
+        m.observe("copy_delay_seconds", 30.0)
+    s = scrape(twin)  # sent at the batch's end, no timer needed
+    assert value(s, "animate_queue_copy_delay_seconds_count") == 4
+    assert value(s, "animate_queue_copy_delay_seconds_sum") == 39.0
+
+
+def test_flush_sends_what_is_held_and_the_bill_is_never_held(twin: Twin) -> None:
+    m = twin.writer(flush_seconds=60)
+    bill = {"account": "main", "producer": "p", "kind": "video"}
+    with m.batch():
+        m.inc("video_seconds_total", 4.0, **bill)
+        m.inc("copy_bytes_total", 1, account="main")
+    s = scrape(twin)
+    assert value(s, "animate_queue_video_seconds_total", **bill) == 4.0
+    assert "animate_queue_copy_bytes_total" not in s
+    m.flush()  # what a pool process does on its way out
+    assert value(scrape(twin), "animate_queue_copy_bytes_total", account="main") == 1
+    m.flush()  # nothing held: nothing sent twice
+    assert value(scrape(twin), "animate_queue_copy_bytes_total", account="main") == 1
 
 
 def test_a_batch_holds_only_its_own_threads_writes(twin: Twin) -> None:

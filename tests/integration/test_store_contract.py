@@ -7,6 +7,7 @@ under its own ``test-<uuid>`` key prefix and deletes exactly those keys afterwar
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import threading
 import time
@@ -475,6 +476,38 @@ class TestRedisIndexes:
         ]
         assert lines[-1]["at"] == round(T0 + 14, 3)
         assert [e["to"] for e in lines[:1]] == ["QUEUED"] and len(lines) == 5
+
+    def test_a_line_stores_no_from_and_reads_back_with_it(self, redis_store: RedisJobStore) -> None:
+        """A move's ``from`` is the line before's ``to``: not stored (bench/inflight.py counts
+        Redis bytes per job), put back when read; a line written by an older release, with its
+        own ``from``, reads back as it was."""
+        redis_store.create(new_job("fr"))
+        job = redis_store.get("fr")
+        assert job is not None
+        job = redis_store.transition(job, JobState.SUBMITTING)
+        assert job is not None
+        key = f"{redis_store.prefix}:timeline:fr"
+        raw = [json.loads(line) for line in redis_store.redis.lrange(key, 0, -1)]
+        assert all("from" not in line for line in raw)
+        old = {"at": T0 + 5, "to": "SUBMITTED", "from": "ELSEWHERE"}
+        redis_store.redis.rpush(key, json.dumps(old))
+        assert [(e["to"], e.get("from")) for e in redis_store.timeline("fr")] == [
+            ("QUEUED", None),
+            ("SUBMITTING", "QUEUED"),
+            ("SUBMITTED", "ELSEWHERE"),
+        ]
+
+    def test_the_timeline_keeps_its_last_200_lines(self, redis_store: RedisJobStore) -> None:
+        """A job that moves for days (a copy retried until its URL dies) keeps a bounded
+        timeline: the newest 200 lines."""
+        redis_store.create(new_job("cap"))
+        job = redis_store.get("cap")
+        for attempt in range(1, 231):
+            assert job is not None
+            job = redis_store.transition(job, JobState.SUBMITTING, submit_attempts=attempt + 1)
+        lines = redis_store.timeline("cap")
+        assert len(lines) == 200
+        assert lines[-1]["submit_attempts"] == 231 and lines[0]["submit_attempts"] == 32
 
     def test_a_first_attempt_needs_no_line_of_its_own(self, redis_store: RedisJobStore) -> None:
         redis_store.create(new_job("a1"))

@@ -87,22 +87,17 @@ class InMemoryMetrics(MetricsWriter[Callable[[MetricsState], None]]):
     """
 
     def __init__(
-        self, state: MetricsState | None = None, *, max_producers: int = MAX_PRODUCER_LABELS
+        self,
+        state: MetricsState | None = None,
+        *,
+        max_producers: int = MAX_PRODUCER_LABELS,
+        flush_seconds: float = 0.0,
     ) -> None:
-        super().__init__(max_producers=max_producers)
+        super().__init__(max_producers=max_producers, flush_seconds=flush_seconds)
         self.state = state if state is not None else MetricsState()
 
     def _incr(self, name: str, field: str, amount: float) -> Callable[[MetricsState], None]:
         return lambda state: state.incr(name, field, amount)
-
-    def _observe(
-        self, name: str, bucket: str, total: str, value: float
-    ) -> Callable[[MetricsState], None]:
-        def write(state: MetricsState) -> None:
-            state.incr(name, bucket, 1)
-            state.incr(name, total, value)
-
-        return write
 
     def _send(self, ops: list[Callable[[MetricsState], None]]) -> None:
         self.state.apply(ops)

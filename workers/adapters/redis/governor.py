@@ -51,7 +51,10 @@ elseif mode == 'throttle' then
   tokens = math.min(tokens, 0)
 end
 redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'ts', tostring(now), 'factor', tostring(factor))
-redis.call('EXPIRE', KEYS[1], 86400)
+-- An idle bucket expires after a day; its expiry is renewed once an hour, not on every take.
+if not b[2] or math.floor(now / 3600) ~= math.floor(ts / 3600) then
+  redis.call('EXPIRE', KEYS[1], 86400)
+end
 return {tostring(wait), tostring(tokens), tostring(factor)}
 """
 

@@ -39,6 +39,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import signal
 import threading
 import time
@@ -66,6 +67,8 @@ MAX_LABEL_LENGTH = 100
 JOBS_FIELD_SEPARATOR = "|"  # never in a state, an account (NAME_RE) or a kind
 WARN_INTERVAL_SECONDS = 60.0  # at most one warning a minute about failed writes, per process
 Op = TypeVar("Op")  # one write, as a metrics backend applies it
+# One write before a backend sees it: a metric, a field of its hash, the amount to add.
+Write = tuple[str, str, float]
 
 Kind = Literal["counter", "histogram", "gauge"]
 
@@ -342,16 +345,34 @@ class NoMetrics:
 class MetricsWriter(Generic[Op]):
     """What every metrics writer does the same way, whatever holds the numbers: the checks of a
     name, its labels and its value, the producer-label cap, batching a thread's writes to the end
-    of a block (the bill and the outcomes never held), and the rate-limited warning about dropped
-    writes. A backend says how to add to a counter or a histogram (``_incr``, ``_observe``), how
-    to apply a list of such writes (``_send``) and how producer labels are admitted."""
+    of a block (the bill and the outcomes never held), holding batches in this process for up to
+    ``flush_seconds`` and sending them summed, and the rate-limited warning about dropped writes.
+    A backend says how to add to a counter or a histogram field (``_incr``), how to apply a list
+    of such writes (``_send``) and how producer labels are admitted.
 
-    def __init__(self, *, max_producers: int = MAX_PRODUCER_LABELS) -> None:
+    Decision (``METRICS_FLUSH_SECONDS``, bench/overhead.py): with ``flush_seconds`` > 0 a batch's
+    writes go into this process's running sums; the sums are sent in one transaction when a
+    batch ends at least ``flush_seconds`` after the last send, else by a background thread
+    ``flush_seconds`` later, and by :meth:`flush` (the worker calls it when a pool process
+    exits). A busy worker then sends about one metrics transaction a second instead of one per
+    task (four per job). What it costs: a process killed with SIGKILL loses at most its last
+    ``flush_seconds`` of step histograms and counters. Never the bill or the outcomes: those are
+    written at once, whatever the setting. ``flush_seconds`` = 0 sends each batch at its end.
+    """
+
+    def __init__(
+        self, *, max_producers: int = MAX_PRODUCER_LABELS, flush_seconds: float = 0.0
+    ) -> None:
         self.max_producers = max_producers
+        self.flush_seconds = flush_seconds
         self._lock = threading.Lock()
         self._last_warning = -math.inf
         self._dropped = 0
         self._local = threading.local()
+        self._held: dict[tuple[str, str], float] = {}
+        self._held_pid = os.getpid()
+        self._last_flush = time.monotonic()
+        self._flusher: threading.Timer | None = None
 
     def inc(self, name: str, amount: float = 1.0, **labels: str) -> None:
         """Add ``amount`` (>= 0) to a counter."""
@@ -367,7 +388,7 @@ class MetricsWriter(Generic[Op]):
             return
         # The bill and the outcomes are written at once, even inside a batch: a worker killed
         # before the end of its task must not lose what was paid for.
-        self._write(self._incr(name, field, amount), at_once=name in _AT_ONCE)
+        self._write([(name, field, float(amount))], at_once=name in _AT_ONCE)
 
     def observe(self, name: str, value: float, **labels: str) -> None:
         """Count one observation in a histogram."""
@@ -377,16 +398,17 @@ class MetricsWriter(Generic[Op]):
             self._drop(f"{name}: bad observation {value!r}")
             return
         bucket, total = _field([*values, _bucket_bound(metric, value)]), _field([*values, "sum"])
-        self._write(self._observe(name, bucket, total, value))
+        self._write([(name, bucket, 1), (name, total, float(value))])
 
     @contextlib.contextmanager
     def batch(self) -> Iterator[None]:
         """Hold this thread's writes and send them together at the end.
 
         The task layer wraps each Celery task in one: a job's step then costs one round trip for
-        its metrics, not one per observation (bench/overhead.py). Whatever the step raises, what
-        it recorded is still sent. The bill (``video_seconds_total``) and ``jobs_finished_total``
-        are not held: they are written at once. A nested batch leaves the sending to the outer.
+        its metrics, not one per observation, or none when ``flush_seconds`` holds them for a
+        later send (bench/overhead.py). Whatever the step raises, what it recorded is still
+        sent. The bill (``video_seconds_total``) and ``jobs_finished_total`` are not held: they
+        are written at once. A nested batch leaves the sending to the outer.
         """
         if getattr(self._local, "pending", None) is not None:
             yield
@@ -397,14 +419,54 @@ class MetricsWriter(Generic[Op]):
         finally:
             pending, self._local.pending = self._local.pending, None
             if pending:
-                self._send(pending)
+                self._hold_or_send(pending)
 
-    def _write(self, op: Op, *, at_once: bool = False) -> None:
+    def flush(self) -> None:
+        """Send what this process holds now (a pool process calls it on its way out)."""
+        with self._lock:
+            held = self._take_held()
+        if held:
+            self._send_writes(held)
+
+    def _write(self, writes: list[Write], *, at_once: bool = False) -> None:
         pending = getattr(self._local, "pending", None)
         if pending is not None and not at_once:
-            pending.append(op)
+            pending.extend(writes)
         else:
-            self._send([op])
+            self._send_writes(writes)
+
+    def _hold_or_send(self, writes: list[Write]) -> None:
+        if self.flush_seconds <= 0:
+            self._send_writes(writes)
+            return
+        with self._lock:
+            if self._held_pid != os.getpid():  # a forked child: the parent's sums are its own
+                self._held, self._held_pid, self._flusher = {}, os.getpid(), None
+            for name, field, amount in writes:
+                self._held[name, field] = self._held.get((name, field), 0) + amount
+            if time.monotonic() - self._last_flush >= self.flush_seconds:
+                due = self._take_held()
+            else:
+                due = []
+                if self._flusher is None:
+                    self._flusher = threading.Timer(self.flush_seconds, self.flush)
+                    self._flusher.daemon = True
+                    self._flusher.start()
+        if due:
+            self._send_writes(due)
+
+    def _take_held(self) -> list[Write]:
+        """The held sums, emptied (the caller holds the lock)."""
+        held = [(name, field, amount) for (name, field), amount in self._held.items()]
+        self._held = {}
+        self._last_flush = time.monotonic()
+        if self._flusher is not None:
+            self._flusher.cancel()
+            self._flusher = None
+        return held
+
+    def _send_writes(self, writes: list[Write]) -> None:
+        self._send([self._incr(name, field, amount) for name, field, amount in writes])
 
     def _drop(self, reason: str) -> None:
         now = time.monotonic()
@@ -421,9 +483,7 @@ class MetricsWriter(Generic[Op]):
         raise NotImplementedError
 
     def _incr(self, name: str, field: str, amount: float) -> Op:
-        raise NotImplementedError
-
-    def _observe(self, name: str, bucket: str, total: str, value: float) -> Op:
+        """Add ``amount`` to one field of a metric's hash (an int: a bucket's count)."""
         raise NotImplementedError
 
     def _send(self, ops: list[Op]) -> None:
@@ -449,8 +509,9 @@ class RedisMetrics(MetricsWriter[Callable[[Any], None]]):
         *,
         pause_seconds: float = 5.0,
         max_producers: int = MAX_PRODUCER_LABELS,
+        flush_seconds: float = 0.0,
     ) -> None:
-        super().__init__(max_producers=max_producers)
+        super().__init__(max_producers=max_producers, flush_seconds=flush_seconds)
         self.redis = client
         self.prefix = prefix
         self.pause_seconds = pause_seconds
@@ -459,17 +520,11 @@ class RedisMetrics(MetricsWriter[Callable[[Any], None]]):
         self._paused_until = 0.0
 
     def _incr(self, name: str, field: str, amount: float) -> Callable[[Any], None]:
-        key = counter_key(self.prefix, name)
+        metric = METRICS[name]
+        key = (counter_key if metric.kind == "counter" else histogram_key)(self.prefix, name)
+        if isinstance(amount, int):  # a bucket's count
+            return lambda pipe: pipe.hincrby(key, field, amount)
         return lambda pipe: pipe.hincrbyfloat(key, field, amount)
-
-    def _observe(self, name: str, bucket: str, total: str, value: float) -> Callable[[Any], None]:
-        key = histogram_key(self.prefix, name)
-
-        def write(pipe: Any) -> None:
-            pipe.hincrby(key, bucket, 1)
-            pipe.hincrbyfloat(key, total, value)
-
-        return write
 
     def _producer(self, value: str) -> str:
         """The producer as a label, or ``other`` once ``max_producers`` distinct ones are in
@@ -491,7 +546,8 @@ class RedisMetrics(MetricsWriter[Callable[[Any], None]]):
         if self._paused():
             return
         try:
-            pipe = self.redis.pipeline(transaction=True)
+            # One write needs no MULTI/EXEC (the bill, an outcome): two commands fewer.
+            pipe = self.redis.pipeline(transaction=len(ops) > 1)
             for op in ops:
                 op(pipe)
             pipe.execute()

@@ -21,6 +21,7 @@ both win, and a stale message (an older version, the fencing token) changes noth
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 import time
@@ -117,8 +118,7 @@ if event and event ~= '' then
   if last and string.find(last, '"unchanged":true', 1, true) then
     redis.call('LSET', timeline, -1, event)
   else
-    redis.call('RPUSH', timeline, event)
-    redis.call('LTRIM', timeline, -200, -1)
+    if redis.call('RPUSH', timeline, event) > 200 then redis.call('LTRIM', timeline, -200, -1) end
   end
   if ttl > 0 then redis.call('EXPIRE', timeline, ttl) end
 end
@@ -262,9 +262,9 @@ def _event(job: Job, state: JobState, changes: dict[str, Any]) -> tuple[str, boo
     into its state); a poll that saw nothing new is marked ``"unchanged":true``, and runs of
     those keep only the latest."""
     at = changes.get("updated_at") or time.time()
-    event: dict[str, Any] = {"at": round(at, 3), "to": state.value}  # ms: a person reads it
-    if state != job.state:
-        event["from"] = job.state.value
+    # ms: a person reads it. No "from": it is the line before's "to" (every change of state has
+    # a line), added back when read (``timeline``); 20 bytes a line less in Redis.
+    event: dict[str, Any] = {"at": round(at, 3), "to": state.value}
     for name in _EVENT_FIELDS:
         if name in changes and changes[name] != getattr(job, name, None):
             event[name] = changes[name]
@@ -283,6 +283,15 @@ def _event(job: Job, state: JobState, changes: dict[str, Any]) -> tuple[str, boo
     if quiet:
         event["unchanged"] = True
     return json.dumps(event, separators=(",", ":"), default=str), quiet
+
+
+def with_moves(lines: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Timeline lines as read: each change of state says where it came from (``from``), taken
+    from the line before (lines written before this release carry their own)."""
+    for before, line in itertools.pairwise(lines):
+        if "from" not in line and line.get("to") != before.get("to"):
+            line["from"] = before.get("to")
+    return lines
 
 
 def _event_args(job: Job, state: JobState, changes: dict[str, Any]) -> tuple[str, str]:
@@ -708,7 +717,7 @@ class RedisJobStore(WorkflowRecords):
             raw = self.redis.lrange(f"{self.prefix}:timeline:{job_id}", 0, -1)
         except redis.RedisError as exc:
             raise StoreUnavailable(f"reading timeline: {exc}") from exc
-        return [json.loads(_text(item)) for item in raw]
+        return with_moves([json.loads(_text(item)) for item in raw])
 
     def list_jobs(self, state: str, limit: int = 50) -> list[Job]:
         """Up to ``limit`` jobs in ``state`` (from the state index; expired records skipped)."""

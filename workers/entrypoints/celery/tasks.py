@@ -17,13 +17,14 @@ from typing import Any
 
 from celery import Task, bootsteps
 from celery.exceptions import SoftTimeLimitExceeded
+from celery.signals import worker_process_shutdown, worker_shutdown
 
 from config.celery_app import app, settings
 from workers import logfields, steps
 from workers.adapters.redis.queues import Heartbeats, RedisQueues
 from workers.adapters.redis.store import RedisJobStore
 from workers.adapters.redis.timers import Dispatcher, Parked, RedisTimers
-from workers.bootstrap import broker_redis, install, redis_client
+from workers.bootstrap import broker_redis, built, install, redis_client
 from workers.bootstrap import services as _services
 from workers.domain.request import JobKind
 from workers.domain.routes import QUEUES
@@ -166,6 +167,18 @@ class MeteredTask(Task[Any, Any]):
 def services() -> steps.Services:
     """This process's services (built once, never changed)."""
     return _services()
+
+
+@worker_process_shutdown.connect
+@worker_shutdown.connect
+def _flush_metrics(**_: Any) -> None:
+    """A pool process (or a solo worker) on its way out sends the metrics it still holds
+    (``METRICS_FLUSH_SECONDS``)."""
+    svc = built()
+    flush = getattr(svc.metrics, "flush", None) if svc is not None else None
+    if flush is not None:
+        with contextlib.suppress(Exception):  # never in the way of a shutdown
+            flush()
 
 
 # The wake-ups the use cases ask for on the side (admissions), and final outcomes under the job
