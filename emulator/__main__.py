@@ -29,6 +29,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     q = p.add_argument_group("quotas (per account, per second; 0 = unlimited)")
     q.add_argument("--submit-rate", type=float, default=1.0, help="per async model")
+    q.add_argument("--wan-submit-rate", type=float, default=5.0,
+                   help="per Wan2.2-Animate model (move, mix)")  # fmt: skip
     q.add_argument("--detect-rate", type=float, default=5.0)
     q.add_argument("--query-rate", type=float, default=20.0, help="query + list + cancel")
     q.add_argument("--policy-rate", type=float, default=100.0, help="upload policy, per model")
@@ -66,6 +68,7 @@ def config_from_args(args: argparse.Namespace) -> EmulatorConfig:
     return EmulatorConfig(
         api_keys=keys,
         submit_rate=args.submit_rate,
+        wan_submit_rate=args.wan_submit_rate,
         detect_rate=args.detect_rate,
         query_rate=args.query_rate,
         policy_rate=args.policy_rate,

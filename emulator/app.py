@@ -35,6 +35,8 @@ from emulator.config import (
     ENDPOINT_MODELS,
     TEMPLATE_MODEL,
     VIDEO_MODEL,
+    WAN_MODELS,
+    WAN_MODES,
     EmulatorConfig,
 )
 from emulator.errors import ApiError
@@ -425,6 +427,8 @@ class Emulator:
             return await self._detect(request, account, inputs)
         if model == TEMPLATE_MODEL:
             return await self._submit_template(request, account, inputs)
+        if model in WAN_MODELS:
+            return await self._submit_wan(request, account, model, inputs, parameters)
         return await self._submit_video(request, account, inputs, parameters)
 
     async def _detect(
@@ -554,6 +558,90 @@ class Emulator:
         )
         return self._accepted(request, task)
 
+    async def _submit_wan(
+        self,
+        request: web.Request,
+        account: str,
+        model: str,
+        inputs: dict[str, Any],
+        parameters: dict[str, Any],
+    ) -> web.StreamResponse:
+        """Wan2.2-Animate move/mix: the person image and the reference video in one call; the
+        output is as long as the video (successor-models.md)."""
+        for name in ("image_url", "video_url"):
+            if not inputs.get(name):
+                raise errors.field_required(f"input.{name}")
+        if "template_id" in inputs:
+            raise errors.invalid_parameter(f"input.template_id is not a parameter of {model}.")
+        mode = parameters.get("mode")
+        if mode not in WAN_MODES:
+            raise errors.invalid_parameter(
+                "Required parameter(parameters.mode) missing or invalid, it must be one of "
+                + ", ".join(WAN_MODES)
+                + "."
+            )
+        check = parameters.get("check_image", True)
+        if not isinstance(check, bool):
+            raise errors.invalid_parameter("parameters.check_image must be a boolean.")
+        fetched = await self.fetch(
+            request, inputs.get("image_url"), "input.image_url",
+            account=account, model=model, video=False,
+        )  # fmt: skip
+        data = fetched.data or b""
+        try:
+            image = await asyncio.to_thread(media.probe_wan_image, data)
+        except media.MediaError as exc:
+            raise ApiError(400, exc.code, exc.message) from None
+        video = await self.fetch(
+            request, inputs.get("video_url"), "input.video_url",
+            account=account, model=model, video=True,
+        )  # fmt: skip
+        assert video.path is not None
+        try:
+            info = await asyncio.to_thread(media.probe_video, video.path)
+            media.check_wan_video(info)
+        except media.MediaError as exc:
+            raise ApiError(400, exc.code, exc.message) from None
+        finally:
+            video.path.unlink(missing_ok=True)
+        self.take((account, model, "submit"), self.config.wan_submit_rate)
+        digest = hashlib.sha256(data).hexdigest()
+        self.images[digest] = data
+        short = self.config.video_short_side
+        width, height = (short, 2 * round(short * info.height / info.width / 2))
+        if info.width > info.height:
+            width, height = 2 * round(short * info.width / info.height / 2), short
+        failure = self.faults.task_failure(
+            url_trigger(fetched.trigger_url, "emulator_fail") or image.text.get("emulator_fail")
+        )
+        c = self.config
+        task = self.book.add(
+            account=account,
+            model=model,
+            endpoint="video-synthesis",
+            now=self.clock.now(),
+            phases=(
+                (tasks.PRE_PROCESSING, c.preprocess_seconds),
+                (tasks.RUNNING, c.generation_seconds),
+                (tasks.POST_PROCESSING, c.postprocess_seconds),
+            ),
+            inputs={
+                "image_url": fetched.trigger_url,
+                "video_url": video.trigger_url,
+                "mode": mode,
+                "image_sha256": digest,
+                "width": width,
+                "height": height,
+                "seconds": info.duration,
+            },
+            failure=(failure, errors.task_failure_message(failure)) if failure else None,
+            usage={
+                "video_duration": round(media.output_duration(info.duration), 2),
+                "video_ratio": "standard" if mode == "wan-std" else "pro",
+            },
+        )
+        return self._accepted(request, task)
+
     def _accepted(self, request: web.Request, task: tasks.Task) -> web.StreamResponse:
         self.stats.add(task.account, task.model, "submitted")
         # Named per kind as well, so the totals keep templates and (paid) videos apart.
@@ -606,6 +694,8 @@ class Emulator:
             output.update(task.result)
             if task.model == VIDEO_MODEL:
                 output["video_url"] = self.video_url(request, task, end)
+            elif task.model in WAN_MODELS:  # documented under output.results
+                output["results"] = {"video_url": self.video_url(request, task, end)}
             body["usage"] = dict(task.usage)
         elif status == tasks.FAILED and task.failure:
             output["code"], output["message"] = task.failure

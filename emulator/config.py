@@ -8,14 +8,17 @@ from dataclasses import dataclass, field
 DETECT_MODEL = "animate-anyone-detect-gen2"
 TEMPLATE_MODEL = "animate-anyone-template-gen2"
 VIDEO_MODEL = "animate-anyone-gen2"
+# Wan2.2-Animate (../shared/docs/successor-models.md): one call, the dance video with every job.
+WAN_MODELS = ("wan2.2-animate-move", "wan2.2-animate-mix")
+WAN_MODES = ("wan-std", "wan-pro")
 
 # endpoint suffix under /services/aigc/image2video/ -> the models it serves
 ENDPOINT_MODELS: dict[str, tuple[str, ...]] = {
     "aa-detect": (DETECT_MODEL,),
     "aa-template-generation": (TEMPLATE_MODEL,),
-    "video-synthesis": (VIDEO_MODEL,),
+    "video-synthesis": (VIDEO_MODEL, *WAN_MODELS),
 }
-ASYNC_MODELS = (TEMPLATE_MODEL, VIDEO_MODEL)
+ASYNC_MODELS = (TEMPLATE_MODEL, VIDEO_MODEL, *WAN_MODELS)
 
 
 @dataclass
@@ -28,6 +31,7 @@ class EmulatorConfig:
 
     # Quotas (per account, per second), documented in §6.4 of the API notes.
     submit_rate: float = 1.0  # per async model
+    wan_submit_rate: float = 5.0  # per Wan2.2-Animate model (documented for animate-mix)
     detect_rate: float = 5.0
     query_rate: float = 20.0  # task query, list and cancel together
     policy_rate: float = 100.0  # upload policy, per model

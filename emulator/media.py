@@ -110,7 +110,20 @@ class ImageInfo:
     text: Mapping[str, str] = field(default_factory=dict, hash=False)
 
 
-def probe_image(data: bytes) -> ImageInfo:
+WAN_IMAGE_FORMATS = frozenset({"JPEG", "PNG", "BMP", "WEBP"})
+WAN_IMAGE_MIN_SIDE = 200
+WAN_IMAGE_MAX_ASPECT = 3.0
+WAN_VIDEO_MAX_SECONDS = 30.0
+MSG_WAN_DURATION = "Invalid file duration. The file duration must be 2 s ~ 30 s."
+
+
+def probe_image(
+    data: bytes,
+    *,
+    formats: frozenset[str] = IMAGE_FORMATS,
+    max_aspect: float = IMAGE_MAX_ASPECT,
+    min_side: int = 1,
+) -> ImageInfo:
     """Identify a person image and apply DashScope's limits, raising `MediaError` on refusal.
 
     Checks, in order: Pillow can open (and verify) it; JPEG/PNG/BMP; under 5 MiB; aspect ratio at
@@ -135,12 +148,12 @@ def probe_image(data: bytes) -> ImageInfo:
     except Exception as exc:
         raise MediaError("InvalidFile.Openerror", MSG_OPENERROR) from exc
 
-    if fmt not in IMAGE_FORMATS:
+    if fmt not in formats:
         raise MediaError("InvalidFile.Format", MSG_FORMAT)
     if len(data) >= IMAGE_MAX_BYTES:
         raise MediaError("InvalidFile.Size", MSG_IMAGE_SIZE)
     short, long = min(width, height), max(width, height)
-    if short < 1 or long / short > IMAGE_MAX_ASPECT or long > IMAGE_MAX_SIDE:
+    if short < min_side or long / short > max_aspect or long > IMAGE_MAX_SIDE:
         raise MediaError("InvalidFile.ImageSize", MSG_IMAGE_DIMENSIONS)
     return ImageInfo(format=fmt, width=width, height=height, size_bytes=len(data), text=text)
 
@@ -196,6 +209,31 @@ def probe_video(path: Path) -> VideoInfo:
         raise
     except Exception as exc:
         raise MediaError("InvalidFile.Openerror", MSG_OPENERROR) from exc
+
+
+def probe_wan_image(data: bytes) -> ImageInfo:
+    """Wan2.2-Animate's person image: JPEG/PNG/BMP/WEBP, 200-4096 px a side, 1:3 to 3:1, < 5 MB."""
+    return probe_image(
+        data,
+        formats=WAN_IMAGE_FORMATS,
+        max_aspect=WAN_IMAGE_MAX_ASPECT,
+        min_side=WAN_IMAGE_MIN_SIDE,
+    )
+
+
+def check_wan_video(info: VideoInfo) -> None:
+    """Wan2.2-Animate's reference video: MP4/MOV/AVI, at most 200 MB, 200-2048 px a side,
+    2-30 s, 1:3 to 3:1 (no frame-rate or codec limit is documented)."""
+    if info.container not in VIDEO_CONTAINERS:
+        raise MediaError("InvalidFile.Format", MSG_FORMAT)
+    if info.size_bytes > VIDEO_MAX_BYTES:
+        raise MediaError("InvalidFile.Size", MSG_VIDEO_SIZE)
+    if not all(VIDEO_MIN_SIDE <= side <= VIDEO_MAX_SIDE for side in (info.width, info.height)):
+        raise MediaError("InvalidFile.Resolution", MSG_RESOLUTION)
+    if not VIDEO_MIN_SECONDS <= info.duration <= WAN_VIDEO_MAX_SECONDS:
+        raise MediaError("InvalidFile.Duration", MSG_WAN_DURATION)
+    if info.height / info.width > VIDEO_MAX_ASPECT or info.width / info.height > VIDEO_MAX_ASPECT:
+        raise MediaError("InvalidFile.AspectRatio", MSG_ASPECT)
 
 
 def check_template_video(info: VideoInfo) -> None:

@@ -100,6 +100,12 @@ def governor(settings: Settings) -> RedisGovernor:
     )
 
 
+def _dance_video_max_bytes(profile: ModelProfile) -> int:
+    """The largest dance video the family takes (as a template's source, or with each job)."""
+    limits = profile.template_video if profile.takes_templates else profile.input_video
+    return limits.max_bytes if limits is not None else 0
+
+
 def build_services(settings: Settings) -> Services:
     """Every port the steps use, made from ``settings``, with the tuning (``tuning``)."""
     settings.require_worker()
@@ -137,7 +143,7 @@ def build_services(settings: Settings) -> Services:
             video_http,
             guard,
             total_seconds=settings.video_download_seconds,
-            max_bytes=profile.template_video.max_bytes if profile.template_video else 0,
+            max_bytes=_dance_video_max_bytes(profile),
         ),
         governor=governor(settings),
         copier=S3CopierPort(copier(settings, s3)),

@@ -35,8 +35,8 @@ def test_the_first_profile_is_animate_anyone() -> None:
     assert AA.remote("template").name == "animate-anyone-template-gen2"
     assert AA.remote("detect").path == "/services/aigc/image2video/aa-detect"
     assert AA.quotas.running_tasks == 1 and AA.video.price_cny_per_second == 0.08
-    with pytest.raises(ValueError, match="known: animate-anyone-gen2"):
-        models.profile("wan2.2-animate-move")
+    with pytest.raises(ValueError, match=r"known: animate-anyone-gen2, wan2\.2-animate-mix, wan"):
+        models.profile("made-up-model")
 
 
 def test_the_selected_profile_reaches_the_steps_and_the_api(
@@ -88,3 +88,97 @@ def test_input_limits_are_the_profiles() -> None:
     with pytest.raises(InvalidJobRequest) as refused:
         check_image(dataclasses.replace(facts, format="JPEG", width=200, height=200), OTHER.image)
     assert refused.value.code == "InvalidImage.Format" and "one of PNG" in refused.value.message
+
+
+# ------------------------------------------------------------------ Wan2.2-Animate (issue 17)
+
+MOVE, MIX = models.WAN_ANIMATE_MOVE, models.WAN_ANIMATE_MIX
+WAN_JOB = {"image_url": "https://cdn.test/a.png", "video_url": "https://cdn.test/d.mp4",
+           "mode": "wan-pro"}  # fmt: skip
+
+
+def test_the_wan_profiles_hold_the_documented_facts() -> None:
+    """successor-models.md: one call at image2video/video-synthesis, 2-30 s videos, images of
+    200-4096 px up to 1:3, 5 submits/s and one running task per account, prices per mode."""
+    for wan in (MOVE, MIX):
+        assert wan.video.path == "/services/aigc/image2video/video-synthesis"
+        assert not wan.takes_templates and wan.detect is None and wan.template is None
+        assert wan.input_video is not None and wan.input_video.seconds == (2.0, 30.0)
+        assert (wan.image.min_side, wan.image.max_side, wan.image.max_aspect) == (200, 4096, 3.0)
+        assert "WEBP" in wan.image.formats
+        assert (wan.quotas.submits_per_second, wan.quotas.running_tasks) == (5.0, 1)
+        assert set(wan.regions) == {"cn-beijing", "ap-southeast-1"}
+    assert (MOVE.price_per_second("wan-std"), MOVE.price_per_second("wan-pro")) == (0.4, 0.6)
+    assert (MIX.price_per_second("wan-std"), MIX.price_per_second("wan-pro")) == (0.6, 0.9)
+    assert MIX.price_per_second(None) is None and AA.price_per_second(None) == 0.08
+    assert AA.successor == "wan2.2-animate-move" and AA.retires == "2026-10-10"
+
+
+@pytest.mark.parametrize(
+    ("change", "code"),
+    [
+        ({"template_id": "AACT.x.y"}, "InvalidRequest.TemplateForModel"),
+        ({"detect": False}, "InvalidRequest.NotForModel"),
+        ({"use_ref_img_bg": True}, "InvalidRequest.NotForModel"),
+        ({"mode": None}, "InvalidRequest.Mode"),
+        ({"mode": "wan-max"}, "InvalidRequest.Mode"),
+        ({"video_url": None}, "InvalidRequest.MissingField"),
+        ({"check_image": "yes"}, "InvalidRequest.BadType"),
+        ({"model": "wan2.2-animate-mix"}, "InvalidRequest.Model"),
+        ({"colour": "red"}, "InvalidRequest.UnknownField"),
+    ],
+)
+def test_a_wan_request_is_checked_against_its_profile(change: dict[str, object], code: str) -> None:
+    from workers.domain.request import parse_request
+
+    kwargs = {**WAN_JOB, **change}
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    with pytest.raises(InvalidJobRequest) as refused:
+        parse_request(kwargs, (), MOVE)
+    assert refused.value.code == code, refused.value.message
+
+
+def test_a_wan_request_parses_and_animate_anyone_refuses_wan_fields() -> None:
+    from workers.domain.request import parse_request
+
+    request = parse_request({**WAN_JOB, "model": "wan2.2-animate-move", "check_image": False},
+                            (), MOVE)  # fmt: skip
+    assert (request.mode, request.video_url, request.detect, request.check_image) == (
+        "wan-pro", "https://cdn.test/d.mp4", False, False,
+    )  # fmt: skip
+    aa_job = {"image_url": "https://cdn.test/a.png", "template_id": "AACT.x.y"}
+    assert parse_request({**aa_job, "model": "animate-anyone-gen2"}).model == "animate-anyone-gen2"
+    for extra, code in (({"mode": "wan-std"}, "InvalidRequest.NotForModel"),
+                        ({"model": "wan2.2-animate-move"}, "InvalidRequest.Model")):  # fmt: skip
+        with pytest.raises(InvalidJobRequest) as refused:
+            parse_request({**aa_job, **extra})
+        assert refused.value.code == code
+
+
+def test_the_client_sends_a_wan_job_in_one_call_and_reads_results_video_url() -> None:
+    sent: list[httpx.Request] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        sent.append(request)
+        if request.method == "POST":
+            return httpx.Response(200, json={"output": {"task_id": "t1", "task_status": "PENDING"}})
+        return httpx.Response(200, json={
+            "output": {"task_id": "t1", "task_status": "SUCCEEDED",
+                       "results": {"video_url": "https://oss.test/v.mp4"}},
+            "usage": {"video_duration": 4.2, "video_ratio": "standard"},
+        })  # fmt: skip
+
+    http = httpx.Client(transport=httpx.MockTransport(answer))
+    client = DashScopeClient(http, api_key="sk-x", base_url="https://ds.test/api/v1", profile=MIX)
+    client.submit_video(VideoRequest("https://cdn.test/a.png", video_url="https://cdn.test/d.mp4",
+                                     mode="wan-std", check_image=False))  # fmt: skip
+    body = json.loads(sent[0].content)
+    assert sent[0].url.path == "/api/v1/services/aigc/image2video/video-synthesis"
+    assert sent[0].headers["X-DashScope-Async"] == "enable"
+    assert body == {
+        "model": "wan2.2-animate-mix",
+        "input": {"image_url": "https://cdn.test/a.png", "video_url": "https://cdn.test/d.mp4"},
+        "parameters": {"mode": "wan-std", "check_image": False},
+    }
+    task = client.get_task("t1")
+    assert (task.video_url, task.video_duration) == ("https://oss.test/v.mp4", 4.2)

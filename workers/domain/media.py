@@ -33,6 +33,11 @@ def check_image(facts: ImageFacts, limits: ImageLimits) -> None:
         )
     if min(facts.width, facts.height) <= 0:
         raise reject("InvalidImage.Dimensions", "image has no pixels")
+    if min(facts.width, facts.height) < limits.min_side:
+        raise reject(
+            "InvalidImage.ShortestSide",
+            f"image is {facts.width}x{facts.height}; each side must be at least {limits.min_side}",
+        )
     if max(facts.width, facts.height) > limits.max_side:
         raise reject(
             "InvalidImage.LongestSide",
@@ -70,7 +75,7 @@ def check_template_video(facts: VideoFacts, limits: VideoLimits) -> None:
             f"video container is {facts.format or 'unreadable'}; it must be "
             f"{_one_of(f.upper() for f in limits.formats)}",
         )
-    if facts.codec not in limits.codecs:
+    if limits.codecs and facts.codec not in limits.codecs:
         raise reject(
             "InvalidVideo.Codec",
             f"video codec is {facts.codec or 'unknown'}; it must be "
@@ -89,7 +94,10 @@ def check_template_video(facts: VideoFacts, limits: VideoLimits) -> None:
             f"video is {facts.width}x{facts.height}; each side must be {low}-{high} px",
         )
     if facts.fps < limits.min_fps:
-        raise reject("InvalidVideo.FPS", f"video is {facts.fps:.2f} fps; at least 24 fps")
+        raise reject(
+            "InvalidVideo.FPS",
+            f"video is {facts.fps:.2f} fps; at least {round(limits.min_fps)} fps",
+        )
     shortest, longest = limits.seconds
     if not shortest <= facts.seconds <= longest:
         raise reject(

@@ -14,6 +14,8 @@ from urllib.parse import urlsplit
 
 from workers.domain.routes import QUEUES
 from workers.errors import InvalidJobRequest
+from workers.models.animate_anyone import ANIMATE_ANYONE_GEN2
+from workers.models.profile import ModelProfile
 
 VIDEO_RATIOS = ("9:16", "3:4")
 
@@ -44,6 +46,15 @@ REQUEST_FIELDS = COMMON_FIELDS | {
 
 
 TEMPLATE_FIELDS = COMMON_FIELDS | {"video_url"}
+
+
+# A family that takes the dance video with every job (Wan2.2-Animate): its fields.
+REFERENCE_VIDEO_FIELDS = COMMON_FIELDS | {"image_url", "video_url", "model", "mode", "check_image"}
+
+
+# Fields of one family only: named with the reason when sent to the other.
+TEMPLATE_FAMILY_ONLY = ("template_id", "detect", "use_ref_img_bg", "video_ratio")
+REFERENCE_VIDEO_ONLY = ("mode", "check_image")
 
 
 CALLBACK_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:-]{0,199}\Z")
@@ -125,6 +136,9 @@ class JobRequest:
     webhook_url: str | None = None  # POSTed the signed result object when the job ends
     video_url: str | None = None  # the dance video to make (or reuse) a template from
     detect: bool = True  # check the image with DashScope's detector first (video jobs)
+    model: str | None = None  # the video model the producer asked for (checked at intake)
+    mode: str | None = None  # Wan2.2-Animate: wan-std or wan-pro
+    check_image: bool | None = None  # Wan2.2-Animate: the call's own image check (default on)
 
 
 def reject(code: str, message: str) -> InvalidJobRequest:
@@ -189,10 +203,20 @@ def _check_args(
         )
 
 
-def parse_request(kwargs: Mapping[str, Any], args: tuple[Any, ...] = ()) -> JobRequest:
-    """Validate the ``animate.generate`` kwargs; raise :class:`InvalidJobRequest` with the reason."""
-    _check_args("animate.generate", kwargs, args, REQUEST_FIELDS)
-    common = _common(kwargs)
+def parse_request(
+    kwargs: Mapping[str, Any],
+    args: tuple[Any, ...] = (),
+    profile: ModelProfile = ANIMATE_ANYONE_GEN2,
+) -> JobRequest:
+    """Validate the ``animate.generate`` kwargs for the model family this deployment runs
+    (``profile``); raise :class:`InvalidJobRequest` with the reason. A field of the other
+    family is refused by name, saying why, before anything is fetched or paid for."""
+    model = _check_model(kwargs, profile)
+    if not profile.takes_templates:
+        return _parse_reference_video(kwargs, args, profile)
+    _not_for(kwargs, REFERENCE_VIDEO_ONLY, profile)
+    _check_args("animate.generate", kwargs, args, REQUEST_FIELDS | {"model"})
+    common = dataclasses.replace(_common(kwargs), model=model)
     image_url = check_url(kwargs.get("image_url"), "image_url", allow_s3=True)
     template_id = kwargs.get("template_id")
     video_url = kwargs.get("video_url")
@@ -239,6 +263,63 @@ def parse_request(kwargs: Mapping[str, Any], args: tuple[Any, ...] = ()) -> JobR
         video_url=video_url,
         detect=detect,
     )
+
+
+def _check_model(kwargs: Mapping[str, Any], profile: ModelProfile) -> str | None:
+    model = kwargs.get("model") if isinstance(kwargs, Mapping) else None
+    if model is None:
+        return None
+    if not isinstance(model, str) or model != profile.name:
+        shown = repr(model)[:80]
+        raise reject(
+            "InvalidRequest.Model",
+            f"model {shown} is not the one this deployment runs ({profile.name}); send the job "
+            "to a deployment of that model, or leave model out",
+        )
+    return model
+
+
+def _not_for(kwargs: Mapping[str, Any], names: Iterable[str], profile: ModelProfile) -> None:
+    given = [name for name in names if isinstance(kwargs, Mapping) and name in kwargs]
+    if not given:
+        return
+    if "template_id" in given:
+        raise reject(
+            "InvalidRequest.TemplateForModel",
+            f"{profile.name} takes the dance video itself (video_url) with every job; action "
+            "templates (template_id) are AnimateAnyone's",
+        )
+    family = "AnimateAnyone" if profile.takes_templates else "Wan2.2-Animate"
+    other = "Wan2.2-Animate" if profile.takes_templates else "AnimateAnyone"
+    raise reject(
+        "InvalidRequest.NotForModel",
+        f"{', '.join(given)} applies to {other} models, not {profile.name} ({family})",
+    )
+
+
+def _parse_reference_video(
+    kwargs: Mapping[str, Any], args: tuple[Any, ...], profile: ModelProfile
+) -> JobRequest:
+    """A Wan2.2-Animate job: the person image, the dance video and the mode, in one call."""
+    _not_for(kwargs, TEMPLATE_FAMILY_ONLY, profile)
+    _check_args("animate.generate", kwargs, args, REFERENCE_VIDEO_FIELDS)
+    common = _common(kwargs)
+    image_url = check_url(kwargs.get("image_url"), "image_url", allow_s3=True)
+    video_url = check_url(kwargs.get("video_url"), "video_url", allow_s3=True)
+    mode = kwargs.get("mode")
+    if mode not in profile.modes:
+        shown = "missing" if mode is None else repr(mode)[:40]
+        raise reject(
+            "InvalidRequest.Mode",
+            f"mode is {shown}; {profile.name} needs one of {', '.join(profile.modes)}",
+        )
+    check_image = kwargs.get("check_image")
+    if check_image is not None and not isinstance(check_image, bool):
+        raise reject("InvalidRequest.BadType", "check_image must be true or false")
+    return dataclasses.replace(
+        common, image_url=image_url, video_url=video_url, detect=False,
+        model=kwargs.get("model"), mode=mode, check_image=check_image,
+    )  # fmt: skip
 
 
 def parse_template_request(kwargs: Mapping[str, Any], args: tuple[Any, ...] = ()) -> JobRequest:

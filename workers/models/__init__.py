@@ -8,9 +8,10 @@ from types import MappingProxyType
 
 from workers.models.animate_anyone import ANIMATE_ANYONE_GEN2
 from workers.models.profile import ImageLimits, ModelProfile, Quotas, RemoteModel, VideoLimits
+from workers.models.wan_animate import WAN_ANIMATE_MIX, WAN_ANIMATE_MOVE
 
 PROFILES: Mapping[str, ModelProfile] = MappingProxyType(
-    {profile.name: profile for profile in (ANIMATE_ANYONE_GEN2,)}
+    {profile.name: profile for profile in (ANIMATE_ANYONE_GEN2, WAN_ANIMATE_MOVE, WAN_ANIMATE_MIX)}
 )
 
 
@@ -27,6 +28,8 @@ def profile(name: str) -> ModelProfile:
 __all__ = [
     "ANIMATE_ANYONE_GEN2",
     "PROFILES",
+    "WAN_ANIMATE_MIX",
+    "WAN_ANIMATE_MOVE",
     "ImageLimits",
     "ModelProfile",
     "Quotas",

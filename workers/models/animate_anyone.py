@@ -41,4 +41,5 @@ ANIMATE_ANYONE_GEN2 = ModelProfile(
     # Beijing only: the family is not offered on dashscope-intl.
     regions=MappingProxyType({"cn-beijing": "https://dashscope.aliyuncs.com/api/v1"}),
     retires="2026-10-10",
+    successor="wan2.2-animate-move",
 )  # fmt: skip

@@ -10,7 +10,7 @@ the profile the deployment selected (``DASHSCOPE_MODEL``), never from constants 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,7 @@ class ImageLimits:
     max_bytes: int  # strictly under this
     max_side: int
     max_aspect: float
+    min_side: int = 1
 
 
 @dataclass(frozen=True)
@@ -43,7 +44,7 @@ class VideoLimits:
     """A source video the model accepts (the dance video a template is made from)."""
 
     formats: tuple[str, ...]  # containers
-    codecs: tuple[str, ...]
+    codecs: tuple[str, ...]  # empty: none documented, any is taken
     max_bytes: int
     sides: tuple[int, int]  # each side within
     min_fps: float
@@ -76,11 +77,30 @@ class ModelProfile:
     detect: RemoteModel | None = None
     template: RemoteModel | None = None
     template_video: VideoLimits | None = None
+    # A family that takes the dance video with every job (no templates): its limits.
+    input_video: VideoLimits | None = None
+    # Modes (parameters.mode) -> price in CNY per second of output; empty: the family has none.
+    modes: Mapping[str, float] = field(default_factory=dict)
     retires: str | None = None  # Model Studio's announced retirement date
+    successor: str | None = None  # the model Model Studio's guide points to instead
+    # Where a SUCCEEDED task's video URL is, in order of preference (dotted paths in output).
+    result_video_paths: tuple[str, ...] = ("video_url",)
 
     @property
     def name(self) -> str:
         return self.video.name
+
+    @property
+    def takes_templates(self) -> bool:
+        """Whether a job names its motion by an action template (AnimateAnyone) rather than
+        sending the dance video with every call (Wan2.2-Animate)."""
+        return self.input_video is None
+
+    def price_per_second(self, mode: str | None) -> float | None:
+        """CNY per second of output video for a job in ``mode`` (None: not known)."""
+        if self.modes:
+            return self.modes.get(mode or "")
+        return self.video.price_cny_per_second
 
     def remote(self, kind: str) -> RemoteModel:
         """The model behind a kind of call: ``video``, ``template`` or ``detect``."""

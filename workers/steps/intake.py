@@ -55,9 +55,10 @@ def intake(
     """
     now = svc.clock()
     try:
-        request = (parse_template_request if kind == JobKind.TEMPLATE else parse_request)(
-            kwargs, args
-        )
+        if kind == JobKind.TEMPLATE:
+            request = parse_template_request(kwargs, args)
+        else:
+            request = parse_request(kwargs, args, svc.profile)
     except InvalidJobRequest as exc:
         return _rejected(svc, kwargs, message_id, kind, exc, now)
     job_id = request.job_id or message_id

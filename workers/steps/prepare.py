@@ -1,4 +1,5 @@
-"""Prepare: the dance video's action template, reused or made by a template job."""
+"""Prepare: the dance video, checked against the model's limits; then, for a model that takes
+action templates, its template, reused or made by a template job."""
 
 from __future__ import annotations
 
@@ -57,7 +58,8 @@ def prepare(svc: Services, job_id: str, version: int) -> Next | None:
         try:
             url, trusted = svc.inputs.for_us(source_ref(job))
             facts = svc.videos.probe(url, trusted=trusted)
-            limits = svc.profile.template_video
+            profile = svc.profile
+            limits = profile.template_video if profile.takes_templates else profile.input_video
             if limits is None:
                 raise InvalidJobRequest(f"{svc.profile.name} makes no action templates",
                                         code="InvalidRequest.TemplateOrVideo")  # fmt: skip
@@ -85,6 +87,10 @@ def prepare(svc: Services, job_id: str, version: int) -> Next | None:
         if checked is None:
             return None
         job = checked
+    if not svc.profile.takes_templates:
+        # The video goes with the call itself (Wan2.2-Animate): checked, it waits for a slot.
+        enqueue(svc, job)
+        return None
     for _ in range(3):  # compare-and-set on the source record: go again if another job moved it
         outcome = _resolve_template(svc, job)
         if outcome is not _AGAIN:

@@ -125,6 +125,12 @@ def _remote_inputs(svc: Services, job: Job) -> JobRequest | str:
     inputs as URLs DashScope can fetch and its resolved template."""
     if job.is_template:
         return svc.inputs.for_dashscope(source_ref(job), job.account, "template")
+    if not svc.profile.takes_templates:  # the dance video goes with the call
+        return dataclasses.replace(
+            job.request,
+            image_url=svc.inputs.for_dashscope(job.request.image_url, job.account, "video"),
+            video_url=svc.inputs.for_dashscope(source_ref(job), job.account, "video"),
+        )
     return dataclasses.replace(
         job.request,
         image_url=svc.inputs.for_dashscope(job.request.image_url, job.account, "video"),

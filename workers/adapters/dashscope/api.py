@@ -101,6 +101,9 @@ class DashScopeVideoApi:
                     template_id=request.template_id,
                     use_ref_img_bg=request.use_ref_img_bg,
                     video_ratio=request.video_ratio,
+                    video_url=request.video_url,
+                    mode=request.mode,
+                    check_image=request.check_image,
                 )
             )
             return submitted.task_id

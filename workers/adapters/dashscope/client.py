@@ -75,12 +75,16 @@ _TRANSPORT_FAILURES: tuple[tuple[type[httpx.RequestError], str], ...] = (
 
 @dataclass(frozen=True)
 class VideoRequest:
-    """One ``animate-anyone-gen2`` job: the person image and the action template to apply."""
+    """One video job: the person image and either the action template to apply
+    (``animate-anyone-gen2``) or the dance video and a mode (Wan2.2-Animate)."""
 
     image_url: str
-    template_id: str
+    template_id: str = ""
     use_ref_img_bg: bool | None = None  # omitted from ``parameters`` when None (DashScope: false)
     video_ratio: str | None = None  # omitted when None (DashScope: "9:16")
+    video_url: str | None = None  # Wan2.2-Animate: the reference video
+    mode: str | None = None  # Wan2.2-Animate: wan-std | wan-pro
+    check_image: bool | None = None  # Wan2.2-Animate: omitted when None (DashScope: true)
 
 
 @dataclass(frozen=True)
@@ -184,12 +188,21 @@ class DashScopeClient:
 
     def submit_video(self, request: VideoRequest) -> SubmittedTask:
         """Start one video generation (``X-DashScope-Async: enable``); every call is a paid task."""
+        fields = self._profile.input_fields
+        if not self._profile.takes_templates:  # Wan2.2-Animate: image, video and mode
+            if request.video_url is None or request.mode is None:
+                raise ValueError(f"{self._profile.name} needs video_url and mode")
+            wan: dict[str, Any] = {"mode": request.mode}
+            if request.check_image is not None:
+                wan["check_image"] = request.check_image
+            video_input = {fields["image_url"]: request.image_url,
+                           fields["video_url"]: request.video_url}  # fmt: skip
+            return self.submit_async(self._profile.video, video_input, wan)
         parameters: dict[str, Any] = {}
         if request.use_ref_img_bg is not None:
             parameters["use_ref_img_bg"] = request.use_ref_img_bg
         if request.video_ratio is not None:
             parameters["video_ratio"] = request.video_ratio
-        fields = self._profile.input_fields
         return self.submit_async(
             self._profile.video,
             {fields["image_url"]: request.image_url, fields["template_id"]: request.template_id},
@@ -599,7 +612,7 @@ def _parse_task(op: str, body: dict[str, Any], task_id: str) -> RemoteTask:
         task_id=returned_id,
         status=RemoteStatus.parse(raw_status),
         raw_status=raw_status,
-        video_url=_optional_str(op, output, "video_url", "output.") or None,
+        video_url=_video_url(op, output),
         template_id=_optional_str(op, output, "template_id", "output.") or None,
         video_duration=float(duration) if duration is not None else None,
         code=_optional_str(op, output, "code", "output.") or None,
@@ -609,6 +622,20 @@ def _parse_task(op: str, body: dict[str, Any], task_id: str) -> RemoteTask:
         end_time=_beijing_time(output.get("end_time")),
         request_id=_optional_str(op, body, "request_id"),
     )
+
+
+def _video_url(op: str, output: Mapping[str, Any]) -> str | None:
+    """A SUCCEEDED task's video: ``output.video_url`` (AnimateAnyone; some sources show it for
+    Wan too) or ``output.results.video_url`` (Wan2.2-Animate's documented place)."""
+    direct = _optional_str(op, output, "video_url", "output.")
+    if direct:
+        return direct
+    results = output.get("results")
+    if results is None:
+        return None
+    if not isinstance(results, dict):
+        raise DashScopeBadResponse(f"{op}: output.results is not an object")
+    return _optional_str(op, results, "video_url", "output.results.") or None
 
 
 def _parse_page(body: dict[str, Any], page_no: int, page_size: int) -> TaskPage:

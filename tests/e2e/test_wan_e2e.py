@@ -1,0 +1,141 @@
+"""Wan2.2-Animate (move and mix) end to end, with real processes: a deployment that runs the model
+(``DASHSCOPE_MODEL``), a producer with only ``celery`` installed, the emulator over HTTP, S3.
+
+One call per job: the person image and the dance video go to DashScope together, with a mode; no
+detect step, no action template. What the model refuses is refused before anything is paid: a
+45-second dance (the limit is 30 s), a ``template_id``, a missing mode, an image under 200 px.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from devstack import RedisServer, S3Server, Worker
+from emulator.server import EmulatorServer
+from workers.producer import AnimateQueue
+
+pytestmark = pytest.mark.timeout(180)
+
+
+@pytest.fixture(scope="module", params=["wan2.2-animate-move", "wan2.2-animate-mix"])
+def model(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture(scope="module")
+def wan_redis(model: str) -> Iterator[RedisServer]:
+    with RedisServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def wan_worker(wan_redis: RedisServer, worker_env: dict[str, str], model: str) -> Iterator[Worker]:
+    env = {**worker_env, "REDIS_URL": wan_redis.url, "DASHSCOPE_MODEL": model}
+    w = Worker(env, concurrency=2, name=f"{model}@%h")
+    w.start()
+    yield w
+    w.stop()
+
+
+@pytest.fixture
+def wq(
+    wan_redis: RedisServer, wan_worker: Worker, emulator: EmulatorServer
+) -> Iterator[AnimateQueue]:
+    q = AnimateQueue(wan_redis.url)
+    yield q
+    q.close()
+
+
+def image(server: EmulatorServer, width: int = 512, height: int = 768) -> str:
+    return f"{server.url}/_emulator/samples/person.png?width={width}&height={height}"
+
+
+def dance(server: EmulatorServer, seconds: float = 2.5) -> str:
+    return f"{server.url}/_emulator/samples/dance.mp4?seconds={seconds}&width=360&height=640"
+
+
+def counters(server: EmulatorServer, model: str) -> dict[str, Any]:
+    accounts = httpx.get(f"{server.url}/_emulator/stats", timeout=10).json()["accounts"]
+    merged: dict[str, Any] = {}
+    for models in accounts.values():
+        for name, values in models.items():
+            if name == model:
+                merged.update(values)
+            else:
+                assert not values.get("submitted"), f"{name} was called in a {model} deployment"
+    return merged
+
+
+def send_with_celery_only(redis_url: str, kwargs: dict[str, Any]) -> str:
+    """Another service with only celery installed: ``send_task`` by name, JSON on the wire."""
+    script = textwrap.dedent(
+        f"""
+        from celery import Celery
+        app = Celery(broker={redis_url!r})
+        app.conf.task_serializer = "json"
+        result = app.send_task("animate.generate", kwargs={kwargs!r}, queue="celery")
+        print(result.id)
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=30, check=True
+    )
+    return done.stdout.strip().splitlines()[-1]
+
+
+def test_a_job_from_a_celery_only_producer_is_stored(
+    wq: AnimateQueue, wan_redis: RedisServer, emulator: EmulatorServer, model: str,
+    s3_server: S3Server,
+) -> None:  # fmt: skip
+    job_id = send_with_celery_only(
+        wan_redis.url,
+        {"image_url": image(emulator), "video_url": dance(emulator, 2.5), "mode": "wan-pro",
+         "model": model, "producer": "wan-e2e"},
+    )  # fmt: skip
+    view = wq.wait(job_id, timeout=90)
+    assert view["state"] == "STORED", (view["error_code"], view["error_message"])
+    assert counters(emulator, model)["submitted"] == 1
+    assert view["video_duration"] == pytest.approx(2.5, abs=0.5)
+    bucket, _, key = view["s3_uri"].removeprefix("s3://").partition("/")
+    head = s3_server.client().head_object(Bucket=bucket, Key=key)
+    assert head["ContentLength"] > 0 and head["ContentType"] == "video/mp4"
+
+
+@pytest.mark.parametrize(
+    ("change", "code"),
+    [
+        ({"video_url": "long"}, "InvalidVideo.Duration"),  # 45 s: the limit is 30
+        ({"template_id": "AACT.someone.abc"}, "InvalidRequest.TemplateForModel"),
+        ({"mode": None}, "InvalidRequest.Mode"),
+        ({"mode": "wan-turbo"}, "InvalidRequest.Mode"),
+        ({"image_url": "small"}, "InvalidImage.ShortestSide"),
+        ({"model": "animate-anyone-gen2"}, "InvalidRequest.Model"),
+        ({"detect": True}, "InvalidRequest.NotForModel"),
+    ],
+)
+def test_what_the_model_refuses_is_refused_before_any_paid_call(
+    wq: AnimateQueue, emulator: EmulatorServer, model: str, change: dict[str, Any], code: str,
+    job_id: str,
+) -> None:  # fmt: skip
+    kwargs: dict[str, Any] = {"job_id": job_id, "image_url": image(emulator),
+                              "video_url": dance(emulator), "mode": "wan-std"}  # fmt: skip
+    for name, value in change.items():
+        if value == "long":
+            value = dance(emulator, 45)
+        elif value == "small":
+            value = image(emulator, 150, 300)
+        if value is None:
+            kwargs.pop(name)
+        else:
+            kwargs[name] = value
+    wq.celery.send_task("animate.generate", kwargs=kwargs, queue="celery")
+    view = wq.wait(job_id, timeout=60)
+    assert (view["state"], view["error_code"]) == ("REJECTED", code), view
+    assert counters(emulator, model).get("submitted", 0) == 0
