@@ -47,11 +47,14 @@ class Settings(BaseSettings):
     dashscope_accounts: dict[str, SecretStr] = Field(default_factory=dict)
     dashscope_default_account: str = "default"
     # Each account's quota as this fleet spends it, kept under DashScope's documented limits
-    # (1 submit/s per model, 20 queries/s, 5 detections/s) so jitter never earns a 429.
-    dashscope_submit_rate: float = Field(default=0.8, gt=0)
+    # so jitter never earns a 429. Unset: a share (DASHSCOPE_QUOTA_SHARE) of what the model's
+    # profile documents (AnimateAnyone: 1 submit/s, 5 detections/s; Wan2.2-Animate: 5
+    # submits/s), 15 of the 20 queries/s, and the profile's running tasks per account.
+    dashscope_quota_share: float = Field(default=0.8, gt=0, le=1)
+    dashscope_submit_rate: float | None = Field(default=None, gt=0)
     dashscope_query_rate: float = Field(default=15.0, gt=0)
-    dashscope_detect_rate: float = Field(default=4.0, gt=0)
-    dashscope_concurrency: int = Field(default=1, ge=1)  # tasks DashScope runs at once
+    dashscope_detect_rate: float | None = Field(default=None, gt=0)
+    dashscope_concurrency: int | None = Field(default=None, ge=1)  # tasks DashScope runs at once
     # Remote-queued tasks kept behind the running ones, so the slot never idles between tasks.
     admission_lookahead: int = Field(default=1, ge=0)
     dashscope_base_url: str = "https://dashscope.aliyuncs.com/api/v1"

@@ -7,6 +7,7 @@ processes.
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -85,18 +86,41 @@ def job_store(settings: Settings, metrics: RedisMetrics | None = None) -> RedisJ
     )
 
 
+@dataclass(frozen=True)
+class Quota:
+    """What the fleet spends of each account's quota for the configured model."""
+
+    submit: float
+    query: float
+    detect: float
+    concurrency: int
+
+
+def quota(settings: Settings) -> Quota:
+    """The settings' rates, or where unset a share of what the model's profile documents."""
+    documented = models.profile(settings.dashscope_model).quotas
+    share = settings.dashscope_quota_share
+    return Quota(
+        submit=settings.dashscope_submit_rate or documented.submits_per_second * share,
+        query=settings.dashscope_query_rate,
+        detect=settings.dashscope_detect_rate or max(documented.detects_per_second * share, 0.1),
+        concurrency=settings.dashscope_concurrency or documented.running_tasks,
+    )
+
+
 def governor(settings: Settings) -> RedisGovernor:
+    spend = quota(settings)
     return RedisGovernor(
         redis_client(settings),
         prefix=settings.key_prefix,
         model=settings.dashscope_model,
         rates={
-            "submit": settings.dashscope_submit_rate,
-            "query": settings.dashscope_query_rate,
-            "detect": settings.dashscope_detect_rate,
-            "template": settings.dashscope_submit_rate,
+            "submit": spend.submit,
+            "query": spend.query,
+            "detect": spend.detect,
+            "template": spend.submit,
         },
-        capacity=settings.dashscope_concurrency + settings.admission_lookahead,
+        capacity=spend.concurrency + settings.admission_lookahead,
     )
 
 

@@ -113,3 +113,15 @@ def test_services_are_frozen_and_carry_the_entrypoint_ports(
         svc.wake = print  # type: ignore[misc]
     svc.wake("a step")  # type: ignore[arg-type]
     assert sent == ["a step"]
+
+
+def test_the_quota_spent_follows_the_models_profile_unless_set() -> None:
+    """Nothing hard-coded: unset rates are a share of what the model's profile documents."""
+    aa = bootstrap.quota(load_settings({}))
+    assert (aa.submit, aa.query, aa.detect, aa.concurrency) == (0.8, 15.0, 4.0, 1)
+    wan = bootstrap.quota(load_settings({"DASHSCOPE_MODEL": "wan2.2-animate-move"}))
+    assert (wan.submit, wan.concurrency) == (4.0, 1)
+    own = bootstrap.quota(load_settings({"DASHSCOPE_MODEL": "wan2.2-animate-mix",
+                                         "DASHSCOPE_SUBMIT_RATE": "2.5",
+                                         "DASHSCOPE_CONCURRENCY": "3"}))  # fmt: skip
+    assert (own.submit, own.concurrency) == (2.5, 3)

@@ -26,6 +26,7 @@ from workers.domain.request import (
 from workers.domain.states import JobState
 from workers.domain.views import result_object
 from workers.errors import InvalidJobRequest
+from workers.models import WAN_ANIMATE_MOVE
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 KWARGS = json.loads((DOCS / "schema" / "generate-kwargs.v1.json").read_text())
@@ -166,3 +167,48 @@ def test_public_task_names_are_registered() -> None:
     for name in ("animate.generate", "animate.template", "animate.cancel"):
         assert f"`{name}`" in text
         assert name in app.tasks
+
+
+# ------------------------------------------------------------------ a Wan2.2-Animate deployment
+
+WAN_KWARGS = json.loads((DOCS / "schema" / "generate-kwargs.wan.v1.json").read_text())
+WAN_OK = {"image_url": "https://cdn.test/a.png", "video_url": "https://cdn.test/d.mp4",
+          "mode": "wan-std"}  # fmt: skip
+WAN_SAMPLES: list[dict[str, Any]] = [
+    WAN_OK,
+    {**WAN_OK, "mode": "wan-pro", "check_image": False, "model": "wan2.2-animate-move"},
+    {**WAN_OK, "mode": "wan-max"},
+    {k: v for k, v in WAN_OK.items() if k != "mode"},
+    {k: v for k, v in WAN_OK.items() if k != "video_url"},
+    {**WAN_OK, "template_id": "AACT.abc.def"},
+    {**WAN_OK, "detect": False},
+    {**WAN_OK, "video_ratio": "9:16"},
+    {**WAN_OK, "check_image": "no"},
+    {**WAN_OK, "model": "animate-anyone-gen2"},
+    {**WAN_OK, "callback_task": "billing.done", "callback_queue": "billing"},
+    {**WAN_OK, "callback_task": "billing.done"},
+    {**WAN_OK, "image_url": "s3://bucket/inputs/a.png", "video_url": "s3://bucket/inputs/d.mp4"},
+    {**WAN_OK, "extra": 1},
+]
+
+
+def test_the_wan_schema_has_the_fields_a_wan_deployment_takes() -> None:
+    from workers.domain.request import REFERENCE_VIDEO_FIELDS
+
+    assert set(WAN_KWARGS["properties"]) == set(REFERENCE_VIDEO_FIELDS)
+    assert set(WAN_KWARGS["required"]) == {"image_url", "video_url", "mode"}
+    assert WAN_KWARGS["properties"]["mode"]["enum"] == list(WAN_ANIMATE_MOVE.modes)
+    assert KWARGS["properties"]["model"]["enum"] == ["animate-anyone-gen2"]
+
+
+@pytest.mark.parametrize("kwargs", WAN_SAMPLES)
+def test_wan_schema_and_code_decide_alike(kwargs: dict[str, Any]) -> None:
+    """(The schema names both Wan models; the code takes only its deployment's: samples name
+    the deployment's, wan2.2-animate-move.)"""
+    schema_ok = jsonschema.Draft202012Validator(WAN_KWARGS).is_valid(kwargs)
+    try:
+        parse_request(kwargs, (), WAN_ANIMATE_MOVE)
+        code_ok = True
+    except InvalidJobRequest:
+        code_ok = False
+    assert schema_ok == code_ok, kwargs

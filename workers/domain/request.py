@@ -42,6 +42,7 @@ REQUEST_FIELDS = COMMON_FIELDS | {
     "detect",
     "use_ref_img_bg",
     "video_ratio",
+    "model",
 }
 
 
@@ -215,7 +216,7 @@ def parse_request(
     if not profile.takes_templates:
         return _parse_reference_video(kwargs, args, profile)
     _not_for(kwargs, REFERENCE_VIDEO_ONLY, profile)
-    _check_args("animate.generate", kwargs, args, REQUEST_FIELDS | {"model"})
+    _check_args("animate.generate", kwargs, args, REQUEST_FIELDS)
     common = dataclasses.replace(_common(kwargs), model=model)
     image_url = check_url(kwargs.get("image_url"), "image_url", allow_s3=True)
     template_id = kwargs.get("template_id")
