@@ -16,6 +16,7 @@ from typing import Any
 
 import httpx
 import pytest
+import redis
 
 from devstack import RedisServer, S3Server, Worker
 from emulator.server import EmulatorServer
@@ -103,6 +104,17 @@ def test_a_job_from_a_celery_only_producer_is_stored(
     assert view["state"] == "STORED", (view["error_code"], view["error_message"])
     assert counters(emulator, model)["submitted"] == 1
     assert view["video_duration"] == pytest.approx(2.5, abs=0.5)
+    # The price of the mode, recorded at submit; the estimate from the dance's 2.5 s; the bill
+    # from usage.video_duration, also counted (at once) in cost_cny_total by account and model.
+    price = {"wan2.2-animate-move": 0.6, "wan2.2-animate-mix": 0.9}[model]
+    assert view["model"] == model
+    assert view["cost"]["price_per_second"] == price
+    assert view["cost"]["estimated"] == pytest.approx(price * 2.5, abs=0.05)
+    assert view["cost"]["billed"] == pytest.approx(price * view["video_duration"], abs=1e-4)
+    counted = redis.Redis.from_url(wan_redis.url).hgetall("animate-queue:m:c:cost_cny_total")
+    assert {k.decode(): float(v) for k, v in counted.items()} == {
+        f'["default","{model}"]': pytest.approx(view["cost"]["billed"])
+    }
     bucket, _, key = view["s3_uri"].removeprefix("s3://").partition("/")
     head = s3_server.client().head_object(Bucket=bucket, Key=key)
     assert head["ContentLength"] > 0 and head["ContentType"] == "video/mp4"

@@ -73,6 +73,13 @@ class Job:
     video_url: str | None = None
     video_expires_at: float | None = None
     video_duration: float | None = None
+    # What the job costs (CNY), recorded at submit from the model's price table: the price per
+    # second of output (the job's mode), the estimate from the dance video's length, and the
+    # bill from usage.video_duration once the task SUCCEEDED.
+    remote_model: str | None = None  # the model the job was submitted to
+    price_per_second: float | None = None
+    estimated_cost: float | None = None
+    billed_cost: float | None = None
     copy_attempts: int = 0
     copy_started_at: float | None = None
     copy_bytes: int | None = None  # progress of the copy under way (lease renewals report it)

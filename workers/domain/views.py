@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from workers.domain.costs import CURRENCY
 from workers.domain.job import Job
 
 
@@ -35,6 +36,13 @@ def job_view(job: Job) -> dict[str, Any]:
         "sha256": job.sha256,
         "video_duration": job.video_duration,
         "video_url_expires_at": job.video_expires_at,
+        "model": job.remote_model,
+        "cost": {
+            "currency": CURRENCY,
+            "price_per_second": job.price_per_second,
+            "estimated": job.estimated_cost,
+            "billed": job.billed_cost,
+        },
         "request": {
             "image_url": job.request.image_url or None,
             "template_id": job.request.template_id or None,
@@ -42,6 +50,9 @@ def job_view(job: Job) -> dict[str, Any]:
             "detect": job.request.detect,
             "use_ref_img_bg": job.request.use_ref_img_bg,
             "video_ratio": job.request.video_ratio,
+            "model": job.request.model,
+            "mode": job.request.mode,
+            "check_image": job.request.check_image,
         },
         "template_id": job.template_id or job.request.template_id or None,
         "template_job_id": job.template_job_id,

@@ -51,6 +51,19 @@ def _queue() -> AnimateQueue:
     )
 
 
+def _cost(cost: dict[str, Any] | None) -> str:
+    """``billed 1.2 CNY (estimated 1.0, 0.6/s)``, or ``-`` when nothing is known."""
+    if not cost or cost.get("price_per_second") is None:
+        return "-"
+    parts = []
+    if cost.get("billed") is not None:
+        parts.append(f"billed {cost['billed']:g} {cost['currency']}")
+    if cost.get("estimated") is not None:
+        parts.append(f"estimated {cost['estimated']:g}")
+    parts.append(f"{cost['price_per_second']:g}/s")
+    return parts[0] + (f" ({', '.join(parts[1:])})" if len(parts) > 1 else "")
+
+
 def render(view: dict[str, Any]) -> Table:
     table = Table(show_header=False, box=None)
     table.add_column(style="bold")
@@ -63,6 +76,8 @@ def render(view: dict[str, Any]) -> Table:
         ("bytes", str(view["bytes"]) if view["bytes"] is not None else "-"),
         ("sha256", view["sha256"] or "-"),
         ("video seconds", str(view["video_duration"] or "-")),
+        ("model", view.get("model") or "-"),
+        ("cost", _cost(view.get("cost"))),
     ]
     if view.get("template_id"):
         rows.append(("template", view["template_id"]))
@@ -319,10 +334,14 @@ def jobs(
         click.echo(json.dumps(views, indent=2, sort_keys=True))
         return
     now = datetime.now(UTC).timestamp()
-    table = Table("job", "state", "remote", "producer", "priority", "age s", "error")
+    table = Table("job", "state", "remote", "producer", "priority", "age s", "cost CNY", "error")
     for v in views:
+        cost = v.get("cost") or {}
+        spent = cost.get("billed") if cost.get("billed") is not None else cost.get("estimated")
         table.add_row(v["job_id"], v["state"], v["remote_status"] or "-", v["producer"],
                       str(v["priority"]), f"{now - v['created_at']:.0f}",
+                      "-" if spent is None else f"{spent:g}" + ("" if cost.get("billed") is not None
+                                                                else " (est.)"),
                       v["error_code"] or "")  # fmt: skip
     Console().print(table)
 

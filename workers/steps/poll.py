@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from workers.domain.costs import cost
 from workers.domain.decisions import (
     Finish,
     RemoteSnapshot,
@@ -54,6 +55,11 @@ def poll(svc: Services, job_id: str, version: int) -> Next | None:
         # DashScope bills usage.video_duration once the task SUCCEEDED, whatever happens next.
         svc.metrics.inc("video_seconds_total", decision.video_duration, account=job.account,
                         producer=job.request.producer, kind=job.kind)  # fmt: skip
+        billed = cost(job.price_per_second, decision.video_duration)
+        if billed is not None:
+            answered["billed_cost"] = billed
+            svc.metrics.inc("cost_cny_total", billed, account=job.account,
+                            model=job.remote_model or svc.profile.name)  # fmt: skip
     if isinstance(decision, StartCopy):
         return _video_ready(svc, job, decision, remote, answered)
     if isinstance(decision, TemplateReady):

@@ -6,6 +6,7 @@ import dataclasses
 import logging
 from typing import Any
 
+from workers.domain.costs import estimated_cost
 from workers.domain.decisions import (
     Finish,
 )
@@ -144,6 +145,7 @@ def _submitted(svc: Services, job: Job, task_id: str) -> Next | None:
     done = svc.store.record_submission(
         job,
         task_id,
+        **submit_costs(svc, job),
         remote_status="PENDING",
         submitted_at=now,
         submit_ambiguous=None,
@@ -158,6 +160,16 @@ def _submitted(svc: Services, job: Job, task_id: str) -> Next | None:
     free_lane(svc, job)
     log.info("job %s submitted as DashScope task %s", job.job_id, task_id)
     return Next.of("poll", done, svc.poll.first_delay)
+
+
+def submit_costs(svc: Services, job: Job) -> dict[str, Any]:
+    """The model, its price for the job's mode and the job's estimated cost (the dance video's
+    length; unknown for a template named by id), recorded with the task id."""
+    remote = svc.profile.remote("template" if job.is_template else "video")
+    price = remote.price_cny_per_second if job.is_template else (
+        svc.profile.price_per_second(job.request.mode))  # fmt: skip
+    estimate = estimated_cost(price, job.source_seconds)
+    return {"remote_model": remote.name, "price_per_second": price, "estimated_cost": estimate}
 
 
 def _submit_throttled(svc: Services, job: Job, exc: DashScopeThrottled) -> Next | None:

@@ -157,6 +157,13 @@ VIDEO_SECONDS_TOTAL = MetricDef(
     "Billed seconds of video (usage.video_duration): the bill.",
     ("account", "producer", "kind"),
 )
+COST_CNY_TOTAL = MetricDef(
+    "cost_cny_total",
+    "counter",
+    "What DashScope bills, in CNY: usage.video_duration times the model's price for the job's "
+    "mode (the price recorded at submit).",
+    ("account", "model"),
+)
 JOBS_FINISHED_TOTAL = MetricDef(
     "jobs_finished_total",
     "counter",
@@ -240,6 +247,7 @@ METRICS: Mapping[str, MetricDef] = {
         REMOTE_ERRORS_TOTAL,
         THROTTLED_TOTAL,
         VIDEO_SECONDS_TOTAL,
+        COST_CNY_TOTAL,
         JOBS_FINISHED_TOTAL,
         QUEUE_DEPTH,
         INFLIGHT,
@@ -263,7 +271,7 @@ if redis.call('SCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
 redis.call('SADD', KEYS[1], ARGV[1])
 return 1
 """
-_AT_ONCE = frozenset({VIDEO_SECONDS_TOTAL.name, JOBS_FINISHED_TOTAL.name})
+_AT_ONCE = frozenset({VIDEO_SECONDS_TOTAL.name, COST_CNY_TOTAL.name, JOBS_FINISHED_TOTAL.name})
 
 
 def sanitise_label(value: object) -> str:
