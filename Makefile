@@ -14,8 +14,8 @@ install:  ## a local virtual environment with everything (runtime, emulator, tes
 $(VENV)/.installed: pyproject.toml
 	$(MAKE) install
 
-demo: $(VENV)/.installed  ## one job end to end on the emulator, a local S3 and Redis
-	$(PY) -m devstack.demo
+demo: $(VENV)/.installed  ## one job end to end on the emulator, a local S3 and Redis (DEMO_MODEL=wan2.2-animate-move: on Wan)
+	DEMO_MODEL=$(DEMO_MODEL) $(PY) -m devstack.demo
 
 dev: $(VENV)/.installed  ## the full local stack in one command (Procfile.dev, .env.dev): Redis, S3, emulator, worker, beat, Flower, exporter
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(VENV)/bin/honcho -e .env.dev -f Procfile.dev start

@@ -109,6 +109,22 @@ def _require_worker_settings(**_: Any) -> None:
         settings.require_worker()
     except SettingsError as exc:
         sys.exit(f"animate-queue: {exc}")
+    _warn_if_retiring()
+
+
+def _warn_if_retiring() -> None:
+    """A worker of a model close to (or past) its retirement says so at start-up."""
+    import datetime
+    import logging
+
+    from workers import models
+    from workers.models.retirement import retirement_notice
+
+    today = datetime.datetime.now(datetime.UTC).date()
+    notice = retirement_notice(models.profile(settings.dashscope_model), today)
+    if notice is not None:
+        level = logging.ERROR if notice.retired else logging.WARNING
+        logging.getLogger("animate_queue").log(level, "%s", notice.message)
 
 
 @worker_process_init.connect

@@ -406,6 +406,8 @@ class Emulator:
         if not isinstance(model, str) or not model:
             raise errors.empty_model()
         request[MODEL] = model
+        if model in self.config.retired_models:
+            raise errors.model_not_found(model)
         if model not in ENDPOINT_MODELS[endpoint]:
             known = any(model in models for models in ENDPOINT_MODELS.values())
             raise errors.url_error() if known else errors.model_not_found(model)

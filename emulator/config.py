@@ -32,6 +32,8 @@ class EmulatorConfig:
     # Quotas (per account, per second), documented in §6.4 of the API notes.
     submit_rate: float = 1.0  # per async model
     wan_submit_rate: float = 5.0  # per Wan2.2-Animate model (documented for animate-mix)
+    # Models answered as if they did not exist (a retired model: 404 ModelNotFound on submit).
+    retired_models: list[str] = field(default_factory=list)
     detect_rate: float = 5.0
     query_rate: float = 20.0  # task query, list and cancel together
     policy_rate: float = 100.0  # upload policy, per model

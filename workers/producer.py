@@ -102,7 +102,8 @@ class AnimateQueue:
         )
         client = redis.Redis.from_url(redis_url, socket_timeout=10, socket_connect_timeout=5)
         self.store = RedisJobStore(client, prefix=key_prefix, final_ttl=0)
-        quotas = models.profile(model).quotas  # DashScope's own limits, when none are given
+        self.profile = models.profile(model)  # the deployment's model: local files' limits
+        quotas = self.profile.quotas  # DashScope's own limits, when none are given
         self.governor = governor or RedisGovernor(
             client,
             prefix=key_prefix,
@@ -162,22 +163,28 @@ class AnimateQueue:
         callback_task: str | None = None,
         callback_queue: str | None = None,
         webhook_url: str | None = None,
+        mode: str | None = None,
+        check_image: bool | None = None,
+        model: str | None = None,
     ) -> str:
         """Enqueue a video job (``animate.generate``); its id.
 
-        The motion is either ``template_id`` or ``video`` (the dance video: the workers reuse or
-        make the account's template for it). ``detect=False`` skips DashScope's image check.
-        Local files are checked, then uploaded through ``inputs``; ``InvalidJobRequest`` (its
-        ``code`` says why) or ``FileNotFoundError`` means nothing was uploaded or sent.
+        On an AnimateAnyone deployment the motion is either ``template_id`` or ``video`` (the
+        dance video: the workers reuse or make the account's template for it), and
+        ``detect=False`` skips DashScope's image check. On a Wan2.2-Animate deployment (this
+        queue's ``model``) it is ``video``, with ``mode`` (``wan-std`` or ``wan-pro``). Local
+        files are checked against the model's limits, then uploaded through ``inputs``;
+        ``InvalidJobRequest`` (its ``code`` says why) or ``FileNotFoundError`` means nothing was
+        uploaded or sent.
         """
         if (video is None) == (template_id is None):
             raise ValueError("give exactly one of video and template_id")
         image_path = self._local(image, "image")
         video_path = self._local(video, "video") if video is not None else None
         if image_path is not None:
-            check_local_image(image_path)
+            check_local_image(image_path, self.profile)
         if video_path is not None:
-            check_local_video(video_path)
+            check_local_video(video_path, profile=self.profile)
         kwargs: dict[str, Any] = {"image_url": self._upload(image, image_path)}
         if video is not None:
             kwargs["video_url"] = self._upload(video, video_path)
@@ -195,6 +202,9 @@ class AnimateQueue:
             "callback_task": callback_task,
             "callback_queue": callback_queue,
             "webhook_url": webhook_url,
+            "mode": mode,
+            "check_image": check_image,
+            "model": model,
         }
         return self._send(INTAKE_TASK, kwargs, optional)
 

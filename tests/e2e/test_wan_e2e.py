@@ -8,10 +8,12 @@ detect step, no action template. What the model refuses is refused before anythi
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -19,6 +21,7 @@ import pytest
 import redis
 
 from devstack import RedisServer, S3Server, Worker
+from devstack.media import make_image, make_video
 from emulator.server import EmulatorServer
 from workers.producer import AnimateQueue
 
@@ -151,3 +154,25 @@ def test_what_the_model_refuses_is_refused_before_any_paid_call(
     view = wq.wait(job_id, timeout=60)
     assert (view["state"], view["error_code"]) == ("REJECTED", code), view
     assert counters(emulator, model).get("submitted", 0) == 0
+
+
+def test_the_cli_sends_local_files_to_a_wan_deployment(
+    wan_worker: Worker, worker_env: dict[str, str], wan_redis: RedisServer, model: str,
+    emulator: EmulatorServer, tmp_path: Path,
+) -> None:  # fmt: skip
+    """``animate-queue generate --model ... --mode wan-pro --image me.png --video dance.mp4
+    --wait``: local files checked against the model's limits, uploaded, the job stored; a
+    45-second dance is refused on the spot, before anything is uploaded or sent."""
+    env = {**os.environ, **worker_env, "REDIS_URL": wan_redis.url, "DASHSCOPE_MODEL": model}
+    cli = [sys.executable, "-m", "workers.entrypoints.cli", "generate", "--model", model,
+           "--mode", "wan-pro", "--image", str(make_image(tmp_path / "me.png"))]  # fmt: skip
+    dance_file = make_video(tmp_path / "dance.mp4", seconds=2.5)
+    done = subprocess.run([*cli, "--video", str(dance_file), "--wait", "--timeout", "90"],
+                          capture_output=True, text=True, timeout=120, env=env)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1].startswith("s3://")
+    long_dance = make_video(tmp_path / "long.mp4", seconds=31)
+    refused = subprocess.run([*cli, "--video", str(long_dance)], capture_output=True, text=True,
+                             timeout=60, env=env)  # fmt: skip
+    assert refused.returncode != 0 and "2-30 s" in refused.stderr, refused.stderr[-2000:]
+    assert counters(emulator, model)["submitted"] == 1

@@ -258,3 +258,38 @@ def test_metrics_serves_with_the_settings(prefix: str, monkeypatch: pytest.Monke
         ((REDIS_URL, prefix), {"broker_url": REDIS_URL, "addr": "127.0.0.2", "port": 9999}),
         ((REDIS_URL, prefix), {"broker_url": REDIS_URL, "addr": "127.0.0.1", "port": 9100}),
     ]
+
+
+@pytest.mark.parametrize(
+    ("model", "today", "code", "says"),
+    [
+        ("wan2.2-animate-move", "2026-12-06", 0, "no retirement within 30 days"),
+        ("animate-anyone-gen2", "2026-08-01", 0, "no retirement within 30 days"),
+        ("animate-anyone-gen2", "2026-09-25", 0, "retires on 2026-10-10, in 15 days"),
+        ("animate-anyone-gen2", "2026-12-06", 1, "retired by Model Studio on 2026-10-10"),
+    ],
+)
+def test_health_model_warns_before_the_retirement_and_fails_after(
+    monkeypatch: pytest.MonkeyPatch, model: str, today: str, code: int, says: str
+) -> None:
+    """``animate-queue health`` (and ``health model``): the configured model against Model
+    Studio's retirement list; past the date it is unhealthy and names the successor."""
+    import datetime as dt
+
+    class Clock(dt.datetime):
+        @classmethod
+        def now(cls, tz: dt.tzinfo | None = None) -> Clock:
+            return cls.fromisoformat(today + "T12:00:00+00:00")
+
+    monkeypatch.setattr(cli, "datetime", Clock)
+    monkeypatch.setenv("DASHSCOPE_MODEL", model)
+    get_settings.cache_clear()
+    try:
+        for args in (["health"], ["health", "model"]):
+            result = CliRunner().invoke(cli.main, args)
+            assert result.exit_code == code, result.output
+            assert says in result.output
+            if code:
+                assert "successor is wan2.2-animate-move" in result.output
+    finally:
+        get_settings.cache_clear()

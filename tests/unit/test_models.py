@@ -182,3 +182,51 @@ def test_the_client_sends_a_wan_job_in_one_call_and_reads_results_video_url() ->
     }
     task = client.get_task("t1")
     assert (task.video_url, task.video_duration) == ("https://oss.test/v.mp4", 4.2)
+
+
+# ------------------------------------------------------------------ retirement
+
+
+def test_a_model_close_to_or_past_its_retirement_is_announced() -> None:
+    from datetime import date
+
+    from workers.models.retirement import retirement_notice
+
+    assert retirement_notice(MOVE, date(2026, 12, 6)) is None  # no date announced
+    assert retirement_notice(AA, date(2026, 9, 1)) is None  # 39 days ahead
+    soon = retirement_notice(AA, date(2026, 9, 20))
+    assert soon is not None and not soon.retired and soon.days_left == 20
+    assert "in 20 days" in soon.message and "wan2.2-animate-move" in soon.message
+    past = retirement_notice(AA, date(2026, 12, 6))
+    assert past is not None and past.retired and past.days_left == -57
+    assert "57 days ago" in past.message and "successor is wan2.2-animate-move" in past.message
+
+
+def test_a_model_dashscope_says_is_gone_fails_calls_at_once_naming_the_successor() -> None:
+    """The first 404 ModelNotFound becomes ModelRetired naming the successor; the calls after it
+    (the jobs queued behind) fail the same way without reaching DashScope: no retry storm."""
+    from workers.adapters.dashscope.api import MODEL_GONE
+    from workers.domain.request import JobRequest
+    from workers.errors import DashScopeRejected
+
+    calls: list[httpx.Request] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        calls.append(request)
+        return httpx.Response(404, json={"code": "ModelNotFound",
+                                         "message": "The model animate-anyone-gen2 does not exist."})  # fmt: skip
+
+    http = httpx.Client(transport=httpx.MockTransport(answer))
+    client = DashScopeClient(http, api_key="sk-x", base_url="https://ds.test/api/v1", profile=AA)
+    api = DashScopeVideoApi({"default": client}, AA)
+    request = JobRequest("https://cdn.test/a.png", "AACT.x.y")
+    for _ in range(5):
+        with pytest.raises(DashScopeRejected) as refused:
+            api.submit("default", request)
+        assert refused.value.code == MODEL_GONE
+        assert "no longer serves animate-anyone-gen2" in refused.value.message
+        assert "successor is wan2.2-animate-move" in refused.value.message
+    assert len(calls) == 1
+    with pytest.raises(DashScopeRejected) as other:  # per model: the detector is still asked
+        api.detect("default", "https://cdn.test/a.png")
+    assert len(calls) == 2 and other.value.code == MODEL_GONE

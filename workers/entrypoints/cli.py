@@ -169,6 +169,14 @@ def _send_failed(exc: Exception) -> NoReturn:
 @click.option("--video", help="the dance video: a local file, an http(s) URL or s3://")
 @click.option("--template-id", help="an action template id (AACT.…), instead of --video")
 @click.option("--no-detect", is_flag=True, help="skip DashScope's image check")
+@click.option("--model", help="the video model; only the deployment's (DASHSCOPE_MODEL) is taken")
+@click.option("--mode", type=click.Choice(["wan-std", "wan-pro"]),
+              help="Wan2.2-Animate's service tier (required by those models)")  # fmt: skip
+@click.option(
+    "--check-image/--no-check-image",
+    default=None,
+    help="Wan2.2-Animate: DashScope's image check inside the call (default on)",
+)
 @click.option("--use-ref-img-bg/--no-use-ref-img-bg", default=None)
 @click.option("--video-ratio", type=click.Choice(["9:16", "3:4"]))
 @click.option("--job-id", help="idempotency key: the same id twice makes one job")
@@ -188,6 +196,9 @@ def generate(
     video: str | None,
     template_id: str | None,
     no_detect: bool,
+    model: str | None,
+    mode: str | None,
+    check_image: bool | None,
     use_ref_img_bg: bool | None,
     video_ratio: str | None,
     job_id: str | None,
@@ -221,6 +232,9 @@ def generate(
             account=account,
             priority=priority,
             producer=producer,
+            model=model,
+            mode=mode,
+            check_image=check_image,
         )
     except (OSError, ValueError, WorkerError) as exc:
         _send_failed(exc)
@@ -497,9 +511,32 @@ def bucket_setup(days: int) -> None:
     )
 
 
-@main.group()
-def health() -> None:
-    """Probe one component: exit 0 if healthy, else 1 with the reason on stderr."""
+@main.group(invoke_without_command=True)
+@click.pass_context
+def health(ctx: click.Context) -> None:
+    """Probe one component: exit 0 if healthy, else 1 with the reason on stderr. Without a
+    component, the configured model against Model Studio's retirement list (``health model``)."""
+    if ctx.invoked_subcommand is None:
+        ctx.invoke(health_model)
+
+
+@health.command("model")
+def health_model() -> None:
+    """The configured model (DASHSCOPE_MODEL) against its announced retirement: a warning from
+    30 days before the date, unhealthy once it has passed (the successor named)."""
+    from workers import models
+    from workers.models.retirement import WARN_DAYS, retirement_notice
+
+    settings = _settings()
+    profile = models.profile(settings.dashscope_model)
+    notice = retirement_notice(profile, datetime.now(UTC).date())
+    if notice is None:
+        _healthy("model", f"{profile.name}: no retirement within {WARN_DAYS} days")
+        return
+    if notice.retired:
+        _unhealthy("model", notice.message)
+    click.echo(f"model: warning: {notice.message}", err=True)
+    _healthy("model", f"{profile.name}: {notice.days_left} days left")
 
 
 @health.command("worker")

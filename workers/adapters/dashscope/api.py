@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -22,6 +24,7 @@ from workers.errors import (
     WorkerError,
 )
 from workers.models import ModelProfile
+from workers.models.retirement import gone_message
 from workers.ports import Metrics
 
 # Errors raised after the request left us: DashScope may have acted on it. (Connect errors and
@@ -31,6 +34,23 @@ _AMBIGUOUS = (httpx.ReadTimeout, httpx.WriteTimeout, httpx.ReadError, httpx.Writ
 
 
 MAX_LIST_PAGES = 50  # 5,000 tasks in one submit's window: more means something else is wrong
+
+# DashScope saying the model does not exist (a retired one: what it answers then is not
+# documented, so a code of these, or a 4xx naming the model as gone).
+MODEL_GONE = "ModelRetired"
+_GONE_CODES = frozenset({"ModelNotFound", "Model.NotFound", "InvalidModel", "Model.Offline",
+                         "ModelOffline", "Model.Retired", "ModelRetired"})  # fmt: skip
+_GONE_WORDS = ("does not exist", "not exist", "retired", "offline", "下线")
+# After such an answer, this process refuses the model's calls itself for this long: the jobs
+# queued behind fail at once, each with the same message, not each after a call of its own.
+MODEL_GONE_SECONDS = 600.0
+
+
+def model_gone(exc: DashScopeRejected) -> bool:
+    text = exc.message.lower()
+    return exc.code in _GONE_CODES or (
+        exc.status in (400, 404, 410) and "model" in text and any(w in text for w in _GONE_WORDS)
+    )
 
 
 @contextmanager
@@ -68,6 +88,8 @@ class DashScopeVideoApi:
         self.clients = dict(clients)
         self.profile = profile
         self.model = profile.name
+        self._gone: dict[str, tuple[float, str]] = {}  # model -> (until, message)
+        self._gone_lock = threading.Lock()
 
     def model_for(self, kind: str) -> str:
         """The model name behind a step: ``video``, ``template`` or ``detect``."""
@@ -85,6 +107,25 @@ class DashScopeVideoApi:
                     self.metrics.inc("throttled_total", account=account, op=op)
             raise
 
+    @contextmanager
+    def _served(self, kind: str) -> Iterator[None]:
+        """Refuse a call to a model DashScope said is gone (for MODEL_GONE_SECONDS); turn such
+        an answer into one final error that names the successor."""
+        name = self.model_for(kind)
+        with self._gone_lock:
+            gone = self._gone.get(name)
+        if gone is not None and gone[0] > time.monotonic():
+            raise DashScopeRejected(gone[1], code=MODEL_GONE)
+        try:
+            yield
+        except DashScopeRejected as exc:
+            if not model_gone(exc):
+                raise
+            message = gone_message(self.profile, f"{exc.code}: {exc.message}")
+            with self._gone_lock:
+                self._gone[name] = (time.monotonic() + MODEL_GONE_SECONDS, message)
+            raise DashScopeRejected(message, code=MODEL_GONE, status=exc.status) from exc
+
     def _client(self, account: str) -> DashScopeClient:
         try:
             return self.clients[account]
@@ -94,7 +135,7 @@ class DashScopeVideoApi:
             ) from None
 
     def submit(self, account: str, request: JobRequest) -> str:
-        with self._counted("submit", account), _uncertain_when_unanswered():
+        with self._counted("submit", account), self._served("video"), _uncertain_when_unanswered():
             submitted = self._client(account).submit_video(
                 VideoRequest(
                     image_url=request.image_url,
@@ -109,14 +150,18 @@ class DashScopeVideoApi:
             return submitted.task_id
 
     def submit_template(self, account: str, video_url: str) -> str:
-        with self._counted("template", account), _uncertain_when_unanswered():
+        with (
+            self._counted("template", account),
+            self._served("template"),
+            _uncertain_when_unanswered(),
+        ):
             submitted = self._client(account).submit_async(
                 self.profile.remote("template"), {"video_url": video_url}
             )
             return submitted.task_id
 
     def detect(self, account: str, image_url: str) -> Detection:
-        with self._counted("detect", account):
+        with self._counted("detect", account), self._served("detect"):
             output = self._client(account).detect(image_url)
             bodystyle, reason = output.get("bodystyle"), output.get("reason")
             return Detection(

@@ -98,15 +98,17 @@ def check_local_image(path: Path, profile: ModelProfile = ANIMATE_ANYONE_GEN2) -
 def check_local_video(
     path: Path, *, sha256: str | None = None, profile: ModelProfile = ANIMATE_ANYONE_GEN2
 ) -> VideoFacts:
-    """The dance video's facts (PyAV), checked against the template limits (InvalidJobRequest)."""
+    """The dance video's facts (PyAV), checked against the model's limits for it (a template's
+    source, or the video sent with every Wan2.2-Animate job): InvalidJobRequest if refused."""
     from workers.adapters.web.videos import probe_file
 
     facts = probe_file(path, sha256=sha256)
-    if profile.template_video is None:
+    limits = profile.template_video if profile.takes_templates else profile.input_video
+    if limits is None:
         raise InvalidJobRequest(
-            f"{profile.name} makes no templates", code="InvalidRequest.TemplateOrVideo"
+            f"{profile.name} takes no dance video", code="InvalidRequest.TemplateOrVideo"
         )
-    check_template_video(facts, profile.template_video)
+    check_template_video(facts, limits)
     return facts
 
 
