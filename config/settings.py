@@ -57,7 +57,15 @@ class Settings(BaseSettings):
     dashscope_concurrency: int | None = Field(default=None, ge=1)  # tasks DashScope runs at once
     # Remote-queued tasks kept behind the running ones, so the slot never idles between tasks.
     admission_lookahead: int = Field(default=1, ge=0)
-    dashscope_base_url: str = "https://dashscope.aliyuncs.com/api/v1"
+    # Regions: an API key belongs to one region and works only against that region's host.
+    # Each account is in DASHSCOPE_REGION unless DASHSCOPE_ACCOUNT_REGIONS='{"sg": "ap-southeast-1"}'
+    # says otherwise; its base URL is the region's (the model's profile knows them), or
+    # DASHSCOPE_REGION_URLS='{"cn-beijing": "http://proxy/api/v1"}' for a proxy or the emulator.
+    # DASHSCOPE_BASE_URL, when set, is the default region's URL.
+    dashscope_region: str = "cn-beijing"
+    dashscope_account_regions: dict[str, str] = Field(default_factory=dict)
+    dashscope_region_urls: dict[str, str] = Field(default_factory=dict)
+    dashscope_base_url: str | None = None
     # The model family (its profile, workers/models: endpoints, steps, limits, quotas, prices).
     dashscope_model: str = "animate-anyone-gen2"
     dashscope_connect_timeout: float = Field(default=5.0, gt=0)
@@ -248,7 +256,9 @@ class Settings(BaseSettings):
             )
 
 
-_JSON_FIELDS = frozenset({"dashscope_accounts"})
+_JSON_FIELDS = frozenset(
+    {"dashscope_accounts", "dashscope_account_regions", "dashscope_region_urls"}
+)
 
 
 def describe_error(exc: ValidationError) -> str:

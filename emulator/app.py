@@ -282,8 +282,11 @@ class Emulator:
         header = request.headers.get("Authorization", "")
         if not header.lower().startswith("bearer ") or not header[7:].strip():
             raise errors.invalid_api_key(missing=True)
-        account = self.config.account_for(header[7:].strip())
-        if account is None:
+        key = header[7:].strip()
+        account = self.config.account_for(key)
+        if account is None or self.config.key_regions.get(key, self.config.region) != (
+            self.config.region
+        ):
             raise errors.invalid_api_key(missing=False)
         request[ACCOUNT] = account
         return account
@@ -987,6 +990,10 @@ class Emulator:
             self.book.retention_seconds = self.config.retention_seconds
         view = asdict(self.config)
         view["api_keys"] = sorted(set(self.config.api_keys.values()))  # account names only
+        view["key_regions"] = {  # by account: the keys themselves are never shown
+            self.config.account_for(key) or "?": region
+            for key, region in self.config.key_regions.items()
+        }
         return web.json_response(view)
 
     async def admin_faults(self, request: web.Request) -> web.StreamResponse:

@@ -32,6 +32,11 @@ class EmulatorConfig:
     # Quotas (per account, per second), documented in §6.4 of the API notes.
     submit_rate: float = 1.0  # per async model
     wan_submit_rate: float = 5.0  # per Wan2.2-Animate model (documented for animate-mix)
+    # The region this emulator plays (a DashScope host serves one region), and keys that belong
+    # to a region (key -> region): a key of another region is refused with 401 InvalidApiKey,
+    # as DashScope refuses it. Keys not listed are accepted in any region.
+    region: str = "cn-beijing"
+    key_regions: dict[str, str] = field(default_factory=dict)
     # Models answered as if they did not exist (a retired model: 404 ModelNotFound on submit).
     retired_models: list[str] = field(default_factory=list)
     detect_rate: float = 5.0

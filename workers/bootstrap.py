@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import redis
 
-from config.settings import Settings, get_settings
+from config.settings import Settings, SettingsError, get_settings
 from workers import models
 from workers.adapters.dashscope.api import DashScopeVideoApi
 from workers.adapters.dashscope.client import DashScopeClient
@@ -189,13 +189,33 @@ def video_api(
             settings.dashscope_read_timeout, connect=settings.dashscope_connect_timeout
         )
     )
+    regions = account_regions(settings, profile)
     clients = {
         account: DashScopeClient(
-            api_http, api_key=key, base_url=settings.dashscope_base_url, profile=profile
+            api_http, api_key=key, base_url=regions[account][1], profile=profile
         )
         for account, key in settings.accounts().items()
     }
-    return DashScopeVideoApi(clients, profile, metrics=metrics)
+    return DashScopeVideoApi(clients, profile, metrics=metrics, regions=regions)
+
+
+def account_regions(settings: Settings, profile: ModelProfile) -> dict[str, tuple[str, str]]:
+    """Each account's region and the base URL its key is used against. SettingsError for an
+    account in a region the model is not offered in (its key could never work)."""
+    out = {}
+    for account in settings.accounts():
+        region = settings.dashscope_account_regions.get(account, settings.dashscope_region)
+        if region not in profile.regions:
+            raise SettingsError(
+                f"account {account!r} is in region {region!r}, where {profile.name} is not "
+                f"offered (its regions: {', '.join(profile.regions)}); see "
+                "DASHSCOPE_REGION and DASHSCOPE_ACCOUNT_REGIONS"
+            )
+        url = settings.dashscope_region_urls.get(region)
+        if url is None and region == settings.dashscope_region:
+            url = settings.dashscope_base_url
+        out[account] = (region, url or profile.regions[region])
+    return out
 
 
 def copier(settings: Settings, s3: S3Client) -> S3Copier:

@@ -242,3 +242,20 @@ def test_a_bare_worker_runs_a_job_end_to_end(
         finally:
             bare.stop()
             q.close()
+
+
+def test_a_key_from_another_region_is_reported_as_that(
+    queue: AnimateQueue, remote: Any, job_id: str
+) -> None:
+    """The emulator plays Singapore's host and the worker's key is a Beijing key: DashScope's
+    401 ends the job FAILED with a message that names the account, the host and the region."""
+    template = remote.template()
+    remote.config(region="ap-southeast-1", key_regions={remote.api_key: "cn-beijing"})
+    queue.submit(remote.image(), template, job_id=job_id)
+    view = queue.wait(job_id, timeout=60)
+    assert (view["state"], view["error_code"]) == ("FAILED", "InvalidApiKey"), view
+    assert "account 'default'" in view["error_message"]
+    assert "region cn-beijing" in view["error_message"]
+    assert "only in the region it was created in" in view["error_message"]
+    assert remote.api_key not in view["error_message"]
+    assert remote.counters().get("submitted", 0) == 0

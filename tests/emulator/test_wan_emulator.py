@@ -121,3 +121,15 @@ def test_one_task_runs_at_a_time_per_account_and_model(wan: Wan) -> None:
     assert wan.task(first)["output"]["task_status"] in ("PRE-PROCESSING", "RUNNING")
     assert wan.task(second)["output"]["task_status"] == "PENDING"
     assert wait_final(wan, second)["output"]["task_status"] == "SUCCEEDED"
+
+
+def test_a_key_of_another_region_is_refused_and_never_shown(wan: Wan) -> None:
+    """A DashScope host serves one region; a key made in another region gets 401 InvalidApiKey.
+    The admin view names the key's account, never the key."""
+    wan.config(region="ap-southeast-1", key_regions={wan.key: "cn-beijing"})
+    r = wan.submit()
+    assert r.status_code == 401 and r.json()["code"] == "InvalidApiKey"
+    view = wan.http.get("/_emulator/config").json()
+    assert wan.key not in str(view) and list(view["key_regions"].values()) == ["cn-beijing"]
+    wan.config(region="cn-beijing")
+    assert wan.submit().status_code == 200

@@ -125,3 +125,31 @@ def test_the_quota_spent_follows_the_models_profile_unless_set() -> None:
                                          "DASHSCOPE_SUBMIT_RATE": "2.5",
                                          "DASHSCOPE_CONCURRENCY": "3"}))  # fmt: skip
     assert (own.submit, own.concurrency) == (2.5, 3)
+
+
+def test_each_account_uses_its_regions_host() -> None:
+    """An API key works only in its region: each account's base URL follows its region (the
+    model profile's host, DASHSCOPE_BASE_URL for the default region, or DASHSCOPE_REGION_URLS);
+    an account in a region the model is not offered in stops the worker."""
+    from config.settings import SettingsError
+    from workers import models
+
+    wan = models.profile("wan2.2-animate-move")
+    settings = load_settings({**WORKER, "DASHSCOPE_ACCOUNTS": '{"sg": "sk-sg-000001"}',
+                              "DASHSCOPE_ACCOUNT_REGIONS": '{"sg": "ap-southeast-1"}'})  # fmt: skip
+    assert bootstrap.account_regions(settings, wan) == {
+        "default": ("cn-beijing", "https://dashscope.aliyuncs.com/api/v1"),
+        "sg": ("ap-southeast-1", "https://dashscope-intl.aliyuncs.com/api/v1"),
+    }
+    proxied = load_settings({**WORKER, "DASHSCOPE_BASE_URL": "http://emu:8765/api/v1",
+                             "DASHSCOPE_REGION_URLS": '{"ap-southeast-1": "http://sg/api/v1"}',
+                             "DASHSCOPE_ACCOUNTS": '{"sg": "sk-sg-000001"}',
+                             "DASHSCOPE_ACCOUNT_REGIONS": '{"sg": "ap-southeast-1"}'})  # fmt: skip
+    assert bootstrap.account_regions(proxied, wan) == {
+        "default": ("cn-beijing", "http://emu:8765/api/v1"),
+        "sg": ("ap-southeast-1", "http://sg/api/v1"),
+    }
+    with pytest.raises(SettingsError, match="animate-anyone-gen2 is not offered"):
+        bootstrap.account_regions(settings, models.profile("animate-anyone-gen2"))
+    with pytest.raises(SettingsError, match="region 'us-east-1'"):
+        bootstrap.account_regions(load_settings({**WORKER, "DASHSCOPE_REGION": "us-east-1"}), wan)

@@ -230,3 +230,27 @@ def test_a_model_dashscope_says_is_gone_fails_calls_at_once_naming_the_successor
     with pytest.raises(DashScopeRejected) as other:  # per model: the detector is still asked
         api.detect("default", "https://cdn.test/a.png")
     assert len(calls) == 2 and other.value.code == MODEL_GONE
+
+
+def test_a_refused_key_is_reported_with_its_region() -> None:
+    """A 401 is not a generic refusal: it names the account, the host and the region, and says
+    that a key works only in the region it was made in."""
+    from workers.domain.request import JobRequest
+    from workers.errors import DashScopeRejected
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(401, json={"code": "InvalidApiKey",
+                                         "message": "Invalid API-key provided."})  # fmt: skip
+
+    http = httpx.Client(transport=httpx.MockTransport(answer))
+    url = "https://dashscope-intl.aliyuncs.com/api/v1"
+    client = DashScopeClient(http, api_key="sk-secret-1234", base_url=url, profile=MOVE)
+    api = DashScopeVideoApi({"sg": client}, MOVE, regions={"sg": ("ap-southeast-1", url)})
+    with pytest.raises(DashScopeRejected) as refused:
+        api.submit("sg", JobRequest("https://cdn.test/a.png", video_url="https://cdn.test/d.mp4",
+                                    mode="wan-std"))  # fmt: skip
+    message = refused.value.message
+    assert refused.value.code == "InvalidApiKey" and refused.value.status == 401
+    assert "account 'sg'" in message and "dashscope-intl.aliyuncs.com" in message
+    assert "region ap-southeast-1" in message and "only in the region it was created in" in message
+    assert "sk-secret-1234" not in message

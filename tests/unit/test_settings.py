@@ -12,7 +12,9 @@ def test_defaults() -> None:
     s = load_settings({})
     assert s.redis_url == "redis://127.0.0.1:6379/0"
     assert s.broker_url == s.result_backend == s.redis_url
-    assert s.dashscope_base_url == "https://dashscope.aliyuncs.com/api/v1"
+    assert (
+        s.dashscope_base_url is None and s.dashscope_region == "cn-beijing"
+    )  # its host: the profile's
     assert s.dashscope_model == "animate-anyone-gen2"
     assert s.aws_request_checksum_calculation == "when_required"
 

@@ -7,6 +7,7 @@ import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from datetime import UTC, datetime
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -83,9 +84,11 @@ class DashScopeVideoApi:
         profile: ModelProfile,
         *,
         metrics: Metrics | None = None,
+        regions: Mapping[str, tuple[str, str]] | None = None,
     ) -> None:
         self.metrics = metrics
         self.clients = dict(clients)
+        self.regions = dict(regions or {})  # account -> (region, base URL)
         self.profile = profile
         self.model = profile.name
         self._gone: dict[str, tuple[float, str]] = {}  # model -> (until, message)
@@ -99,13 +102,29 @@ class DashScopeVideoApi:
     def _counted(self, op: str, account: str) -> Iterator[None]:
         """Count DashScope's refusals and failures by code (429s also on their own)."""
         try:
-            yield
+            try:
+                yield
+            except DashScopeRejected as exc:
+                if exc.status != 401 or account not in self.regions:
+                    raise
+                raise self._refused_key(account, exc) from exc
         except WorkerError as exc:
             if self.metrics is not None:
                 self.metrics.inc("remote_errors_total", account=account, op=op, code=exc.code)
                 if isinstance(exc, DashScopeThrottled):
                     self.metrics.inc("throttled_total", account=account, op=op)
             raise
+
+    def _refused_key(self, account: str, exc: DashScopeRejected) -> DashScopeRejected:
+        """A 401 says the key is not valid where it was used: a key made in another region is
+        the likely cause when the key itself is right, so the error says so."""
+        region, url = self.regions[account]
+        host = urlsplit(url).hostname or url
+        message = (f"DashScope refused account {account!r}'s API key at {host} (region {region}). "
+                   "An API key works only in the region it was created in: if this key is from "
+                   "another region, set the account's region (DASHSCOPE_ACCOUNT_REGIONS); "
+                   f"otherwise the key is wrong or revoked. ({exc.message})")  # fmt: skip
+        return DashScopeRejected(message, code=exc.code, status=exc.status)
 
     @contextmanager
     def _served(self, kind: str) -> Iterator[None]:
