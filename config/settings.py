@@ -51,6 +51,10 @@ class Settings(BaseSettings):
     # profile documents (AnimateAnyone: 1 submit/s, 5 detections/s; Wan2.2-Animate: 5
     # submits/s), 15 of the 20 queries/s, and the profile's running tasks per account.
     dashscope_quota_share: float = Field(default=0.8, gt=0, le=1)
+    # Daily budgets in CNY per account (JSON; "*": every account not named), UTC days. Once an
+    # account's bills of the day reach it, its new jobs wait queued until the next day; jobs
+    # already at DashScope are never cancelled. Unset: no budget.
+    daily_budget_cny: dict[str, float] = Field(default_factory=dict)
     dashscope_submit_rate: float | None = Field(default=None, gt=0)
     dashscope_query_rate: float = Field(default=15.0, gt=0)
     dashscope_detect_rate: float | None = Field(default=None, gt=0)
@@ -257,7 +261,7 @@ class Settings(BaseSettings):
 
 
 _JSON_FIELDS = frozenset(
-    {"dashscope_accounts", "dashscope_account_regions", "dashscope_region_urls"}
+    {"dashscope_accounts", "dashscope_account_regions", "dashscope_region_urls", "daily_budget_cny"}
 )
 
 

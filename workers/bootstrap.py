@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -271,6 +272,7 @@ def tuning(settings: Settings) -> Tuning:
             if h.strip() and "/" not in h
         ),
         max_throttled=settings.throttled_max_per_job,
+        daily_budget=MappingProxyType(dict(settings.daily_budget_cny)),
         copy_after_late_cancel=settings.cancel_too_late_copy,
         intake_seconds=settings.intake_seconds,
         queued_recheck=settings.queued_recheck_seconds,

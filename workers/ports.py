@@ -163,6 +163,12 @@ class Governor(Protocol):
     def inflight(self, account: str) -> list[str]:
         """Admitted jobs that hold or wait for the remote slot."""
 
+    def add_spend(self, account: str, day: str, amount: float) -> float:
+        """Add a bill (CNY) to the account's spend on ``day`` (UTC, YYYY-MM-DD); the new total."""
+
+    def spent(self, account: str, day: str) -> float:
+        """The account's billed spend (CNY) on ``day``."""
+
 
 @dataclass(frozen=True)
 class StoredCopy:

@@ -302,3 +302,15 @@ class TestAdmission:
         twin.move("q3", JobState.SUBMITTED)
         assert g.admit("default") == ["q4", "q5", "q6"]
         assert g.inflight("default") == ["q3", "q4", "q5", "q6"]
+
+
+class TestSpend:
+    def test_a_days_bills_add_up_per_account_and_day(self, twin: Twin) -> None:
+        """The daily budget's count: bills add up per account and UTC day; other accounts and
+        days start at 0."""
+        g = twin.governor()
+        assert g.spent("a", "2026-12-06") == 0.0
+        assert g.add_spend("a", "2026-12-06", 0.4) == pytest.approx(0.4)
+        assert g.add_spend("a", "2026-12-06", 0.25) == pytest.approx(0.65)
+        assert g.spent("a", "2026-12-06") == pytest.approx(0.65)
+        assert g.spent("b", "2026-12-06") == 0.0 and g.spent("a", "2026-12-07") == 0.0

@@ -21,6 +21,7 @@ from tests.fakes import (
 )
 from workers import steps
 from workers.adapters.memory.store import START, InMemoryJobStore
+from workers.domain.costs import next_utc_midnight, utc_day
 from workers.domain.decisions import Finish, RemoteSnapshot
 from workers.domain.job import Job
 from workers.domain.media import ImageFacts
@@ -1168,3 +1169,64 @@ class TestFinish:
             FakeCopier().copy(VIDEO, KEY, {})
         with pytest.raises(JobNotFound):
             FakeImageProbe(JobNotFound("x")).probe(IMAGE)
+
+
+# ---------------------------------------------------------------------------------------- budget
+
+
+class TestDailyBudget:
+    """DAILY_BUDGET_CNY: once an account's bills of the (UTC) day reach its budget, no new paid
+    job is admitted or submitted until the next day; a job already at DashScope runs on."""
+
+    def test_a_bill_counts_and_a_spent_budget_holds_the_next_job_until_tomorrow(self) -> None:
+        w = make_world(daily_budget={"default": 0.5})
+        copying(w)  # the first job: billed 5 s x 0.08 CNY = 0.4
+        first = w.job()
+        assert (first.price_per_second, first.billed_cost) == (0.08, 0.4)
+        day = utc_day(w.clock())
+        assert w.svc.governor.spent("default", day) == pytest.approx(0.4)
+        w.svc.governor.add_spend("default", day, 0.2)  # another worker's bill: 0.6 >= 0.5
+        result = steps.intake(w.svc, kwargs(job_id="order-2"), (), "msg-2")
+        assert result.state == JobState.QUEUED
+        assert woken(w, job_id="order-2") == []  # not admitted
+        held = w.job("order-2")
+        assert held.admitted_at is None and w.api.submits[1:] == []
+        # The next UTC day: the watchdog's admission pass lets it in; it is submitted.
+        w.clock.now = next_utc_midnight(w.clock()) + 1
+        steps.admission.admit(w.svc, "default")
+        (wake,) = woken(w, job_id="order-2")
+        w.api.submit_script.append("task-2")
+        assert steps.submit(w.svc, "order-2", wake.version) is not None
+        assert w.job("order-2").state == JobState.SUBMITTED
+
+    def test_an_admitted_job_is_held_with_the_reason_and_gives_its_slot_back(self) -> None:
+        w = make_world(daily_budget={"*": 1.0})
+        wake = queued(w)  # admitted while the budget had room
+        w.svc.governor.add_spend("default", utc_day(w.clock()), 1.0)
+        assert steps.submit(w.svc, JOB, wake.version) is None
+        job = w.job()
+        assert (job.state, job.admitted_at, job.error_code) == (
+            JobState.QUEUED,
+            None,
+            "BudgetReached",
+        )
+        assert "daily budget of 1 CNY" in (job.error_message or "")
+        assert w.api.submits == [] and w.svc.governor.inflight("default") == []
+        w.clock.now = next_utc_midnight(w.clock()) + 1
+        steps.admission.admit(w.svc, "default")
+        (again,) = [n for n in woken(w) if n.version > wake.version]
+        w.api.submit_script.append("task-1")
+        assert steps.submit(w.svc, JOB, again.version) is not None
+        job = w.job()
+        assert job.state == JobState.SUBMITTED and job.error_code is None
+
+    def test_a_job_already_submitting_is_never_held(self) -> None:
+        """SUBMITTING may mean a POST went out: it is reconciled or sent, never parked."""
+        w = make_world(daily_budget={"default": 0.1})
+        wake = queued(w)
+        job = w.store.transition(w.job(), JobState.SUBMITTING)
+        assert job is not None
+        w.svc.governor.add_spend("default", utc_day(w.clock()), 5.0)
+        w.api.submit_script.append("task-1")
+        assert steps.submit(w.svc, JOB, job.version) is not None
+        assert w.job().state == JobState.SUBMITTED and wake.version < job.version

@@ -310,15 +310,28 @@ def cancel(job_id: str, timeout: float) -> None:
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
 def accounts(as_json: bool) -> None:
-    """Per account: queued jobs, remote running/pending, tokens, 429s received."""
-    views = _queue().accounts()
+    """Per account: queued jobs, remote running/pending, tokens, 429s received, today's bills
+    against the daily budget (UTC)."""
+    from workers.domain.costs import budget_for, utc_day
+
+    settings = _settings()
+    queue = _queue()
+    views = queue.accounts()
+    today = utc_day(time.time())
+    for v in views:
+        v["spent_today_cny"] = round(queue.governor.spent(v["account"], today), 4)
+        v["daily_budget_cny"] = budget_for(settings.daily_budget_cny, v["account"])
     if as_json:
         click.echo(json.dumps(views, indent=2, sort_keys=True))
         return
     table = Table("account", "queued", "running", "pending", "submitting", "capacity",
-                  "submit tokens", "query tokens", "429s")  # fmt: skip
+                  "submit tokens", "query tokens", "429s", "CNY today / budget")  # fmt: skip
     for v in views:
         b = v["buckets"]
+        budget = v["daily_budget_cny"]
+        spend = f"{v['spent_today_cny']:g} / {'-' if budget is None else f'{budget:g}'}"
+        if budget is not None and v["spent_today_cny"] >= budget:
+            spend += " (reached)"
         table.add_row(
             v["account"],
             str(v["queued"]),
@@ -329,6 +342,7 @@ def accounts(as_json: bool) -> None:
             f"{b['submit']['tokens']:.2f} @ {b['submit']['rate']}/s",
             f"{b['query']['tokens']:.1f} @ {b['query']['rate']}/s",
             str(v["throttled_429"]),
+            spend,
         )
     Console().print(table)
 

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
+from workers.domain.costs import budget_for, budget_reached, utc_day
 from workers.domain.job import Job
 from workers.domain.states import JobState
+from workers.errors import StoreUnavailable
 from workers.steps.context import WAKE_TIMER, Next, Services, Step, then
+
+log = logging.getLogger(__name__)
+BUDGET_REACHED = "BudgetReached"
 
 
 def enqueue(svc: Services, job: Job, **changes: Any) -> Job | None:
@@ -24,9 +30,12 @@ def enqueue(svc: Services, job: Job, **changes: Any) -> Job | None:
 
 
 def admit(svc: Services, lane: str) -> None:
-    """Let queued jobs go to DashScope while the lane (an account and model) has room; wake
-    their submit steps. The governor takes the slot and marks the job admitted in one step, so
-    a crash here only loses the message, which the watchdog sends again."""
+    """Let queued jobs go to DashScope while the lane (an account and model) has room and the
+    account is under its daily budget; wake their submit steps. The governor takes the slot and
+    marks the job admitted in one step, so a crash here only loses the message, which the
+    watchdog sends again."""
+    if over_budget(svc, lane.split(":", 1)[0]) is not None:
+        return  # the watchdog's admission pass lets them in on the next UTC day
     for job_id in svc.governor.admit(lane):
         job = svc.store.get(job_id)
         if job is not None and job.state == JobState.QUEUED and job.admitted_at is not None:
@@ -79,3 +88,35 @@ def free_lane(svc: Services, job: Job) -> None:
     waiter = svc.store.unlock_submit(job.lane, job.job_id)
     if waiter is not None:
         svc.wake(Next("submit", waiter[0], waiter[1], 0))
+
+
+def over_budget(svc: Services, account: str) -> str | None:
+    """Why the account may not start a paid job now (its daily budget is spent), or None."""
+    budget = budget_for(svc.daily_budget, account)
+    if budget is None:
+        return None
+    now = svc.clock()
+    spent = svc.governor.spent(account, utc_day(now))
+    if not budget_reached(budget, spent):
+        return None
+    return (f"account {account!r} reached its daily budget of {budget:g} CNY ({spent:g} billed "
+            f"on {utc_day(now)}, UTC); new jobs wait for the next day (DAILY_BUDGET_CNY)")  # fmt: skip
+
+
+def hold_for_budget(svc: Services, job: Job, why: str) -> None:
+    """An admitted job whose account's budget ran out before its submit: it gives its slot back
+    and waits in the queue, saying why, until the next UTC day. Nothing was sent for it."""
+    svc.governor.release(job.lane, job.job_id)
+    log.info("job %s held: %s", job.job_id, why)
+    enqueue(svc, job, admitted_at=None, error_code=BUDGET_REACHED, error_message=why)
+
+
+def add_spend(svc: Services, account: str, billed: float, now: float) -> None:
+    """Count a bill against the account's day, when it has a budget (best effort: a failure to
+    count is logged; the job, paid for, goes on)."""
+    if budget_for(svc.daily_budget, account) is None:
+        return
+    try:
+        svc.governor.add_spend(account, utc_day(now), billed)
+    except StoreUnavailable as exc:
+        log.warning("could not count %.4f CNY against %s's budget: %s", billed, account, exc)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
@@ -91,6 +91,7 @@ class Tuning:
     video_hosts: tuple[str, ...]  # hosts a result video may be downloaded from
     profile: ModelProfile  # the model family's endpoints, steps and limits (DASHSCOPE_MODEL)
     max_throttled: int  # 429s one job may collect before it fails
+    daily_budget: Mapping[str, float]  # account ("*": any other) -> CNY a UTC day
     copy_after_late_cancel: bool  # a cancel that came too late: still store the video?
     intake_seconds: float  # checking a new job's inputs takes at most this long
     queued_recheck: float  # a job waiting in our queue is looked at this often

@@ -21,7 +21,7 @@ from workers.errors import (
     DashScopeThrottled,
     WorkerError,
 )
-from workers.steps.admission import free_slot, wait_for_token
+from workers.steps.admission import add_spend, free_slot, wait_for_token
 from workers.steps.cancel import cancel_remote
 from workers.steps.context import Next, Services, load, source_ref, then
 from workers.steps.finish import finish
@@ -60,6 +60,7 @@ def poll(svc: Services, job_id: str, version: int) -> Next | None:
             answered["billed_cost"] = billed
             svc.metrics.inc("cost_cny_total", billed, account=job.account,
                             model=job.remote_model or svc.profile.name)  # fmt: skip
+            add_spend(svc, job.account, billed, now)
     if isinstance(decision, StartCopy):
         return _video_ready(svc, job, decision, remote, answered)
     if isinstance(decision, TemplateReady):

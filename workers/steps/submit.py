@@ -22,7 +22,13 @@ from workers.errors import (
     PermanentError,
     TransientError,
 )
-from workers.steps.admission import free_lane, wait_for_token
+from workers.steps.admission import (
+    BUDGET_REACHED,
+    free_lane,
+    hold_for_budget,
+    over_budget,
+    wait_for_token,
+)
 from workers.steps.context import Next, Services, load, next_fields, source_ref, then
 from workers.steps.finish import finish
 from workers.steps.prepare import TEMPLATE_REFUSED, template_refused
@@ -40,6 +46,11 @@ def submit(svc: Services, job_id: str, version: int) -> Next | None:
         return None
     if job.state == JobState.QUEUED and job.admitted_at is None:
         return None  # not admitted: it waits in our queue
+    if job.state == JobState.QUEUED:
+        held = over_budget(svc, job.account)
+        if held is not None:  # (a SUBMITTING job may have paid already: it is never held)
+            hold_for_budget(svc, job, held)
+            return None
     waiting = wait_for_token(svc, job, "template" if job.is_template else "submit", "submit")
     if waiting is not None:
         return waiting
@@ -78,8 +89,12 @@ def _claim(svc: Services, job: Job) -> Job | None:
     if job.state != JobState.QUEUED:
         return job
     now = svc.clock()
+    cleared = (
+        {"error_code": None, "error_message": None} if job.error_code == BUDGET_REACHED else {}
+    )
     return svc.store.transition(job, JobState.SUBMITTING, updated_at=now,
-                                next_action_at=now + svc.submit.attempt_seconds)  # fmt: skip
+                                next_action_at=now + svc.submit.attempt_seconds,
+                                **cleared)  # fmt: skip
 
 
 def _post(svc: Services, job: Job, inputs: JobRequest | str) -> Next | None:

@@ -90,6 +90,7 @@ class InMemoryGovernor:
         self.queues: dict[str, dict[int, dict[str, deque[str]]]] = {}
         self.turns: dict[str, dict[int, deque[str]]] = {}
         self.inflight_sets: dict[str, set[str]] = {}
+        self.spend: dict[tuple[str, str], float] = {}  # (account, day) -> CNY billed
         self.healed_until: dict[str, float] = {}
         self.lock = threading.Lock()
 
@@ -216,6 +217,16 @@ class InMemoryGovernor:
         """The job no longer holds or waits for the remote slot."""
         with self.lock:
             self.inflight_sets.setdefault(account, set()).discard(job_id)
+
+    def add_spend(self, account: str, day: str, amount: float) -> float:
+        with self.lock:
+            total = self.spend.get((account, day), 0.0) + amount
+            self.spend[account, day] = total
+            return total
+
+    def spent(self, account: str, day: str) -> float:
+        with self.lock:
+            return self.spend.get((account, day), 0.0)
 
     def inflight(self, account: str) -> list[str]:
         with self.lock:

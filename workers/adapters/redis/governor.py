@@ -30,6 +30,8 @@ from workers.errors import StoreUnavailable
 # A 429 halves the bucket's rate (down to min_factor) and empties it; the rate then recovers
 # linearly. ARGV: rate, capacity, recovery per second, min factor, mode ('take' | 'throttle' |
 # 'peek'). Returns the seconds to wait (0: granted) as a string, and the tokens left.
+SPEND_KEEP_SECONDS = 3 * 86400  # a day's spend is kept three days (the accounts view reads it)
+
 _BUCKET = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
@@ -258,6 +260,27 @@ class RedisGovernor:
         except redis.RedisError as exc:
             raise StoreUnavailable(f"admission: {exc}") from exc
         return sorted(_text(m) for m in members)
+
+    # ------------------------------------------------------------------ spend
+
+    def add_spend(self, account: str, day: str, amount: float) -> float:
+        """``P:acct:<account>:spend:<day>``: the day's bills, kept three days."""
+        key = f"{self.prefix}:acct:{account}:spend:{day}"
+        try:
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.incrbyfloat(key, amount)
+            pipe.expire(key, SPEND_KEEP_SECONDS)
+            total, _ = pipe.execute()
+        except redis.RedisError as exc:
+            raise StoreUnavailable(f"spend: {exc}") from exc
+        return float(total)
+
+    def spent(self, account: str, day: str) -> float:
+        try:
+            raw = self.redis.get(f"{self.prefix}:acct:{account}:spend:{day}")
+        except redis.RedisError as exc:
+            raise StoreUnavailable(f"spend: {exc}") from exc
+        return float(raw) if raw is not None else 0.0
 
     def _call(self, script: Any, *args: str) -> Any:
         try:
