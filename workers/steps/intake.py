@@ -139,9 +139,10 @@ def _validate(svc: Services, job: Job) -> JobState:
         done = finish(svc, job, Finish(JobState.REJECTED, exc.code, exc.message))
         return done.state if done else job.state
     sha = facts.sha256 if facts else None
-    if request.detect and not job.is_template:
+    runs = svc.profile.steps  # the steps a job of this model family runs
+    if request.detect and not job.is_template and "detect" in runs:
         woken = then(svc, job, "detect", 0, JobState.DETECTING, image_sha256=sha)
-    elif request.video_url is not None:
+    elif request.video_url is not None and ("prepare" in runs or job.is_template):
         woken = then(svc, job, "prepare", 0, JobState.PREPARING, image_sha256=sha)
     else:
         enqueue(svc, job, image_sha256=sha)
