@@ -1,6 +1,7 @@
 """Quota benchmark: this system against the physical limit and against the SDK a user would write.
 
     .venv/bin/python bench/quota.py [--jobs 60] [--generation-seconds 2] [--queued 10000]
+    .venv/bin/python bench/quota.py --model wan2.2-animate-move    (the successor: 5 submits/s)
 
 Real processes throughout: two Celery worker processes, a redis-server, moto's S3 server and the
 DashScope emulator with its default quotas (1 submit/s, 1 running task, 20 queries/s). Prints
@@ -13,6 +14,11 @@ figures as it goes; the last line is one JSON object.
   ``wait``, against a fresh emulator with the same settings.
 * 10,000 queued jobs: Redis memory per job, and the worker CPU and DashScope queries they cost
   while they wait behind a long-running task.
+
+``--model wan2.2-animate-move`` (or ``-mix``) runs "this system" on a Wan2.2-Animate deployment:
+each job sends the image, a 2-second dance and ``mode=wan-std`` in one call (no template), under
+that model's quotas (5 submits/s, one running task). The SDK baseline and the queued part are
+AnimateAnyone's only.
 """
 
 from __future__ import annotations
@@ -101,15 +107,22 @@ def run_system(args: argparse.Namespace) -> dict[str, Any]:
             "URL_ALLOWLIST": "127.0.0.1",  # the emulator runs on loopback
             "AWS_ENDPOINT_URL": s3.endpoint,
             **S3Server.CREDENTIALS,
+            "DASHSCOPE_MODEL": args.model,
         }
         workers = [Worker(env, concurrency=2, name=f"bench{i}@%h") for i in range(2)]
         for w in workers:
             w.start()
         try:
             template, image = seed(emulator)
-            queue = AnimateQueue(rs.url)
+            queue = AnimateQueue(rs.url, model=args.model)
             started = time.time()
-            ids = [queue.submit(image, template, job_id=f"bench-{i:04d}") for i in range(args.jobs)]
+            if wan(args):
+                dance = f"{emulator.url}/_emulator/samples/dance.mp4?seconds=2&width=256&height=512"
+                ids = [queue.generate(image, video=dance, mode="wan-std", job_id=f"bench-{i:04d}")
+                       for i in range(args.jobs)]  # fmt: skip
+            else:
+                ids = [queue.submit(image, template, job_id=f"bench-{i:04d}")
+                       for i in range(args.jobs)]  # fmt: skip
             views = [queue.wait(i, timeout=args.jobs * 30, interval=0.2) for i in ids]
             ended = max(v["finished_at"] or 0 for v in views)
             makespan = ended - started
@@ -125,6 +138,7 @@ def run_system(args: argparse.Namespace) -> dict[str, Any]:
                 if v["copy_started_at"] and v["remote_ended_at"]
             ]
             result = {
+                "model": args.model,
                 "jobs": args.jobs,
                 "makespan_s": round(makespan, 2),
                 "limit_s": round(busy, 2),
@@ -138,13 +152,17 @@ def run_system(args: argparse.Namespace) -> dict[str, Any]:
                 "double_submissions": int(stats.get("submitted", 0)) - args.jobs,
             }
             print("this system:", json.dumps(result), flush=True)
-            if args.queued:
+            if args.queued and not wan(args):
                 result["queued_10k"] = run_queued(args, rs, emulator, workers, template, image)
             queue.close()
             return result
         finally:
             for w in workers:
                 w.stop()
+
+
+def wan(args: argparse.Namespace) -> bool:
+    return bool(args.model.startswith("wan"))
 
 
 def run_queued(
@@ -265,9 +283,13 @@ def main() -> None:
     parser.add_argument("--queued", type=int, default=10_000, help="0 skips that part")
     parser.add_argument("--idle-seconds", type=float, default=10.0)
     parser.add_argument("--skip-sdk", action="store_true")
+    parser.add_argument(
+        "--model", default="animate-anyone-gen2",
+        choices=["animate-anyone-gen2", "wan2.2-animate-move", "wan2.2-animate-mix"],
+    )  # fmt: skip
     args = parser.parse_args()
     result = run_system(args)
-    result["sdk_baseline"] = None if args.skip_sdk else run_sdk(args)
+    result["sdk_baseline"] = None if args.skip_sdk or wan(args) else run_sdk(args)
     print(json.dumps(result))
 
 
