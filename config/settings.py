@@ -70,8 +70,11 @@ class Settings(BaseSettings):
     dashscope_account_regions: dict[str, str] = Field(default_factory=dict)
     dashscope_region_urls: dict[str, str] = Field(default_factory=dict)
     dashscope_base_url: str | None = None
-    # The model family (its profile, workers/models: endpoints, steps, limits, quotas, prices).
+    # The model of a job that names none (its profile, workers/models: endpoints, steps,
+    # limits, quotas, prices). A job may name another of DASHSCOPE_MODELS ("model": ...).
     dashscope_model: str = "animate-anyone-gen2"
+    # The models jobs may name, comma-separated; empty: every model with a profile.
+    dashscope_models: str = ""
     dashscope_connect_timeout: float = Field(default=5.0, gt=0)
     dashscope_read_timeout: float = Field(default=30.0, gt=0)
     # A detect or submit attempt is presumed dead (the watchdog may resume it) this long after

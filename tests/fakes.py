@@ -110,8 +110,9 @@ class FakeVideoApi:
             raise error
 
     def recent_tasks(
-        self, account: str, since: float, until: float, kind: str = "video"
-    ) -> list[str]:
+        self, account: str, since: float, until: float, kind: str = "video",
+        model: str | None = None,
+    ) -> list[str]:  # fmt: skip
         hook, self.on_recent_tasks = self.on_recent_tasks, None  # one shot: no recursion
         if hook is not None:
             hook()

@@ -97,9 +97,20 @@ class Quota:
     concurrency: int
 
 
-def quota(settings: Settings) -> Quota:
-    """The settings' rates, or where unset a share of what the model's profile documents."""
-    documented = models.profile(settings.dashscope_model).quotas
+def served_models(settings: Settings) -> list[str]:
+    """The models jobs may name (DASHSCOPE_MODELS; empty: all with a profile), the default first.
+    ValueError names an unknown one."""
+    named = [m.strip() for m in settings.dashscope_models.split(",") if m.strip()]
+    served = named or list(models.PROFILES)
+    for name in served:
+        models.profile(name)  # ValueError for a model without a profile
+    return [settings.dashscope_model, *(m for m in served if m != settings.dashscope_model)]
+
+
+def quota(settings: Settings, model: str | None = None) -> Quota:
+    """The settings' rates, or where unset a share of what the model's profile documents
+    (``model``: the default one, DASHSCOPE_MODEL)."""
+    documented = models.profile(model or settings.dashscope_model).quotas
     share = settings.dashscope_quota_share
     return Quota(
         submit=settings.dashscope_submit_rate or documented.submits_per_second * share,
@@ -120,6 +131,8 @@ def governor(settings: Settings) -> RedisGovernor:
             "query": spend.query,
             "detect": spend.detect,
             "template": spend.submit,
+            # each model's submits: its own bucket per account, at its own documented rate
+            **{f"submit:{name}": quota(settings, name).submit for name in served_models(settings)},
         },
         capacity=spend.concurrency + settings.admission_lookahead,
     )
@@ -197,7 +210,8 @@ def video_api(
         )
         for account, key in settings.accounts().items()
     }
-    return DashScopeVideoApi(clients, profile, metrics=metrics, regions=regions)
+    served = {name: models.profile(name) for name in served_models(settings)}
+    return DashScopeVideoApi(clients, profile, metrics=metrics, regions=regions, profiles=served)
 
 
 def account_regions(settings: Settings, profile: ModelProfile) -> dict[str, tuple[str, str]]:
@@ -266,6 +280,13 @@ def tuning(settings: Settings) -> Tuning:
         accounts=frozenset(settings.accounts()),
         default_account=settings.dashscope_default_account,
         profile=models.profile(settings.dashscope_model),
+        profiles=MappingProxyType({name: models.profile(name) for name in served_models(settings)}),
+        account_regions=MappingProxyType(
+            {
+                account: settings.dashscope_account_regions.get(account, settings.dashscope_region)
+                for account in settings.accounts()
+            }
+        ),
         video_hosts=tuple(
             h.strip()
             for h in f"{settings.video_url_hosts},{settings.url_allowlist}".split(",")

@@ -108,9 +108,15 @@ class VideoApi(Protocol):
     def poll(self, account: str, task_id: str) -> RemoteSnapshot: ...
     def cancel(self, account: str, task_id: str) -> None: ...
     def recent_tasks(
-        self, account: str, since: float, until: float, kind: str = JobKind.VIDEO
+        self,
+        account: str,
+        since: float,
+        until: float,
+        kind: str = JobKind.VIDEO,
+        model: str | None = None,
     ) -> list[str]:
-        """Ids of the account's tasks for the kind's model created in [since, until]."""
+        """Ids of the account's tasks for the kind's model (a video job's own ``model``)
+        created in [since, until]."""
 
 
 class Results(Protocol):

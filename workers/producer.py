@@ -171,8 +171,8 @@ class AnimateQueue:
 
         On an AnimateAnyone deployment the motion is either ``template_id`` or ``video`` (the
         dance video: the workers reuse or make the account's template for it), and
-        ``detect=False`` skips DashScope's image check. On a Wan2.2-Animate deployment (this
-        queue's ``model``) it is ``video``, with ``mode`` (``wan-std`` or ``wan-pro``). Local
+        ``detect=False`` skips DashScope's image check. For a Wan2.2-Animate model (``model``,
+        or this queue's default) it is ``video``, with ``mode`` (``wan-std`` or ``wan-pro``). Local
         files are checked against the model's limits, then uploaded through ``inputs``;
         ``InvalidJobRequest`` (its ``code`` says why) or ``FileNotFoundError`` means nothing was
         uploaded or sent.
@@ -181,10 +181,11 @@ class AnimateQueue:
             raise ValueError("give exactly one of video and template_id")
         image_path = self._local(image, "image")
         video_path = self._local(video, "video") if video is not None else None
+        profile = models.profile(model) if model is not None else self.profile
         if image_path is not None:
-            check_local_image(image_path, self.profile)
+            check_local_image(image_path, profile)
         if video_path is not None:
-            check_local_video(video_path, profile=self.profile)
+            check_local_video(video_path, profile=profile)
         kwargs: dict[str, Any] = {"image_url": self._upload(image, image_path)}
         if video is not None:
             kwargs["video_url"] = self._upload(video, video_path)

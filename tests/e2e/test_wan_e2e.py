@@ -1,5 +1,6 @@
 """Wan2.2-Animate (move and mix) end to end, with real processes: a deployment that runs the model
-(``DASHSCOPE_MODEL``), a producer with only ``celery`` installed, the emulator over HTTP, S3.
+(``DASHSCOPE_MODEL``: a job that names no model runs on it), a producer with only ``celery``
+installed, the emulator over HTTP, S3.
 
 One call per job: the person image and the dance video go to DashScope together, with a mode; no
 detect step, no action template. What the model refuses is refused before anything is paid: a
@@ -12,6 +13,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -131,7 +133,8 @@ def test_a_job_from_a_celery_only_producer_is_stored(
         ({"mode": None}, "InvalidRequest.Mode"),
         ({"mode": "wan-turbo"}, "InvalidRequest.Mode"),
         ({"image_url": "small"}, "InvalidImage.ShortestSide"),
-        ({"model": "animate-anyone-gen2"}, "InvalidRequest.Model"),
+        ({"model": "wan2.5-animate-move"}, "InvalidRequest.Model"),  # no such model here
+        ({"model": "animate-anyone-gen2"}, "InvalidRequest.NotForModel"),  # its fields differ
         ({"detect": True}, "InvalidRequest.NotForModel"),
     ],
 )
@@ -176,3 +179,30 @@ def test_the_cli_sends_local_files_to_a_wan_deployment(
                              timeout=60, env=env)  # fmt: skip
     assert refused.returncode != 0 and "2-30 s" in refused.stderr, refused.stderr[-2000:]
     assert counters(emulator, model)["submitted"] == 1
+
+
+def test_one_deployment_runs_each_job_on_the_model_it_names(
+    worker: Worker, queue: AnimateQueue, emulator: EmulatorServer, remote: Any
+) -> None:
+    """The default deployment (DASHSCOPE_MODEL=animate-anyone-gen2) takes a job that names a
+    Wan model too. Each model has its own lane (and submit bucket) per account: with
+    AnimateAnyone's lane full (two jobs: its running task and the one queued behind it), the
+    Wan job is still admitted at once, and its task runs beside AnimateAnyone's first."""
+    remote.config(generation_seconds=3.0)
+    template = remote.template()
+    aa = [queue.submit(image(emulator), template) for _ in range(2)]
+    deadline = time.monotonic() + 30
+    while not all((queue.get(j) or {}).get("remote_task_id") for j in aa):  # both at DashScope
+        assert time.monotonic() < deadline, [queue.get(j) for j in aa]
+        time.sleep(0.05)
+    wan = queue.generate(image(emulator), video=dance(emulator), mode="wan-std",
+                         model="wan2.2-animate-mix")  # fmt: skip
+    views = [queue.wait(job, timeout=90) for job in (*aa, wan)]
+    assert [v["state"] for v in views] == ["STORED"] * 3, views
+    assert [v["model"] for v in views] == ["animate-anyone-gen2"] * 2 + ["wan2.2-animate-mix"]
+    assert views[2]["cost"]["price_per_second"] == 0.6
+    tasks = httpx.get(f"{emulator.url}/_emulator/tasks", timeout=10).json()
+    first_aa = min((t for t in tasks if t["model"] == "animate-anyone-gen2"),
+                   key=lambda t: t["scheduled_time"])  # fmt: skip
+    (wan_task,) = [t for t in tasks if t["model"] == "wan2.2-animate-mix"]
+    assert wan_task["scheduled_time"] < first_aa["end_time"], "the Wan job waited in AA's lane"

@@ -107,8 +107,9 @@ class Remote:
         pass
 
     def recent_tasks(
-        self, account: str, since: float, until: float, kind: str = JobKind.VIDEO
-    ) -> list[str]:
+        self, account: str, since: float, until: float, kind: str = JobKind.VIDEO,
+        model: str | None = None,
+    ) -> list[str]:  # fmt: skip
         return [t for t, at, _ in self.created if since <= at <= until]
 
 

@@ -138,8 +138,8 @@ class TestIntake:
         assert woken(w) == [Next("submit", JOB, 3, 0)]
         job = w.job()
         assert (job.state, job.version) == (JobState.QUEUED, 3)
-        assert job.request == JobRequest(
-            IMAGE, TEMPLATE, None, None, JOB, {"user": 7}, detect=False
+        assert job.request == JobRequest(  # the model it runs on, recorded: the default
+            IMAGE, TEMPLATE, None, None, JOB, {"user": 7}, detect=False, model="animate-anyone-gen2"
         )
         assert job.intake_message_id == MSG
         assert job.created_at == job.updated_at == job.admitted_at == START

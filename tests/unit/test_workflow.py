@@ -422,7 +422,7 @@ def test_unreachable_image_at_intake_is_rejected() -> None:
     w.generate("j1", template_id="AACT.x.1")
     assert w.job("j1").error_code == "InvalidImage.Unreachable"
     with pytest.raises(InvalidJobRequest):
-        _probe_image(w.svc, w.job("j1").request)
+        _probe_image(w.svc, w.job("j1").request, w.svc.profile.image)
 
 
 class Recorder:

@@ -8,6 +8,8 @@ from workers.domain.request import JobKind, JobRequest
 from workers.domain.states import FINAL_STATES, JobState
 from workers.domain.templates import template_lane
 
+LEGACY_MODEL = "animate-anyone-gen2"  # the model of records that name none
+
 
 @dataclass(frozen=True)
 class Job:
@@ -107,9 +109,23 @@ class Job:
         return self.template_id or self.request.template_id
 
     @property
+    def model(self) -> str:
+        """The video model the job runs on: the one recorded at intake (records written before
+        jobs named their model are AnimateAnyone's, the only model then)."""
+        return self.request.model or LEGACY_MODEL
+
+    @property
     def lane(self) -> str:
-        """Where the job waits for DashScope's slot: each model has its own per account."""
-        return template_lane(self.account) if self.is_template else self.account
+        """Where the job waits for DashScope's slot: each model has its own per account
+        (AnimateAnyone's video lane is the account itself, as before models were per job)."""
+        if self.is_template:
+            return template_lane(self.account)
+        return self.account if self.model == LEGACY_MODEL else f"{self.account}:{self.model}"
+
+    @property
+    def submit_kind(self) -> str:
+        """The quota bucket its submit takes a token from: one per account and model."""
+        return "template" if self.is_template else f"submit:{self.model}"
 
     @property
     def s3_uri(self) -> str | None:

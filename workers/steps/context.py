@@ -10,7 +10,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
-from workers import logfields
+from workers import logfields, models
 from workers.domain.job import Job
 from workers.domain.policies import (
     CopyPolicy,
@@ -89,7 +89,9 @@ class Tuning:
     accounts: frozenset[str]
     default_account: str
     video_hosts: tuple[str, ...]  # hosts a result video may be downloaded from
-    profile: ModelProfile  # the model family's endpoints, steps and limits (DASHSCOPE_MODEL)
+    profile: ModelProfile  # the model of a job that names none (DASHSCOPE_MODEL)
+    profiles: Mapping[str, ModelProfile]  # the models a job may name (DASHSCOPE_MODELS)
+    account_regions: Mapping[str, str]  # account -> its region (an API key works in one)
     max_throttled: int  # 429s one job may collect before it fails
     daily_budget: Mapping[str, float]  # account ("*": any other) -> CNY a UTC day
     copy_after_late_cancel: bool  # a cancel that came too late: still store the video?
@@ -149,6 +151,12 @@ class Next:
     @classmethod
     def of(cls, step: Step, job: Job, countdown: float) -> Next:
         return cls(step, job.job_id, job.version, countdown, job.request.producer)
+
+
+def profile_of(svc: Services, job: Job) -> ModelProfile:
+    """The profile of the model the job runs on (recorded at intake)."""
+    found = svc.profiles.get(job.model)
+    return found if found is not None else models.profile(job.model)
 
 
 def _unscheduled(step: Next) -> None:

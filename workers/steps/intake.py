@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -27,8 +28,9 @@ from workers.errors import (
     InvalidJobRequest,
     TransientError,
 )
+from workers.models.profile import ImageLimits, ModelProfile
 from workers.steps.admission import enqueue
-from workers.steps.context import Next, Services, load, then
+from workers.steps.context import Next, Services, load, profile_of, then
 from workers.steps.finish import ended, final_fields, finish
 
 log = logging.getLogger(__name__)
@@ -58,7 +60,8 @@ def intake(
         if kind == JobKind.TEMPLATE:
             request = parse_template_request(kwargs, args)
         else:
-            request = parse_request(kwargs, args, svc.profile)
+            profile = _named_profile(svc, kwargs)
+            request = dataclasses.replace(parse_request(kwargs, args, profile), model=profile.name)
     except InvalidJobRequest as exc:
         return _rejected(svc, kwargs, message_id, kind, exc, now)
     job_id = request.job_id or message_id
@@ -126,20 +129,22 @@ def _validate(svc: Services, job: Job) -> JobState:
     """Check a received job's inputs (nothing is sent before this passes), then move it on:
     into the image check, the dance video's preparation, or our queue. The state it is in."""
     request = job.request
+    profile = profile_of(svc, job)
     try:
         _, refusal = _account_for(svc, request)
         if refusal is not None:
             raise refusal
+        _check_region(svc, job, profile)
         if request.webhook_url and svc.guard is not None:
             svc.guard.check(request.webhook_url, "webhook_url")
         for ref in (request.image_url, request.video_url):
             _check_input_ref(svc, ref)
-        facts = _probe_image(svc, request) if not job.is_template else None
+        facts = _probe_image(svc, request, profile.image) if not job.is_template else None
     except InvalidJobRequest as exc:
         done = finish(svc, job, Finish(JobState.REJECTED, exc.code, exc.message))
         return done.state if done else job.state
     sha = facts.sha256 if facts else None
-    runs = svc.profile.steps  # the steps a job of this model family runs
+    runs = profile.steps  # the steps a job of this model family runs
     if request.detect and not job.is_template and "detect" in runs:
         woken = then(svc, job, "detect", 0, JobState.DETECTING, image_sha256=sha)
     elif request.video_url is not None and ("prepare" in runs or job.is_template):
@@ -173,7 +178,33 @@ def _check_input_ref(svc: Services, ref: str | None) -> None:
         )
 
 
-def _probe_image(svc: Services, request: JobRequest) -> ImageFacts:
+def _named_profile(svc: Services, kwargs: Mapping[str, Any]) -> ModelProfile:
+    """The profile of the model a job names (``model``), else the default (DASHSCOPE_MODEL)."""
+    model = kwargs.get("model") if isinstance(kwargs, Mapping) else None
+    if model is None:
+        return svc.profile
+    found = svc.profiles.get(model) if isinstance(model, str) else None
+    if found is None:
+        raise InvalidJobRequest(
+            f"model {repr(model)[:80]} is not one this service runs (it runs: "
+            f"{', '.join(svc.profiles)}; DASHSCOPE_MODELS)",
+            code="InvalidRequest.Model",
+        )
+    return found
+
+
+def _check_region(svc: Services, job: Job, profile: ModelProfile) -> None:
+    """A model not offered in the account's region could never run there: refused up front."""
+    region = svc.account_regions.get(job.account)
+    if region is not None and region not in profile.regions:
+        raise InvalidJobRequest(
+            f"{profile.name} is not offered in region {region} of account {job.account!r} "
+            f"(its regions: {', '.join(profile.regions)})",
+            code="InvalidRequest.Region",
+        )
+
+
+def _probe_image(svc: Services, request: JobRequest, limits: ImageLimits) -> ImageFacts:
     """Look at the image before anything is paid for: DashScope's documented limits."""
     url, trusted = svc.inputs.for_us(request.image_url)
     try:
@@ -182,7 +213,7 @@ def _probe_image(svc: Services, request: JobRequest) -> ImageFacts:
         # The image could not be fetched right now. Without a look at it we may not spend money,
         # so the job is refused with the reason; the producer may enqueue it again.
         raise InvalidJobRequest(exc.message, code="InvalidImage.Unreachable") from exc
-    check_image(facts, svc.profile.image)
+    check_image(facts, limits)
     return facts
 
 

@@ -59,7 +59,7 @@ def poll(svc: Services, job_id: str, version: int) -> Next | None:
         if billed is not None:
             answered["billed_cost"] = billed
             svc.metrics.inc("cost_cny_total", billed, account=job.account,
-                            model=job.remote_model or svc.profile.name)  # fmt: skip
+                            model=job.remote_model or job.model)  # fmt: skip
             add_spend(svc, job.account, billed, now)
     if isinstance(decision, StartCopy):
         return _video_ready(svc, job, decision, remote, answered)

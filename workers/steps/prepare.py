@@ -25,7 +25,16 @@ from workers.errors import (
     TransientError,
 )
 from workers.steps.admission import admit, enqueue, free_slot
-from workers.steps.context import WAKE_TIMER, Next, Services, load, retry_later, source_ref, then
+from workers.steps.context import (
+    WAKE_TIMER,
+    Next,
+    Services,
+    load,
+    profile_of,
+    retry_later,
+    source_ref,
+    then,
+)
 from workers.steps.finish import finish
 
 log = logging.getLogger(__name__)
@@ -58,10 +67,10 @@ def prepare(svc: Services, job_id: str, version: int) -> Next | None:
         try:
             url, trusted = svc.inputs.for_us(source_ref(job))
             facts = svc.videos.probe(url, trusted=trusted)
-            profile = svc.profile
+            profile = profile_of(svc, job)
             limits = profile.template_video if profile.takes_templates else profile.input_video
             if limits is None:
-                raise InvalidJobRequest(f"{svc.profile.name} makes no action templates",
+                raise InvalidJobRequest(f"{profile.name} makes no action templates",
                                         code="InvalidRequest.TemplateOrVideo")  # fmt: skip
             check_template_video(facts, limits)
         except InvalidJobRequest as exc:
@@ -87,7 +96,7 @@ def prepare(svc: Services, job_id: str, version: int) -> Next | None:
         if checked is None:
             return None
         job = checked
-    if not svc.profile.takes_templates:
+    if not profile_of(svc, job).takes_templates:
         # The video goes with the call itself (Wan2.2-Animate): checked, it waits for a slot.
         enqueue(svc, job)
         return None

@@ -29,7 +29,7 @@ from workers.steps.admission import (
     over_budget,
     wait_for_token,
 )
-from workers.steps.context import Next, Services, load, next_fields, source_ref, then
+from workers.steps.context import Next, Services, load, next_fields, profile_of, source_ref, then
 from workers.steps.finish import finish
 from workers.steps.prepare import TEMPLATE_REFUSED, template_refused
 
@@ -51,7 +51,7 @@ def submit(svc: Services, job_id: str, version: int) -> Next | None:
         if held is not None:  # (a SUBMITTING job may have paid already: it is never held)
             hold_for_budget(svc, job, held)
             return None
-    waiting = wait_for_token(svc, job, "template" if job.is_template else "submit", "submit")
+    waiting = wait_for_token(svc, job, job.submit_kind, "submit")
     if waiting is not None:
         return waiting
     claimed = _claim(svc, job)
@@ -141,7 +141,7 @@ def _remote_inputs(svc: Services, job: Job) -> JobRequest | str:
     inputs as URLs DashScope can fetch and its resolved template."""
     if job.is_template:
         return svc.inputs.for_dashscope(source_ref(job), job.account, "template")
-    if not svc.profile.takes_templates:  # the dance video goes with the call
+    if not profile_of(svc, job).takes_templates:  # the dance video goes with the call
         return dataclasses.replace(
             job.request,
             image_url=svc.inputs.for_dashscope(job.request.image_url, job.account, "video"),
@@ -180,9 +180,10 @@ def _submitted(svc: Services, job: Job, task_id: str) -> Next | None:
 def submit_costs(svc: Services, job: Job) -> dict[str, Any]:
     """The model, its price for the job's mode and the job's estimated cost (the dance video's
     length; unknown for a template named by id), recorded with the task id."""
-    remote = svc.profile.remote("template" if job.is_template else "video")
+    profile = profile_of(svc, job)
+    remote = profile.remote("template" if job.is_template else "video")
     price = remote.price_cny_per_second if job.is_template else (
-        svc.profile.price_per_second(job.request.mode))  # fmt: skip
+        profile.price_per_second(job.request.mode))  # fmt: skip
     estimate = estimated_cost(price, job.source_seconds)
     return {"remote_model": remote.name, "price_per_second": price, "estimated_cost": estimate}
 
@@ -190,11 +191,11 @@ def submit_costs(svc: Services, job: Job) -> dict[str, Any]:
 def _submit_throttled(svc: Services, job: Job, exc: DashScopeThrottled) -> Next | None:
     """429: DashScope did nothing. Slow the account's bucket; the attempt does not count."""
     free_lane(svc, job)
-    svc.governor.throttled(job.account, "submit")
+    svc.governor.throttled(job.account, job.submit_kind)
     if job.throttled + 1 >= svc.max_throttled:
         finish(svc, job, Finish(JobState.FAILED, exc.code, f"{job.throttled + 1} 429s: {exc}"))
         return None
-    delay = max(svc.governor.take(job.account, "submit"), 0.5) + svc.rand() * 0.5
+    delay = max(svc.governor.take(job.account, job.submit_kind), 0.5) + svc.rand() * 0.5
     return then(
         svc,
         job,
@@ -265,7 +266,8 @@ def _reconcile(svc: Services, job: Job) -> Next | object | None:
     started = job.submit_uncertain_since or job.submit_started_at or job.created_at
     ended = job.submit_ended_at or started + svc.submit.attempt_seconds
     skew = svc.submit.clock_skew
-    listed = svc.api.recent_tasks(job.account, started - skew, ended + skew, JobKind(job.kind))
+    listed = svc.api.recent_tasks(job.account, started - skew, ended + skew, JobKind(job.kind),
+                                  None if job.is_template else job.model)  # fmt: skip
     owners = svc.store.remote_owners(listed)
     free = [t for t in dict.fromkeys(listed) if owners.get(t) in (None, job.job_id)]
     if len(free) == 1:

@@ -85,12 +85,14 @@ class DashScopeVideoApi:
         *,
         metrics: Metrics | None = None,
         regions: Mapping[str, tuple[str, str]] | None = None,
+        profiles: Mapping[str, ModelProfile] | None = None,
     ) -> None:
         self.metrics = metrics
         self.clients = dict(clients)
         self.regions = dict(regions or {})  # account -> (region, base URL)
-        self.profile = profile
+        self.profile = profile  # the default model's (templates and detection are its family's)
         self.model = profile.name
+        self.profiles = {profile.name: profile, **(profiles or {})}  # a job's own model
         self._gone: dict[str, tuple[float, str]] = {}  # model -> (until, message)
         self._gone_lock = threading.Lock()
 
@@ -126,11 +128,20 @@ class DashScopeVideoApi:
                    f"otherwise the key is wrong or revoked. ({exc.message})")  # fmt: skip
         return DashScopeRejected(message, code=exc.code, status=exc.status)
 
+    def _profile(self, model: str | None) -> ModelProfile:
+        if model is None:
+            return self.profile
+        found = self.profiles.get(model)
+        if found is None:
+            raise DashScopeRejected(f"model {model!r} is not served here", code="UnknownModel")
+        return found
+
     @contextmanager
-    def _served(self, kind: str) -> Iterator[None]:
+    def _served(self, kind: str, model: str | None = None) -> Iterator[None]:
         """Refuse a call to a model DashScope said is gone (for MODEL_GONE_SECONDS); turn such
         an answer into one final error that names the successor."""
-        name = self.model_for(kind)
+        profile = self._profile(model)
+        name = model or self.model_for(kind)
         with self._gone_lock:
             gone = self._gone.get(name)
         if gone is not None and gone[0] > time.monotonic():
@@ -140,7 +151,7 @@ class DashScopeVideoApi:
         except DashScopeRejected as exc:
             if not model_gone(exc):
                 raise
-            message = gone_message(self.profile, f"{exc.code}: {exc.message}")
+            message = gone_message(profile, f"{exc.code}: {exc.message}")
             with self._gone_lock:
                 self._gone[name] = (time.monotonic() + MODEL_GONE_SECONDS, message)
             raise DashScopeRejected(message, code=MODEL_GONE, status=exc.status) from exc
@@ -154,7 +165,8 @@ class DashScopeVideoApi:
             ) from None
 
     def submit(self, account: str, request: JobRequest) -> str:
-        with self._counted("submit", account), self._served("video"), _uncertain_when_unanswered():
+        served = self._served("video", request.model)
+        with self._counted("submit", account), served, _uncertain_when_unanswered():
             submitted = self._client(account).submit_video(
                 VideoRequest(
                     image_url=request.image_url,
@@ -164,7 +176,8 @@ class DashScopeVideoApi:
                     video_url=request.video_url,
                     mode=request.mode,
                     check_image=request.check_image,
-                )
+                ),
+                profile=self._profile(request.model),
             )
             return submitted.task_id
 
@@ -206,17 +219,24 @@ class DashScopeVideoApi:
             self._client(account).cancel_task(task_id)
 
     def recent_tasks(
-        self, account: str, since: float, until: float, kind: str = JobKind.VIDEO
+        self,
+        account: str,
+        since: float,
+        until: float,
+        kind: str = JobKind.VIDEO,
+        model: str | None = None,
     ) -> list[str]:
-        """Every task of the account for the kind's model created in [since, until]: every
-        page is read (a busy account's window may hold more than one)."""
+        """Every task of the account for the kind's model (a video job's own ``model``) created
+        in [since, until]: every page is read (a busy account's window may hold more than one)."""
         ids: list[str] = []
+        listed_model = (model if model is not None and kind == JobKind.VIDEO
+                        else self.model_for(kind))  # fmt: skip
         with self._counted("list", account):
             for page_no in range(1, MAX_LIST_PAGES + 1):
                 page = self._client(account).list_tasks(
                     start=datetime.fromtimestamp(since, UTC),
                     end=datetime.fromtimestamp(until, UTC),
-                    model=self.model_for(kind),
+                    model=listed_model,
                     page_no=page_no,
                     page_size=100,
                 )

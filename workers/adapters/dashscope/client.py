@@ -186,25 +186,29 @@ class DashScopeClient:
 
     # ------------------------------------------------------------------ public API
 
-    def submit_video(self, request: VideoRequest) -> SubmittedTask:
-        """Start one video generation (``X-DashScope-Async: enable``); every call is a paid task."""
-        fields = self._profile.input_fields
-        if not self._profile.takes_templates:  # Wan2.2-Animate: image, video and mode
+    def submit_video(
+        self, request: VideoRequest, profile: ModelProfile | None = None
+    ) -> SubmittedTask:
+        """Start one video generation (``X-DashScope-Async: enable``) on ``profile``'s model (the
+        client's own by default); every call is a paid task."""
+        profile = profile or self._profile
+        fields = profile.input_fields
+        if not profile.takes_templates:  # Wan2.2-Animate: image, video and mode
             if request.video_url is None or request.mode is None:
-                raise ValueError(f"{self._profile.name} needs video_url and mode")
+                raise ValueError(f"{profile.name} needs video_url and mode")
             wan: dict[str, Any] = {"mode": request.mode}
             if request.check_image is not None:
                 wan["check_image"] = request.check_image
             video_input = {fields["image_url"]: request.image_url,
                            fields["video_url"]: request.video_url}  # fmt: skip
-            return self.submit_async(self._profile.video, video_input, wan)
+            return self.submit_async(profile.video, video_input, wan)
         parameters: dict[str, Any] = {}
         if request.use_ref_img_bg is not None:
             parameters["use_ref_img_bg"] = request.use_ref_img_bg
         if request.video_ratio is not None:
             parameters["video_ratio"] = request.video_ratio
         return self.submit_async(
-            self._profile.video,
+            profile.video,
             {fields["image_url"]: request.image_url, fields["template_id"]: request.template_id},
             parameters,
         )

@@ -78,8 +78,10 @@ class InMemoryGovernor:
         *,
         rates: dict[str, float] | None = None,
         clock: Callable[[], float] | None = None,
+        model: str = "animate-anyone-gen2",
     ) -> None:
         self.capacity = capacity
+        self.model = model  # whose submits plain "submit" counts
         self.store = store  # admission marks the job on its record, as the Redis script does
         self.rates = rates
         self.clock: Callable[[], float] = clock or (lambda: 0.0)
@@ -97,7 +99,8 @@ class InMemoryGovernor:
     # ------------------------------------------------------------------ buckets
 
     def rate(self, kind: str) -> float:
-        """As RedisGovernor: a kind without its own rate (``template``) has the submit rate."""
+        """As RedisGovernor: a kind without its own rate (``template``, a model's
+        ``submit:<model>``) has the submit rate."""
         rates = self.rates or {}
         return rates.get(kind) or rates.get("submit", 1.0)
 
@@ -105,6 +108,8 @@ class InMemoryGovernor:
         if self.rates is None:
             return 0.0
         rate = self.rate(kind)
+        # As RedisGovernor's keys: plain "submit" is the default model's own submit bucket.
+        kind = f"submit:{self.model}" if kind == "submit" else kind
         now = self.clock()
         bucket = self.buckets.get((account, kind))
         if bucket is None:

@@ -215,7 +215,8 @@ class RedisGovernor:
         """DashScope answered 429 anyway: slow this bucket down and count it."""
         self._run_bucket(account, kind, "throttle")
         try:
-            self.redis.incr(f"{self.prefix}:acct:{account}:429:{kind}")
+            # (counted by kind: a model's own submit bucket counts as "submit")
+            self.redis.incr(f"{self.prefix}:acct:{account}:429:{kind.split(':', 1)[0]}")
         except redis.RedisError as exc:
             raise StoreUnavailable(f"quota bucket: {exc}") from exc
 
