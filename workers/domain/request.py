@@ -274,8 +274,7 @@ def _check_model(kwargs: Mapping[str, Any], profile: ModelProfile) -> str | None
         shown = repr(model)[:80]
         raise reject(
             "InvalidRequest.Model",
-            f"model {shown} is not the one this deployment runs ({profile.name}); send the job "
-            "to a deployment of that model, or leave model out",
+            f"model {shown} is not {profile.name}, whose fields these are checked against",
         )
     return model
 

@@ -169,7 +169,7 @@ def _send_failed(exc: Exception) -> NoReturn:
 @click.option("--video", help="the dance video: a local file, an http(s) URL or s3://")
 @click.option("--template-id", help="an action template id (AACT.…), instead of --video")
 @click.option("--no-detect", is_flag=True, help="skip DashScope's image check")
-@click.option("--model", help="the video model; only the deployment's (DASHSCOPE_MODEL) is taken")
+@click.option("--model", help="the video model (default: the service's DASHSCOPE_MODEL)")
 @click.option("--mode", type=click.Choice(["wan-std", "wan-pro"]),
               help="Wan2.2-Animate's service tier (required by those models)")  # fmt: skip
 @click.option(
