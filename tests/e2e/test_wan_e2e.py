@@ -206,3 +206,18 @@ def test_one_deployment_runs_each_job_on_the_model_it_names(
                    key=lambda t: t["scheduled_time"])  # fmt: skip
     (wan_task,) = [t for t in tasks if t["model"] == "wan2.2-animate-mix"]
     assert wan_task["scheduled_time"] < first_aa["end_time"], "the Wan job waited in AA's lane"
+
+
+def test_faults_on_the_wan_path_pay_once(
+    wq: AnimateQueue, emulator: EmulatorServer, model: str, remote: Any, job_id: str
+) -> None:
+    """The emulator's fault injection applies to the Wan models too: a 500 and a 429 on the
+    submit, a 503 on a query; the job is stored and paid for once."""
+    remote.fault("submit", "500")
+    remote.fault("submit", "429")
+    remote.fault("query", "503")
+    wq.generate(image(emulator), video=dance(emulator), mode="wan-std", job_id=job_id)
+    view = wq.wait(job_id, timeout=90)
+    assert view["state"] == "STORED", (view["error_code"], view["error_message"])
+    assert counters(emulator, model)["submitted"] == 1
+    assert view["throttled_429"] == 1
