@@ -266,13 +266,6 @@ PREPARE_MARGIN_SECONDS = 60.0
 
 def tuning(settings: Settings) -> Tuning:
     """Every value the steps are tuned by, from ``settings`` (the one place defaults live)."""
-    # A detect or submit attempt is presumed dead once its DashScope timeouts and a margin passed.
-    attempt_seconds = (
-        settings.dashscope_connect_timeout
-        + settings.dashscope_read_timeout
-        + settings.step_margin_seconds
-    )
-    submit_backoff = Backoff(base=settings.submit_backoff_base, cap=settings.submit_backoff_max)
     return Tuning(
         s3_prefix=settings.s3_prefix,
         input_bucket=settings.s3_bucket,
@@ -298,20 +291,34 @@ def tuning(settings: Settings) -> Tuning:
         intake_seconds=settings.intake_seconds,
         queued_recheck=settings.queued_recheck_seconds,
         delivery_seconds=settings.delivery_seconds,
-        detect=DetectPolicy(
+        **policies(settings),
+    )
+
+
+def policies(settings: Settings) -> dict[str, Any]:
+    """The steps' policies (detect, prepare, poll, submit, copy, webhook), from ``settings``."""
+    # A detect or submit attempt is presumed dead once its DashScope timeouts and a margin passed.
+    attempt_seconds = (
+        settings.dashscope_connect_timeout
+        + settings.dashscope_read_timeout
+        + settings.step_margin_seconds
+    )
+    submit_backoff = Backoff(base=settings.submit_backoff_base, cap=settings.submit_backoff_max)
+    return {
+        "detect": DetectPolicy(
             max_attempts=settings.detect_max_attempts,
             attempt_seconds=attempt_seconds,
             cache_seconds=settings.detect_cache_seconds,
             half_body=settings.half_body_without_ref_bg,
             backoff=submit_backoff,
         ),
-        prepare=PreparePolicy(
+        "prepare": PreparePolicy(
             max_attempts=settings.prepare_max_attempts,
             attempt_seconds=settings.video_download_seconds + PREPARE_MARGIN_SECONDS,
             recheck_seconds=settings.template_wait_recheck_seconds,
             backoff=submit_backoff,
         ),
-        poll=PollPolicy(
+        "poll": PollPolicy(
             first_delay=settings.poll_first_seconds,
             running_interval=settings.poll_running_seconds,
             pending_interval=settings.poll_pending_seconds,
@@ -322,25 +329,25 @@ def tuning(settings: Settings) -> Tuning:
                 base=settings.poll_error_backoff_base, cap=settings.poll_error_backoff_max
             ),
         ),
-        submit=SubmitPolicy(
+        "submit": SubmitPolicy(
             max_attempts=settings.submit_max_attempts,
             attempt_seconds=attempt_seconds,
             list_lag=settings.submit_list_lag_seconds,
             clock_skew=settings.submit_clock_skew_seconds,
             backoff=submit_backoff,
         ),
-        copy=CopyPolicy(
+        "copy": CopyPolicy(
             backoff=Backoff(base=settings.copy_backoff_base, cap=settings.copy_backoff_max),
             lease_seconds=settings.copy_lease_seconds,
             expiry_margin=settings.copy_expiry_margin_seconds,
             # Pause (and go on in the next attempt) well before the task's soft time limit.
             attempt_seconds=max(settings.copy_time_limit / 2, settings.copy_time_limit - 60),
         ),
-        webhook=WebhookPolicy(
+        "webhook": WebhookPolicy(
             give_up_after=settings.webhook_give_up_seconds,
             backoff=Backoff(base=settings.webhook_backoff_base, cap=settings.webhook_backoff_max),
         ),
-    )
+    }
 
 
 def services() -> Services:

@@ -371,6 +371,24 @@ def _common(kwargs: Mapping[str, Any]) -> JobRequest:
             "InvalidRequest.Producer",
             "producer must be 1-64 characters of letters, digits and . _ -",
         )
+    callback_task, callback_queue = _callback(kwargs)
+    webhook_url = kwargs.get("webhook_url")
+    if webhook_url is not None:
+        check_url(webhook_url, "webhook_url")
+    return JobRequest(
+        job_id=job_id,
+        metadata=metadata,
+        account=account,
+        priority=priority,
+        producer=producer,
+        callback_task=callback_task,
+        callback_queue=callback_queue,
+        webhook_url=webhook_url,
+    )
+
+
+def _callback(kwargs: Mapping[str, Any]) -> tuple[str | None, str | None]:
+    """The producer's callback task and the queue of its own it goes to (both or neither)."""
     callback_task = kwargs.get("callback_task")
     if callback_task is not None and not callback_task_ok(callback_task):
         raise reject(
@@ -394,19 +412,7 @@ def _common(kwargs: Mapping[str, Any]) -> JobRequest:
             f"callback_queue {callback_queue!r} is one of this service's queues; our workers "
             "would discard your task there: use a queue of your own",
         )
-    webhook_url = kwargs.get("webhook_url")
-    if webhook_url is not None:
-        check_url(webhook_url, "webhook_url")
-    return JobRequest(
-        job_id=job_id,
-        metadata=metadata,
-        account=account,
-        priority=priority,
-        producer=producer,
-        callback_task=callback_task,
-        callback_queue=callback_queue,
-        webhook_url=webhook_url,
-    )
+    return callback_task, callback_queue
 
 
 def host_allowed(url: str, patterns: Iterable[str]) -> bool:

@@ -10,10 +10,6 @@ from workers.domain.job import Job
 
 def job_view(job: Job) -> dict[str, Any]:
     """A job as producers see it: JSON-safe, no signed URL, with the time each step took."""
-
-    def span(start: float | None, end: float | None) -> float | None:
-        return round(end - start, 3) if start is not None and end is not None else None
-
     return {
         "job_id": job.job_id,
         "kind": job.kind,
@@ -37,23 +33,52 @@ def job_view(job: Job) -> dict[str, Any]:
         "video_duration": job.video_duration,
         "video_url_expires_at": job.video_expires_at,
         "model": job.remote_model,
-        "cost": {
-            "currency": CURRENCY,
-            "price_per_second": job.price_per_second,
-            "estimated": job.estimated_cost,
-            "billed": job.billed_cost,
+        "cost": _cost(job),
+        "request": _request(job),
+        **_motion(job),
+        "warning": job.warning,
+        "metadata": job.request.metadata,
+        "attempts": {"submit": job.submit_attempts, "polls": job.polls, "copy": job.copy_attempts},
+        "copy_bytes": job.copy_bytes,
+        "webhook": {
+            "state": job.webhook_state,
+            "attempts": job.webhook_attempts,
+            "delivered_at": job.webhook_delivered_at,
+            "error": job.webhook_error,
         },
-        "request": {
-            "image_url": job.request.image_url or None,
-            "template_id": job.request.template_id or None,
-            "video_url": job.request.video_url,
-            "detect": job.request.detect,
-            "use_ref_img_bg": job.request.use_ref_img_bg,
-            "video_ratio": job.request.video_ratio,
-            "model": job.request.model,
-            "mode": job.request.mode,
-            "check_image": job.request.check_image,
-        },
+        "duplicates": job.duplicates,
+        **_times(job),
+    }
+
+
+def _cost(job: Job) -> dict[str, Any]:
+    return {
+        "currency": CURRENCY,
+        "price_per_second": job.price_per_second,
+        "estimated": job.estimated_cost,
+        "billed": job.billed_cost,
+    }
+
+
+def _request(job: Job) -> dict[str, Any]:
+    """What the producer asked for (the inputs as sent, not as resolved)."""
+    request = job.request
+    return {
+        "image_url": request.image_url or None,
+        "template_id": request.template_id or None,
+        "video_url": request.video_url,
+        "detect": request.detect,
+        "use_ref_img_bg": request.use_ref_img_bg,
+        "video_ratio": request.video_ratio,
+        "model": request.model,
+        "mode": request.mode,
+        "check_image": request.check_image,
+    }
+
+
+def _motion(job: Job) -> dict[str, Any]:
+    """The image check, the dance video and the template it became."""
+    return {
         "template_id": job.template_id or job.request.template_id or None,
         "template_job_id": job.template_job_id,
         "template_reused": job.template_reused,
@@ -65,21 +90,16 @@ def job_view(job: Job) -> dict[str, Any]:
             "image_sha256": job.image_sha256,
         },
         "source_video": {"sha256": job.source_sha256, "seconds": job.source_seconds},
-        "warning": job.warning,
-        "metadata": job.request.metadata,
-        "attempts": {
-            "submit": job.submit_attempts,
-            "polls": job.polls,
-            "copy": job.copy_attempts,
-        },
-        "copy_bytes": job.copy_bytes,
-        "webhook": {
-            "state": job.webhook_state,
-            "attempts": job.webhook_attempts,
-            "delivered_at": job.webhook_delivered_at,
-            "error": job.webhook_error,
-        },
-        "duplicates": job.duplicates,
+    }
+
+
+def _times(job: Job) -> dict[str, Any]:
+    """When each step happened, and how long the stages took."""
+
+    def span(start: float | None, end: float | None) -> float | None:
+        return round(end - start, 3) if start is not None and end is not None else None
+
+    return {
         "created_at": job.created_at,
         "admitted_at": job.admitted_at,
         "submitted_at": job.submitted_at,

@@ -44,57 +44,16 @@ TEMPLATE_REFUSED = "InvalidFile.Template.Content"  # DashScope: no such template
 
 
 def prepare(svc: Services, job_id: str, version: int) -> Next | None:
-    """Find the template for a job's dance video: check the video (once), then reuse the
-    account's template for it, wait for the template job making it, or start that job."""
+    """Check a job's dance video (once), then, for a model that takes action templates, reuse
+    the account's template for it, wait for the template job making it, or start that job; a
+    model that takes the video itself queues the job."""
     job = load(svc, job_id, version)
     if job is None or job.state != JobState.PREPARING:
         return None
     if job.source_sha256 is None:
-        if svc.videos is None:
-            finish(svc, job, Finish(JobState.FAILED, "NoVideoProbe", "no video probe configured"))
-            return None
-        now = svc.clock()
-        attempt = svc.store.transition(
-            job,
-            JobState.PREPARING,
-            prepare_attempts=job.prepare_attempts + 1,
-            updated_at=now,
-            next_action_at=now + svc.prepare.attempt_seconds,
-        )
-        if attempt is None:
-            return None
-        job = attempt
-        try:
-            url, trusted = svc.inputs.for_us(source_ref(job))
-            facts = svc.videos.probe(url, trusted=trusted)
-            profile = profile_of(svc, job)
-            limits = profile.template_video if profile.takes_templates else profile.input_video
-            if limits is None:
-                raise InvalidJobRequest(f"{profile.name} makes no action templates",
-                                        code="InvalidRequest.TemplateOrVideo")  # fmt: skip
-            check_template_video(facts, limits)
-        except InvalidJobRequest as exc:
-            finish(svc, job, Finish(JobState.REJECTED, exc.code, exc.message))
-            return None
-        except TransientError as exc:
-            if job.prepare_attempts >= svc.prepare.max_attempts:
-                finish(svc, job, Finish(JobState.FAILED, exc.code,
-                                        f"{job.prepare_attempts} attempts to fetch the dance "
-                                        f"video failed; last: {exc.message}"))  # fmt: skip
-                return None
-            delay = svc.prepare.backoff.delay(job.prepare_attempts, svc.rand)
-            return retry_later(svc, job, "prepare", delay, error=exc)
-        checked = svc.store.transition(
-            job,
-            JobState.PREPARING,
-            source_sha256=facts.sha256,
-            source_seconds=round(facts.seconds, 3),
-            error_code=None,
-            error_message=None,
-            updated_at=svc.clock(),
-        )
-        if checked is None:
-            return None
+        checked = _check_source(svc, job)
+        if not isinstance(checked, Job):
+            return checked  # the retry's wake-up, or None: the job ended or moved on
         job = checked
     if not profile_of(svc, job).takes_templates:
         # The video goes with the call itself (Wan2.2-Animate): checked, it waits for a slot.
@@ -108,6 +67,54 @@ def prepare(svc: Services, job_id: str, version: int) -> Next | None:
         if reloaded is None or reloaded.version != job.version:
             return None
     return retry_later(svc, job, "prepare", 1.0 + svc.rand())
+
+
+def _check_source(svc: Services, job: Job) -> Job | Next | None:
+    """Fetch and check the dance video against the model's limits, once: the job with the
+    video's hash and length recorded, a retry's wake-up, or None (the job ended or moved on)."""
+    if svc.videos is None:
+        finish(svc, job, Finish(JobState.FAILED, "NoVideoProbe", "no video probe configured"))
+        return None
+    now = svc.clock()
+    attempt = svc.store.transition(
+        job,
+        JobState.PREPARING,
+        prepare_attempts=job.prepare_attempts + 1,
+        updated_at=now,
+        next_action_at=now + svc.prepare.attempt_seconds,
+    )
+    if attempt is None:
+        return None
+    job = attempt
+    try:
+        url, trusted = svc.inputs.for_us(source_ref(job))
+        facts = svc.videos.probe(url, trusted=trusted)
+        profile = profile_of(svc, job)
+        limits = profile.template_video if profile.takes_templates else profile.input_video
+        if limits is None:
+            raise InvalidJobRequest(f"{profile.name} makes no action templates",
+                                    code="InvalidRequest.TemplateOrVideo")  # fmt: skip
+        check_template_video(facts, limits)
+    except InvalidJobRequest as exc:
+        finish(svc, job, Finish(JobState.REJECTED, exc.code, exc.message))
+        return None
+    except TransientError as exc:
+        if job.prepare_attempts >= svc.prepare.max_attempts:
+            finish(svc, job, Finish(JobState.FAILED, exc.code,
+                                    f"{job.prepare_attempts} attempts to fetch the dance "
+                                    f"video failed; last: {exc.message}"))  # fmt: skip
+            return None
+        delay = svc.prepare.backoff.delay(job.prepare_attempts, svc.rand)
+        return retry_later(svc, job, "prepare", delay, error=exc)
+    return svc.store.transition(
+        job,
+        JobState.PREPARING,
+        source_sha256=facts.sha256,
+        source_seconds=round(facts.seconds, 3),
+        error_code=None,
+        error_message=None,
+        updated_at=svc.clock(),
+    )
 
 
 _AGAIN = object()

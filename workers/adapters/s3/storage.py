@@ -648,29 +648,15 @@ class S3Copier:
             first=first,
             etags=etags,
         )
-        last_saved = time.monotonic()
-
-        def beat(force: bool = False) -> None:
-            nonlocal last_saved
-            if force or time.monotonic() - last_saved >= job.every:
-                last_saved = time.monotonic()
-                point_now = checkpoint(uploads.done)
-                job.beat(reader.size, point_now.to_json() if point_now else None)
-
+        beat = _Beat(job, reader, lambda: checkpoint(uploads.done))
         number = first
         stop_at = self._clock() + job.budget if job.budget is not None else None
         try:
             while True:
                 if stop_at is not None and total is not None and self._clock() >= stop_at:
                     uploads.finish(beat)
-                    paused = checkpoint(uploads.done)
-                    assert paused is not None
                     beat(force=True)
-                    raise CopyPaused(
-                        f"copy of {job.source} paused at byte {paused.offset} of {total} (its "
-                        "time budget); the next attempt goes on from there",
-                        paused.to_json(),
-                    )
+                    raise _paused(job, total, checkpoint(uploads.done))
                 data = body.read(part_size)  # whole parts: the reader never short-reads
                 if not data:
                     break
@@ -691,8 +677,7 @@ class S3Copier:
                     beat(force=True)  # keep what is done for the next attempt
             else:  # nobody could resume it: do not leave it behind
                 self._abort_upload(key, upload_id)
-            if reader.error is not None:
-                raise reader.error from reader.error.__cause__
+            _raise_source_error(reader)
             raise
         if not reader.finished:  # the consumer stopped before the end: never trust that object
             raise CopyMismatch(f"upload of {job.source} stopped after {reader.size} bytes")
@@ -975,3 +960,35 @@ def ensure_abort_rule(s3: S3Client, bucket: str, prefix: str, days: int) -> dict
     except (BotoCoreError, ClientError) as exc:
         raise StorageUnavailable(f"writing the lifecycle of {bucket}: {exc}") from exc
     return rule
+
+
+def _paused(job: _Job, total: int, paused: Checkpoint | None) -> CopyPaused:
+    """The copy stops at its time budget, every part sent so far recorded: where to go on."""
+    assert paused is not None
+    return CopyPaused(
+        f"copy of {job.source} paused at byte {paused.offset} of {total} (its time budget); "
+        "the next attempt goes on from there",
+        paused.to_json(),
+    )
+
+
+def _raise_source_error(reader: SourceReader) -> None:
+    """A failure that began at the source (the download) is raised as that, not as the upload's
+    consequence of it."""
+    if reader.error is not None:
+        raise reader.error from reader.error.__cause__
+
+
+class _Beat:
+    """The copy's heartbeat: bytes so far and the resume point, saved at most every
+    ``job.every`` seconds (at once when forced), so a crash loses little and renews the lease."""
+
+    def __init__(self, job: _Job, reader: SourceReader, point: Callable[[], Checkpoint | None]):
+        self.job, self.reader, self.point = job, reader, point
+        self.last_saved = time.monotonic()
+
+    def __call__(self, force: bool = False) -> None:
+        if force or time.monotonic() - self.last_saved >= self.job.every:
+            self.last_saved = time.monotonic()
+            now = self.point()
+            self.job.beat(self.reader.size, now.to_json() if now else None)
