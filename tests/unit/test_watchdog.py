@@ -556,3 +556,28 @@ class TestDeliveries:
         job = svc.store.get("j1")
         assert job is not None and (job.delivery, job.webhook_state) == (None, "delivered")
         assert sent == ["msg_j1", "msg_j1"]  # the same id: the receiver's key to deduplicate
+
+
+def test_the_admission_pass_covers_every_models_lane(svc: Services) -> None:
+    """Each model has its own lane per account: the watchdog's pass admits a job waiting in a
+    Wan model's lane as it does AnimateAnyone's (a budget hold, or a lost wake-up, leaves jobs
+    there with nothing else to admit them)."""
+    svc.governor.capacity = 0  # type: ignore[attr-defined]
+    steps.intake(
+        svc,
+        {"image_url": IMAGE, "video_url": "https://cdn.test/d.mp4", "job_id": "wan",
+         "model": "wan2.2-animate-mix", "mode": "wan-std"},
+        (),
+        "m",
+    )  # fmt: skip
+    (prepare,) = [n for n in woken(svc) if n.step == "prepare"]
+    steps.prepare(svc, "wan", prepare.version)
+    job = svc.store.get("wan")
+    assert job is not None and (job.state, job.lane) == (
+        JobState.QUEUED,
+        "default:wan2.2-animate-mix",
+    )
+    assert [n for n in woken(svc) if n.step == "submit"] == []
+    svc.governor.capacity = 2  # type: ignore[attr-defined]
+    run(svc)
+    assert [n.job_id for n in woken(svc) if n.step == "submit"] == ["wan"]

@@ -11,6 +11,12 @@ from workers.domain.templates import template_lane
 LEGACY_MODEL = "animate-anyone-gen2"  # the model of records that name none
 
 
+def video_lane(account: str, model: str) -> str:
+    """Where an account's video jobs of ``model`` wait for its slot (AnimateAnyone's lane is the
+    account itself, as before jobs named their model)."""
+    return account if model == LEGACY_MODEL else f"{account}:{model}"
+
+
 @dataclass(frozen=True)
 class Job:
     """A job as the store holds it. Times are epoch seconds."""
@@ -118,9 +124,11 @@ class Job:
     def lane(self) -> str:
         """Where the job waits for DashScope's slot: each model has its own per account
         (AnimateAnyone's video lane is the account itself, as before models were per job)."""
-        if self.is_template:
-            return template_lane(self.account)
-        return self.account if self.model == LEGACY_MODEL else f"{self.account}:{self.model}"
+        return (
+            template_lane(self.account)
+            if self.is_template
+            else video_lane(self.account, self.model)
+        )
 
     @property
     def submit_kind(self) -> str:

@@ -10,7 +10,7 @@ from typing import Literal
 from workers.domain.decisions import (
     Finish,
 )
-from workers.domain.job import Job
+from workers.domain.job import Job, video_lane
 from workers.domain.states import JobState
 from workers.domain.templates import (
     template_lane,
@@ -67,9 +67,10 @@ def watchdog(
         outcome = _resume(svc, job, step, now, overdue, max_resumes)
         if outcome is not None:
             seen[outcome].append(job_id)
-    for account in accounts:
-        admit(svc, account)
-        admit(svc, template_lane(account))
+    for account in accounts:  # every lane of the account: each model's, and the templates'
+        lanes = {account, template_lane(account)} | {video_lane(account, m) for m in svc.profiles}
+        for lane in sorted(lanes):
+            admit(svc, lane)
     return WatchdogReport(seen["resumed"], seen["poisoned"], len(accounts), seen["waiting"])
 
 
