@@ -105,12 +105,11 @@ def _logging(**_: Any) -> None:
 @worker_init.connect
 def _require_worker_settings(**_: Any) -> None:
     """A worker without a key or bucket stops at start-up, saying which is missing."""
-    from workers import models
-    from workers.bootstrap import account_regions
+    from workers.bootstrap import account_regions, served_profiles
 
     try:
         settings.require_worker()
-        account_regions(settings, models.profile(settings.dashscope_model))
+        account_regions(settings, served_profiles(settings))
     except (SettingsError, ValueError) as exc:
         sys.exit(f"animate-queue: {exc}")
     _warn_if_retiring()

@@ -7,6 +7,7 @@ processes.
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
@@ -131,8 +132,9 @@ def governor(settings: Settings) -> RedisGovernor:
             "query": spend.query,
             "detect": spend.detect,
             "template": spend.submit,
-            # each model's submits: its own bucket per account, at its own documented rate
-            **{f"submit:{name}": quota(settings, name).submit for name in served_models(settings)},
+            # each model's submits: its own bucket per account, at its own documented rate (every
+            # model with a profile: jobs recorded under one no longer served still finish)
+            **{f"submit:{name}": quota(settings, name).submit for name in models.PROFILES},
         },
         capacity=spend.concurrency + settings.admission_lookahead,
     )
@@ -203,7 +205,7 @@ def video_api(
             settings.dashscope_read_timeout, connect=settings.dashscope_connect_timeout
         )
     )
-    regions = account_regions(settings, profile)
+    regions = account_regions(settings, served_profiles(settings))
     clients = {
         account: DashScopeClient(
             api_http, api_key=key, base_url=regions[account][1], profile=profile
@@ -214,23 +216,33 @@ def video_api(
     return DashScopeVideoApi(clients, profile, metrics=metrics, regions=regions, profiles=served)
 
 
-def account_regions(settings: Settings, profile: ModelProfile) -> dict[str, tuple[str, str]]:
-    """Each account's region and the base URL its key is used against. SettingsError for an
-    account in a region the model is not offered in (its key could never work)."""
+def account_regions(
+    settings: Settings, profiles: Sequence[ModelProfile]
+) -> dict[str, tuple[str, str]]:
+    """Each account's region and the base URL its key is used against (a region's host serves
+    every model offered there). SettingsError for an account in a region none of ``profiles``
+    (the models jobs may name) is offered in: its key could never run a job. A job for a model
+    not offered in its account's region is refused at intake."""
+    offered = {region: url for p in reversed(profiles) for region, url in p.regions.items()}
     out = {}
     for account in settings.accounts():
         region = settings.dashscope_account_regions.get(account, settings.dashscope_region)
-        if region not in profile.regions:
+        if region not in offered:
+            names = ", ".join(p.name for p in profiles)
             raise SettingsError(
-                f"account {account!r} is in region {region!r}, where {profile.name} is not "
-                f"offered (its regions: {', '.join(profile.regions)}); see "
-                "DASHSCOPE_REGION and DASHSCOPE_ACCOUNT_REGIONS"
+                f"account {account!r} is in region {region!r}, where none of {names} is "
+                f"offered (their regions: {', '.join(sorted(offered))}); see DASHSCOPE_REGION "
+                "and DASHSCOPE_ACCOUNT_REGIONS"
             )
         url = settings.dashscope_region_urls.get(region)
         if url is None and region == settings.dashscope_region:
             url = settings.dashscope_base_url
-        out[account] = (region, url or profile.regions[region])
+        out[account] = (region, url or offered[region])
     return out
+
+
+def served_profiles(settings: Settings) -> list[ModelProfile]:
+    return [models.profile(name) for name in served_models(settings)]
 
 
 def copier(settings: Settings, s3: S3Client) -> S3Copier:

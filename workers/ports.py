@@ -169,8 +169,9 @@ class Governor(Protocol):
     def inflight(self, account: str) -> list[str]:
         """Admitted jobs that hold or wait for the remote slot."""
 
-    def add_spend(self, account: str, day: str, amount: float) -> float:
-        """Add a bill (CNY) to the account's spend on ``day`` (UTC, YYYY-MM-DD); the new total."""
+    def add_spend(self, account: str, day: str, amount: float, job_id: str) -> float:
+        """Add a job's bill (CNY) to the account's spend on ``day`` (UTC, YYYY-MM-DD), once per
+        job however often it is told; the day's total."""
 
     def spent(self, account: str, day: str) -> float:
         """The account's billed spend (CNY) on ``day``."""

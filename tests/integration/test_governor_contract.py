@@ -305,12 +305,14 @@ class TestAdmission:
 
 
 class TestSpend:
-    def test_a_days_bills_add_up_per_account_and_day(self, twin: Twin) -> None:
-        """The daily budget's count: bills add up per account and UTC day; other accounts and
-        days start at 0."""
+    def test_a_days_bills_add_up_per_account_and_day_once_per_job(self, twin: Twin) -> None:
+        """The daily budget's count: bills add up per account and UTC day, each job's once
+        (a poll retried after its bill was counted does not count it again); other accounts
+        and days start at 0."""
         g = twin.governor()
         assert g.spent("a", "2026-12-06") == 0.0
-        assert g.add_spend("a", "2026-12-06", 0.4) == pytest.approx(0.4)
-        assert g.add_spend("a", "2026-12-06", 0.25) == pytest.approx(0.65)
+        assert g.add_spend("a", "2026-12-06", 0.4, "j1") == pytest.approx(0.4)
+        assert g.add_spend("a", "2026-12-06", 0.25, "j2") == pytest.approx(0.65)
+        assert g.add_spend("a", "2026-12-06", 0.4, "j1") == pytest.approx(0.65)  # again: once
         assert g.spent("a", "2026-12-06") == pytest.approx(0.65)
         assert g.spent("b", "2026-12-06") == 0.0 and g.spent("a", "2026-12-07") == 0.0

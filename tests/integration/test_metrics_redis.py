@@ -481,3 +481,30 @@ def test_copies_at_risk_follow_the_jobs_copying(client: redis.Redis, prefix: str
     seen = gauges()
     assert seen["animate_queue_copies_at_risk"] == [0.0]
     assert seen["animate_queue_copy_url_left_seconds"][0] > 19 * 3600
+
+
+def test_a_forked_child_sends_none_of_what_its_parent_holds(
+    client: redis.Redis, prefix: str
+) -> None:
+    """METRICS_FLUSH_SECONDS holds sums in the process: a pool process forked from it starts
+    with nothing held (and its own lock), so nothing is counted twice."""
+    m = RedisMetrics(redis.Redis.from_url(REDIS_URL), prefix, flush_seconds=60)
+    with m.batch():
+        m.inc("copy_bytes_total", 5, account="main")
+    key = f"{prefix}:m:c:copy_bytes_total"
+    child = os.fork()
+    if child == 0:  # the child: flush and leave at once
+        code = 1
+        try:
+            m.flush()
+            with m.batch():
+                m.inc("copy_bytes_total", 1, account="child")
+            m.flush()
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert {k.decode(): float(v) for k, v in client.hgetall(key).items()} == {'["child"]': 1.0}
+    m.flush()
+    assert float(client.hget(key, '["main"]') or 0) == 5.0

@@ -137,7 +137,7 @@ def test_each_account_uses_its_regions_host() -> None:
     wan = models.profile("wan2.2-animate-move")
     settings = load_settings({**WORKER, "DASHSCOPE_ACCOUNTS": '{"sg": "sk-sg-000001"}',
                               "DASHSCOPE_ACCOUNT_REGIONS": '{"sg": "ap-southeast-1"}'})  # fmt: skip
-    assert bootstrap.account_regions(settings, wan) == {
+    assert bootstrap.account_regions(settings, [wan]) == {
         "default": ("cn-beijing", "https://dashscope.aliyuncs.com/api/v1"),
         "sg": ("ap-southeast-1", "https://dashscope-intl.aliyuncs.com/api/v1"),
     }
@@ -145,11 +145,14 @@ def test_each_account_uses_its_regions_host() -> None:
                              "DASHSCOPE_REGION_URLS": '{"ap-southeast-1": "http://sg/api/v1"}',
                              "DASHSCOPE_ACCOUNTS": '{"sg": "sk-sg-000001"}',
                              "DASHSCOPE_ACCOUNT_REGIONS": '{"sg": "ap-southeast-1"}'})  # fmt: skip
-    assert bootstrap.account_regions(proxied, wan) == {
+    assert bootstrap.account_regions(proxied, [wan]) == {
         "default": ("cn-beijing", "http://emu:8765/api/v1"),
         "sg": ("ap-southeast-1", "http://sg/api/v1"),
     }
-    with pytest.raises(SettingsError, match="animate-anyone-gen2 is not offered"):
-        bootstrap.account_regions(settings, models.profile("animate-anyone-gen2"))
+    with pytest.raises(SettingsError, match="none of animate-anyone-gen2 is offered"):
+        bootstrap.account_regions(settings, [models.profile("animate-anyone-gen2")])
+    # A Singapore account is fine where a model offered there may be named (Wan).
+    both = [models.profile("animate-anyone-gen2"), wan]
+    assert bootstrap.account_regions(settings, both)["sg"][0] == "ap-southeast-1"
     with pytest.raises(SettingsError, match="region 'us-east-1'"):
-        bootstrap.account_regions(load_settings({**WORKER, "DASHSCOPE_REGION": "us-east-1"}), wan)
+        bootstrap.account_regions(load_settings({**WORKER, "DASHSCOPE_REGION": "us-east-1"}), [wan])

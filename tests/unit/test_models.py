@@ -15,7 +15,7 @@ from workers import bootstrap, models
 from workers.adapters.dashscope.api import DashScopeVideoApi
 from workers.adapters.dashscope.client import DashScopeClient, VideoRequest
 from workers.domain.media import ImageFacts, check_image
-from workers.errors import InvalidJobRequest
+from workers.errors import DashScopeRejected, InvalidJobRequest
 from workers.models import ANIMATE_ANYONE_GEN2 as AA
 
 # A made-up family on the same task API: other names, endpoints, limits and input field names.
@@ -49,8 +49,15 @@ def test_the_selected_profile_reaches_the_steps_and_the_api(
     assert svc.profile is OTHER
     assert isinstance(svc.api, DashScopeVideoApi) and svc.api.profile is OTHER
     assert svc.api.model_for("detect") == "made-up-detect"
-    with pytest.raises(KeyError, match="no template model"):
-        svc.api.model_for("template")
+    # Templates are the family's that makes them (AnimateAnyone, served beside the default)...
+    assert svc.api.model_for("template") == "animate-anyone-template-gen2"
+    # ...and nobody's where only the default is served.
+    only = load_settings({"DASHSCOPE_MODEL": "made-up-video", "DASHSCOPE_MODELS": "made-up-video",
+                          "DASHSCOPE_API_KEY": "sk-test-models", "S3_BUCKET": "b"})  # fmt: skip
+    api = bootstrap.build_services(only).api
+    assert isinstance(api, DashScopeVideoApi)
+    with pytest.raises(DashScopeRejected, match="no model here makes template calls"):
+        api.model_for("template")
 
 
 def test_the_client_sends_to_the_profiles_endpoints_with_its_field_names() -> None:
@@ -254,3 +261,61 @@ def test_a_refused_key_is_reported_with_its_region() -> None:
     assert "account 'sg'" in message and "dashscope-intl.aliyuncs.com" in message
     assert "region ap-southeast-1" in message and "only in the region it was created in" in message
     assert "sk-secret-1234" not in message
+
+
+def test_each_call_goes_to_the_jobs_own_model_whatever_the_default() -> None:
+    """With a Wan model as the default, an AnimateAnyone job (named, or recorded before jobs
+    named models) is sent to animate-anyone-gen2 with its template, and its image check and
+    template calls go to AnimateAnyone's own detect and template models."""
+    from workers.domain.request import JobRequest
+
+    sent: list[httpx.Request] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        sent.append(request)
+        if request.url.path.endswith("aa-detect"):
+            return httpx.Response(200, json={"output": {"check_pass": True, "bodystyle": "full"}})
+        return httpx.Response(200, json={"output": {"task_id": "t1", "task_status": "PENDING"}})
+
+    http = httpx.Client(transport=httpx.MockTransport(answer))
+    client = DashScopeClient(http, api_key="sk-x", base_url="https://ds.test/api/v1", profile=MOVE)
+    api = DashScopeVideoApi({"default": client}, MOVE, profiles={AA.name: AA, MIX.name: MIX})
+    api.submit("default", JobRequest("https://cdn.test/a.png", "AACT.x.y", model=AA.name))
+    api.detect("default", "https://cdn.test/a.png")
+    api.submit_template("default", "https://cdn.test/d.mp4")
+    api.submit("default", JobRequest("https://cdn.test/a.png", video_url="https://cdn.test/d.mp4",
+                                     mode="wan-pro", model=MIX.name))  # fmt: skip
+    bodies = [json.loads(r.content) for r in sent]
+    assert [b["model"] for b in bodies] == [
+        "animate-anyone-gen2", "animate-anyone-detect-gen2", "animate-anyone-template-gen2",
+        "wan2.2-animate-mix",
+    ]  # fmt: skip
+    assert bodies[0]["input"] == {"image_url": "https://cdn.test/a.png", "template_id": "AACT.x.y"}
+    assert api.model_for("video:wan2.2-animate-mix") == "wan2.2-animate-mix"
+
+
+def test_a_model_gone_for_one_accounts_key_is_not_gone_for_another() -> None:
+    from workers.domain.request import JobRequest
+    from workers.errors import DashScopeRejected
+
+    calls: list[str] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        key = request.headers["Authorization"]
+        calls.append(key)
+        if key.endswith("sg-key"):
+            return httpx.Response(404, json={"code": "ModelNotFound", "message": "no such model"})
+        return httpx.Response(200, json={"output": {"task_id": "t1", "task_status": "PENDING"}})
+
+    http = httpx.Client(transport=httpx.MockTransport(answer))
+    clients = {name: DashScopeClient(http, api_key=f"sk-{name}-key",
+                                     base_url="https://ds.test/api/v1", profile=MOVE)
+               for name in ("sg", "bj")}  # fmt: skip
+    api = DashScopeVideoApi(clients, MOVE)
+    request = JobRequest("https://cdn.test/a.png", video_url="https://cdn.test/d.mp4",
+                         mode="wan-std", model=MOVE.name)  # fmt: skip
+    for _ in range(2):
+        with pytest.raises(DashScopeRejected):
+            api.submit("sg", request)
+    assert api.submit("bj", request) == "t1"
+    assert len(calls) == 2  # sg once (then refused here), bj once

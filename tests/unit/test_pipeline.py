@@ -1185,7 +1185,7 @@ class TestDailyBudget:
         assert (first.price_per_second, first.billed_cost) == (0.08, 0.4)
         day = utc_day(w.clock())
         assert w.svc.governor.spent("default", day) == pytest.approx(0.4)
-        w.svc.governor.add_spend("default", day, 0.2)  # another worker's bill: 0.6 >= 0.5
+        w.svc.governor.add_spend("default", day, 0.2, "other")  # another job's: 0.6 >= 0.5
         result = steps.intake(w.svc, kwargs(job_id="order-2"), (), "msg-2")
         assert result.state == JobState.QUEUED
         assert woken(w, job_id="order-2") == []  # not admitted
@@ -1202,7 +1202,7 @@ class TestDailyBudget:
     def test_an_admitted_job_is_held_with_the_reason_and_gives_its_slot_back(self) -> None:
         w = make_world(daily_budget={"*": 1.0})
         wake = queued(w)  # admitted while the budget had room
-        w.svc.governor.add_spend("default", utc_day(w.clock()), 1.0)
+        w.svc.governor.add_spend("default", utc_day(w.clock()), 1.0, "other")
         assert steps.submit(w.svc, JOB, wake.version) is None
         job = w.job()
         assert (job.state, job.admitted_at, job.error_code) == (
@@ -1226,7 +1226,28 @@ class TestDailyBudget:
         wake = queued(w)
         job = w.store.transition(w.job(), JobState.SUBMITTING)
         assert job is not None
-        w.svc.governor.add_spend("default", utc_day(w.clock()), 5.0)
+        w.svc.governor.add_spend("default", utc_day(w.clock()), 5.0, "other")
         w.api.submit_script.append("task-1")
         assert steps.submit(w.svc, JOB, job.version) is not None
         assert w.job().state == JobState.SUBMITTED and wake.version < job.version
+
+
+class TestJobsOwnModel:
+    def test_a_record_that_names_no_model_is_submitted_to_animate_anyone(self) -> None:
+        """Jobs recorded before jobs named their model are AnimateAnyone's, whatever the
+        service's default is now (here a Wan model): their lane, bucket and POST stay its."""
+        from workers.models import WAN_ANIMATE_MOVE
+
+        w = make_world(profile=WAN_ANIMATE_MOVE)
+        request = JobRequest(IMAGE, TEMPLATE, job_id="old", detect=False)  # no model: old record
+        now = w.clock()
+        job = Job("old", JobState.QUEUED, 3, request, now, now, admitted_at=now)
+        w.store.create(job)
+        assert (job.model, job.lane, job.submit_kind) == (
+            "animate-anyone-gen2", "default", "submit:animate-anyone-gen2",
+        )  # fmt: skip
+        w.api.submit_script.append("task-old")
+        assert steps.submit(w.svc, "old", 3) is not None
+        (sent,) = w.api.submits
+        assert (sent.model, sent.template_id) == ("animate-anyone-gen2", TEMPLATE)
+        assert w.job("old").remote_model == "animate-anyone-gen2"

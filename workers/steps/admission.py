@@ -104,19 +104,22 @@ def over_budget(svc: Services, account: str) -> str | None:
 
 
 def hold_for_budget(svc: Services, job: Job, why: str) -> None:
-    """An admitted job whose account's budget ran out before its submit: it gives its slot back
-    and waits in the queue, saying why, until the next UTC day. Nothing was sent for it."""
-    svc.governor.release(job.lane, job.job_id)
-    log.info("job %s held: %s", job.job_id, why)
-    enqueue(svc, job, admitted_at=None, error_code=BUDGET_REACHED, error_message=why)
+    """An admitted job whose account's budget ran out before its submit: it waits in the queue,
+    saying why, until the next UTC day, and gives its slot back (only once it is back in the
+    queue: a worker that moved it first keeps the slot). Nothing was sent for it."""
+    held = enqueue(svc, job, admitted_at=None, error_code=BUDGET_REACHED, error_message=why)
+    if held is not None:
+        svc.governor.release(job.lane, job.job_id)
+        log.info("job %s held: %s", job.job_id, why)
 
 
-def add_spend(svc: Services, account: str, billed: float, now: float) -> None:
-    """Count a bill against the account's day, when it has a budget (best effort: a failure to
-    count is logged; the job, paid for, goes on)."""
+def add_spend(svc: Services, job: Job, billed: float, now: float) -> None:
+    """Count a job's bill against its account's day (once per job), when the account has a
+    budget (best effort: a failure to count is logged; the job, paid for, goes on)."""
+    account = job.account
     if budget_for(svc.daily_budget, account) is None:
         return
     try:
-        svc.governor.add_spend(account, utc_day(now), billed)
+        svc.governor.add_spend(account, utc_day(now), billed, job.job_id)
     except StoreUnavailable as exc:
         log.warning("could not count %.4f CNY against %s's budget: %s", billed, account, exc)

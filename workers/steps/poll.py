@@ -60,7 +60,7 @@ def poll(svc: Services, job_id: str, version: int) -> Next | None:
             answered["billed_cost"] = billed
             svc.metrics.inc("cost_cny_total", billed, account=job.account,
                             model=job.remote_model or job.model)  # fmt: skip
-            add_spend(svc, job.account, billed, now)
+            add_spend(svc, job, billed, now)
     if isinstance(decision, StartCopy):
         return _video_ready(svc, job, decision, remote, answered)
     if isinstance(decision, TemplateReady):

@@ -141,17 +141,14 @@ def _remote_inputs(svc: Services, job: Job) -> JobRequest | str:
     inputs as URLs DashScope can fetch and its resolved template."""
     if job.is_template:
         return svc.inputs.for_dashscope(source_ref(job), job.account, "template")
+    kind = f"video:{job.model}"  # the job's own model (records that name none: AnimateAnyone)
+    image_url = svc.inputs.for_dashscope(job.request.image_url, job.account, kind)
     if not profile_of(svc, job).takes_templates:  # the dance video goes with the call
-        return dataclasses.replace(
-            job.request,
-            image_url=svc.inputs.for_dashscope(job.request.image_url, job.account, "video"),
-            video_url=svc.inputs.for_dashscope(source_ref(job), job.account, "video"),
-        )
-    return dataclasses.replace(
-        job.request,
-        image_url=svc.inputs.for_dashscope(job.request.image_url, job.account, "video"),
-        template_id=job.template,
-    )
+        video_url = svc.inputs.for_dashscope(source_ref(job), job.account, kind)
+        return dataclasses.replace(job.request, image_url=image_url, video_url=video_url,
+                                   model=job.model)  # fmt: skip
+    return dataclasses.replace(job.request, image_url=image_url, template_id=job.template,
+                               model=job.model)  # fmt: skip
 
 
 def _submitted(svc: Services, job: Job, task_id: str) -> Next | None:

@@ -93,12 +93,26 @@ class DashScopeVideoApi:
         self.profile = profile  # the default model's (templates and detection are its family's)
         self.model = profile.name
         self.profiles = {profile.name: profile, **(profiles or {})}  # a job's own model
-        self._gone: dict[str, tuple[float, str]] = {}  # model -> (until, message)
+        # (account, model) -> (until, message): DashScope said the model is gone for that key
+        self._gone: dict[tuple[str, str], tuple[float, str]] = {}
         self._gone_lock = threading.Lock()
 
+    def _family(self, kind: str) -> ModelProfile:
+        """The profile whose ``template`` or ``detect`` model serves that kind of call: the
+        default model's family if it has one, else the first that has (AnimateAnyone's)."""
+        for profile in (self.profile, *self.profiles.values()):
+            if (profile.template if kind == "template" else profile.detect) is not None:
+                return profile
+        raise DashScopeRejected(f"no model here makes {kind} calls", code="UnknownModel")
+
     def model_for(self, kind: str) -> str:
-        """The model name behind a step: ``video``, ``template`` or ``detect``."""
-        return self.profile.remote(kind if kind in ("template", "detect") else "video").name
+        """The model name behind a call: ``video:<model>`` (a job's own), ``video`` (the
+        default's), ``template`` or ``detect`` (the family that has them)."""
+        if kind.startswith("video:"):
+            return self._profile(kind.removeprefix("video:")).name
+        if kind in ("template", "detect"):
+            return self._family(kind).remote(kind).name
+        return self.profile.name
 
     @contextmanager
     def _counted(self, op: str, account: str) -> Iterator[None]:
@@ -137,13 +151,13 @@ class DashScopeVideoApi:
         return found
 
     @contextmanager
-    def _served(self, kind: str, model: str | None = None) -> Iterator[None]:
-        """Refuse a call to a model DashScope said is gone (for MODEL_GONE_SECONDS); turn such
-        an answer into one final error that names the successor."""
-        profile = self._profile(model)
-        name = model or self.model_for(kind)
+    def _served(self, account: str, kind: str) -> Iterator[None]:
+        """Refuse a call to a model DashScope said is gone for this account's key (for
+        MODEL_GONE_SECONDS); turn such an answer into one final error naming the successor."""
+        name = self.model_for(kind)
+        profile = self._family(kind) if kind in ("template", "detect") else self._profile(name)
         with self._gone_lock:
-            gone = self._gone.get(name)
+            gone = self._gone.get((account, name))
         if gone is not None and gone[0] > time.monotonic():
             raise DashScopeRejected(gone[1], code=MODEL_GONE)
         try:
@@ -153,7 +167,7 @@ class DashScopeVideoApi:
                 raise
             message = gone_message(profile, f"{exc.code}: {exc.message}")
             with self._gone_lock:
-                self._gone[name] = (time.monotonic() + MODEL_GONE_SECONDS, message)
+                self._gone[account, name] = (time.monotonic() + MODEL_GONE_SECONDS, message)
             raise DashScopeRejected(message, code=MODEL_GONE, status=exc.status) from exc
 
     def _client(self, account: str) -> DashScopeClient:
@@ -165,7 +179,8 @@ class DashScopeVideoApi:
             ) from None
 
     def submit(self, account: str, request: JobRequest) -> str:
-        served = self._served("video", request.model)
+        """A video job on the model its request names (the steps always name it)."""
+        served = self._served(account, f"video:{request.model or self.model}")
         with self._counted("submit", account), served, _uncertain_when_unanswered():
             submitted = self._client(account).submit_video(
                 VideoRequest(
@@ -184,17 +199,17 @@ class DashScopeVideoApi:
     def submit_template(self, account: str, video_url: str) -> str:
         with (
             self._counted("template", account),
-            self._served("template"),
+            self._served(account, "template"),
             _uncertain_when_unanswered(),
         ):
             submitted = self._client(account).submit_async(
-                self.profile.remote("template"), {"video_url": video_url}
+                self._family("template").remote("template"), {"video_url": video_url}
             )
             return submitted.task_id
 
     def detect(self, account: str, image_url: str) -> Detection:
-        with self._counted("detect", account), self._served("detect"):
-            output = self._client(account).detect(image_url)
+        with self._counted("detect", account), self._served(account, "detect"):
+            output = self._client(account).detect(image_url, self._family("detect"))
             bodystyle, reason = output.get("bodystyle"), output.get("reason")
             return Detection(
                 check_pass=bool(output["check_pass"]),

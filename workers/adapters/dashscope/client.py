@@ -194,8 +194,9 @@ class DashScopeClient:
         profile = profile or self._profile
         fields = profile.input_fields
         if not profile.takes_templates:  # Wan2.2-Animate: image, video and mode
-            if request.video_url is None or request.mode is None:
-                raise ValueError(f"{profile.name} needs video_url and mode")
+            if request.video_url is None or request.mode is None:  # (intake makes sure of both)
+                raise DashScopeRejected(f"{profile.name} needs video_url and mode: nothing sent",
+                                        code="InvalidRequest.Mode")  # fmt: skip
             wan: dict[str, Any] = {"mode": request.mode}
             if request.check_image is not None:
                 wan["check_image"] = request.check_image
@@ -281,12 +282,13 @@ class DashScopeClient:
         response = self._send("list", "GET", "/tasks", params=params)
         return _parse_page(_json_object("list", response), page_no, page_size)
 
-    def detect(self, image_url: str) -> dict[str, Any]:
+    def detect(self, image_url: str, profile: ModelProfile | None = None) -> dict[str, Any]:
         """Run the sync image check and return its ``output``: ``check_pass``, ``bodystyle``, ``reason``.
 
         A failed check is a business answer (HTTP 200, ``check_pass`` false), not an exception.
+        ``profile``: the family whose detector runs (the client's own by default).
         """
-        detector = self._profile.remote("detect")
+        detector = (profile or self._profile).remote("detect")
         body = {"model": detector.name, "input": {"image_url": image_url}, "parameters": {}}
         response = self._send(
             "detect", "POST", detector.path, json_body=body, headers=self._oss_header(body["input"])

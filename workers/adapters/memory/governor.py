@@ -93,6 +93,7 @@ class InMemoryGovernor:
         self.turns: dict[str, dict[int, deque[str]]] = {}
         self.inflight_sets: dict[str, set[str]] = {}
         self.spend: dict[tuple[str, str], float] = {}  # (account, day) -> CNY billed
+        self.spend_jobs: dict[tuple[str, str], set[str]] = {}  # the jobs counted in it
         self.healed_until: dict[str, float] = {}
         self.lock = threading.Lock()
 
@@ -223,11 +224,13 @@ class InMemoryGovernor:
         with self.lock:
             self.inflight_sets.setdefault(account, set()).discard(job_id)
 
-    def add_spend(self, account: str, day: str, amount: float) -> float:
+    def add_spend(self, account: str, day: str, amount: float, job_id: str) -> float:
         with self.lock:
-            total = self.spend.get((account, day), 0.0) + amount
-            self.spend[account, day] = total
-            return total
+            counted = self.spend_jobs.setdefault((account, day), set())
+            if job_id not in counted:
+                counted.add(job_id)
+                self.spend[account, day] = self.spend.get((account, day), 0.0) + amount
+            return self.spend.get((account, day), 0.0)
 
     def spent(self, account: str, day: str) -> float:
         with self.lock:

@@ -32,6 +32,17 @@ from workers.errors import StoreUnavailable
 # 'peek'). Returns the seconds to wait (0: granted) as a string, and the tokens left.
 SPEND_KEEP_SECONDS = 3 * 86400  # a day's spend is kept three days (the accounts view reads it)
 
+# A job's bill counted once, whatever the retries. KEYS: total, jobs counted. ARGV: job, amount,
+# seconds to keep them.
+_SPEND = """
+if redis.call('SADD', KEYS[2], ARGV[1]) == 1 then
+  redis.call('INCRBYFLOAT', KEYS[1], ARGV[2])
+  redis.call('EXPIRE', KEYS[1], ARGV[3])
+  redis.call('EXPIRE', KEYS[2], ARGV[3])
+end
+return redis.call('GET', KEYS[1]) or '0'
+"""
+
 _BUCKET = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
@@ -187,6 +198,7 @@ class RedisGovernor:
         self._dequeue = client.register_script(_DEQUEUE)
         self._ensure = client.register_script(_ENSURE)
         self._admit = client.register_script(_ADMIT)
+        self._spend = client.register_script(_SPEND)
 
     def _bucket_key(self, account: str, kind: str) -> str:
         suffix = f"submit:{self.model}" if kind == "submit" else kind
@@ -264,14 +276,13 @@ class RedisGovernor:
 
     # ------------------------------------------------------------------ spend
 
-    def add_spend(self, account: str, day: str, amount: float) -> float:
-        """``P:acct:<account>:spend:<day>``: the day's bills, kept three days."""
+    def add_spend(self, account: str, day: str, amount: float, job_id: str) -> float:
+        """``P:acct:<account>:spend:<day>``: the day's bills, and ``...:spend:<day>:jobs`` the
+        jobs counted (each once), both kept three days."""
         key = f"{self.prefix}:acct:{account}:spend:{day}"
         try:
-            pipe = self.redis.pipeline(transaction=True)
-            pipe.incrbyfloat(key, amount)
-            pipe.expire(key, SPEND_KEEP_SECONDS)
-            total, _ = pipe.execute()
+            total = self._spend(keys=[key, f"{key}:jobs"],
+                                args=[job_id, repr(float(amount)), SPEND_KEEP_SECONDS])  # fmt: skip
         except redis.RedisError as exc:
             raise StoreUnavailable(f"spend: {exc}") from exc
         return float(total)

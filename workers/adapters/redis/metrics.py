@@ -43,6 +43,7 @@ import os
 import signal
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from types import FrameType
@@ -350,6 +351,12 @@ class NoMetrics:
         _label_values(_lookup(name, "histogram"), labels)
 
 
+def _forked(writer: weakref.ref[MetricsWriter[Any]]) -> None:
+    found = writer()
+    if found is not None:
+        found._after_fork()
+
+
 class MetricsWriter(Generic[Op]):
     """What every metrics writer does the same way, whatever holds the numbers: the checks of a
     name, its labels and its value, the producer-label cap, batching a thread's writes to the end
@@ -378,9 +385,17 @@ class MetricsWriter(Generic[Op]):
         self._dropped = 0
         self._local = threading.local()
         self._held: dict[tuple[str, str], float] = {}
-        self._held_pid = os.getpid()
         self._last_flush = time.monotonic()
         self._flusher: threading.Timer | None = None
+        # A forked child starts with its own lock and nothing held: the parent's sums are the
+        # parent's to send, and a lock its timer held at the fork would never be released here.
+        mine = weakref.ref(self)
+        os.register_at_fork(after_in_child=lambda: _forked(mine))
+
+    def _after_fork(self) -> None:
+        self._lock = threading.Lock()
+        self._local = threading.local()
+        self._held, self._flusher = {}, None
 
     def inc(self, name: str, amount: float = 1.0, **labels: str) -> None:
         """Add ``amount`` (>= 0) to a counter."""
@@ -448,8 +463,6 @@ class MetricsWriter(Generic[Op]):
             self._send_writes(writes)
             return
         with self._lock:
-            if self._held_pid != os.getpid():  # a forked child: the parent's sums are its own
-                self._held, self._held_pid, self._flusher = {}, os.getpid(), None
             for name, field, amount in writes:
                 self._held[name, field] = self._held.get((name, field), 0) + amount
             if time.monotonic() - self._last_flush >= self.flush_seconds:
