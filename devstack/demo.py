@@ -34,7 +34,7 @@ from workers.producer import AnimateQueue
 ASSETS = Path(__file__).parent / "assets"
 BUCKET = "animate-queue-demo"
 API_KEY = "sk-demo-not-a-real-key"
-DEMO_DB = 13  # on a Redis that is already running
+DEMO_DB = 13  # on a Redis that is already running (DEMO_REDIS_DB: another)
 console = Console()
 
 
@@ -97,7 +97,9 @@ def main() -> int:
         if redis_answers(redis_url):
             # A shared server: its own database number and key prefix keep the demo's queues
             # and jobs apart from any worker already using that Redis.
-            redis_url = urlunsplit(urlsplit(redis_url)._replace(path=f"/{DEMO_DB}"))
+            # (Its queues are the database's: two demos at once need two databases.)
+            db = int(os.environ.get("DEMO_REDIS_DB") or DEMO_DB)
+            redis_url = urlunsplit(urlsplit(redis_url)._replace(path=f"/{db}"))
             prefix = f"animate-queue-demo-{os.getpid()}"
             console.print(f"[green]✓[/] Redis at {redis_url}")
         else:

@@ -17,7 +17,13 @@ def test_demo(tmp_path: Path, model: str) -> None:
     """The demo runs the whole chain from two local files, stores the video, downloads it to
     demo-output/<job_id>.mp4 and prints the summary and the timeline; DEMO_MODEL runs it on a
     Wan2.2-Animate deployment (one call, no image check step, no template)."""
-    env = {**os.environ, "DEMO_OUTPUT": str(tmp_path), "COLUMNS": "220", "DEMO_MODEL": model}
+    env = {
+        **os.environ,
+        "DEMO_OUTPUT": str(tmp_path),
+        "COLUMNS": "220",
+        "DEMO_MODEL": model,
+        "DEMO_REDIS_DB": "14" if model else "13",
+    }  # its own queues, should both run at once
     done = subprocess.run(
         [sys.executable, "-m", "devstack.demo"],
         capture_output=True,

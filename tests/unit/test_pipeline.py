@@ -138,9 +138,10 @@ class TestIntake:
         assert woken(w) == [Next("submit", JOB, 3, 0)]
         job = w.job()
         assert (job.state, job.version) == (JobState.QUEUED, 3)
-        assert job.request == JobRequest(  # the model it runs on, recorded: the default
-            IMAGE, TEMPLATE, None, None, JOB, {"user": 7}, detect=False, model="animate-anyone-gen2"
+        assert job.request == JobRequest(  # (a record naming no model: AnimateAnyone's)
+            IMAGE, TEMPLATE, None, None, JOB, {"user": 7}, detect=False
         )
+        assert job.model == "animate-anyone-gen2"
         assert job.intake_message_id == MSG
         assert job.created_at == job.updated_at == job.admitted_at == START
         assert w.images.probes == [IMAGE]
@@ -279,7 +280,8 @@ class TestSubmit:
         assert job.submitted_at == job.submit_started_at == START + 10
         assert job.submit_ambiguous is False
         assert job.next_action_at == START + 10 + TUNING.poll.first_delay
-        assert w.api.submits == [job.request]
+        # what the producer asked for, sent to the job's own model (named in the POST)
+        assert w.api.submits == [dataclasses.replace(job.request, model="animate-anyone-gen2")]
         assert w.store.remote_owners(["task-1"]) == {"task-1": JOB}  # recorded as owned
 
     def test_duplicate_submit_message_does_nothing(self, w: World) -> None:
@@ -1250,4 +1252,4 @@ class TestJobsOwnModel:
         assert steps.submit(w.svc, "old", 3) is not None
         (sent,) = w.api.submits
         assert (sent.model, sent.template_id) == ("animate-anyone-gen2", TEMPLATE)
-        assert w.job("old").remote_model == "animate-anyone-gen2"
+        assert w.job("old").price_per_second == 0.08  # AnimateAnyone's price

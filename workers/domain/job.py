@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from workers.domain.costs import cost
 from workers.domain.request import JobKind, JobRequest
 from workers.domain.states import FINAL_STATES, JobState
 from workers.domain.templates import template_lane
@@ -81,13 +82,10 @@ class Job:
     video_url: str | None = None
     video_expires_at: float | None = None
     video_duration: float | None = None
-    # What the job costs (CNY), recorded at submit from the model's price table: the price per
-    # second of output (the job's mode), the estimate from the dance video's length, and the
-    # bill from usage.video_duration once the task SUCCEEDED.
-    remote_model: str | None = None  # the model the job was submitted to
+    # What a second of output costs (CNY), recorded at submit from the model's price table for
+    # the job's mode; the estimate (the dance video's length) and the bill (usage.video_duration)
+    # follow from it (workers/domain/costs.py), so they are not stored.
     price_per_second: float | None = None
-    estimated_cost: float | None = None
-    billed_cost: float | None = None
     copy_attempts: int = 0
     copy_started_at: float | None = None
     copy_bytes: int | None = None  # progress of the copy under way (lease renewals report it)
@@ -129,6 +127,15 @@ class Job:
             if self.is_template
             else video_lane(self.account, self.model)
         )
+
+    @property
+    def estimated_cost(self) -> float | None:
+        return cost(self.price_per_second, self.source_seconds)
+
+    @property
+    def billed_cost(self) -> float | None:
+        """What DashScope bills once the task succeeded (None before)."""
+        return cost(self.price_per_second, self.video_duration)
 
     @property
     def submit_kind(self) -> str:

@@ -32,7 +32,7 @@ def job_view(job: Job) -> dict[str, Any]:
         "sha256": job.sha256,
         "video_duration": job.video_duration,
         "video_url_expires_at": job.video_expires_at,
-        "model": job.remote_model,
+        "model": job.model if not job.is_template else None,
         "cost": _cost(job),
         "request": _request(job),
         **_motion(job),

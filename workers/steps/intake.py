@@ -11,7 +11,7 @@ from typing import Any
 from workers.domain.decisions import (
     Finish,
 )
-from workers.domain.job import Job
+from workers.domain.job import LEGACY_MODEL, Job
 from workers.domain.media import ImageFacts, check_image
 from workers.domain.request import (
     JOB_ID_RE,
@@ -61,7 +61,10 @@ def intake(
             request = parse_template_request(kwargs, args)
         else:
             profile = _named_profile(svc, kwargs)
-            request = dataclasses.replace(parse_request(kwargs, args, profile), model=profile.name)
+            # The model is recorded, except AnimateAnyone's: a record naming none is its (as
+            # before jobs named models), and a queued job's record stays small.
+            recorded = None if profile.name == LEGACY_MODEL else profile.name
+            request = dataclasses.replace(parse_request(kwargs, args, profile), model=recorded)
     except InvalidJobRequest as exc:
         return _rejected(svc, kwargs, message_id, kind, exc, now)
     job_id = request.job_id or message_id

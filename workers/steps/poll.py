@@ -57,9 +57,8 @@ def poll(svc: Services, job_id: str, version: int) -> Next | None:
                         producer=job.request.producer, kind=job.kind)  # fmt: skip
         billed = cost(job.price_per_second, decision.video_duration)
         if billed is not None:
-            answered["billed_cost"] = billed
             svc.metrics.inc("cost_cny_total", billed, account=job.account,
-                            model=job.remote_model or job.model)  # fmt: skip
+                            model=job.model)  # fmt: skip
             add_spend(svc, job, billed, now)
     if isinstance(decision, StartCopy):
         return _video_ready(svc, job, decision, remote, answered)

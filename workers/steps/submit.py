@@ -6,7 +6,6 @@ import dataclasses
 import logging
 from typing import Any
 
-from workers.domain.costs import estimated_cost
 from workers.domain.decisions import (
     Finish,
 )
@@ -175,14 +174,13 @@ def _submitted(svc: Services, job: Job, task_id: str) -> Next | None:
 
 
 def submit_costs(svc: Services, job: Job) -> dict[str, Any]:
-    """The model, its price for the job's mode and the job's estimated cost (the dance video's
-    length; unknown for a template named by id), recorded with the task id."""
+    """The price of a second of the job's output (its model, its mode), recorded with the task
+    id: the estimate and the bill follow from it."""
     profile = profile_of(svc, job)
     remote = profile.remote("template" if job.is_template else "video")
     price = remote.price_cny_per_second if job.is_template else (
         profile.price_per_second(job.request.mode))  # fmt: skip
-    estimate = estimated_cost(price, job.source_seconds)
-    return {"remote_model": remote.name, "price_per_second": price, "estimated_cost": estimate}
+    return {"price_per_second": price}
 
 
 def _submit_throttled(svc: Services, job: Job, exc: DashScopeThrottled) -> Next | None:
