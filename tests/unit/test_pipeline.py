@@ -277,7 +277,8 @@ class TestSubmit:
         assert job.state == JobState.SUBMITTED
         assert (job.remote_task_id, job.remote_status) == ("task-1", "PENDING")
         assert job.submit_attempts == 1
-        assert job.submitted_at == job.submit_started_at == START + 10
+        assert job.submitted_at == START + 10
+        assert job.submit_started_at is None  # only reconciliation needed it: dropped
         assert job.submit_ambiguous is False
         assert job.next_action_at == START + 10 + TUNING.poll.first_delay
         # what the producer asked for, sent to the job's own model (named in the POST)

@@ -162,6 +162,9 @@ def _submitted(svc: Services, job: Job, task_id: str) -> Next | None:
         submit_ambiguous=None,
         submit_uncertain_since=None,
         submit_ended_at=None,
+        # (only reconciliation reads it, and there is nothing left to reconcile: a job in
+        # flight keeps a smaller record)
+        submit_started_at=None,
         **{**next_fields(svc, job, svc.poll.first_delay), "updated_at": now},
     )
     if done is None:
