@@ -536,17 +536,12 @@ class Emulator:
         failure = self.faults.task_failure(
             url_trigger(fetched.trigger_url, "emulator_fail") or info.text.get("emulator_fail")
         )
-        c = self.config
         task = self.book.add(
             account=account,
             model=VIDEO_MODEL,
             endpoint="video-synthesis",
             now=self.clock.now(),
-            phases=(
-                (tasks.PRE_PROCESSING, c.preprocess_seconds),
-                (tasks.RUNNING, c.generation_seconds),
-                (tasks.POST_PROCESSING, c.postprocess_seconds),
-            ),
+            phases=self.video_phases(),
             inputs={
                 "image_url": fetched.trigger_url,
                 "template_id": template_id,
@@ -612,24 +607,16 @@ class Emulator:
         self.take((account, model, "submit"), self.config.wan_submit_rate)
         digest = hashlib.sha256(data).hexdigest()
         self.images[digest] = data
-        short = self.config.video_short_side
-        width, height = (short, 2 * round(short * info.height / info.width / 2))
-        if info.width > info.height:
-            width, height = 2 * round(short * info.width / info.height / 2), short
+        width, height = self.scaled(info.width, info.height)
         failure = self.faults.task_failure(
             url_trigger(fetched.trigger_url, "emulator_fail") or image.text.get("emulator_fail")
         )
-        c = self.config
         task = self.book.add(
             account=account,
             model=model,
             endpoint="video-synthesis",
             now=self.clock.now(),
-            phases=(
-                (tasks.PRE_PROCESSING, c.preprocess_seconds),
-                (tasks.RUNNING, c.generation_seconds),
-                (tasks.POST_PROCESSING, c.postprocess_seconds),
-            ),
+            phases=self.video_phases(),
             inputs={
                 "image_url": fetched.trigger_url,
                 "video_url": video.trigger_url,
@@ -670,15 +657,26 @@ class Emulator:
         return template
 
     def output_size(self, use_bg: bool, ratio: str, template: Template) -> tuple[int, int]:
-        """720P by default: the short side is ``video_short_side`` (kept even for H.264)."""
+        """The output's size: the ratio asked for, else the template's."""
         if use_bg:
-            w, h = RATIO_SIZES[ratio]
-        else:
-            w, h = template.width, template.height
+            return self.scaled(*RATIO_SIZES[ratio])
+        return self.scaled(template.width, template.height)
+
+    def scaled(self, w: int, h: int) -> tuple[int, int]:
+        """720P by default: the short side is ``video_short_side`` (kept even for H.264)."""
         short = self.config.video_short_side
         if w <= h:
             return short, 2 * round(short * h / w / 2)
         return 2 * round(short * w / h / 2), short
+
+    def video_phases(self) -> tuple[tuple[str, float], ...]:
+        """A video task's life: pre-processing, generation, post-processing."""
+        c = self.config
+        return (
+            (tasks.PRE_PROCESSING, c.preprocess_seconds),
+            (tasks.RUNNING, c.generation_seconds),
+            (tasks.POST_PROCESSING, c.postprocess_seconds),
+        )
 
     # ---------------------------------------------------------------- task APIs
 
