@@ -191,6 +191,17 @@ class Settings(BaseSettings):
     # users) unless FLOWER_ALLOW_NO_AUTH=true says an operator chose an open Flower.
     flower_basic_auth: SecretStr | None = None
     flower_allow_no_auth: bool = False
+    # The job console (animate-queue console): basic auth like Flower's ("user:password",
+    # comma-separated for more users); it refuses to start without one unless
+    # CONSOLE_ALLOW_NO_AUTH=true. CONSOLE_SECRET signs its forms' CSRF tokens (unset: a random
+    # one per process, so a form from before a restart is refused). FLOWER_URL: where its links
+    # to a job's Celery tasks go.
+    console_basic_auth: SecretStr | None = None
+    console_allow_no_auth: bool = False
+    console_secret: SecretStr | None = None
+    console_addr: str = "0.0.0.0"
+    console_port: int = Field(default=5566, ge=1, le=65535)
+    flower_url: str = "http://localhost:5555"
     flower_db: str = "flower.db"  # Flower's persistent state (tasks seen), kept across restarts
     flower_port: int = Field(default=5555, ge=1, le=65535)
 

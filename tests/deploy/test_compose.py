@@ -51,6 +51,7 @@ FILLED = {
     "AWS_SECRET_ACCESS_KEY": "test-placeholder-worker-secret",
     "REDIS_PASSWORD": "testplaceholderredis",
     "FLOWER_BASIC_AUTH": "admin:test-placeholder",
+    "CONSOLE_BASIC_AUTH": "ops:test-placeholder",
 }
 # What only the workers may hold (never beat, Flower or the exporter).
 WORKER_SECRETS = ("DASHSCOPE_API_KEY", "DASHSCOPE_ACCOUNTS", "AWS_ACCESS_KEY_ID",
@@ -403,7 +404,7 @@ def test_every_command_of_ours_resolves_to_something_installed() -> None:
     assert exes == {"celery", "animate-queue", "python"}
     # The health commands are the ones being added to `animate-queue health`.
     health = {tuple(c["args"][:2]) for c in checked if c["exe"] == "animate-queue"}
-    assert {("health", k) for k in ("worker", "beat", "flower", "exporter")} <= health
+    assert {("health", k) for k in ("worker", "beat", "flower", "exporter", "console")} <= health
 
 
 def test_our_services_share_one_image_built_from_the_dockerfile() -> None:
@@ -598,7 +599,7 @@ def test_environment_our_services_get_is_read_by_them() -> None:
 
 def test_compose_refuses_to_start_until_the_secrets_are_filled_in() -> None:
     active, _ = env_example()
-    for secret in ("MINIO_ROOT_PASSWORD", "FLOWER_BASIC_AUTH", "REDIS_PASSWORD",
+    for secret in ("MINIO_ROOT_PASSWORD", "FLOWER_BASIC_AUTH", "CONSOLE_BASIC_AUTH", "REDIS_PASSWORD",
                    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):  # fmt: skip
         with pytest.raises(MissingVariable, match=secret):
             resolved(load_compose(), {**filled_env(), secret: active[secret]})
@@ -674,11 +675,13 @@ def procfile_commands(path: Path, env: Mapping[str, str]) -> Iterator[tuple[str,
 
 def test_procfile_runs_every_process_type() -> None:
     found = {name: check_argv(argv) for name, argv in procfile_commands(ROOT / "Procfile", {})}
-    assert set(found) == {"flower", "worker_remote", "worker_transfer", "beat", "exporter"}
+    assert set(found) == {"flower", "worker_remote", "worker_transfer", "beat", "exporter",
+                          "console"}  # fmt: skip
     assert [n for n, f in found.items() if f.get("sub") == "beat"] == ["beat"]
     queues = {n: set(f["params"]["queues"]) for n, f in found.items() if f.get("sub") == "worker"}
     assert queues == {"worker_remote": {"celery", "dashscope"}, "worker_transfer": {"transfer"}}
     assert found["exporter"]["args"] == ["metrics"]
+    assert found["console"]["args"] == ["console"]
     lines = parse_procfile((ROOT / "Procfile").read_text()).processes
     assert "--conf=config/flowerconfig.py" in lines["flower"]
     assert "--port=${PORT:-5555}" in lines["flower"]
@@ -696,7 +699,8 @@ def dev_env() -> dict[str, str]:
 def test_procfile_dev_runs_the_whole_stack() -> None:
     env = dev_env()
     found = {name: check_argv(argv) for name, argv in procfile_commands(ROOT / "Procfile.dev", env)}
-    assert set(found) == {"redis", "s3", "emulator", "worker", "beat", "flower", "exporter"}
+    assert set(found) == {"redis", "s3", "emulator", "worker", "beat", "flower", "exporter",
+                          "console"}  # fmt: skip
     assert set(found["worker"]["params"]["queues"]) == routed_queues()
     assert [n for n, f in found.items() if f.get("sub") == "beat"] == ["beat"]
     argv = dict(procfile_commands(ROOT / "Procfile.dev", env))

@@ -36,6 +36,7 @@ def dev_env() -> dict[str, str]:
 ENV = dev_env()
 FLOWER = f"http://127.0.0.1:{ENV['FLOWER_PORT']}"
 EXPORTER = f"http://127.0.0.1:{ENV['METRICS_PORT']}"
+CONSOLE = "http://127.0.0.1:5566"  # CONSOLE_PORT's default
 
 
 def wait_for(url: str, deadline: float, proc: subprocess.Popen[bytes], log: Path) -> None:
@@ -67,6 +68,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[subprocess.Popen
         deadline = time.monotonic() + 90
         wait_for(f"{FLOWER}/healthcheck", deadline, proc, log)
         wait_for(f"{EXPORTER}/metrics", deadline, proc, log)
+        wait_for(f"{CONSOLE}/healthz", deadline, proc, log)
         wait_for(ENV["DASHSCOPE_BASE_URL"].rsplit("/api/", 1)[0] + "/_emulator/health",
                  deadline, proc, log)  # fmt: skip
         yield proc
@@ -148,3 +150,10 @@ def test_a_job_through_the_dev_stack_is_counted(stack: subprocess.Popen[bytes]) 
     assert {"animate.detect", "animate.prepare", "animate.copy"} <= {
         t["name"] for t in found.json().values()
     }
+
+    # The job console shows the same job, stored, behind its own credentials.
+    console_user, _, console_password = ENV["CONSOLE_BASIC_AUTH"].partition(":")
+    assert httpx.get(f"{CONSOLE}/jobs/{job_id}", timeout=10).status_code == 401
+    page = httpx.get(f"{CONSOLE}/jobs/{job_id}", auth=(console_user, console_password), timeout=10)
+    assert page.status_code == 200 and '<td id="state">STORED' in page.text
+    assert '<video id="video" src="http' in page.text  # a presigned link to the stored video

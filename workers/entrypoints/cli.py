@@ -490,6 +490,51 @@ def _timeout_option(default: float = 5.0) -> Callable[[Callable[..., Any]], Call
     )
 
 
+@main.command("console")
+@click.option("--host", help="address to listen on (default CONSOLE_ADDR)")
+@click.option("--port", type=int, help="port (default CONSOLE_PORT)")
+def console_command(host: str | None, port: int | None) -> None:
+    """Serve the job console: every job, its timeline, video, expiry and cost, in a browser.
+    Refuses to start without CONSOLE_BASIC_AUTH unless CONSOLE_ALLOW_NO_AUTH=true."""
+    import secrets
+
+    import uvicorn
+
+    from workers.adapters.s3.inputs import S3Inputs
+    from workers.bootstrap import s3_client
+    from workers.entrypoints.console.app import create_app, parse_users
+
+    settings = _settings()
+    auth = settings.console_basic_auth.get_secret_value() if settings.console_basic_auth else ""
+    if not auth and not settings.console_allow_no_auth:
+        raise click.ClickException(
+            "the console needs CONSOLE_BASIC_AUTH=user:password (or CONSOLE_ALLOW_NO_AUTH=true "
+            "for an open console, as an operator's choice)"
+        )
+    try:
+        users = parse_users(auth) if auth else None
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    secret = (settings.console_secret.get_secret_value().encode() if settings.console_secret
+              else secrets.token_bytes(32))  # fmt: skip
+    outputs = (S3Inputs(s3_client(settings), settings.s3_bucket, settings.s3_prefix)
+               if settings.s3_bucket else None)  # fmt: skip
+
+    def presign(uri: str) -> str | None:
+        """A link to the stored video, valid an hour (None without a bucket)."""
+        if outputs is None:
+            return None
+        try:
+            return outputs.presign(uri, 3600)
+        except (ValueError, WorkerError):
+            return None
+
+    app = create_app(_queue(), users=users, secret=secret, flower_url=settings.flower_url,
+                     presign=presign)  # fmt: skip
+    uvicorn.run(app, host=host or settings.console_addr, port=port or settings.console_port,
+                log_level="warning")  # fmt: skip
+
+
 @main.group()
 def bucket() -> None:
     """The S3 bucket the videos go to."""
@@ -671,6 +716,15 @@ def health_flower(url: str | None, timeout: float) -> None:
     """GET Flower's /healthcheck (no auth needed): healthy when it answers 200 OK."""
     base = url or f"http://127.0.0.1:{_settings().flower_port}"
     _http_probe("flower", base, "/healthcheck", timeout, expect_body="OK")
+
+
+@health.command("console")
+@click.option("--url", help="the console's base URL (default http://127.0.0.1:CONSOLE_PORT)")
+@_timeout_option()
+def health_console(url: str | None, timeout: float) -> None:
+    """GET the job console's /healthz (no auth needed): healthy when it answers 200 OK."""
+    base = url or f"http://127.0.0.1:{_settings().console_port}"
+    _http_probe("console", base, "/healthz", timeout, expect_body="OK")
 
 
 @health.command("exporter")

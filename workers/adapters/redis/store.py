@@ -729,6 +729,23 @@ class RedisJobStore(WorkflowRecords):
         jobs = [self.get(i) for i in ids]
         return [j for j in jobs if j is not None]
 
+    def page_jobs(self, state: str, cursor: int = 0, count: int = 50) -> tuple[int, list[Job]]:
+        """One page of the jobs in ``state``, walked with the state index's own cursor (SSCAN):
+        each page costs the same however many jobs there are. The next cursor (0: the end) and
+        the jobs (a page may hold a few more or fewer than ``count``; expired records skipped)."""
+        try:
+            next_cursor, members = self.redis.sscan(
+                f"{self.prefix}:state:{state}", cursor, count=count
+            )
+            pipe = self.redis.pipeline(transaction=False)
+            for member in members:
+                pipe.hgetall(self.key(_text(member)))
+            found = pipe.execute()
+        except redis.RedisError as exc:
+            raise StoreUnavailable(f"listing jobs: {exc}") from exc
+        jobs = [decode({_text(k): _text(v) for k, v in raw.items()}) for raw in found if raw]
+        return int(next_cursor), jobs
+
     def request_cancel(self, job_id: str) -> None:
         """Flag the job as cancel-requested without touching its version: the steps in flight
         (a poll chain, a copy holding its lease) stay valid and read the flag."""

@@ -1,0 +1,183 @@
+"""The job console's server side against the real job store (Redis at REDIS_URL, a key prefix of
+its own): auth, the pages, paging by the state index, hostile data shown as text, and the CSRF
+guard on its actions. (The browser tests drive it in headless Chromium: tests/e2e.)"""
+
+from __future__ import annotations
+
+import base64
+import os
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+import redis
+import uvicorn
+from click.testing import CliRunner
+
+from config.settings import get_settings
+from devstack import free_port
+from workers.domain.job import Job
+from workers.domain.request import JobRequest
+from workers.domain.states import JobState
+from workers.entrypoints import cli
+from workers.entrypoints.console.app import create_app, parse_users
+from workers.producer import AnimateQueue
+
+REDIS_URL = os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0"
+AUTH = {"Authorization": "Basic " + base64.b64encode(b"ops:s3cret").decode()}
+HOSTILE = "<script>alert('x')</script>"
+
+
+@pytest.fixture
+def queue() -> Iterator[AnimateQueue]:
+    prefix = f"test-console-{uuid.uuid4().hex[:10]}"
+    q = AnimateQueue(REDIS_URL, key_prefix=prefix)
+    yield q
+    q.close()
+    client = redis.Redis.from_url(REDIS_URL)
+    for key in client.scan_iter(f"{prefix}:*", count=1000):
+        client.delete(key)
+    client.close()
+
+
+@pytest.fixture
+def client(queue: AnimateQueue) -> Iterator[httpx.Client]:
+    """The console served for real (uvicorn, a free port), and a client for it."""
+    app = create_app(queue, users=parse_users("ops:s3cret"), secret=b"k" * 32,
+                     presign=lambda uri: "https://s3.test/signed.mp4")  # fmt: skip
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert time.monotonic() < deadline, "the console did not start"
+        time.sleep(0.02)
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as http:
+        yield http
+    server.should_exit = True
+    thread.join(10)
+
+
+def job(queue: AnimateQueue, job_id: str, state: JobState = JobState.SUBMITTED, **kw: Any) -> Job:
+    now = time.time()
+    metadata = kw.pop("metadata", {})
+    request = JobRequest("https://cdn.test/a.png", "AACT.x.y", job_id=job_id, metadata=metadata)
+    record = Job(job_id, state, 1, request, now - 30, now, **kw)
+    queue.store.create(record)
+    return record
+
+
+def test_every_page_needs_the_credentials(client: httpx.Client, queue: AnimateQueue) -> None:
+    job(queue, "j1")
+    for path in ("/", "/jobs", "/jobs/j1", "/jobs/rows", "/static/console.js"):
+        assert client.get(path).status_code == 401, path
+        wrong = {"Authorization": "Basic " + base64.b64encode(b"ops:nope").decode()}
+        assert client.get(path, headers=wrong).status_code == 401
+        assert client.get(path, headers=AUTH).status_code == 200, path
+    assert client.get("/").headers.get("www-authenticate", "").startswith("Basic")
+
+
+def test_the_overview_counts_jobs_by_state(client: httpx.Client, queue: AnimateQueue) -> None:
+    for i in range(3):
+        job(queue, f"s{i}")
+    job(queue, "q1", JobState.QUEUED)
+    page = client.get("/", headers=AUTH).text
+    assert '<a href="/jobs?state=SUBMITTED">3</a>' in page
+    assert '<a href="/jobs?state=QUEUED">1</a>' in page
+
+
+def test_the_list_pages_through_the_state_index(client: httpx.Client, queue: AnimateQueue) -> None:
+    """300 jobs: pages of about 50 by the index's own cursor, every job once, none twice."""
+    ids = {f"p{i:03d}" for i in range(300)}
+    for job_id in ids:
+        job(queue, job_id)
+    seen: list[str] = []
+    url = "/jobs?state=SUBMITTED"
+    pages = 0
+    while url:
+        page = client.get(url, headers=AUTH).text
+        pages += 1
+        seen += [line.split('"')[1] for line in page.splitlines() if "<tr data-job=" in line]
+        marker = 'id="next" href="'
+        url = (
+            page.split(marker, 1)[1].split('"', 1)[0].replace("&amp;", "&")
+            if marker in page
+            else ""
+        )
+        assert pages < 30
+    assert set(seen) == ids and pages > 3
+
+
+def test_free_text_finds_a_job_by_id_or_metadata_and_filters_apply(
+    client: httpx.Client, queue: AnimateQueue
+) -> None:
+    job(queue, "order-42", metadata={"customer": "ACME Corp"})
+    job(queue, "other", metadata={"customer": "Globex"})
+    job(queue, "queued-1", JobState.QUEUED)
+    by_id = client.get("/jobs?q=queued-1", headers=AUTH).text
+    assert 'data-job="queued-1"' in by_id and 'data-job="order-42"' not in by_id
+    by_meta = client.get("/jobs?state=SUBMITTED&q=acme", headers=AUTH).text
+    assert 'data-job="order-42"' in by_meta and 'data-job="other"' not in by_meta
+    other_account = client.get("/jobs?state=SUBMITTED&account=nobody", headers=AUTH).text
+    assert "no jobs here" in other_account
+
+
+def test_a_job_page_shows_hostile_data_as_text(client: httpx.Client, queue: AnimateQueue) -> None:
+    job(queue, "evil", metadata={"note": HOSTILE}, error_code="Bad", error_message=HOSTILE)
+    page = client.get("/jobs/evil", headers=AUTH).text
+    assert HOSTILE not in page
+    assert "&lt;script&gt;alert(" in page
+    assert client.get("/jobs/missing", headers=AUTH).status_code == 404
+
+
+def test_a_stored_job_plays_its_video_and_shows_what_it_cost(
+    client: httpx.Client, queue: AnimateQueue
+) -> None:
+    job(queue, "done", JobState.COPYING, s3_bucket="b", s3_key="videos/done.mp4", bytes=1234,
+        sha256="ab" * 32, video_duration=5.0, price_per_second=0.6)  # fmt: skip
+    page = client.get("/jobs/done", headers=AUTH).text
+    assert '<video id="video" src="https://s3.test/signed.mp4"' in page
+    assert "5.0 s / 3.0 CNY" in page and "s3://b/videos/done.mp4" in page
+
+
+def test_an_action_needs_its_csrf_token_and_this_origin(
+    client: httpx.Client, queue: AnimateQueue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    job(queue, "c1")
+    calls: list[str] = []
+
+    def cancel(job_id: str, timeout: float = 30) -> dict[str, Any]:
+        calls.append(job_id)
+        return {"outcome": "requested", "message": "cancel requested"}
+
+    monkeypatch.setattr(queue, "cancel", cancel)
+    page = client.get("/jobs/c1", headers=AUTH).text
+    token = page.split('name="csrf" value="', 1)[1].split('"', 1)[0]
+    assert client.post("/jobs/c1/cancel", headers=AUTH, data={}).status_code == 403
+    assert client.post("/jobs/c1/cancel", headers=AUTH, data={"csrf": "x" * 64}).status_code == 403
+    elsewhere = {**AUTH, "Origin": "https://evil.test"}
+    assert (
+        client.post("/jobs/c1/cancel", headers=elsewhere, data={"csrf": token}).status_code == 403
+    )
+    assert calls == []
+    here = {**AUTH, "Origin": str(client.base_url).rstrip("/")}
+    done = client.post("/jobs/c1/cancel", headers=here, data={"csrf": token},
+                       follow_redirects=False)  # fmt: skip
+    assert done.status_code == 303 and calls == ["c1"]
+    assert "cancel+requested" in done.headers["location"]
+
+
+def test_the_console_refuses_to_start_without_auth(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CONSOLE_BASIC_AUTH", raising=False)
+    monkeypatch.delenv("CONSOLE_ALLOW_NO_AUTH", raising=False)
+    get_settings.cache_clear()
+    try:
+        result = CliRunner().invoke(cli.main, ["console"])
+    finally:
+        get_settings.cache_clear()
+    assert result.exit_code != 0 and "CONSOLE_BASIC_AUTH" in result.output

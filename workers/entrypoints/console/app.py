@@ -1,0 +1,255 @@
+"""The job console: the page an operator opens first (``animate-queue console``).
+
+It owns the web app only. Everything it shows is read from the job store, the governor and the
+metrics through the producer's API (:class:`~workers.producer.AnimateQueue`), the same code the
+CLI uses; it keeps no state of its own, so it never becomes a second source of truth. Its actions
+go through the same calls as the CLI (``cancel`` sends ``animate.cancel`` to a worker).
+
+Decisions:
+
+* Server-rendered pages (Starlette + Jinja2, autoescaped) and a few lines of plain JavaScript
+  that re-fetch marked fragments every two seconds: live without a front-end build step or a
+  script from a CDN. Anything a producer or DashScope wrote (metadata, errors, file names) is
+  only ever inserted as escaped text.
+* HTTP basic auth like Flower's; the console refuses to start without it unless told
+  (``CONSOLE_ALLOW_NO_AUTH``). Browsers send basic credentials with cross-site requests, so
+  every action also carries a CSRF token (an HMAC of the user) and must come from this origin.
+* The job list walks the state index with its own cursor (one page costs the same with
+  100,000 jobs); free text is a job id (looked up directly) or a metadata value (matched within
+  the page).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode, urlsplit
+
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.base import BaseHTTPMiddleware
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, PlainTextResponse, RedirectResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+from starlette.templating import Jinja2Templates
+
+from workers.domain.costs import utc_day
+from workers.domain.states import FINAL_STATES, JobState
+from workers.domain.views import job_view
+from workers.producer import AnimateQueue
+
+HERE = Path(__file__).parent
+PAGE_SIZE = 50
+AT_RISK_SECONDS = 6 * 3600.0  # a paid video whose URL has less than this left is at risk
+ACTIVE = [s.value for s in JobState if s not in FINAL_STATES]
+
+Presign = Callable[[str], str | None]
+
+
+def parse_users(setting: str) -> dict[str, str]:
+    """``user:password[,user:password...]`` (CONSOLE_BASIC_AUTH) as a mapping."""
+    users = {}
+    for pair in setting.split(","):
+        user, sep, password = pair.strip().partition(":")
+        if not sep or not user or not password:
+            raise ValueError("CONSOLE_BASIC_AUTH must be user:password[,user:password...]")
+        users[user] = password
+    return users
+
+
+class Auth(BaseHTTPMiddleware):
+    """HTTP basic auth on every page (``users`` None: open, as the operator chose)."""
+
+    def __init__(self, app: Any, users: Mapping[str, str] | None) -> None:
+        super().__init__(app)
+        self.users = users
+
+    async def dispatch(
+        self, request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        if self.users is None or request.url.path == "/healthz":  # (the probe needs no user)
+            request.state.user = "anonymous"
+            return await call_next(request)
+        user = self._user(request.headers.get("authorization", ""))
+        if user is None:
+            return PlainTextResponse(
+                "authentication required", 401, {"WWW-Authenticate": 'Basic realm="console"'}
+            )
+        request.state.user = user
+        return await call_next(request)
+
+    def _user(self, header: str) -> str | None:
+        scheme, _, value = header.partition(" ")
+        if scheme.lower() != "basic" or self.users is None:
+            return None
+        try:
+            user, _, password = base64.b64decode(value, validate=True).decode().partition(":")
+        except (binascii.Error, UnicodeDecodeError):
+            return None
+        expected = self.users.get(user)
+        if expected is None or not hmac.compare_digest(expected.encode(), password.encode()):
+            return None
+        return user
+
+
+class Console:
+    """The routes over one :class:`AnimateQueue`."""
+
+    def __init__(
+        self, queue: AnimateQueue, *, secret: bytes, flower_url: str, presign: Presign
+    ) -> None:
+        self.queue = queue
+        self.secret = secret
+        self.flower_url = flower_url.rstrip("/")
+        self.presign = presign
+        self.templates = Jinja2Templates(directory=str(HERE / "templates"))
+        self.templates.env.filters["utc"] = _utc
+
+    def csrf(self, request: Request) -> str:
+        user = getattr(request.state, "user", "")
+        return hmac.new(self.secret, f"csrf:{user}".encode(), hashlib.sha256).hexdigest()
+
+    def render(self, request: Request, name: str, **context: Any) -> HTMLResponse:
+        context.update(request=request, csrf=self.csrf(request), flower_url=self.flower_url)
+        return self.templates.TemplateResponse(request, name, context)
+
+    # ------------------------------------------------------------------ pages
+
+    async def overview(self, request: Request) -> Response:
+        counts = self.queue.store.count_by_state()
+        today = utc_day(time.time())
+        accounts = self.queue.accounts()
+        for view in accounts:
+            view["spent_today"] = round(self.queue.governor.spent(view["account"], today), 4)
+        return self.render(request, "overview.html", counts=counts, accounts=accounts, day=today)
+
+    async def jobs(self, request: Request) -> Response:
+        return self.render(request, "jobs.html", **self._listing(request))
+
+    async def rows(self, request: Request) -> Response:
+        return self.render(request, "_rows.html", **self._listing(request))
+
+    def _listing(self, request: Request) -> dict[str, Any]:
+        q = request.query_params
+        state = q.get("state") or "SUBMITTED"
+        text = (q.get("q") or "").strip()
+        account, model = q.get("account") or "", q.get("model") or ""
+        try:
+            cursor = max(0, int(q.get("cursor") or 0))
+        except ValueError:
+            cursor = 0
+        direct = self.queue.get(text) if text else None
+        if direct is not None:
+            views, next_cursor = [direct], 0
+        else:
+            next_cursor, jobs = self.queue.store.page_jobs(state, cursor, PAGE_SIZE)
+            views = [job_view(job) for job in jobs]
+            views = [v for v in views if _matches(v, account, model, text)]
+        filters = {"state": state, "account": account, "model": model, "q": text}
+        more = urlencode({**filters, "cursor": next_cursor}) if next_cursor else None
+        return {
+            "views": views,
+            "filters": filters,
+            "states": [s.value for s in JobState],
+            "more": more,
+            "live": "/jobs/rows?" + urlencode({**filters, "cursor": cursor}),
+            "now": time.time(),
+        }
+
+    async def job(self, request: Request) -> Response:
+        return self._job_page(request, "job.html")
+
+    async def job_live(self, request: Request) -> Response:
+        return self._job_page(request, "_job_live.html")
+
+    def _job_page(self, request: Request, template: str) -> Response:
+        job_id = request.path_params["job_id"]
+        view = self.queue.get(job_id)
+        if view is None:
+            return PlainTextResponse(f"no job {job_id}", 404)
+        video = self.presign(view["s3_uri"]) if view["s3_uri"] else None
+        return self.render(
+            request,
+            template,
+            view=view,
+            timeline=self.queue.timeline(job_id),
+            video=video,
+            now=time.time(),
+            at_risk=AT_RISK_SECONDS,
+            message=request.query_params.get("message"),
+        )
+
+    # ------------------------------------------------------------------ actions
+
+    async def cancel(self, request: Request) -> Response:
+        job_id = request.path_params["job_id"]
+        refused = await self._refuse(request)
+        if refused is not None:
+            return refused
+        try:
+            outcome = self.queue.cancel(job_id, timeout=30)
+            message = f"{outcome.get('outcome')}: {outcome.get('message')}"
+        except Exception as exc:  # no worker answered, Redis down: say so on the page
+            message = f"cancel not done: {type(exc).__name__}: {exc}"
+        target = f"/jobs/{job_id}?" + urlencode({"message": message[:300]})
+        return RedirectResponse(target, status_code=303)
+
+    async def _refuse(self, request: Request) -> Response | None:
+        """A POST must carry this user's CSRF token and come from this origin."""
+        form = await request.form()
+        token = str(form.get("csrf") or "")
+        if not hmac.compare_digest(token, self.csrf(request)):
+            return PlainTextResponse("missing or wrong CSRF token", 403)
+        origin = request.headers.get("origin") or request.headers.get("referer")
+        if origin and urlsplit(origin).netloc != request.url.netloc:
+            return PlainTextResponse("cross-origin request refused", 403)
+        return None
+
+
+def _utc(ts: float | None) -> str:
+    if ts is None:
+        return "-"
+    return datetime.fromtimestamp(float(ts), UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _matches(view: dict[str, Any], account: str, model: str, text: str) -> bool:
+    if account and view["account"] != account:
+        return False
+    if model and view["model"] != model:
+        return False
+    if text:
+        metadata = view.get("metadata") or {}
+        values = [str(v) for v in metadata.values()] if isinstance(metadata, dict) else []
+        return any(text.lower() in v.lower() for v in values) or text in view["job_id"]
+    return True
+
+
+def create_app(
+    queue: AnimateQueue,
+    *,
+    users: Mapping[str, str] | None,
+    secret: bytes,
+    flower_url: str = "http://localhost:5555",
+    presign: Presign = lambda uri: None,
+) -> Starlette:
+    """The console over ``queue``. ``users`` None means no auth (the operator chose it)."""
+    console = Console(queue, secret=secret, flower_url=flower_url, presign=presign)
+    routes = [
+        Route("/healthz", lambda request: PlainTextResponse("OK")),
+        Route("/", console.overview),
+        Route("/jobs", console.jobs),
+        Route("/jobs/rows", console.rows),
+        Route("/jobs/{job_id}", console.job),
+        Route("/jobs/{job_id}/live", console.job_live),
+        Route("/jobs/{job_id}/cancel", console.cancel, methods=["POST"]),
+        Mount("/static", StaticFiles(directory=str(HERE / "static")), name="static"),
+    ]
+    return Starlette(routes=routes, middleware=[Middleware(Auth, users=users)])
