@@ -143,6 +143,7 @@ def test_a_stored_job_plays_its_video_and_shows_what_it_cost(
     page = client.get("/jobs/done", headers=AUTH).text
     assert '<video id="video" src="https://s3.test/signed.mp4"' in page
     assert "5.0 s / 3.0 CNY" in page and "s3://b/videos/done.mp4" in page
+    assert "submit 0, polls 0, copy 0" in page
 
 
 def test_an_action_needs_its_csrf_token_and_this_origin(

@@ -25,6 +25,7 @@ import base64
 import binascii
 import hashlib
 import hmac
+import json
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
@@ -112,6 +113,11 @@ class Console:
         self.presign = presign
         self.templates = Jinja2Templates(directory=str(HERE / "templates"))
         self.templates.env.filters["utc"] = _utc
+        # Plain text, escaped by the template like any other (Jinja's tojson writes <, > and &
+        # as \u escapes, which would show the reader escapes instead of what was sent).
+        self.templates.env.filters["pretty"] = lambda value: json.dumps(
+            value, indent=2, ensure_ascii=False, sort_keys=True, default=str
+        )
 
     def csrf(self, request: Request) -> str:
         user = getattr(request.state, "user", "")
