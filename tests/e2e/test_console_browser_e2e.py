@@ -162,6 +162,10 @@ def test_a_job_is_cancelled_from_its_page(
 ) -> None:
     remote.config(generation_seconds=60.0, concurrency=1)
     blocker = queue.submit(remote.image(), remote.template(), job_id=f"{job_id}-first")
+    deadline = time.monotonic() + 30
+    while (queue.get(blocker) or {}).get("remote_status") != "RUNNING":  # it holds the one slot
+        assert time.monotonic() < deadline, queue.get(blocker)
+        time.sleep(0.1)
     queue.submit(remote.image(), remote.template(), job_id=job_id)  # behind it: remote PENDING
     recorded(queue, job_id)
     page.goto(f"{console_url}/jobs/{job_id}")
