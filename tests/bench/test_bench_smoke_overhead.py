@@ -80,3 +80,12 @@ def test_inflight_benchmark_quick_run_ends_with_its_json_line() -> None:
     assert summary["parked_end"] > 0
     assert summary["held_messages_max"] <= 2
     assert "jobs in flight" in printed
+
+
+@pytest.mark.timeout(120)
+def test_console_benchmark_quick_run_ends_with_its_json_line() -> None:
+    summary, printed = run_quick("console")
+    assert_numbers(summary, ("page_ms_p50", "page_ms_p95", "search_by_id_ms", "rows_per_page"))
+    assert summary["jobs"] == 2000 and summary["pages"] == 3 and summary["search_found"] is True
+    assert summary["rows_per_page"] >= 10  # a page of the state index, not the whole set
+    assert "console job list" in printed
