@@ -169,12 +169,17 @@ class Governor(Protocol):
     def inflight(self, account: str) -> list[str]:
         """Admitted jobs that hold or wait for the remote slot."""
 
-    def add_spend(self, account: str, day: str, amount: float, job_id: str) -> float:
-        """Add a job's bill (CNY) to the account's spend on ``day`` (UTC, YYYY-MM-DD), once per
-        job however often it is told; the day's total."""
+    def add_spend(
+        self, account: str, day: str, amount: float, job_id: str, model: str = ""
+    ) -> float:
+        """Add a job's bill (CNY) to the account's spend on ``day`` (UTC, YYYY-MM-DD) and to its
+        model's, once per job however often it is told; the account's day total."""
 
     def spent(self, account: str, day: str) -> float:
         """The account's billed spend (CNY) on ``day``."""
+
+    def spent_by_model(self, day: str) -> dict[tuple[str, str], float]:
+        """The day's billed spend (CNY) by (account, model)."""
 
 
 @dataclass(frozen=True)

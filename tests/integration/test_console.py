@@ -20,6 +20,8 @@ from click.testing import CliRunner
 
 from config.settings import get_settings
 from devstack import free_port
+from workers.adapters.redis.queues import RedisQueues
+from workers.domain.costs import utc_day
 from workers.domain.job import Job
 from workers.domain.request import JobRequest
 from workers.domain.states import JobState
@@ -48,7 +50,8 @@ def queue() -> Iterator[AnimateQueue]:
 def client(queue: AnimateQueue) -> Iterator[httpx.Client]:
     """The console served for real (uvicorn, a free port), and a client for it."""
     app = create_app(queue, users=parse_users("ops:s3cret"), secret=b"k" * 32,
-                     presign=lambda uri: "https://s3.test/signed.mp4")  # fmt: skip
+                     presign=lambda uri: "https://s3.test/signed.mp4",
+                     queues=RedisQueues(queue.store.redis, prefix=queue.store.prefix))  # fmt: skip
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -89,6 +92,26 @@ def test_the_overview_counts_jobs_by_state(client: httpx.Client, queue: AnimateQ
     page = client.get("/", headers=AUTH).text
     assert '<a href="/jobs?state=SUBMITTED">3</a>' in page
     assert '<a href="/jobs?state=QUEUED">1</a>' in page
+
+
+def test_the_overview_shows_copies_at_risk_queues_and_cost_today(
+    client: httpx.Client, queue: AnimateQueue
+) -> None:
+    now = time.time()
+    job(queue, "soon", JobState.SUBMITTED)
+    store = queue.store
+    store.redis.zadd(f"{store.prefix}:expiring", {"soon": now + 3600, "later": now + 86_000})
+    today = utc_day(now)
+    queue.governor.add_spend("main", today, 1.2, "j1", "wan2.2-animate-move")
+    queue.governor.add_spend("main", today, 0.16, "j2", "animate-anyone-gen2")
+    page = client.get("/", headers=AUTH).text
+    risk = page.split('id="at-risk"', 1)[1].split("</table>", 1)[0]
+    assert 'href="/jobs/soon"' in risk and "later" not in risk and "1.0 h" in risk
+    spend = page.split('id="spend"', 1)[1].split("</table>", 1)[0]
+    assert "<td>main</td><td>wan2.2-animate-move</td><td>1.2</td>" in spend
+    assert "<td>main</td><td>animate-anyone-gen2</td><td>0.16</td>" in spend
+    queues = page.split('id="queues"', 1)[1].split("</table>", 1)[0]
+    assert all(f"<td>{name}</td>" in queues for name in ("celery", "dashscope", "transfer"))
 
 
 def test_the_list_pages_through_the_state_index(client: httpx.Client, queue: AnimateQueue) -> None:

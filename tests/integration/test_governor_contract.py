@@ -316,3 +316,15 @@ class TestSpend:
         assert g.add_spend("a", "2026-12-06", 0.4, "j1") == pytest.approx(0.65)  # again: once
         assert g.spent("a", "2026-12-06") == pytest.approx(0.65)
         assert g.spent("b", "2026-12-06") == 0.0 and g.spent("a", "2026-12-07") == 0.0
+
+    def test_a_days_bills_by_account_and_model(self, twin: Twin) -> None:
+        g = twin.governor()
+        g.add_spend("a", "2026-12-06", 0.4, "j1", "animate-anyone-gen2")
+        g.add_spend("a", "2026-12-06", 1.2, "j2", "wan2.2-animate-move")
+        g.add_spend("a", "2026-12-06", 1.2, "j2", "wan2.2-animate-move")  # once
+        g.add_spend("b", "2026-12-06", 0.6, "j3", "wan2.2-animate-move")
+        assert g.spent_by_model("2026-12-06") == pytest.approx({
+            ("a", "animate-anyone-gen2"): 0.4, ("a", "wan2.2-animate-move"): 1.2,
+            ("b", "wan2.2-animate-move"): 0.6,
+        })  # fmt: skip
+        assert g.spent_by_model("2026-12-07") == {}

@@ -529,8 +529,13 @@ def console_command(host: str | None, port: int | None) -> None:
         except (ValueError, WorkerError):
             return None
 
+    from workers.adapters.redis.queues import RedisQueues
+    from workers.bootstrap import broker_redis, redis_client
+
+    broker = broker_redis(settings) or redis_client(settings)
     app = create_app(_queue(), users=users, secret=secret, flower_url=settings.flower_url,
-                     presign=presign)  # fmt: skip
+                     presign=presign,
+                     queues=RedisQueues(broker, prefix=settings.key_prefix))  # fmt: skip
     uvicorn.run(app, host=host or settings.console_addr, port=port or settings.console_port,
                 log_level="warning")  # fmt: skip
 

@@ -114,12 +114,11 @@ def hold_for_budget(svc: Services, job: Job, why: str) -> None:
 
 
 def add_spend(svc: Services, job: Job, billed: float, now: float) -> None:
-    """Count a job's bill against its account's day (once per job), when the account has a
-    budget (best effort: a failure to count is logged; the job, paid for, goes on)."""
+    """Count a job's bill against its account's day and model (once per job): the daily budget
+    and the console's spend today read it. Best effort: a failure to count is logged; the job,
+    paid for, goes on."""
     account = job.account
-    if budget_for(svc.daily_budget, account) is None:
-        return
     try:
-        svc.governor.add_spend(account, utc_day(now), billed, job.job_id)
+        svc.governor.add_spend(account, utc_day(now), billed, job.job_id, job.model)
     except StoreUnavailable as exc:
         log.warning("could not count %.4f CNY against %s's budget: %s", billed, account, exc)

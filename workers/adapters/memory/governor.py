@@ -94,6 +94,7 @@ class InMemoryGovernor:
         self.inflight_sets: dict[str, set[str]] = {}
         self.spend: dict[tuple[str, str], float] = {}  # (account, day) -> CNY billed
         self.spend_jobs: dict[tuple[str, str], set[str]] = {}  # the jobs counted in it
+        self.spend_models: dict[str, dict[tuple[str, str], float]] = {}  # day -> by model
         self.healed_until: dict[str, float] = {}
         self.lock = threading.Lock()
 
@@ -224,13 +225,21 @@ class InMemoryGovernor:
         with self.lock:
             self.inflight_sets.setdefault(account, set()).discard(job_id)
 
-    def add_spend(self, account: str, day: str, amount: float, job_id: str) -> float:
+    def add_spend(
+        self, account: str, day: str, amount: float, job_id: str, model: str = ""
+    ) -> float:
         with self.lock:
             counted = self.spend_jobs.setdefault((account, day), set())
             if job_id not in counted:
                 counted.add(job_id)
                 self.spend[account, day] = self.spend.get((account, day), 0.0) + amount
+                models = self.spend_models.setdefault(day, {})
+                models[account, model] = models.get((account, model), 0.0) + amount
             return self.spend.get((account, day), 0.0)
+
+    def spent_by_model(self, day: str) -> dict[tuple[str, str], float]:
+        with self.lock:
+            return dict(self.spend_models.get(day, {}))
 
     def spent(self, account: str, day: str) -> float:
         with self.lock:

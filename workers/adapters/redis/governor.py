@@ -37,8 +37,10 @@ SPEND_KEEP_SECONDS = 3 * 86400  # a day's spend is kept three days (the accounts
 _SPEND = """
 if redis.call('SADD', KEYS[2], ARGV[1]) == 1 then
   redis.call('INCRBYFLOAT', KEYS[1], ARGV[2])
+  redis.call('HINCRBYFLOAT', KEYS[3], ARGV[4], ARGV[2])
   redis.call('EXPIRE', KEYS[1], ARGV[3])
   redis.call('EXPIRE', KEYS[2], ARGV[3])
+  redis.call('EXPIRE', KEYS[3], ARGV[3])
 end
 return redis.call('GET', KEYS[1]) or '0'
 """
@@ -276,13 +278,19 @@ class RedisGovernor:
 
     # ------------------------------------------------------------------ spend
 
-    def add_spend(self, account: str, day: str, amount: float, job_id: str) -> float:
-        """``P:acct:<account>:spend:<day>``: the day's bills, and ``...:spend:<day>:jobs`` the
-        jobs counted (each once), both kept three days."""
+    def add_spend(
+        self, account: str, day: str, amount: float, job_id: str, model: str = ""
+    ) -> float:
+        """``P:acct:<account>:spend:<day>``: the day's bills; ``...:spend:<day>:jobs`` the jobs
+        counted (each once); ``P:spend:<day>:models`` the day's bills by "account|model". Kept
+        three days."""
         key = f"{self.prefix}:acct:{account}:spend:{day}"
+        by_model = f"{self.prefix}:spend:{day}:models"
         try:
-            total = self._spend(keys=[key, f"{key}:jobs"],
-                                args=[job_id, repr(float(amount)), SPEND_KEEP_SECONDS])  # fmt: skip
+            total = self._spend(
+                keys=[key, f"{key}:jobs", by_model],
+                args=[job_id, repr(float(amount)), SPEND_KEEP_SECONDS, f"{account}|{model}"],
+            )
         except redis.RedisError as exc:
             raise StoreUnavailable(f"spend: {exc}") from exc
         return float(total)
@@ -293,6 +301,18 @@ class RedisGovernor:
         except redis.RedisError as exc:
             raise StoreUnavailable(f"spend: {exc}") from exc
         return float(raw) if raw is not None else 0.0
+
+    def spent_by_model(self, day: str) -> dict[tuple[str, str], float]:
+        """The day's bills by (account, model)."""
+        try:
+            raw = self.redis.hgetall(f"{self.prefix}:spend:{day}:models")
+        except redis.RedisError as exc:
+            raise StoreUnavailable(f"spend: {exc}") from exc
+        out: dict[tuple[str, str], float] = {}
+        for field, value in raw.items():
+            account, _, model = _text(field).partition("|")
+            out[account, model] = float(value)
+        return out
 
     def _call(self, script: Any, *args: str) -> Any:
         try:

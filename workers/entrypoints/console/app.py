@@ -42,7 +42,9 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
+from workers.adapters.redis.queues import RedisQueues
 from workers.domain.costs import utc_day
+from workers.domain.routes import QUEUES
 from workers.domain.states import FINAL_STATES, JobState
 from workers.domain.views import job_view
 from workers.producer import AnimateQueue
@@ -105,9 +107,16 @@ class Console:
     """The routes over one :class:`AnimateQueue`."""
 
     def __init__(
-        self, queue: AnimateQueue, *, secret: bytes, flower_url: str, presign: Presign
+        self,
+        queue: AnimateQueue,
+        *,
+        secret: bytes,
+        flower_url: str,
+        presign: Presign,
+        queues: RedisQueues | None = None,
     ) -> None:
         self.queue = queue
+        self.queues = queues  # the broker's queues (length, consumers, oldest wait)
         self.secret = secret
         self.flower_url = flower_url.rstrip("/")
         self.presign = presign
@@ -130,12 +139,32 @@ class Console:
     # ------------------------------------------------------------------ pages
 
     async def overview(self, request: Request) -> Response:
-        counts = self.queue.store.count_by_state()
-        today = utc_day(time.time())
+        now = time.time()
+        today = utc_day(now)
         accounts = self.queue.accounts()
         for view in accounts:
             view["spent_today"] = round(self.queue.governor.spent(view["account"], today), 4)
-        return self.render(request, "overview.html", counts=counts, accounts=accounts, day=today)
+        by_model = sorted(self.queue.governor.spent_by_model(today).items())
+        return self.render(
+            request,
+            "overview.html",
+            counts=self.queue.store.count_by_state(),
+            accounts=accounts,
+            day=today,
+            spend=[(account, model, round(cost, 4)) for (account, model), cost in by_model],
+            queues=self.queues.sample(QUEUES) if self.queues is not None else [],
+            at_risk=self._at_risk(now),
+            now=now,
+        )
+
+    def _at_risk(self, now: float) -> list[tuple[str, float]]:
+        """Paid videos not yet copied whose URL dies within AT_RISK_SECONDS, soonest first."""
+        store = self.queue.store
+        found: list[tuple[bytes, float]] = store.redis.zrangebyscore(  # type: ignore[assignment]
+            f"{store.prefix}:expiring", "-inf", now + AT_RISK_SECONDS, start=0, num=50,
+            withscores=True,
+        )  # fmt: skip
+        return [(_text(job_id), float(at) - now) for job_id, at in found]
 
     async def jobs(self, request: Request) -> Response:
         return self.render(request, "jobs.html", **self._listing(request))
@@ -220,6 +249,10 @@ class Console:
         return None
 
 
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
 def _utc(ts: float | None) -> str:
     if ts is None:
         return "-"
@@ -245,9 +278,10 @@ def create_app(
     secret: bytes,
     flower_url: str = "http://localhost:5555",
     presign: Presign = lambda uri: None,
+    queues: RedisQueues | None = None,
 ) -> Starlette:
     """The console over ``queue``. ``users`` None means no auth (the operator chose it)."""
-    console = Console(queue, secret=secret, flower_url=flower_url, presign=presign)
+    console = Console(queue, secret=secret, flower_url=flower_url, presign=presign, queues=queues)
     routes = [
         Route("/healthz", lambda request: PlainTextResponse("OK")),
         Route("/", console.overview),
