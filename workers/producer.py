@@ -43,16 +43,23 @@ from workers.adapters.s3.inputs import (
     is_local,
     local_path,
 )
-from workers.domain.request import JOB_ID_RE
+from workers.domain.request import JOB_ID_RE, TEMPLATE_FAMILY_ONLY
 from workers.domain.routes import public_queue
-from workers.domain.states import FINAL_STATES
+from workers.domain.states import FINAL_STATES, JobState
 from workers.domain.views import job_view
 from workers.errors import CopyMismatch, InvalidJobRequest, JobNotFound, StorageUnavailable
 from workers.models import ANIMATE_ANYONE_GEN2
+from workers.steps.table import queue_for
 
 INTAKE_TASK = "animate.generate"
 TEMPLATE_TASK = "animate.template"
 CANCEL_TASK = "animate.cancel"
+COPY_TASK = "animate.copy"
+# A job that ended without its video may run again (as a new job); the request fields it keeps.
+RERUNNABLE = frozenset({"FAILED", "EXPIRED", "CANCELED"})
+RERUN_FIELDS = ("image_url", "template_id", "video_url", "detect", "use_ref_img_bg",
+                "video_ratio", "account", "priority", "producer", "callback_task",
+                "callback_queue", "webhook_url", "model", "mode", "check_image")  # fmt: skip
 
 
 def _check_job_id(job_id: Any) -> None:
@@ -318,6 +325,50 @@ class AnimateQueue:
         """Cancel a job through a worker (``animate.cancel``); what happened."""
         result = self.celery.send_task(CANCEL_TASK, args=(job_id,), queue=public_queue(CANCEL_TASK))
         return dict(result.get(timeout=timeout))
+
+    def rerun(self, job_id: str) -> str:
+        """Enqueue a video job that ended without its video (FAILED, EXPIRED, CANCELED) again,
+        as a new job: the same request, a new id (``<id>-rerun-<n>``), ``rerun_of`` in its
+        metadata. The new job's id (ValueError: the job cannot be run again)."""
+        job = self.store.get(job_id)
+        if job is None:
+            raise JobNotFound(job_id)
+        if job.is_template or job.state not in RERUNNABLE:
+            raise ValueError(f"job {job_id} is {job.state.value}: only a video job that ended "
+                             f"without its video ({', '.join(sorted(RERUNNABLE))}) runs again")  # fmt: skip
+        base = job_id[:100]
+        n = 1
+        while self.store.get(f"{base}-rerun-{n}") is not None:
+            n += 1
+        request = job.request
+        kwargs = {name: getattr(request, name) for name in RERUN_FIELDS}
+        kwargs["metadata"] = {**request.metadata, "rerun_of": job_id}
+        kwargs["job_id"] = f"{base}-rerun-{n}"
+        if request.video_url is not None:
+            kwargs.pop("template_id")
+        else:
+            kwargs.pop("video_url")
+        if not models.profile(job.model).takes_templates:  # a Wan job: none of AnimateAnyone's
+            for name in TEMPLATE_FAMILY_ONLY:
+                kwargs.pop(name, None)
+        return self._send(INTAKE_TASK, {}, kwargs)
+
+    def retry_copy(self, job_id: str) -> dict[str, Any]:
+        """Send a job waiting to retry its copy (COPYING, its video URL still alive) to its copy
+        step now: the same message the step's own backoff would send later (stale once this
+        one moves the job; a copy already running keeps its lease)."""
+        job = self.store.get(job_id)
+        if job is None:
+            raise JobNotFound(job_id)
+        if job.state != JobState.COPYING:
+            raise ValueError(f"job {job_id} is {job.state.value}: only a job waiting for its "
+                             "copy (COPYING) can retry it")  # fmt: skip
+        left = (job.video_expires_at or 0) - time.time()
+        if left <= 0:
+            raise ValueError(f"job {job_id}'s video URL has expired: there is nothing to copy")
+        self.celery.send_task(COPY_TASK, args=(job_id, job.version), queue=queue_for(COPY_TASK))
+        return {"job_id": job_id, "outcome": "sent",
+                "message": f"copy sent now ({left / 3600:.1f} h left on the video URL)"}  # fmt: skip
 
     def register_template(self, template_id: str, account: str) -> None:
         """Record which account owns a template: jobs using it then run under that account."""

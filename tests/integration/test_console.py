@@ -205,3 +205,91 @@ def test_the_console_refuses_to_start_without_auth(monkeypatch: pytest.MonkeyPat
     finally:
         get_settings.cache_clear()
     assert result.exit_code != 0 and "CONSOLE_BASIC_AUTH" in result.output
+
+
+def ended(queue: AnimateQueue, job_id: str, state: JobState, **kw: Any) -> None:
+    """A job record that ended (written as the workers leave it: the producer's own store
+    expires final records at once, so the state is set on a live one)."""
+    job(queue, job_id, **kw)
+    queue.store.redis.hset(queue.store.key(job_id), "state", state.value)
+
+
+def sent(queue: AnimateQueue, monkeypatch: pytest.MonkeyPatch) -> list[tuple[Any, ...]]:
+    calls: list[tuple[Any, ...]] = []
+
+    def send_task(name: str, args: Any = None, kwargs: Any = None, **options: Any) -> None:
+        calls.append((name, args, kwargs, options.get("queue")))
+
+    monkeypatch.setattr(queue.celery, "send_task", send_task)
+    return calls
+
+
+def test_rerun_sends_the_same_request_as_a_new_job(
+    queue: AnimateQueue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = sent(queue, monkeypatch)
+    ended(queue, "f1", JobState.FAILED, metadata={"order": "42"})
+    assert queue.rerun("f1") == "f1-rerun-1"
+    ((name, _, kwargs, q),) = calls
+    assert (name, q) == ("animate.generate", "celery")
+    assert kwargs["job_id"] == "f1-rerun-1" and kwargs["metadata"] == {
+        "order": "42",
+        "rerun_of": "f1",
+    }
+    assert (kwargs["image_url"], kwargs["template_id"]) == ("https://cdn.test/a.png", "AACT.x.y")
+    assert "video_url" not in kwargs
+    job(queue, "f1-rerun-1")  # that one exists now: the next run gets the next number
+    assert queue.rerun("f1") == "f1-rerun-2"
+    job(queue, "running")
+    with pytest.raises(ValueError, match="only a video job that ended without its video"):
+        queue.rerun("running")
+
+
+def test_a_wan_rerun_sends_none_of_animate_anyones_fields(
+    queue: AnimateQueue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = sent(queue, monkeypatch)
+    now = time.time()
+    request = JobRequest("https://cdn.test/a.png", video_url="https://cdn.test/d.mp4",
+                         job_id="w1", detect=False, model="wan2.2-animate-mix", mode="wan-pro")  # fmt: skip
+    queue.store.create(Job("w1", JobState.SUBMITTED, 1, request, now, now))
+    queue.store.redis.hset(queue.store.key("w1"), "state", "EXPIRED")
+    queue.rerun("w1")
+    kwargs = calls[0][2]
+    assert kwargs["model"] == "wan2.2-animate-mix" and kwargs["mode"] == "wan-pro"
+    assert kwargs["video_url"] == "https://cdn.test/d.mp4"
+    assert not {"detect", "template_id", "use_ref_img_bg", "video_ratio"} & set(kwargs)
+
+
+def test_retry_copy_sends_the_copy_now_while_the_url_lives(
+    queue: AnimateQueue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = sent(queue, monkeypatch)
+    job(queue, "c1", JobState.COPYING, video_expires_at=time.time() + 7200)
+    assert queue.retry_copy("c1")["outcome"] == "sent"
+    assert calls == [("animate.copy", ("c1", 1), None, "transfer")]
+    job(queue, "c2", JobState.COPYING, video_expires_at=time.time() - 1)
+    with pytest.raises(ValueError, match="expired"):
+        queue.retry_copy("c2")
+    job(queue, "s1")
+    with pytest.raises(ValueError, match="only a job waiting for its copy"):
+        queue.retry_copy("s1")
+    assert len(calls) == 1
+
+
+def test_the_pages_actions_say_what_happened(
+    client: httpx.Client, queue: AnimateQueue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sent(queue, monkeypatch)
+    ended(queue, "gone", JobState.FAILED)
+    page = client.get("/jobs/gone", headers=AUTH).text
+    assert 'id="rerun"' in page and 'id="cancel"' not in page and 'id="retry-copy"' not in page
+    token = page.split('name="csrf" value="', 1)[1].split('"', 1)[0]
+    here = {**AUTH, "Origin": str(client.base_url).rstrip("/")}
+    done = client.post("/jobs/gone/rerun", headers=here, data={"csrf": token},
+                       follow_redirects=False)  # fmt: skip
+    assert done.status_code == 303
+    assert done.headers["location"].startswith("/jobs/gone-rerun-1?")
+    refused = client.post("/jobs/gone/retry-copy", headers=here, data={"csrf": token},
+                          follow_redirects=False)  # fmt: skip
+    assert "retry+the+copy+not+done" in refused.headers["location"]

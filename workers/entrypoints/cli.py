@@ -308,6 +308,27 @@ def cancel(job_id: str, timeout: float) -> None:
 
 
 @main.command()
+@click.argument("job_id")
+def rerun(job_id: str) -> None:
+    """Run a video job that ended without its video (FAILED, EXPIRED, CANCELED) again, as a new
+    job with the same request; print the new job's id."""
+    try:
+        click.echo(_queue().rerun(job_id))
+    except (ValueError, WorkerError) as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@main.command("retry-copy")
+@click.argument("job_id")
+def retry_copy(job_id: str) -> None:
+    """Send a job waiting to retry its copy (COPYING, its video URL alive) to its copy now."""
+    try:
+        click.echo(json.dumps(_queue().retry_copy(job_id), indent=2, sort_keys=True))
+    except (ValueError, WorkerError) as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@main.command()
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
 def accounts(as_json: bool) -> None:
     """Per account: queued jobs, remote running/pending, tokens, 429s received, today's bills

@@ -225,16 +225,40 @@ class Console:
     # ------------------------------------------------------------------ actions
 
     async def cancel(self, request: Request) -> Response:
+        def act(job_id: str) -> tuple[str, str]:
+            outcome = self.queue.cancel(job_id, timeout=30)
+            return job_id, f"{outcome.get('outcome')}: {outcome.get('message')}"
+
+        return await self._act(request, "cancel", act)
+
+    async def retry_copy(self, request: Request) -> Response:
+        def act(job_id: str) -> tuple[str, str]:
+            outcome = self.queue.retry_copy(job_id)
+            return job_id, f"{outcome['outcome']}: {outcome['message']}"
+
+        return await self._act(request, "retry the copy", act)
+
+    async def rerun(self, request: Request) -> Response:
+        def act(job_id: str) -> tuple[str, str]:
+            new = self.queue.rerun(job_id)
+            return new, f"enqueued as a new job, {new}, the run again of {job_id}"
+
+        return await self._act(request, "run again", act)
+
+    async def _act(
+        self, request: Request, what: str, act: Callable[[str], tuple[str, str]]
+    ) -> Response:
+        """An action through the producer's API (the CLI's code path); the page it lands on
+        says what happened, or why nothing did."""
         job_id = request.path_params["job_id"]
         refused = await self._refuse(request)
         if refused is not None:
             return refused
         try:
-            outcome = self.queue.cancel(job_id, timeout=30)
-            message = f"{outcome.get('outcome')}: {outcome.get('message')}"
-        except Exception as exc:  # no worker answered, Redis down: say so on the page
-            message = f"cancel not done: {type(exc).__name__}: {exc}"
-        target = f"/jobs/{job_id}?" + urlencode({"message": message[:300]})
+            shown, message = act(job_id)
+        except Exception as exc:  # refused, no worker answered, Redis down: say so on the page
+            shown, message = job_id, f"{what} not done: {type(exc).__name__}: {exc}"
+        target = f"/jobs/{shown}?" + urlencode({"message": message[:300]})
         return RedirectResponse(target, status_code=303)
 
     async def _refuse(self, request: Request) -> Response | None:
@@ -290,6 +314,8 @@ def create_app(
         Route("/jobs/{job_id}", console.job),
         Route("/jobs/{job_id}/live", console.job_live),
         Route("/jobs/{job_id}/cancel", console.cancel, methods=["POST"]),
+        Route("/jobs/{job_id}/retry-copy", console.retry_copy, methods=["POST"]),
+        Route("/jobs/{job_id}/rerun", console.rerun, methods=["POST"]),
         Mount("/static", StaticFiles(directory=str(HERE / "static")), name="static"),
     ]
     return Starlette(routes=routes, middleware=[Middleware(Auth, users=users)])
