@@ -293,3 +293,44 @@ def test_the_pages_actions_say_what_happened(
     refused = client.post("/jobs/gone/retry-copy", headers=here, data={"csrf": token},
                           follow_redirects=False)  # fmt: skip
     assert "retry+the+copy+not+done" in refused.headers["location"]
+
+
+def test_the_timeline_says_how_long_each_step_lasted_and_why_it_retried(
+    client: httpx.Client, queue: AnimateQueue
+) -> None:
+    created = job(queue, "t1", JobState.RECEIVED, intake_message_id="msg-123")
+    moved = queue.store.transition(created, JobState.SUBMITTING, updated_at=created.created_at + 4)
+    assert moved is not None
+    queue.store.transition(moved, JobState.SUBMITTING, submit_attempts=2, error_code="HTTP503",
+                           error_message="busy", updated_at=created.created_at + 10)  # fmt: skip
+    page = client.get("/jobs/t1", headers=AUTH).text
+    rows = page.split('id="timeline"', 1)[1].split("</table>", 1)[0]
+    assert "<td>4.0 s</td>" in rows and "<td>6.0 s</td>" in rows
+    assert (
+        "submit_attempts=2" in rows
+        and "error_code=HTTP503" in rows
+        and "error_message=busy" in rows
+    )
+    assert 'id="flower-intake" href="http://localhost:5555/task/msg-123"' in page
+
+
+def test_the_list_filters_by_age(client: httpx.Client, queue: AnimateQueue) -> None:
+    now = time.time()
+    queue.store.create(Job("old", JobState.SUBMITTED, 1, JobRequest("https://cdn.test/a.png",
+                       "AACT.x.y", job_id="old"), now - 3600, now))  # fmt: skip
+    queue.store.create(Job("new", JobState.SUBMITTED, 1, JobRequest("https://cdn.test/a.png",
+                       "AACT.x.y", job_id="new"), now - 5, now))  # fmt: skip
+    page = client.get("/jobs?state=SUBMITTED&min_age=30", headers=AUTH).text
+    assert 'data-job="old"' in page and 'data-job="new"' not in page
+
+
+def test_the_overview_measures_throughput_between_reads(
+    client: httpx.Client, queue: AnimateQueue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert "measuring" in client.get("/", headers=AUTH).text
+    key = f"{queue.store.prefix}:m:c:jobs_finished_total"
+    queue.store.redis.hincrbyfloat(key, '["STORED","default","video"]', 30)
+    clock = time.time() + 60
+    monkeypatch.setattr(time, "time", lambda: clock)  # a minute later, 30 more finished
+    page = client.get("/", headers=AUTH).text
+    assert "30.0 jobs finished a minute" in page

@@ -47,6 +47,7 @@ def job_view(job: Job) -> dict[str, Any]:
             "error": job.webhook_error,
         },
         "duplicates": job.duplicates,
+        "intake_message_id": job.intake_message_id,  # its animate.generate task (Flower)
         **_times(job),
     }
 

@@ -27,6 +27,7 @@ import hashlib
 import hmac
 import json
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
@@ -42,6 +43,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
+from workers.adapters.redis.metrics import counter_key
 from workers.adapters.redis.queues import RedisQueues
 from workers.domain.costs import utc_day
 from workers.domain.routes import QUEUES
@@ -52,6 +54,7 @@ from workers.producer import AnimateQueue
 HERE = Path(__file__).parent
 PAGE_SIZE = 50
 AT_RISK_SECONDS = 6 * 3600.0  # a paid video whose URL has less than this left is at risk
+THROUGHPUT_WINDOW = 900.0
 ACTIVE = [s.value for s in JobState if s not in FINAL_STATES]
 
 Presign = Callable[[str], str | None]
@@ -117,6 +120,9 @@ class Console:
     ) -> None:
         self.queue = queue
         self.queues = queues  # the broker's queues (length, consumers, oldest wait)
+        # (when, jobs finished so far) as the overview read them: the throughput is the rate
+        # between the oldest sample of the last quarter hour and now (a display cache only)
+        self.finished: deque[tuple[float, float]] = deque(maxlen=240)
         self.secret = secret
         self.flower_url = flower_url.rstrip("/")
         self.presign = presign
@@ -154,8 +160,23 @@ class Console:
             spend=[(account, model, round(cost, 4)) for (account, model), cost in by_model],
             queues=self.queues.sample(QUEUES) if self.queues is not None else [],
             at_risk=self._at_risk(now),
+            throughput=self._throughput(now),
             now=now,
         )
+
+    def _throughput(self, now: float) -> float | None:
+        """Jobs finished per minute over the last quarter hour of overview reads (None until
+        two reads at least ten seconds apart)."""
+        store = self.queue.store
+        raw = store.redis.hvals(counter_key(store.prefix, "jobs_finished_total"))
+        total = sum(float(v) for v in raw)
+        self.finished.append((now, total))
+        while self.finished and now - self.finished[0][0] > THROUGHPUT_WINDOW:
+            self.finished.popleft()
+        first_at, first_total = self.finished[0]
+        if now - first_at < 10:
+            return None
+        return round((total - first_total) / (now - first_at) * 60, 2)
 
     def _at_risk(self, now: float) -> list[tuple[str, float]]:
         """Paid videos not yet copied whose URL dies within AT_RISK_SECONDS, soonest first."""
@@ -178,6 +199,10 @@ class Console:
         text = (q.get("q") or "").strip()
         account, model = q.get("account") or "", q.get("model") or ""
         try:
+            min_age = max(0.0, float(q.get("min_age") or 0)) * 60  # minutes, in the form
+        except ValueError:
+            min_age = 0.0
+        try:
             cursor = max(0, int(q.get("cursor") or 0))
         except ValueError:
             cursor = 0
@@ -187,8 +212,10 @@ class Console:
         else:
             next_cursor, jobs = self.queue.store.page_jobs(state, cursor, PAGE_SIZE)
             views = [job_view(job) for job in jobs]
-            views = [v for v in views if _matches(v, account, model, text)]
-        filters = {"state": state, "account": account, "model": model, "q": text}
+            views = [v for v in views if _matches(v, account, model, text)
+                     and time.time() - v["created_at"] >= min_age]  # fmt: skip
+        filters = {"state": state, "account": account, "model": model, "q": text,
+                   "min_age": q.get("min_age") or ""}  # fmt: skip
         more = urlencode({**filters, "cursor": next_cursor}) if next_cursor else None
         return {
             "views": views,
@@ -215,7 +242,7 @@ class Console:
             request,
             template,
             view=view,
-            timeline=self.queue.timeline(job_id),
+            timeline=steps_of(self.queue.timeline(job_id), view, time.time()),
             video=video,
             now=time.time(),
             at_risk=AT_RISK_SECONDS,
@@ -271,6 +298,18 @@ class Console:
         if origin and urlsplit(origin).netloc != request.url.netloc:
             return PlainTextResponse("cross-origin request refused", 403)
         return None
+
+
+def steps_of(lines: list[dict[str, Any]], view: dict[str, Any], now: float) -> list[dict[str, Any]]:
+    """Timeline lines with how long each lasted (until the next line; the last one: until now
+    while the job runs), and the detail a person reads (attempts, the reason of a retry)."""
+    rows = []
+    for i, line in enumerate(lines):
+        end = lines[i + 1]["at"] if i + 1 < len(lines) else (None if view["final"] else now)
+        detail = {k: v for k, v in line.items() if k not in ("at", "to", "from", "created")}
+        rows.append({**line, "seconds": None if end is None else round(end - line["at"], 1),
+                     "detail": detail})  # fmt: skip
+    return rows
 
 
 def _text(value: bytes | str) -> str:
