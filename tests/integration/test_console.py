@@ -327,10 +327,11 @@ def test_the_list_filters_by_age(client: httpx.Client, queue: AnimateQueue) -> N
 def test_the_overview_measures_throughput_between_reads(
     client: httpx.Client, queue: AnimateQueue, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    clock = [time.time()]
+    monkeypatch.setattr(time, "time", lambda: clock[0])
     assert "measuring" in client.get("/", headers=AUTH).text
     key = f"{queue.store.prefix}:m:c:jobs_finished_total"
     queue.store.redis.hincrbyfloat(key, '["STORED","default","video"]', 30)
-    clock = time.time() + 60
-    monkeypatch.setattr(time, "time", lambda: clock)  # a minute later, 30 more finished
+    clock[0] += 60  # a minute later, 30 more finished
     page = client.get("/", headers=AUTH).text
     assert "30.0 jobs finished a minute" in page
