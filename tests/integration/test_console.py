@@ -312,6 +312,10 @@ def test_the_timeline_says_how_long_each_step_lasted_and_why_it_retried(
         and "error_message=busy" in rows
     )
     assert 'id="flower-intake" href="http://localhost:5555/task/msg-123"' in page
+    steps = page.split('id="steps"', 1)[1].split("</table>", 1)[0]
+    received, submitting = steps.split("<td>RECEIVED</td>", 1)[1].split("<td>SUBMITTING</td>", 1)
+    assert "<td>4.0 s</td>" in received  # RECEIVED until the move, 4 s later
+    assert "<td>2</td>" in submitting and "HTTP503: busy" in submitting  # one row, two attempts
 
 
 def test_the_list_filters_by_age(client: httpx.Client, queue: AnimateQueue) -> None:

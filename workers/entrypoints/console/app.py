@@ -238,13 +238,15 @@ class Console:
         if view is None:
             return PlainTextResponse(f"no job {job_id}", 404)
         video = self.presign(view["s3_uri"]) if view["s3_uri"] else None
+        lines, now = self.queue.timeline(job_id), time.time()
         return self.render(
             request,
             template,
             view=view,
-            timeline=steps_of(self.queue.timeline(job_id), view, time.time()),
+            timeline=steps_of(lines, view, now),
+            steps=by_step(lines, view, now),
             video=video,
-            now=time.time(),
+            now=now,
             at_risk=AT_RISK_SECONDS,
             message=request.query_params.get("message"),
         )
@@ -309,6 +311,29 @@ def steps_of(lines: list[dict[str, Any]], view: dict[str, Any], now: float) -> l
         detail = {k: v for k, v in line.items() if k not in ("at", "to", "from", "created")}
         rows.append({**line, "seconds": None if end is None else round(end - line["at"], 1),
                      "detail": detail})  # fmt: skip
+    return rows
+
+
+def by_step(lines: list[dict[str, Any]], view: dict[str, Any], now: float) -> list[dict[str, Any]]:
+    """The timeline folded into one row per stay in a state: when it began, how long it lasted,
+    its attempts (the highest count a line names, else 1) and the reason of each retry (a line
+    with an error)."""
+    rows: list[dict[str, Any]] = []
+    for line in lines:
+        state = line.get("to")
+        if state is None:
+            continue
+        if not rows or rows[-1]["state"] != state or "from" in line:
+            rows.append({"state": state, "at": line["at"], "attempts": 1, "retries": []})
+        row = rows[-1]
+        for name in ("submit_attempts", "copy_attempts", "detect_attempts", "prepare_attempts"):
+            if isinstance(line.get(name), int):
+                row["attempts"] = max(row["attempts"], line[name])
+        if line.get("error_code"):
+            row["retries"].append(f"{line['error_code']}: {line.get('error_message', '')}")
+    for i, row in enumerate(rows):
+        end = rows[i + 1]["at"] if i + 1 < len(rows) else (None if view["final"] else now)
+        row["seconds"] = None if end is None else round(end - row["at"], 1)
     return rows
 
 
