@@ -22,6 +22,7 @@ import pytest
 import uvicorn
 
 from devstack import RedisServer, S3Server, Worker, free_port
+from workers.adapters.redis.queues import RedisQueues
 from workers.adapters.s3.inputs import S3Inputs
 from workers.entrypoints.console.app import create_app, parse_users
 from workers.producer import AnimateQueue
@@ -49,7 +50,8 @@ def console_url(
     queue = AnimateQueue(redis_server.url)
     outputs = S3Inputs(s3_server.client(), remote_bucket)
     app = create_app(queue, users=parse_users(f"{USER}:{PASSWORD}"), secret=b"e2e" * 11,
-                     presign=lambda uri: outputs.presign(uri, 600))  # fmt: skip
+                     presign=lambda uri: outputs.presign(uri, 600),
+                     queues=RedisQueues(queue.store.redis, prefix=queue.store.prefix))  # fmt: skip
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
     thread = threading.Thread(target=server.run, daemon=True)
