@@ -21,15 +21,13 @@ if not __package__:
 
 import argparse
 import json
-import threading
 import time
 from typing import Any
 
 import httpx
-import uvicorn
 
 from bench import common
-from devstack import RedisServer, free_port
+from devstack import RedisServer, served
 from workers.adapters.redis.store import encode
 from workers.domain.job import Job
 from workers.domain.request import JobRequest
@@ -71,16 +69,10 @@ def main() -> None:
         fill(queue, args.jobs)
         filled_s = time.monotonic() - started
         app = create_app(queue, users=parse_users("bench:bench"), secret=b"b" * 32)
-        port = free_port()
-        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        while not server.started:
-            time.sleep(0.02)
         times: list[float] = []
         rows = 0
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", auth=("bench", "bench"),
-                          timeout=30) as http:  # fmt: skip
+        with served(app) as url, httpx.Client(base_url=url, auth=("bench", "bench"),
+                                             timeout=30) as http:  # fmt: skip
             http.get("/jobs?state=SUBMITTED")  # warm-up
             url = "/jobs?state=SUBMITTED"
             for _ in range(args.pages):
@@ -95,8 +87,6 @@ def main() -> None:
             t0 = time.perf_counter()
             found = http.get(f"/jobs?q=bench-{args.jobs // 2:06d}").text
             search_s = time.perf_counter() - t0
-        server.should_exit = True
-        thread.join(10)
         queue.close()
     result: dict[str, Any] = {
         "jobs": args.jobs,

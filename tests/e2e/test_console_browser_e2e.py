@@ -12,16 +12,14 @@ from __future__ import annotations
 
 import os
 import shutil
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import uvicorn
 
-from devstack import RedisServer, S3Server, Worker, free_port
+from devstack import RedisServer, S3Server, Worker, served
 from workers.adapters.redis.queues import RedisQueues
 from workers.adapters.s3.inputs import S3Inputs
 from workers.entrypoints.console.app import create_app, parse_users
@@ -52,17 +50,8 @@ def console_url(
     app = create_app(queue, users=parse_users(f"{USER}:{PASSWORD}"), secret=b"e2e" * 11,
                      presign=lambda uri: outputs.presign(uri, 600),
                      queues=RedisQueues(queue.store.redis, prefix=queue.store.prefix))  # fmt: skip
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(10)
+    with served(app) as url:
+        yield url
     queue.close()
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import base64
 import os
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -15,11 +14,10 @@ from typing import Any
 import httpx
 import pytest
 import redis
-import uvicorn
 from click.testing import CliRunner
 
 from config.settings import get_settings
-from devstack import free_port
+from devstack import served
 from workers.adapters.redis.queues import RedisQueues
 from workers.domain.costs import utc_day
 from workers.domain.job import Job
@@ -52,18 +50,8 @@ def client(queue: AnimateQueue) -> Iterator[httpx.Client]:
     app = create_app(queue, users=parse_users("ops:s3cret"), secret=b"k" * 32,
                      presign=lambda uri: "https://s3.test/signed.mp4",
                      queues=RedisQueues(queue.store.redis, prefix=queue.store.prefix))  # fmt: skip
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline, "the console did not start"
-        time.sleep(0.02)
-    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as http:
+    with served(app) as url, httpx.Client(base_url=url, timeout=10) as http:
         yield http
-    server.should_exit = True
-    thread.join(10)
 
 
 def job(queue: AnimateQueue, job_id: str, state: JobState = JobState.SUBMITTED, **kw: Any) -> Job:
