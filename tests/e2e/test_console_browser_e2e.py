@@ -183,3 +183,20 @@ def test_a_script_in_metadata_is_shown_as_text(
     page.goto(f"{console_url}/jobs?q=owned&state=SUBMITTED")  # matched, listed, still inert
     page.wait_for_timeout(2500)  # a live refresh has run
     assert dialogs == []
+
+
+def test_a_failed_job_is_run_again_from_its_page(
+    page: Any, console_url: str, queue: AnimateQueue, remote: Any, job_id: str
+) -> None:
+    """DashScope fails the task; the page offers to run it again, as a new job with the same
+    request, and lands on that job's page saying so."""
+    queue.submit(remote.image(emulator_fail="InternalError.Algo"), remote.template(),
+                 job_id=job_id)  # fmt: skip
+    assert queue.wait(job_id, timeout=60)["state"] == "FAILED"
+    page.goto(f"{console_url}/jobs/{job_id}")
+    assert "InternalError.Algo" in page.inner_text("#error")
+    page.click("#rerun")
+    assert page.url.split("?")[0].endswith(f"/jobs/{job_id}-rerun-1")
+    assert f"the run again of {job_id}" in page.inner_text("#message")
+    rerun = queue.wait(f"{job_id}-rerun-1", timeout=60)
+    assert rerun["metadata"] == {"rerun_of": job_id}

@@ -327,3 +327,10 @@ def test_the_overview_measures_throughput_between_reads(
     clock[0] += 60  # a minute later, 30 more finished
     page = client.get("/", headers=AUTH).text
     assert "30.0 jobs finished a minute" in page
+
+
+def test_a_job_an_action_just_enqueued_has_a_page_before_its_record(client: httpx.Client) -> None:
+    page = client.get("/jobs/brand-new?message=enqueued", headers=AUTH)
+    assert page.status_code == 200 and 'id="message" class="message">enqueued' in page.text
+    assert 'http-equiv="refresh"' in page.text
+    assert client.get("/jobs/brand-new", headers=AUTH).status_code == 404

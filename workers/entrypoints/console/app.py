@@ -235,6 +235,10 @@ class Console:
     def _job_page(self, request: Request, template: str) -> Response:
         job_id = request.path_params["job_id"]
         view = self.queue.get(job_id)
+        message = request.query_params.get("message")
+        if view is None and message and template == "job.html":
+            # An action just enqueued it: its record comes with its intake, in a moment.
+            return self.render(request, "pending.html", job_id=job_id, message=message)
         if view is None:
             return PlainTextResponse(f"no job {job_id}", 404)
         video = self.presign(view["s3_uri"]) if view["s3_uri"] else None
@@ -248,7 +252,7 @@ class Console:
             video=video,
             now=now,
             at_risk=AT_RISK_SECONDS,
-            message=request.query_params.get("message"),
+            message=message,
         )
 
     # ------------------------------------------------------------------ actions
