@@ -202,6 +202,9 @@ class Settings(BaseSettings):
     console_addr: str = "0.0.0.0"
     console_port: int = Field(default=5566, ge=1, le=65535)
     flower_url: str = "http://localhost:5555"
+    # Where the console asks Flower's API for a job's tasks (unset: FLOWER_URL); it signs in with
+    # FLOWER_BASIC_AUTH's first user.
+    flower_api_url: str | None = None
     flower_db: str = "flower.db"  # Flower's persistent state (tasks seen), kept across restarts
     flower_port: int = Field(default=5555, ge=1, le=65535)
 

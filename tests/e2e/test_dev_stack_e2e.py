@@ -157,3 +157,8 @@ def test_a_job_through_the_dev_stack_is_counted(stack: subprocess.Popen[bytes]) 
     page = httpx.get(f"{CONSOLE}/jobs/{job_id}", auth=(console_user, console_password), timeout=10)
     assert page.status_code == 200 and '<td id="state">STORED' in page.text
     assert '<video id="video" src="http' in page.text  # a presigned link to the stored video
+    # Each of its Celery tasks, as Flower (running here for real) knows them, linked.
+    tasks = page.text.split('id="celery-tasks"', 1)[1].split("</table>", 1)[0]
+    for name in ("animate.generate", "animate.detect", "animate.prepare", "animate.copy"):
+        assert f"<td>{name}</td>" in tasks, name
+    assert f'href="{FLOWER}/task/' in tasks

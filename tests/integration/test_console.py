@@ -17,7 +17,7 @@ import redis
 from click.testing import CliRunner
 
 from config.settings import get_settings
-from devstack import served
+from devstack import free_port, served
 from workers.adapters.redis.queues import RedisQueues
 from workers.domain.costs import utc_day
 from workers.domain.job import Job
@@ -334,3 +334,16 @@ def test_a_job_an_action_just_enqueued_has_a_page_before_its_record(client: http
     assert page.status_code == 200 and 'id="message" class="message">enqueued' in page.text
     assert 'http-equiv="refresh"' in page.text
     assert client.get("/jobs/brand-new", headers=AUTH).status_code == 404
+
+
+def test_a_job_page_without_flower_still_answers(queue: AnimateQueue) -> None:
+    """Flower down (nobody on its port): the job's page says so and keeps its links."""
+    from workers.entrypoints.console.app import flower_tasks
+
+    job(queue, "nf")
+    app = create_app(queue, users=None, secret=b"k" * 32,
+                     tasks=flower_tasks(f"http://127.0.0.1:{free_port()}", None, timeout=0.5))  # fmt: skip
+    with served(app) as url:
+        page = httpx.get(f"{url}/jobs/nf", timeout=10)
+    assert page.status_code == 200 and 'id="flower-unreachable"' in page.text
+    assert 'id="flower-tasks"' in page.text

@@ -552,11 +552,20 @@ def console_command(host: str | None, port: int | None) -> None:
 
     from workers.adapters.redis.queues import RedisQueues
     from workers.bootstrap import broker_redis, redis_client
+    from workers.entrypoints.console.app import flower_tasks
 
     broker = broker_redis(settings) or redis_client(settings)
+    flower_auth = None
+    if settings.flower_basic_auth:
+        user, _, password = (
+            settings.flower_basic_auth.get_secret_value().split(",")[0].partition(":")
+        )
+        flower_auth = (user, password)
     app = create_app(_queue(), users=users, secret=secret, flower_url=settings.flower_url,
                      presign=presign,
-                     queues=RedisQueues(broker, prefix=settings.key_prefix))  # fmt: skip
+                     queues=RedisQueues(broker, prefix=settings.key_prefix),
+                     tasks=flower_tasks(settings.flower_api_url or settings.flower_url,
+                                        flower_auth))  # fmt: skip
     uvicorn.run(app, host=host or settings.console_addr, port=port or settings.console_port,
                 log_level="warning")  # fmt: skip
 

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode, urlsplit
 
+import httpx
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.base import BaseHTTPMiddleware
@@ -58,6 +59,30 @@ THROUGHPUT_WINDOW = 900.0
 ACTIVE = [s.value for s in JobState if s not in FINAL_STATES]
 
 Presign = Callable[[str], str | None]
+# A job's Celery tasks as Flower knows them: (task id, name, state, received) oldest first, or
+# None when Flower could not be asked.
+FlowerTasks = Callable[[str], list[dict[str, Any]] | None]
+
+
+def flower_tasks(api_url: str, auth: tuple[str, str] | None, timeout: float = 2.0) -> FlowerTasks:
+    """Flower's ``/api/tasks?search=<job id>``: our tasks carry the job id in their arguments."""
+
+    def tasks(job_id: str) -> list[dict[str, Any]] | None:
+        try:
+            answer = httpx.get(f"{api_url.rstrip('/')}/api/tasks", params={"search": job_id},
+                               auth=auth, timeout=timeout)  # fmt: skip
+            answer.raise_for_status()
+            found = answer.json()
+        except (httpx.HTTPError, ValueError):
+            return None
+        if not isinstance(found, dict):
+            return None
+        rows = [{"id": str(task_id), "name": str(t.get("name") or ""),
+                 "state": str(t.get("state") or ""), "received": t.get("received")}
+                for task_id, t in found.items() if isinstance(t, dict)]  # fmt: skip
+        return sorted(rows, key=lambda r: r["received"] or 0)
+
+    return tasks
 
 
 def parse_users(setting: str) -> dict[str, str]:
@@ -117,9 +142,11 @@ class Console:
         flower_url: str,
         presign: Presign,
         queues: RedisQueues | None = None,
+        tasks: FlowerTasks | None = None,
     ) -> None:
         self.queue = queue
         self.queues = queues  # the broker's queues (length, consumers, oldest wait)
+        self.tasks = tasks  # a job's Celery tasks, from Flower (None: not asked)
         # (when, jobs finished so far) as the overview read them: the throughput is the rate
         # between the oldest sample of the last quarter hour and now (a display cache only)
         self.finished: deque[tuple[float, float]] = deque(maxlen=240)
@@ -249,6 +276,7 @@ class Console:
             view=view,
             timeline=steps_of(lines, view, now),
             steps=by_step(lines, view, now),
+            tasks=self.tasks(job_id) if self.tasks is not None and template == "job.html" else None,
             video=video,
             now=now,
             at_risk=AT_RISK_SECONDS,
@@ -371,9 +399,11 @@ def create_app(
     flower_url: str = "http://localhost:5555",
     presign: Presign = lambda uri: None,
     queues: RedisQueues | None = None,
+    tasks: FlowerTasks | None = None,
 ) -> Starlette:
     """The console over ``queue``. ``users`` None means no auth (the operator chose it)."""
-    console = Console(queue, secret=secret, flower_url=flower_url, presign=presign, queues=queues)
+    console = Console(queue, secret=secret, flower_url=flower_url, presign=presign, queues=queues,
+                      tasks=tasks)  # fmt: skip
     routes = [
         Route("/healthz", lambda request: PlainTextResponse("OK")),
         Route("/", console.overview),
