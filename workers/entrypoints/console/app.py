@@ -14,6 +14,8 @@ Decisions:
 * HTTP basic auth like Flower's; the console refuses to start without it unless told
   (``CONSOLE_ALLOW_NO_AUTH``). Browsers send basic credentials with cross-site requests, so
   every action also carries a CSRF token (an HMAC of the user) and must come from this origin.
+* Pages are plain functions (Starlette runs them in its thread pool) and actions run their
+  blocking calls there too: a slow Redis, Flower or worker never stalls the other pages.
 * The job list walks the state index with its own cursor (one page costs the same with
   100,000 jobs); free text is a job id (looked up directly) or a metadata value (matched within
   the page).
@@ -36,6 +38,7 @@ from urllib.parse import urlencode, urlsplit
 
 import httpx
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.middleware import Middleware
 from starlette.middleware.base import BaseHTTPMiddleware
 from starlette.requests import Request
@@ -171,7 +174,7 @@ class Console:
 
     # ------------------------------------------------------------------ pages
 
-    async def overview(self, request: Request) -> Response:
+    def overview(self, request: Request) -> Response:
         now = time.time()
         today = utc_day(now)
         accounts = self.queue.accounts()
@@ -214,10 +217,10 @@ class Console:
         )  # fmt: skip
         return [(_text(job_id), float(at) - now) for job_id, at in found]
 
-    async def jobs(self, request: Request) -> Response:
+    def jobs(self, request: Request) -> Response:
         return self.render(request, "jobs.html", **self._listing(request))
 
-    async def rows(self, request: Request) -> Response:
+    def rows(self, request: Request) -> Response:
         return self.render(request, "_rows.html", **self._listing(request))
 
     def _listing(self, request: Request) -> dict[str, Any]:
@@ -253,10 +256,10 @@ class Console:
             "now": time.time(),
         }
 
-    async def job(self, request: Request) -> Response:
+    def job(self, request: Request) -> Response:
         return self._job_page(request, "job.html")
 
-    async def job_live(self, request: Request) -> Response:
+    def job_live(self, request: Request) -> Response:
         return self._job_page(request, "_job_live.html")
 
     def _job_page(self, request: Request, template: str) -> Response:
@@ -315,8 +318,8 @@ class Console:
         refused = await self._refuse(request)
         if refused is not None:
             return refused
-        try:
-            shown, message = act(job_id)
+        try:  # (blocking calls, a cancel waits for a worker: off the event loop)
+            shown, message = await run_in_threadpool(act, job_id)
         except Exception as exc:  # refused, no worker answered, Redis down: say so on the page
             shown, message = job_id, f"{what} not done: {type(exc).__name__}: {exc}"
         target = f"/jobs/{shown}?" + urlencode({"message": message[:300]})
