@@ -10,7 +10,7 @@ from tests.bench.faults_smoke import run_scenarios
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(250)
 def test_the_promise_holds() -> None:
     results = run_scenarios("s3-down", "transfer-down")
     assert results
