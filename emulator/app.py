@@ -390,6 +390,30 @@ class Emulator:
             )
         return Fetched(None, path, url)
 
+    async def fetch_video(
+        self,
+        request: web.Request,
+        inputs: dict[str, Any],
+        account: str,
+        model: str,
+        check: Callable[[media.VideoInfo], None],
+    ) -> tuple[Fetched, media.VideoInfo]:
+        """``input.video_url`` downloaded, probed and checked against ``check`` (the spooled
+        file removed either way); a refusal is DashScope's 400 with the file's code."""
+        fetched = await self.fetch(
+            request, inputs.get("video_url"), "input.video_url",
+            account=account, model=model, video=True,
+        )  # fmt: skip
+        assert fetched.path is not None
+        try:
+            info = await asyncio.to_thread(media.probe_video, fetched.path)
+            check(info)
+        except media.MediaError as exc:
+            raise ApiError(400, exc.code, exc.message) from None
+        finally:
+            fetched.path.unlink(missing_ok=True)
+        return fetched, info
+
     async def check_image(self, fetched: Fetched) -> media.ImageInfo:
         data = fetched.data or b""
         try:
@@ -465,18 +489,9 @@ class Emulator:
     async def _submit_template(
         self, request: web.Request, account: str, inputs: dict[str, Any]
     ) -> web.StreamResponse:
-        fetched = await self.fetch(
-            request, inputs.get("video_url"), "input.video_url",
-            account=account, model=TEMPLATE_MODEL, video=True,
-        )  # fmt: skip
-        assert fetched.path is not None
-        try:
-            info = await asyncio.to_thread(media.probe_video, fetched.path)
-            media.check_template_video(info)
-        except media.MediaError as exc:
-            raise ApiError(400, exc.code, exc.message) from None
-        finally:
-            fetched.path.unlink(missing_ok=True)
+        fetched, info = await self.fetch_video(
+            request, inputs, account, TEMPLATE_MODEL, media.check_template_video
+        )
         self.take((account, TEMPLATE_MODEL, "submit"), self.config.submit_rate)
         template_id = f"AACT.{account}.{uuid.uuid4()}"
         failure = self.faults.task_failure(
@@ -592,18 +607,7 @@ class Emulator:
             image = await asyncio.to_thread(media.probe_wan_image, data)
         except media.MediaError as exc:
             raise ApiError(400, exc.code, exc.message) from None
-        video = await self.fetch(
-            request, inputs.get("video_url"), "input.video_url",
-            account=account, model=model, video=True,
-        )  # fmt: skip
-        assert video.path is not None
-        try:
-            info = await asyncio.to_thread(media.probe_video, video.path)
-            media.check_wan_video(info)
-        except media.MediaError as exc:
-            raise ApiError(400, exc.code, exc.message) from None
-        finally:
-            video.path.unlink(missing_ok=True)
+        video, info = await self.fetch_video(request, inputs, account, model, media.check_wan_video)
         self.take((account, model, "submit"), self.config.wan_submit_rate)
         digest = hashlib.sha256(data).hexdigest()
         self.images[digest] = data

@@ -188,6 +188,16 @@ def then(
     return Next.of(step, moved, delay) if moved else None
 
 
+def begin_attempt(
+    svc: Services, job: Job, state: JobState, counter: str, seconds: float
+) -> Job | None:
+    """One more attempt of a step that calls out (its ``counter`` + 1), due to end within
+    ``seconds``: after that the watchdog may presume it dead. None: another worker moved it."""
+    now = svc.clock()
+    return svc.store.transition(job, state, updated_at=now, next_action_at=now + seconds,
+                                **{counter: getattr(job, counter) + 1})  # fmt: skip
+
+
 def next_fields(svc: Services, job: Job, delay: float) -> dict[str, Any]:
     """The record's side of "the next step is due in ``delay`` s and its message is sent"."""
     now = svc.clock()

@@ -17,7 +17,7 @@ from workers.errors import (
     TransientError,
 )
 from workers.steps.admission import enqueue, wait_for_token
-from workers.steps.context import Next, Services, load, retry_later, then
+from workers.steps.context import Next, Services, begin_attempt, load, retry_later, then
 from workers.steps.finish import finish
 
 # DashScope's 4xx codes on detect that mean the image (not our request or key) is at fault.
@@ -45,14 +45,8 @@ def detect(svc: Services, job_id: str, version: int) -> Next | None:
         waiting = wait_for_token(svc, job, "detect", "detect")
         if waiting is not None:
             return waiting
-        now = svc.clock()
-        attempt = svc.store.transition(
-            job,
-            JobState.DETECTING,
-            detect_attempts=job.detect_attempts + 1,
-            updated_at=now,
-            next_action_at=now + svc.detect.attempt_seconds,
-        )
+        attempt = begin_attempt(svc, job, JobState.DETECTING, "detect_attempts",
+                                svc.detect.attempt_seconds)  # fmt: skip
         if attempt is None:
             return None
         job = attempt

@@ -29,6 +29,7 @@ from workers.steps.context import (
     WAKE_TIMER,
     Next,
     Services,
+    begin_attempt,
     load,
     profile_of,
     retry_later,
@@ -75,14 +76,8 @@ def _check_source(svc: Services, job: Job) -> Job | Next | None:
     if svc.videos is None:
         finish(svc, job, Finish(JobState.FAILED, "NoVideoProbe", "no video probe configured"))
         return None
-    now = svc.clock()
-    attempt = svc.store.transition(
-        job,
-        JobState.PREPARING,
-        prepare_attempts=job.prepare_attempts + 1,
-        updated_at=now,
-        next_action_at=now + svc.prepare.attempt_seconds,
-    )
+    attempt = begin_attempt(svc, job, JobState.PREPARING, "prepare_attempts",
+                            svc.prepare.attempt_seconds)  # fmt: skip
     if attempt is None:
         return None
     job = attempt

@@ -16,21 +16,11 @@ from collections.abc import Callable
 from workers.adapters.memory.store import InMemoryJobStore
 from workers.adapters.redis.governor import MIN_FACTOR, RECOVERY_PER_SECOND
 from workers.domain.job import Job
-from workers.domain.states import JobState
+from workers.domain.states import FINAL_STATES, JobState
 
 # A slot member whose job is in one of these states (or gone) no longer holds the slot: a full
 # lane drops such members before admitting, as the Redis script does.
-_GONE = frozenset(
-    {
-        JobState.STORED,
-        JobState.FAILED,
-        JobState.REJECTED,
-        JobState.CANCELED,
-        JobState.EXPIRED,
-        JobState.READY,
-        JobState.COPYING,
-    }
-)
+_GONE = FINAL_STATES | {JobState.COPYING}
 HEAL_EVERY = 1.0  # seconds: a full lane looks for leaked slots at most this often
 
 
