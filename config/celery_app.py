@@ -14,6 +14,8 @@ from celery.signals import setup_logging, worker_init, worker_process_init
 from kombu import Queue
 
 from config.settings import Settings, SettingsError, get_settings
+from workers.adapters.redis.connection import celery_options
+from workers.bootstrap import celery_urls, redis_address
 from workers.domain.routes import QUEUE_INTAKE, QUEUES
 from workers.steps.table import celery_routes
 
@@ -29,11 +31,19 @@ transport = {
     # above the copy's hard time limit. Every process on this broker must use the same value.
     "visibility_timeout": settings.visibility_timeout,
 }
+# With REDIS_SENTINELS, the broker and result backend are kombu's sentinel:// URLs, and the
+# master's name, the Sentinels' password and TLS go in their options (docs/ha.md).
+broker_url, result_backend = celery_urls(settings)
+sentinel = celery_options(redis_address(settings), broker_url, result_backend)
 app.conf.update(
-    broker_url=settings.broker_url,
-    result_backend=settings.result_backend,
-    broker_transport_options=transport,
-    result_backend_transport_options=transport,
+    broker_url=broker_url,
+    result_backend=result_backend,
+    broker_transport_options={**transport, **sentinel.pop("broker_transport_options", {})},
+    result_backend_transport_options={
+        **transport,
+        **sentinel.pop("result_backend_transport_options", {}),
+    },
+    **sentinel,
     broker_connection_retry_on_startup=True,
     # Messages come from other services: JSON only, never pickle.
     task_serializer="json",
@@ -113,6 +123,29 @@ def _require_worker_settings(**_: Any) -> None:
     except (SettingsError, ValueError) as exc:
         sys.exit(f"animate-queue: {exc}")
     _warn_if_retiring()
+    _check_replication()
+
+
+def _check_replication() -> None:
+    """With Sentinel or REDIS_WAIT_REPLICAS, say at start-up where the master is and how
+    protected writes will be kept (workers.adapters.redis.replication)."""
+    import redis
+
+    from workers.adapters.redis.replication import check_at_start
+    from workers.bootstrap import redis_client
+
+    address = redis_address(settings)
+    if not address.uses_sentinel and settings.wait_replicas == 0:
+        return
+    client = redis_client(settings, socket_timeout=5.0)
+    try:
+        check_at_start(client, settings.wait_replicas, address.describe())
+    except redis.RedisError as exc:  # the broker connection retries on its own; so do we
+        logging.getLogger("animate_queue").warning(
+            "redis: cannot read replication from %s yet: %s", address.describe(), exc
+        )
+    finally:
+        client.close()
 
 
 def _warn_if_retiring() -> None:

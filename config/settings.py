@@ -40,6 +40,22 @@ class Settings(BaseSettings):
     result_expires_seconds: int = Field(default=7 * 24 * 3600, ge=60)
     job_retention_seconds: int = Field(default=30 * 24 * 3600, ge=3600)  # final job records
     key_prefix: str = "animate-queue"
+    # --- Redis Sentinel (docs/ha.md). Unset: REDIS_URL's server alone, exactly as before. Set
+    # ("s1:26379,s2:26379,s3:26379"): every connection (job store, governor, timers, metrics,
+    # console, CLI, and the broker and result backend unless CELERY_* name others) goes to the
+    # master those Sentinels name REDIS_MASTER_NAME. REDIS_URL then gives only the database, the
+    # password (redis://:pw@/0) and TLS (rediss://, with its ssl_* query parameters); its host
+    # is not used.
+    redis_sentinels: str = ""
+    redis_master_name: str = "animate-queue"
+    redis_sentinel_password: SecretStr | None = None  # the Sentinels' own requirepass
+    redis_sentinel_tls: bool = False  # talk TLS to the Sentinels too (their tls-port)
+    # Protected writes (every job-record transition, new jobs, parked timers) are acknowledged
+    # only once this many replicas have them (WAIT, up to REDIS_WAIT_TIMEOUT_MS); fewer in time
+    # is an error and the step stops. A master with no replica connected at all has none to
+    # lose them to, and writes go on (counted; docs/ha.md). Unset: 1 with Sentinel, 0 without.
+    redis_wait_replicas: int | None = Field(default=None, ge=0, le=10)
+    redis_wait_timeout_ms: int = Field(default=2000, ge=10, le=60_000)
 
     # --- DashScope accounts. DASHSCOPE_API_KEY is the account named "default"; more accounts
     # come as JSON: DASHSCOPE_ACCOUNTS='{"main": "sk-...", "backup": "sk-..."}'.
@@ -243,8 +259,38 @@ class Settings(BaseSettings):
                 raise ValueError(f"DASHSCOPE_ACCOUNTS: {name!r} is not a usable account name")
         return self
 
+    @model_validator(mode="after")
+    def _sentinel_list(self) -> Settings:
+        self.sentinel_addresses()  # ValueError names the bad entry
+        return self
+
+    def sentinel_addresses(self) -> list[tuple[str, int]]:
+        """REDIS_SENTINELS as (host, port) pairs (port 26379 when not given); empty: none."""
+        found = []
+        for entry in (e.strip() for e in self.redis_sentinels.split(",")):
+            if not entry:
+                continue
+            if entry.startswith("["):  # an IPv6 literal: [::1]:26379
+                host, _, rest = entry[1:].partition("]")
+                port = rest.removeprefix(":") or "26379"
+            else:
+                host, _, port = entry.partition(":")
+                port = port or "26379"
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"REDIS_SENTINELS: {entry!r} is not host:port")
+            found.append((host, int(port)))
+        return found
+
+    @property
+    def wait_replicas(self) -> int:
+        """Replicas a protected write waits for (REDIS_WAIT_REPLICAS; unset: 1 with Sentinel)."""
+        if self.redis_wait_replicas is not None:
+            return self.redis_wait_replicas
+        return 1 if self.redis_sentinels.strip() else 0
+
     @property
     def broker_url(self) -> str:
+        """CELERY_BROKER_URL, else REDIS_URL (with Sentinel, see bootstrap.celery_urls)."""
         return self.celery_broker_url or self.redis_url
 
     @property

@@ -172,13 +172,14 @@ class S3Server(Service):
         "AWS_DEFAULT_REGION": "us-east-1",
     }
 
-    def __init__(self) -> None:
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        self.host = host
         self.port = free_port()
         self._server: Any = None
 
     @property
     def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     def start(self) -> Self:
         import logging
@@ -186,7 +187,7 @@ class S3Server(Service):
         from moto.server import ThreadedMotoServer
 
         logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no line per request
-        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self._server = ThreadedMotoServer(ip_address=self.host, port=self.port, verbose=False)
         self._server.start()
         return self
 
@@ -225,8 +226,11 @@ class Worker(Service):
         extra_args: tuple[str, ...] = (),
         app: str = "config.celery_app",
         cwd: str | Path | None = None,
+        netns: str | None = None,
     ) -> None:
+        """``netns``: run inside that network namespace (``ip netns exec``), a host of its own."""
         self.env = {**os.environ, **env}
+        self.netns = netns
         self.app = app
         self.cwd = cwd  # another checkout's code (its directory comes first on the path)
         self.queues = queues
@@ -245,6 +249,8 @@ class Worker(Service):
                 "-c", str(self.concurrency), "-n", self.name,
                 "--loglevel", "INFO", "-E", "--without-gossip", "--without-mingle",
                 *self.extra_args]  # fmt: skip
+        if self.netns:
+            args = ["ip", "netns", "exec", self.netns, *args]
         self.proc = subprocess.Popen(
             args,
             env=self.env,
@@ -290,8 +296,9 @@ class Worker(Service):
 class Beat(Service):
     """``celery -A config.celery_app beat`` as a real process (it sends the watchdog)."""
 
-    def __init__(self, env: Mapping[str, str]) -> None:
+    def __init__(self, env: Mapping[str, str], netns: str | None = None) -> None:
         self.env = {**os.environ, **env}
+        self.netns = netns
         self.dir = Path(tempfile.mkdtemp(prefix="aq-beat-"))
         self.log_path = self.dir / "beat.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -301,6 +308,8 @@ class Beat(Service):
         self._log = self.log_path.open("wb")
         args = [sys.executable, "-m", "celery", "-A", "config.celery_app", "beat",
                 "-s", str(self.dir / "schedule"), "--loglevel", "INFO"]  # fmt: skip
+        if self.netns:
+            args = ["ip", "netns", "exec", self.netns, *args]
         self.proc = subprocess.Popen(
             args, env=self.env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
         )

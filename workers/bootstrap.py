@@ -20,9 +20,11 @@ from workers import models
 from workers.adapters.dashscope.api import DashScopeVideoApi
 from workers.adapters.dashscope.client import DashScopeClient
 from workers.adapters.redis.broker import BrokerQueues
+from workers.adapters.redis.connection import RedisAddress, connect
 from workers.adapters.redis.governor import RedisGovernor
 from workers.adapters.redis.metrics import RedisMetrics
 from workers.adapters.redis.queues import RedisQueues
+from workers.adapters.redis.replication import Replication
 from workers.adapters.redis.store import RedisClock, RedisJobStore
 from workers.adapters.s3.bucket_inputs import BucketInputs
 from workers.adapters.s3.copier import S3CopierPort
@@ -54,18 +56,56 @@ _services: Services | None = None
 _installed: dict[str, Any] = {}
 
 
-def redis_client(settings: Settings) -> redis.Redis:
-    return redis.Redis.from_url(
-        settings.redis_url, socket_timeout=10, socket_connect_timeout=5, health_check_interval=30
+def redis_address(settings: Settings) -> RedisAddress:
+    """Where Redis is: REDIS_URL's server, or the master REDIS_SENTINELS name."""
+    return RedisAddress(
+        url=settings.redis_url,
+        sentinels=tuple(settings.sentinel_addresses()),
+        master_name=settings.redis_master_name,
+        sentinel_password=(
+            settings.redis_sentinel_password.get_secret_value()
+            if settings.redis_sentinel_password is not None
+            else None
+        ),
+        sentinel_tls=settings.redis_sentinel_tls,
     )
+
+
+def redis_client(settings: Settings, **timeouts: Any) -> redis.Redis:
+    """A client of the job store's Redis (through Sentinel when configured); ``timeouts``:
+    :func:`workers.adapters.redis.connection.connect`'s."""
+    return connect(redis_address(settings), **timeouts)
+
+
+def celery_urls(settings: Settings) -> tuple[str, str]:
+    """The broker's and result backend's URLs: CELERY_BROKER_URL and CELERY_RESULT_BACKEND
+    where set, else the job store's Redis (with Sentinel, kombu's ``sentinel://`` list)."""
+    own = redis_address(settings).celery_url()
+    return settings.celery_broker_url or own, settings.celery_result_backend or own
 
 
 def broker_redis(settings: Settings) -> redis.Redis | None:
     """A client of the broker's Redis when it is not the job store's (None: the same one)."""
     url = settings.broker_url
-    if url == settings.redis_url or not url.startswith(("redis://", "rediss://", "unix://")):
+    if settings.celery_broker_url is None or url == settings.redis_url:
+        return None
+    if not url.startswith(("redis://", "rediss://", "unix://")):
         return None
     return redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5)
+
+
+def replication(
+    settings: Settings, client: redis.Redis, metrics: RedisMetrics | None = None
+) -> Replication | None:
+    """How protected writes on ``client`` wait for replicas (None: REDIS_WAIT_REPLICAS is 0)."""
+    if settings.wait_replicas == 0:
+        return None
+    return Replication(
+        client,
+        required=settings.wait_replicas,
+        timeout_ms=settings.redis_wait_timeout_ms,
+        metrics=metrics,
+    )
 
 
 def s3_client(settings: Settings) -> S3Client:
@@ -80,11 +120,13 @@ def s3_client(settings: Settings) -> S3Client:
 
 
 def job_store(settings: Settings, metrics: RedisMetrics | None = None) -> RedisJobStore:
+    client = redis_client(settings)
     return RedisJobStore(
-        redis_client(settings),
+        client,
         prefix=settings.key_prefix,
         final_ttl=settings.job_retention_seconds,
         metrics=metrics,
+        replication=replication(settings, client, metrics),
     )
 
 

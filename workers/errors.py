@@ -102,6 +102,14 @@ class StoreUnavailable(TransientError):
     code = "StoreUnavailable"
 
 
+class ReplicationTimeout(StoreUnavailable):
+    """A protected write reached the Redis master but not the replicas it waits for in time: a
+    failover could still lose it, so nothing that follows from it is done (the watchdog resumes
+    the job from whichever record survives)."""
+
+    code = "ReplicationTimeout"
+
+
 class InvalidJobRequest(PermanentError):
     code = "InvalidRequest"
 

@@ -28,12 +28,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import redis
 from boto3.exceptions import Boto3Error
 from botocore.exceptions import BotoCoreError, ClientError
 from celery import Celery
 
 from workers import models
+from workers.adapters.redis.connection import RedisAddress, celery_options, connect
 from workers.adapters.redis.governor import RedisGovernor
 from workers.adapters.redis.store import RedisJobStore
 from workers.adapters.s3.inputs import (
@@ -92,22 +92,25 @@ class AnimateQueue:
         inputs: S3Inputs | None = None,
         model: str = ANIMATE_ANYONE_GEN2.name,
         governor: RedisGovernor | None = None,
+        address: RedisAddress | None = None,
     ) -> None:
         """``model`` keys the quota buckets and lanes (the workers' DASHSCOPE_MODEL); ``rates``
-        and ``capacity`` only label the account views (the CLI passes the workers' governor)."""
+        and ``capacity`` only label the account views (the CLI passes the workers' governor).
+        ``address``: Redis through Sentinel (then ``redis_url`` is its ``url``); the broker and
+        result backend follow it unless given."""
         self.inputs = inputs  # only needed to send local files, or to download videos
-        self.celery = Celery(
-            "animate_queue_producer",
-            broker=broker_url or redis_url,
-            backend=result_backend or redis_url,
-        )
+        address = address or RedisAddress(redis_url)
+        broker = broker_url or address.celery_url()
+        backend = result_backend or address.celery_url()
+        self.celery = Celery("animate_queue_producer", broker=broker, backend=backend)
         self.celery.conf.update(
             task_serializer="json",
             accept_content=["json"],
             task_send_sent_event=True,  # Flower sees the job the moment it is sent
             broker_connection_retry_on_startup=True,
+            **celery_options(address, broker, backend),
         )
-        client = redis.Redis.from_url(redis_url, socket_timeout=10, socket_connect_timeout=5)
+        client = connect(address)
         self.store = RedisJobStore(client, prefix=key_prefix, final_ttl=0)
         self.profile = models.profile(model)  # the deployment's model: local files' limits
         quotas = self.profile.quotas  # DashScope's own limits, when none are given

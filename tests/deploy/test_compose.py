@@ -509,7 +509,8 @@ def test_emulator_runs_only_in_its_profile() -> None:
     ]
     assert emulators == ["emulator"]
     for name, svc in svcs.items():
-        assert svc.get("profiles", []) == (["emulator"] if name == "emulator" else []), name
+        profile = ["emulator"] if name == "emulator" else ["ha"] if name in HA_SERVICES else []
+        assert svc.get("profiles", []) == profile, name
         assert "emulator" not in svc.get("depends_on", {}), name
     assert "ports" not in svcs["emulator"]  # its admin API has no auth
     argv = service_argv(svcs["emulator"], env)
@@ -521,6 +522,36 @@ def test_emulator_runs_only_in_its_profile() -> None:
     assert f"# DASHSCOPE_BASE_URL=http://emulator:{args.port}/api/v1" in ENV_EXAMPLE.read_text()
     assert args.public_url == f"http://emulator:{args.port}"
     assert "# URL_ALLOWLIST=emulator" in ENV_EXAMPLE.read_text()
+
+
+HA_SERVICES = ("redis-a", "redis-b", "sentinel-1", "sentinel-2", "sentinel-3")
+
+
+def test_the_ha_profile_is_a_master_a_replica_and_three_sentinels() -> None:
+    """docs/ha.md: persistent nodes with the password (replication authenticates too), redis-b
+    a replica of redis-a, three Sentinels monitoring redis-a under REDIS_MASTER_NAME's default
+    with a quorum of two; nothing of ours depends on them (REDIS_SENTINELS opts in)."""
+    svcs = services()
+    env = filled_env()
+    for name in ("redis-a", "redis-b"):
+        argv = [interpolate(str(a), env) for a in svcs[name]["command"]]
+        pairs = dict(zip(argv[1::2], argv[2::2], strict=False))
+        assert pairs["--appendonly"] == "yes" and pairs["--maxmemory-policy"] == "noeviction"
+        assert pairs["--requirepass"] == pairs["--masterauth"] == env["REDIS_PASSWORD"]
+        assert pairs["--replica-announce-ip"] == name
+        assert mounted(svcs[name], "/data")
+    replica = [interpolate(str(a), env) for a in svcs["redis-b"]["command"]]
+    assert replica[replica.index("--replicaof") + 1 :] == ["redis-a", "6379"]
+    master = Settings.model_fields["redis_master_name"].default
+    for name in HA_SERVICES[2:]:
+        script = svcs[name]["command"][0]
+        assert f"sentinel monitor {master} redis-a 6379 2" in script, name
+        assert f"sentinel auth-pass {master} $$REDIS_PASSWORD" in script, name
+        assert svcs[name]["environment"]["HOSTNAME_ANNOUNCED"] == name
+    for name, svc in ours(svcs).items():
+        assert not set(svc.get("depends_on", {})) & set(HA_SERVICES), name
+    base = svcs["worker-remote"]["environment"]
+    assert {"REDIS_SENTINELS", "REDIS_SENTINEL_PASSWORD", "REDIS_MASTER_NAME"} <= set(base)
 
 
 def test_flower_requires_basic_auth_and_keeps_its_state() -> None:

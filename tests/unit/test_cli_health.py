@@ -254,9 +254,15 @@ def test_metrics_serves_with_the_settings(prefix: str, monkeypatch: pytest.Monke
     assert CliRunner().invoke(cli.main, ["metrics"]).exit_code == 0
     result = CliRunner().invoke(cli.main, ["metrics", "--addr", "127.0.0.1", "--port", "9100"])
     assert result.exit_code == 0, result.output
+    # the exporter reads through a client made like every other (through Sentinel when set)
+    clients = [kw.pop("client") for _, kw in calls]
+    for client in clients:
+        pool = client.connection_pool.connection_kwargs
+        assert f"redis://{pool['host']}:{pool['port']}/{pool['db']}" == REDIS_URL
+        assert pool["socket_timeout"] == 5.0
     assert calls == [
-        ((REDIS_URL, prefix), {"broker_url": REDIS_URL, "addr": "127.0.0.2", "port": 9999}),
-        ((REDIS_URL, prefix), {"broker_url": REDIS_URL, "addr": "127.0.0.1", "port": 9100}),
+        ((REDIS_URL, prefix), {"broker_url": None, "addr": "127.0.0.2", "port": 9999}),
+        ((REDIS_URL, prefix), {"broker_url": None, "addr": "127.0.0.1", "port": 9100}),
     ]
 
 

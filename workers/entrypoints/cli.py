@@ -30,7 +30,7 @@ T = TypeVar("T")
 def _queue() -> AnimateQueue:
     # Imported here: the health probes must not pay for Celery, boto3 and the job store.
     from workers.adapters.s3.inputs import S3Inputs
-    from workers.bootstrap import governor, s3_client
+    from workers.bootstrap import governor, redis_address, s3_client
     from workers.producer import AnimateQueue
 
     try:
@@ -42,12 +42,13 @@ def _queue() -> AnimateQueue:
         inputs = S3Inputs(s3_client(settings), settings.s3_bucket, settings.input_prefix)
     return AnimateQueue(
         settings.redis_url,
-        broker_url=settings.broker_url,
-        result_backend=settings.result_backend,
+        broker_url=settings.celery_broker_url,  # unset: the job store's (through Sentinel)
+        result_backend=settings.celery_result_backend,
         key_prefix=settings.key_prefix,
         inputs=inputs,
         model=settings.dashscope_model,
         governor=governor(settings),  # the workers' own rates and capacity
+        address=redis_address(settings),
     )
 
 
@@ -643,11 +644,17 @@ def health_worker(name: str | None, timeout: float) -> None:
     settings = _settings()
     node = host_format(name or "celery@%h")  # %h: this host's name, as the worker expands it
     from config.celery_app import app
+    from workers.adapters.redis.connection import celery_options
+    from workers.bootstrap import celery_urls, redis_address
+
+    broker = celery_urls(settings)[0]  # with Sentinel, the sentinel:// list
+    sentinel = celery_options(redis_address(settings), broker, "").get("broker_transport_options")
 
     def ping() -> list[dict[str, Any]]:
         bounded = {"socket_timeout": timeout, "socket_connect_timeout": timeout, "max_retries": 1}
+        bounded.update(sentinel or {})
         with app.connection_for_write(
-            url=settings.broker_url, connect_timeout=timeout, transport_options=bounded
+            url=broker, connect_timeout=timeout, transport_options=bounded
         ) as conn:
             conn.ensure_connection(max_retries=1, interval_start=0, timeout=math.ceil(timeout))
             return app.control.ping(destination=[node], timeout=timeout, connection=conn) or []
@@ -656,8 +663,9 @@ def health_worker(name: str | None, timeout: float) -> None:
         # kombu retries a lost broker connection without end; the probe must not.
         replies = _bounded(ping, 2 * timeout + 5)
     except Exception as exc:
-        why = _why(exc, settings.broker_url)
-        _unhealthy(f"worker {node}", f"broker {redact(settings.broker_url)}: {why}")
+        why = _why(exc, settings.redis_url if broker.startswith("sentinel") else broker)
+        shown = redact(broker.split(";")[0])
+        _unhealthy(f"worker {node}", f"broker {shown}: {why}")
     answered = [reply[node] for reply in replies if node in reply]
     if not answered:
         _unhealthy(f"worker {node}", f"no answer to ping within {timeout:g} s")
@@ -677,7 +685,7 @@ def health_beat(max_age: float | None, timeout: float) -> None:
     limit = max_age if max_age is not None else 3 * settings.watchdog_interval_seconds + 30
     key = beat_heartbeat_key(settings.key_prefix)
     try:
-        raw = _redis_call(settings.redis_url, timeout, lambda client: client.get(key))
+        raw = _redis_call(settings, timeout, lambda client: client.get(key))
     except Exception as exc:
         why = _why(exc, settings.redis_url)
         _unhealthy("beat", f"cannot read {key} from {redact(settings.redis_url)}: {why}")
@@ -696,18 +704,77 @@ def health_beat(max_age: float | None, timeout: float) -> None:
 @health.command("redis")
 @_timeout_option()
 def health_redis(timeout: float) -> None:
-    """PING Redis: the job store (REDIS_URL), and the broker too when it is another Redis."""
+    """PING Redis: the job store (REDIS_URL, or the master REDIS_SENTINELS name, after asking
+    each Sentinel), and the broker too when it is another Redis."""
     settings = _settings()
-    urls = [settings.redis_url]
-    broker = settings.broker_url
-    if broker != settings.redis_url and broker.split(":", 1)[0] in ("redis", "rediss", "unix"):
-        urls.append(broker)
-    for url in urls:
+    from workers.bootstrap import redis_address
+
+    address = redis_address(settings)
+    if address.uses_sentinel:
+        _check_sentinels(address, timeout)
+    where = address.describe()
+    try:
+        took = _redis_call(settings, timeout, _timed_ping)
+    except Exception as exc:
+        _unhealthy("redis", f"{where}: {_why(exc, settings.redis_url)}")
+    _healthy("redis", f"{where} answered PING in {took * 1000:.1f} ms")
+    if address.uses_sentinel or settings.wait_replicas:
+        _check_replicas(settings, timeout)
+    broker = settings.celery_broker_url
+    if broker and broker != settings.redis_url and broker.split(":", 1)[0] in _PLAIN_REDIS:
         try:
-            took = _redis_call(url, timeout, _timed_ping)
+            took = _redis_call(settings, timeout, _timed_ping, url=broker)
         except Exception as exc:
-            _unhealthy("redis", f"{redact(url)}: {_why(exc, url)}")
-        _healthy("redis", f"{redact(url)} answered PING in {took * 1000:.1f} ms")
+            _unhealthy("redis", f"{redact(broker)}: {_why(exc, broker)}")
+        _healthy("redis", f"{redact(broker)} answered PING in {took * 1000:.1f} ms")
+
+
+_PLAIN_REDIS = ("redis", "rediss", "unix")
+
+
+def _check_sentinels(address: Any, timeout: float) -> None:
+    """Each Sentinel answers and names a master; unhealthy when fewer than a majority do, or
+    when they disagree."""
+    import redis
+
+    from workers.adapters.redis.connection import sentinel_kwargs
+
+    named: dict[str, str] = {}
+    for host, port in address.sentinels:
+        client = redis.Redis(host=host, port=port, **sentinel_kwargs(address, timeout, timeout))
+        try:
+            found: Any = client.sentinel_get_master_addr_by_name(address.master_name)
+            master = ":".join(v.decode() if isinstance(v, bytes) else str(v) for v in found or [])
+            named[f"{host}:{port}"] = master or "(does not know the master)"
+        except Exception as exc:
+            named[f"{host}:{port}"] = _why(exc)
+        finally:
+            client.close()
+    masters = {m for m in named.values() if m.count(":") == 1 and m[-1].isdigit()}
+    answered = sum(1 for m in named.values() if m in masters)
+    shown = ", ".join(f"{k} -> {v}" for k, v in named.items())
+    if len(masters) != 1 or answered <= len(named) // 2:
+        _unhealthy("sentinel", f"no majority names one master {address.master_name!r}: {shown}")
+    _healthy("sentinel", shown)
+
+
+def _check_replicas(settings: Settings, timeout: float) -> None:
+    from workers.adapters.redis.replication import replication_status
+
+    try:
+        status = _redis_call(settings, timeout, replication_status)
+    except Exception as exc:
+        _unhealthy("replication", _why(exc, settings.redis_url))
+    replicas, want = status["replicas"], settings.wait_replicas
+    detail = (
+        f"role {status['role']}, {len(replicas)} replica(s) connected "
+        f"({', '.join(replicas) or 'none'}); protected writes wait for {min(want, len(replicas))}"
+        f" of REDIS_WAIT_REPLICAS={want}; min-replicas-to-write "
+        f"{'unknown' if status['min_replicas_to_write'] is None else status['min_replicas_to_write']}"
+    )
+    if status["role"] != "master" or len(replicas) < want:
+        _unhealthy("replication", detail)
+    _healthy("replication", detail)
 
 
 @health.command("queues")
@@ -726,9 +793,13 @@ def health_queues(max_age: float, timeout: float) -> None:
 
     settings = _settings()
     url = settings.broker_url
+    separate = settings.celery_broker_url is not None and url != settings.redis_url
     try:
         states = _redis_call(
-            url, timeout, lambda c: RedisQueues(c, prefix=settings.key_prefix).sample(QUEUES)
+            settings,
+            timeout,
+            lambda c: RedisQueues(c, prefix=settings.key_prefix).sample(QUEUES),
+            url=url if separate else None,
         )
     except Exception as exc:
         _unhealthy("queues", f"{redact(url)}: {_why(exc, url)}")
@@ -812,12 +883,23 @@ def _timed_ping(client: Any) -> float:
     return time.monotonic() - started
 
 
-def _redis_call(url: str, timeout: float, call: Callable[[Any], Any]) -> Any:
+def _redis_call(
+    settings: Settings, timeout: float, call: Callable[[Any], Any], *, url: str | None = None
+) -> Any:
+    """``call(client)`` on the job store's Redis (through Sentinel when configured), or on the
+    plain Redis at ``url``, with ``timeout`` on every socket and no retries."""
     import redis
 
-    client = redis.Redis.from_url(
-        url, socket_timeout=timeout, socket_connect_timeout=timeout, retry_on_timeout=False
-    )
+    from workers.bootstrap import redis_client
+
+    if url is None:
+        client = redis_client(
+            settings, socket_timeout=timeout, connect_timeout=timeout, retry_on_timeout=False
+        )
+    else:
+        client = redis.Redis.from_url(
+            url, socket_timeout=timeout, socket_connect_timeout=timeout, retry_on_timeout=False
+        )
     try:
         return call(client)
     finally:
@@ -849,11 +931,13 @@ def metrics(addr: str | None, port: int | None) -> None:
     """Run the Prometheus exporter (blocks): job states, queues, quotas, from Redis."""
     settings = _settings()
     from workers.adapters.redis.metrics import serve
+    from workers.bootstrap import redis_client
 
     serve(
         settings.redis_url,
         settings.key_prefix,
-        broker_url=settings.broker_url,
+        broker_url=settings.celery_broker_url,
+        client=redis_client(settings, socket_timeout=5.0, connect_timeout=3.0),
         addr=addr if addr is not None else settings.metrics_addr,
         port=port if port is not None else settings.metrics_port,
     )

@@ -205,6 +205,15 @@ WATCHDOG_RESUMES_TOTAL = MetricDef(
     "worker died in it; timer, a deadline that was itself the wake-up).",
     ("reason", "step"),
 )
+REDIS_WRITES_UNREPLICATED_TOTAL = MetricDef(
+    "redis_writes_unreplicated_total",
+    "counter",
+    "Protected writes (job transitions, new jobs, parked timers) acknowledged without the "
+    "replicas REDIS_WAIT_REPLICAS asks for. reason: no_replica, the master had none connected "
+    "(written, unprotected); timeout, a replica did not confirm within REDIS_WAIT_TIMEOUT_MS "
+    "(the step stopped; the watchdog resumes the job).",
+    ("reason",),
+)
 BROKER_QUEUE_LENGTH = MetricDef(
     "broker_queue_length",
     "gauge",
@@ -256,6 +265,7 @@ METRICS: Mapping[str, MetricDef] = {
         TIMERS_OVERDUE_SECONDS,
         WATCHDOG_RESUMES_TOTAL,
         REMOTE_TASKS_UNCLAIMED_TOTAL,
+        REDIS_WRITES_UNREPLICATED_TOTAL,
         COPIES_AT_RISK,
         COPY_URL_LEFT_SECONDS,
         BROKER_QUEUE_LENGTH,
@@ -778,14 +788,21 @@ def serve(
     port: int,
     stop: threading.Event | None = None,
     broker_url: str | None = None,
+    client: redis.Redis | None = None,
 ) -> None:
     """Run the exporter until SIGTERM or SIGINT (or ``stop`` is set): ``GET /metrics`` on
-    ``addr:port`` reads Redis. The exporter's own ``process_*`` metrics come along (cheap: /proc).
-    Signal handlers are installed only when called from the main thread."""
+    ``addr:port`` reads Redis (``client``, e.g. through Sentinel; else ``redis_url``'s). The
+    exporter's own ``process_*`` metrics come along (cheap: /proc). Signal handlers are
+    installed only when called from the main thread."""
     # Timeouts keep a hung Redis from holding a scrape past Prometheus's own timeout.
-    client = redis.Redis.from_url(redis_url, socket_connect_timeout=3, socket_timeout=5)
+    if client is None:
+        client = redis.Redis.from_url(redis_url, socket_connect_timeout=3, socket_timeout=5)
     broker = None
-    if broker_url and broker_url != redis_url and broker_url.startswith(("redis", "unix")):
+    if (
+        broker_url
+        and broker_url != redis_url
+        and broker_url.startswith(("redis:", "rediss:", "unix:"))
+    ):
         broker = redis.Redis.from_url(broker_url, socket_connect_timeout=3, socket_timeout=5)
     registry = make_app_registry(client, prefix, broker)
     ProcessCollector(registry=registry)

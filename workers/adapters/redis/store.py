@@ -32,6 +32,9 @@ import redis
 from workers.errors import StoreUnavailable
 
 if TYPE_CHECKING:
+    from redis.commands.core import Script
+
+    from workers.adapters.redis.replication import Replication
     from workers.ports import Metrics
 from workers.domain.job import Job
 from workers.domain.request import JobRequest
@@ -492,11 +495,15 @@ class RedisJobStore(WorkflowRecords):
         prefix: str,
         final_ttl: int,
         metrics: Metrics | None = None,
+        replication: Replication | None = None,
     ) -> None:
+        """``replication``: how protected writes (creating a job, every transition) wait for
+        replicas (None: they do not, as on one server)."""
         self.redis = client
         self.prefix = prefix
         self.final_ttl = final_ttl
         self.metrics = metrics
+        self.replication = replication
         self._create = client.register_script(_CREATE)
         self._transition = client.register_script(_TRANSITION)
         self._note_duplicate = client.register_script(_NOTE_DUPLICATE)
@@ -516,9 +523,10 @@ class RedisJobStore(WorkflowRecords):
             flat += [name, value]
         next_at = "" if job.next_action_at is None else repr(job.next_action_at)
         try:
-            created = self._create(
-                keys=[self.key(job.job_id)],
-                args=[self.prefix, job.job_id, job.state.value, next_at, *flat],
+            created = self._protected(
+                self._create,
+                [self.key(job.job_id)],
+                [self.prefix, job.job_id, job.state.value, next_at, *flat],
             )
             if created:
                 timeline = f"{self.prefix}:timeline:{job.job_id}"
@@ -602,9 +610,10 @@ class RedisJobStore(WorkflowRecords):
         )
         ttl = self.final_ttl if state in FINAL_STATES else 0
         try:
-            version = self._transition(
-                keys=[self.key(job.job_id)],
-                args=[
+            version = self._protected(
+                self._transition,
+                [self.key(job.job_id)],
+                [
                     self.prefix,
                     job.job_id,
                     str(job.version),
@@ -627,6 +636,12 @@ class RedisJobStore(WorkflowRecords):
         if moved:
             self._moved(job, done)
         return done
+
+    def _protected(self, script: Script, keys: list[str], args: list[Any]) -> Any:
+        """A write a failover must not lose (workers.adapters.redis.replication)."""
+        if self.replication is None:
+            return script(keys=keys, args=args)
+        return self.replication.run(script, keys, args)
 
     def _moved(self, before: Job, after: Job) -> None:
         """One structured log line per change of state, and the time the job spent in the last."""

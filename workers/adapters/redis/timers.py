@@ -29,12 +29,15 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import redis
 
 from workers.errors import StoreUnavailable
 from workers.ports import LEASE_SECONDS, Parked, Taken
+
+if TYPE_CHECKING:
+    from workers.adapters.redis.replication import Replication
 
 __all__ = ["LEASE_SECONDS", "Dispatcher", "Parked", "RedisTimers", "Taken"]
 
@@ -79,9 +82,13 @@ return n
 class RedisTimers:
     """``P:timers`` on one Redis: park, take what is due on a lease, confirm, count."""
 
-    def __init__(self, client: redis.Redis, *, prefix: str) -> None:
+    def __init__(
+        self, client: redis.Redis, *, prefix: str, replication: Replication | None = None
+    ) -> None:
+        """``replication``: parking is a protected write (None: as on one server)."""
         self.redis = client
         self.key = f"{prefix}:timers"
+        self.replication = replication
         self._park = client.register_script(_PARK)
         self._take = client.register_script(_TAKE)
         self._done = client.register_script(_DONE)
@@ -89,7 +96,11 @@ class RedisTimers:
     def park(self, parked: Parked, delay: float) -> None:
         """Due ``delay`` seconds from now (Redis's clock)."""
         try:
-            self._park(keys=[self.key], args=[repr(delay), parked.member()])
+            keys, args = [self.key], [repr(delay), parked.member()]
+            if self.replication is None:
+                self._park(keys=keys, args=args)
+            else:
+                self.replication.run(self._park, keys, args)
         except redis.RedisError as exc:
             raise StoreUnavailable(f"cannot park {parked.step} of {parked.job_id}: {exc}") from exc
 

@@ -24,7 +24,7 @@ from workers import logfields, steps
 from workers.adapters.redis.queues import Heartbeats, RedisQueues
 from workers.adapters.redis.store import RedisJobStore
 from workers.adapters.redis.timers import Dispatcher, Parked, RedisTimers
-from workers.bootstrap import broker_redis, built, install, redis_client
+from workers.bootstrap import broker_redis, built, install, redis_client, replication
 from workers.bootstrap import services as _services
 from workers.domain.request import JobKind
 from workers.domain.routes import QUEUES
@@ -57,7 +57,9 @@ RETRY: dict[str, Any] = {
 
 @functools.cache
 def timers() -> RedisTimers:
-    return RedisTimers(svc_lock(), prefix=settings.key_prefix)
+    client = svc_lock()
+    return RedisTimers(client, prefix=settings.key_prefix,
+                       replication=replication(settings, client))  # fmt: skip
 
 
 def schedule(step: steps.Next | None) -> None:
