@@ -15,6 +15,7 @@ from kombu import Queue
 
 from config.settings import Settings, SettingsError, get_settings
 from workers.adapters.redis.connection import celery_options
+from workers.adapters.redis.kombu_transport import install as install_transports
 from workers.bootstrap import celery_urls, redis_address
 from workers.domain.routes import QUEUE_INTAKE, QUEUES
 from workers.steps.table import celery_routes
@@ -24,6 +25,9 @@ try:
 except SettingsError as exc:
     sys.exit(f"animate-queue: {exc}")
 
+# kombu's Redis transports, fixed to live through a lost broker connection (a Redis restart, a
+# Sentinel failover) while holding unacknowledged messages; see the module.
+install_transports()
 app = Celery("animate_queue", include=["workers.entrypoints.celery.tasks"])
 transport = {
     # Redis re-delivers any message not acknowledged within this time, including countdown

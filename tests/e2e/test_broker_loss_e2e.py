@@ -1,0 +1,103 @@
+"""A worker outlives the loss of its broker connection: Redis restarted, or a Sentinel failover.
+
+The worker process must stay the same process (no restart by a supervisor), reconnect by itself,
+say so in its log, and carry its jobs to STORED, paid once. The dangerous moment is a worker
+holding an unacknowledged message, such as a poll countdown, when the connection drops: kombu
+then restores it on the way out, and without our transport (workers/adapters/redis/
+kombu_transport.py) that crashed the worker ("Unrecoverable error: AttributeError: 'NoneType'
+object has no attribute 'hostname'").
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from devstack import Beat, RedisServer, Worker
+from devstack.ha import RedisHA
+from workers.adapters.redis.connection import RedisAddress
+from workers.producer import AnimateQueue
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
+
+FAST_WATCHDOG = {"WATCHDOG_INTERVAL_SECONDS": "1", "WATCHDOG_GRACE_SECONDS": "2"}
+
+
+def wait_for(predicate: Any, timeout: float = 30, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def holding_a_poll(queue: AnimateQueue, remote: Any, job_id: str) -> None:
+    """A job whose poll countdown the worker holds (DashScope generates for 6 s)."""
+    remote.config(generation_seconds=6)
+    queue.submit(remote.image(), remote.template(), job_id=job_id)
+    wait_for(lambda: (queue.get(job_id) or {}).get("state") == "SUBMITTED", what="SUBMITTED")
+    time.sleep(0.5)
+
+
+def survived(worker: Worker, pid: int) -> None:
+    assert worker.proc is not None and worker.proc.pid == pid and worker.proc.poll() is None, (
+        worker.log()[-3000:]
+    )
+    assert "Unrecoverable error" not in worker.log()
+
+
+@pytest.fixture
+def aof_redis() -> Iterator[RedisServer]:
+    with RedisServer(appendonly=True) as server:
+        yield server
+
+
+def test_a_redis_restart_does_not_kill_the_worker(
+    aof_redis: RedisServer, worker_env: dict[str, str], remote: Any, job_id: str
+) -> None:
+    env = {**worker_env, "REDIS_URL": aof_redis.url, **FAST_WATCHDOG}
+    with Worker(env, concurrency=2, name=f"loss-{time.time_ns()}@%h") as worker, Beat(env):
+        assert worker.proc is not None
+        pid = worker.proc.pid
+        queue = AnimateQueue(aof_redis.url)
+        try:
+            holding_a_poll(queue, remote, job_id)
+            aof_redis.stop()  # SIGTERM: the AOF is written, every connection drops
+            time.sleep(1)
+            aof_redis.start()
+            view = queue.wait(job_id, timeout=90)
+        finally:
+            queue.close()
+        assert view["state"] == "STORED", view
+        survived(worker, pid)
+        assert "Connection to broker lost" in worker.log()
+    assert remote.counters()["submitted"] == 1
+
+
+def test_a_sentinel_failover_does_not_kill_the_worker(
+    worker_env: dict[str, str], remote: Any, job_id: str
+) -> None:
+    with RedisHA() as ha:
+        env = {**worker_env, "REDIS_URL": ha.url(), "REDIS_SENTINELS": ha.sentinel_setting(),
+               **FAST_WATCHDOG}  # fmt: skip
+        address = RedisAddress(ha.url(), tuple(s.address for s in ha.sentinels))
+        with Worker(env, concurrency=2, name=f"failover-{time.time_ns()}@%h") as worker, Beat(env):
+            assert worker.proc is not None
+            pid = worker.proc.pid
+            queue = AnimateQueue(ha.url(), address=address)
+            try:
+                holding_a_poll(queue, remote, job_id)
+                old = ha.current_master()
+                old.kill()
+                new = ha.wait_for_failover(old)
+                view = queue.wait(job_id, timeout=90)
+            finally:
+                queue.close()
+            assert view["state"] == "STORED", view
+            survived(worker, pid)
+            log = worker.log()
+            assert f"moved from {old.place.host}:{old.port} to {new.place.host}:{new.port}" in log
+            assert "Connected to sentinel://" in log.split("Connection to broker lost")[-1]
+    assert remote.counters()["submitted"] == 1
