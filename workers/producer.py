@@ -35,6 +35,7 @@ from celery import Celery
 from workers import models
 from workers.adapters.redis.connection import RedisAddress, celery_options, connect
 from workers.adapters.redis.governor import RedisGovernor
+from workers.adapters.redis.replication import Replication
 from workers.adapters.redis.store import RedisJobStore
 from workers.adapters.s3.inputs import (
     S3Inputs,
@@ -93,11 +94,16 @@ class AnimateQueue:
         model: str = ANIMATE_ANYONE_GEN2.name,
         governor: RedisGovernor | None = None,
         address: RedisAddress | None = None,
+        wait_replicas: int = 0,
+        wait_timeout_ms: int = 2000,
     ) -> None:
         """``model`` keys the quota buckets and lanes (the workers' DASHSCOPE_MODEL); ``rates``
         and ``capacity`` only label the account views (the CLI passes the workers' governor).
         ``address``: Redis through Sentinel (then ``redis_url`` is its ``url``); the broker and
-        result backend follow it unless given."""
+        result backend follow it unless given. ``wait_replicas``: a job is enqueued only once
+        that many replicas have its message (REDIS_WAIT_REPLICAS, docs/ha.md); otherwise
+        ReplicationTimeout, and the job may or may not exist: send it again with the same
+        ``job_id``."""
         self.inputs = inputs  # only needed to send local files, or to download videos
         address = address or RedisAddress(redis_url)
         broker = broker_url or address.celery_url()
@@ -112,6 +118,12 @@ class AnimateQueue:
         )
         client = connect(address)
         self.store = RedisJobStore(client, prefix=key_prefix, final_ttl=0)
+        self.replication = (
+            Replication(client, required=wait_replicas, timeout_ms=wait_timeout_ms)
+            if wait_replicas
+            else None
+        )
+        self._sent_key = f"{key_prefix}:producer-sends"
         self.profile = models.profile(model)  # the deployment's model: local files' limits
         quotas = self.profile.quotas  # DashScope's own limits, when none are given
         self.governor = governor or RedisGovernor(
@@ -154,6 +166,7 @@ class AnimateQueue:
         self.celery.send_task(
             INTAKE_TASK, kwargs=kwargs, queue=public_queue(INTAKE_TASK), task_id=message_id
         )
+        self._replicated()
         return job_id or message_id
 
     def generate(
@@ -308,6 +321,12 @@ class AnimateQueue:
             return str(value)
         return self._require_inputs("send a local file").upload(path)
 
+    def _replicated(self) -> None:
+        """With replicas to wait for: return once they hold the message just sent (a job whose
+        intake message a failover took back would exist nowhere)."""
+        if self.replication is not None:
+            self.replication.barrier(self._sent_key)
+
     def _require_inputs(self, purpose: str) -> S3Inputs:
         if self.inputs is None:
             raise ValueError(
@@ -321,6 +340,7 @@ class AnimateQueue:
         _check_job_id(kwargs.get("job_id"))
         message_id = str(uuid.uuid4())
         self.celery.send_task(task, kwargs=kwargs, queue=public_queue(task), task_id=message_id)
+        self._replicated()
         job_id = kwargs.get("job_id")
         return job_id if isinstance(job_id, str) else message_id
 

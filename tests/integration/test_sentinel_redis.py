@@ -315,3 +315,34 @@ def test_replication_reads_the_replica_count_at_most_once_a_second(ha: RedisHA) 
     for _ in range(50):
         replication.run(script, ["ha-test:count"], [])
     assert calls == 1
+
+
+def test_a_producer_returns_once_the_replica_holds_the_message(ha: RedisHA) -> None:
+    """A job exists only as its intake message until a worker takes it: with REDIS_WAIT_REPLICAS
+    the producer's submit returns once the replica has that message (a protected write after
+    it confirms everything before it), and raises ReplicationTimeout when it cannot know."""
+    from workers.producer import AnimateQueue
+
+    settings = settings_for(ha)
+    queue = AnimateQueue(
+        ha.url(),
+        address=bootstrap.redis_address(settings),
+        key_prefix="ha-test",
+        wait_replicas=1,
+        wait_timeout_ms=500,
+    )
+    (replica,) = ha.replicas
+    try:
+        for n in range(1, 6):
+            queue.submit(IMAGE, TEMPLATE, job_id=f"ha-producer-{n}")
+            with replica.client() as client:
+                assert client.llen("celery") == n  # already there when submit returned
+        assert replica.proc is not None
+        os.kill(replica.proc.pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(ReplicationTimeout, match="confirmed the message"):
+                queue.submit(IMAGE, TEMPLATE, job_id="ha-producer-unconfirmed")
+        finally:
+            os.kill(replica.proc.pid, signal.SIGCONT)
+    finally:
+        queue.close()

@@ -49,6 +49,8 @@ def _queue() -> AnimateQueue:
         model=settings.dashscope_model,
         governor=governor(settings),  # the workers' own rates and capacity
         address=redis_address(settings),
+        wait_replicas=settings.wait_replicas,
+        wait_timeout_ms=settings.redis_wait_timeout_ms,
     )
 
 
