@@ -346,3 +346,45 @@ def test_a_producer_returns_once_the_replica_holds_the_message(ha: RedisHA) -> N
             os.kill(replica.proc.pid, signal.SIGCONT)
     finally:
         queue.close()
+
+
+def test_the_exporter_follows_a_failover(ha: RedisHA, caplog: pytest.LogCaptureFixture) -> None:
+    """`animate-queue metrics` through Sentinel: scrapes answer again after the master dies,
+    from the same process, and its log names the new master."""
+    import threading
+
+    import httpx
+
+    from devstack import free_port
+    from workers.adapters.redis.metrics import serve
+
+    settings = settings_for(ha)
+    caplog.set_level(logging.INFO, logger="workers.adapters.redis.connection")
+    port, stop = free_port(), threading.Event()
+    client = bootstrap.redis_client(settings, socket_timeout=5.0, connect_timeout=3.0)
+    thread = threading.Thread(
+        target=serve,
+        args=(settings.redis_url, "ha-test"),
+        kwargs={"addr": "127.0.0.1", "port": port, "stop": stop, "client": client},
+        daemon=True,
+    )
+    thread.start()
+    url = f"http://127.0.0.1:{port}/metrics"
+
+    def scraped() -> bool:
+        try:
+            answer = httpx.get(url, timeout=5)
+        except httpx.HTTPError:
+            return False
+        return answer.status_code == 200 and "animate_queue_timers_parked" in answer.text
+
+    try:
+        wait_until(scraped, "a first scrape")
+        old = ha.current_master()
+        old.kill()
+        new = ha.wait_for_failover(old)
+        wait_until(scraped, "a scrape after the failover", 30)
+    finally:
+        stop.set()
+        thread.join(10)
+    assert f"to {new.place.host}:{new.port}; reconnected there" in caplog.text

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import ssl
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
@@ -95,22 +96,44 @@ def tls_kwargs(url: str) -> dict[str, Any]:
 
 
 class _AnnouncedMasterPool(SentinelConnectionPool):
-    """Sentinel's pool, logging each master it finds: the first, then every failover. (Its
-    connections ask the pool's proxy for the address, so that is where the lookup is wrapped.)"""
+    """Sentinel's pool, logging each master it finds: the first, then every failover."""
 
     def __init__(self, service_name: str, sentinel_manager: Sentinel, **kwargs: Any) -> None:
         super().__init__(service_name, sentinel_manager, **kwargs)  # type: ignore[no-untyped-call]
-        proxy = self.proxy
-        discover = proxy.get_master_address
+        announce_master_changes(self)
 
-        def announced() -> tuple[str, int]:
-            before = proxy.master_address
-            address: tuple[str, int] = discover()  # type: ignore[no-untyped-call]
-            if address != before:
-                _announce(service_name, before, address)
-            return address
 
-        proxy.get_master_address = announced  # type: ignore[method-assign]
+def announce_master_changes(pool: SentinelConnectionPool) -> None:
+    """Log each master ``pool`` connects to: the process's first at INFO, every change (a
+    failover) as a WARNING. Its connections ask the pool's proxy for the address, so that lookup is wrapped.
+    kombu's Sentinel pools get it too (workers.adapters.redis.kombu_transport)."""
+    proxy = pool.proxy
+    discover = proxy.get_master_address
+    name = pool.service_name
+    watched_by = frozenset(
+        (
+            c.connection_pool.connection_kwargs.get("host"),
+            c.connection_pool.connection_kwargs.get("port"),
+        )
+        for c in pool.sentinel_manager.sentinels
+    )
+
+    def announced() -> tuple[str, int]:
+        address: tuple[str, int] = discover()  # type: ignore[no-untyped-call]
+        with _known_lock:
+            before = _known.get((name, watched_by))
+            _known[(name, watched_by)] = address
+        if address != before:
+            _announce(name, before, address)
+        return address
+
+    proxy.get_master_address = announced  # type: ignore[method-assign]
+
+
+# The master this process last connected to, per name and Sentinels: a pool made after a failover
+# (kombu makes a new one when it reconnects) still reports the move, not a first sighting.
+_known: dict[tuple[str, frozenset[tuple[Any, Any]]], tuple[str, int]] = {}
+_known_lock = threading.Lock()
 
 
 def _announce(name: str, before: tuple[str, int] | None, now: tuple[str, int]) -> None:

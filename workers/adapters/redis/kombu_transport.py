@@ -14,6 +14,9 @@ connection errors: the close goes on, Celery reconnects, and the messages stay i
 unacknowledged set (restored after ``visibility_timeout``; the watchdog resends their steps
 sooner, and the version fence makes a second copy harmless).
 
+The Sentinel channel also logs the master its pool finds, and every change of it (as our own
+clients do), so a worker's and beat's logs say when they moved to a new master.
+
 :func:`install` points kombu's ``redis``, ``rediss`` and ``sentinel`` schemes at these classes
 for the process (the Celery app module calls it). Nothing else changes.
 """
@@ -25,6 +28,8 @@ from typing import Any
 import redis
 from kombu import transport as kombu_transports
 from kombu.transport import redis as kombu_redis
+
+from workers.adapters.redis.connection import announce_master_changes
 
 
 class _Detached:
@@ -47,7 +52,12 @@ class Transport(kombu_redis.Transport):
 
 
 class SentinelChannel(_Detached, kombu_redis.SentinelChannel):
-    pass
+    def _sentinel_managed_pool(self, asynchronous: bool = False) -> Any:
+        """kombu's pool, saying in the log which master it found, and when that changes
+        (workers, beat and Flower then report a failover as our own clients do)."""
+        pool = super()._sentinel_managed_pool(asynchronous)  # type: ignore[misc]
+        announce_master_changes(pool)
+        return pool
 
 
 class SentinelTransport(kombu_redis.SentinelTransport):
