@@ -289,7 +289,7 @@ def _run_jobs(args: argparse.Namespace, net: Network, ha: RedisHA, s3: S3Server,
     queue = AnimateQueue(ha.url(), address=address, wait_replicas=1)
     ids = [f"ha-{i:04d}" for i in range(args.jobs)]
     owner = {job_id: f"a{i % len(accounts)}" for i, job_id in enumerate(ids)}
-    spread = args.spread or args.kill_at + 2 * args.settle_seconds + args.cut_seconds + 20
+    spread = args.spread or args.kill_at + 2 * args.settle_seconds + args.cut_seconds + 12
     started = time.time()
     faults = Faults(args, net, ha)
     faults.thread.start()

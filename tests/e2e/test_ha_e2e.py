@@ -2,7 +2,7 @@
 
 The short version of ``bench/ha.py``: real Celery workers on two namespaced hosts, beat on a
 third, a master, a replica and three Sentinels on five more, all through REDIS_SENTINELS. The
-master is SIGKILLed mid-run, one worker host loses its link for 20 s (the bench: two minutes),
+master is SIGKILLed mid-run, one worker host loses its link for 12 s (the bench: two minutes),
 then a Sentinel and the old master are restarted. Every job must be stored once, byte-exact,
 with no second payment, and progress must resume within 30 s of the failover.
 """
@@ -23,7 +23,7 @@ pytestmark = [
 
 
 def test_failover_and_a_partition_lose_nothing_and_pay_once() -> None:
-    short = "--jobs 30 --kill-at 5 --cut-seconds 20 --settle-seconds 4 --deadline 200"
+    short = "--jobs 24 --kill-at 4 --cut-seconds 12 --settle-seconds 3 --deadline 200"
     args = bench_ha.parse([*short.split(), "--down-after-ms", "2000"])
     result = bench_ha.run(args)
     print(result)
