@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -101,3 +102,35 @@ def test_a_sentinel_failover_does_not_kill_the_worker(
             assert f"moved from {old.place.host}:{old.port} to {new.place.host}:{new.port}" in log
             assert "Connected to sentinel://" in log.split("Connection to broker lost")[-1]
     assert remote.counters()["submitted"] == 1
+
+
+def test_flower_follows_a_failover(worker_env: dict[str, str]) -> None:
+    """Flower on Sentinel: it sees the worker before and after the master dies, from the same
+    process, says so in its log, and its broker page answers."""
+    import httpx
+
+    from devstack import Flower
+
+    with RedisHA() as ha:
+        env = {**worker_env, "REDIS_URL": ha.url(), "REDIS_SENTINELS": ha.sentinel_setting(),
+               "FLOWER_BASIC_AUTH": "ops:flower-pw"}  # fmt: skip
+        name = f"flower-ha-{time.time_ns()}@%h"
+        with Worker(env, concurrency=1, name=name) as worker, Flower(env) as flower:
+            auth = ("ops", "flower-pw")
+
+            def sees_the_worker() -> bool:
+                answer = httpx.get(f"{flower.url}/api/workers?refresh=1", auth=auth, timeout=20)
+                return answer.status_code == 200 and any(
+                    node.startswith("flower-ha-") for node in answer.json()
+                )
+
+            wait_for(sees_the_worker, 30, "Flower to see the worker")
+            old = ha.current_master()
+            old.kill()
+            new = ha.wait_for_failover(old)
+            wait_for(sees_the_worker, 60, "Flower to see the worker after the failover")
+            assert httpx.get(f"{flower.url}/broker", auth=auth, timeout=20).status_code == 200
+            assert flower.proc is not None and flower.proc.poll() is None
+            assert worker.proc is not None and worker.proc.poll() is None
+        log = (Path(flower.state_dir) / "flower.log").read_text()
+        assert f"moved from {old.place.host}:{old.port} to {new.place.host}:{new.port}" in log
