@@ -35,6 +35,7 @@ from celery import Celery
 from workers import models
 from workers.adapters.redis.connection import RedisAddress, celery_options, connect
 from workers.adapters.redis.governor import RedisGovernor
+from workers.adapters.redis.inbox import RedisInbox
 from workers.adapters.redis.replication import Replication
 from workers.adapters.redis.store import RedisJobStore
 from workers.adapters.s3.inputs import (
@@ -118,12 +119,17 @@ class AnimateQueue:
         )
         client = connect(address)
         self.store = RedisJobStore(client, prefix=key_prefix, final_ttl=0)
-        self.replication = (
-            Replication(client, required=wait_replicas, timeout_ms=wait_timeout_ms)
+        # With replicas to wait for, each new job's message is noted in the intake inbox in a
+        # protected write (workers.adapters.redis.inbox): confirmed, or ReplicationTimeout.
+        self.inbox = (
+            RedisInbox(
+                client,
+                prefix=key_prefix,
+                replication=Replication(client, required=wait_replicas, timeout_ms=wait_timeout_ms),
+            )
             if wait_replicas
             else None
         )
-        self._sent_key = f"{key_prefix}:producer-sends"
         self.profile = models.profile(model)  # the deployment's model: local files' limits
         quotas = self.profile.quotas  # DashScope's own limits, when none are given
         self.governor = governor or RedisGovernor(
@@ -163,10 +169,9 @@ class AnimateQueue:
         kwargs.update({k: v for k, v in optional.items() if v is not None})
         _check_job_id(job_id)
         message_id = str(uuid.uuid4())
-        self.celery.send_task(
-            INTAKE_TASK, kwargs=kwargs, queue=public_queue(INTAKE_TASK), task_id=message_id
-        )
-        self._replicated()
+        queue = public_queue(INTAKE_TASK)
+        self.celery.send_task(INTAKE_TASK, kwargs=kwargs, queue=queue, task_id=message_id)
+        self._noted(job_id or message_id, INTAKE_TASK, queue, message_id, kwargs)
         return job_id or message_id
 
     def generate(
@@ -321,11 +326,14 @@ class AnimateQueue:
             return str(value)
         return self._require_inputs("send a local file").upload(path)
 
-    def _replicated(self) -> None:
-        """With replicas to wait for: return once they hold the message just sent (a job whose
-        intake message a failover took back would exist nowhere)."""
-        if self.replication is not None:
-            self.replication.barrier(self._sent_key)
+    def _noted(
+        self, job_id: str, task: str, queue: str, message_id: str, kwargs: dict[str, Any]
+    ) -> None:
+        """With replicas to wait for: note the message just sent in the intake inbox, and
+        return once the replicas hold both (one replication stream: the note confirms the
+        message before it). A job whose message is then lost is sent again by the watchdog."""
+        if self.inbox is not None:
+            self.inbox.sent(job_id, task, queue, message_id, kwargs)
 
     def _require_inputs(self, purpose: str) -> S3Inputs:
         if self.inputs is None:
@@ -339,10 +347,12 @@ class AnimateQueue:
         kwargs.update({k: v for k, v in optional.items() if v is not None})
         _check_job_id(kwargs.get("job_id"))
         message_id = str(uuid.uuid4())
-        self.celery.send_task(task, kwargs=kwargs, queue=public_queue(task), task_id=message_id)
-        self._replicated()
+        queue = public_queue(task)
+        self.celery.send_task(task, kwargs=kwargs, queue=queue, task_id=message_id)
         job_id = kwargs.get("job_id")
-        return job_id if isinstance(job_id, str) else message_id
+        named = job_id if isinstance(job_id, str) else message_id
+        self._noted(named, task, queue, message_id, kwargs)
+        return named
 
     def cancel(self, job_id: str, timeout: float = 30) -> dict[str, Any]:
         """Cancel a job through a worker (``animate.cancel``); what happened."""

@@ -134,3 +134,67 @@ def test_flower_follows_a_failover(worker_env: dict[str, str]) -> None:
             assert worker.proc is not None and worker.proc.poll() is None
         log = (Path(flower.state_dir) / "flower.log").read_text()
         assert f"moved from {old.place.host}:{old.port} to {new.place.host}:{new.port}" in log
+
+
+def test_a_frozen_replica_holds_jobs_back_until_it_answers(
+    worker_env: dict[str, str], remote: Any, job_id: str
+) -> None:
+    """The error path of protected writes, end to end: while the replica is frozen (connected,
+    silent), no job step is acknowledged (each stops with ReplicationTimeout, logged and
+    counted) and nothing is paid; once it answers again the job goes on to STORED, paid once."""
+    import os
+    import signal
+
+    with RedisHA() as ha:
+        env = {**worker_env, "REDIS_URL": ha.url(), "REDIS_SENTINELS": ha.sentinel_setting(),
+               "REDIS_WAIT_TIMEOUT_MS": "300", **FAST_WATCHDOG}  # fmt: skip
+        address = RedisAddress(ha.url(), tuple(s.address for s in ha.sentinels))
+        (replica,) = ha.replicas
+        assert replica.proc is not None
+        with Worker(env, concurrency=2, name=f"frozen-{time.time_ns()}@%h") as worker, Beat(env):
+            queue = AnimateQueue(ha.url(), address=address)
+            try:
+                queue.submit(remote.image(), remote.template(), job_id=job_id)
+                os.kill(replica.proc.pid, signal.SIGSTOP)
+                try:
+                    time.sleep(6)
+                    view = queue.get(job_id)
+                    # at most its first step got through before the freeze; nothing was paid
+                    assert view is None or view["state"] in ("RECEIVED", "QUEUED"), view
+                    assert remote.counters().get("submitted", 0) == 0
+                finally:
+                    os.kill(replica.proc.pid, signal.SIGCONT)
+                view = queue.wait(job_id, timeout=90)
+            finally:
+                queue.close()
+            assert view["state"] == "STORED", view
+            assert "ReplicationTimeout" in worker.log() or "replicas confirmed" in worker.log()
+    assert remote.counters()["submitted"] == 1
+
+
+def test_an_intake_message_lost_on_its_way_is_sent_again(
+    worker_env: dict[str, str], remote: Any, job_id: str
+) -> None:
+    """A new job exists only as its intake message until a worker takes it. Here the message
+    vanishes from the queue before any worker has it (as when a worker's BRPOP popped it and
+    the answer never crossed the network, or a failover took it back): the producer's note in
+    the intake inbox lets the watchdog send it again, and the job is stored, paid once."""
+    with RedisHA() as ha:
+        env = {**worker_env, "REDIS_URL": ha.url(), "REDIS_SENTINELS": ha.sentinel_setting(),
+               **FAST_WATCHDOG}  # fmt: skip
+        address = RedisAddress(ha.url(), tuple(s.address for s in ha.sentinels))
+        queue = AnimateQueue(ha.url(), address=address, wait_replicas=1)
+        try:
+            queue.submit(remote.image(), remote.template(), job_id=job_id)  # no worker yet
+            with ha.current_master().client() as master:
+                assert master.lpop("celery") is not None  # the message is gone
+                assert master.llen("celery") == 0
+            with Worker(env, concurrency=2, name=f"inbox-{time.time_ns()}@%h") as worker, Beat(env):
+                view = queue.wait(job_id, timeout=90)
+                assert "its intake message was lost" in worker.log()
+            with ha.current_master().client() as master:
+                assert not master.hexists("animate-queue:inbox", job_id)  # crossed off
+        finally:
+            queue.close()
+        assert view["state"] == "STORED", view
+    assert remote.counters()["submitted"] == 1

@@ -337,10 +337,13 @@ def test_a_producer_returns_once_the_replica_holds_the_message(ha: RedisHA) -> N
             queue.submit(IMAGE, TEMPLATE, job_id=f"ha-producer-{n}")
             with replica.client() as client:
                 assert client.llen("celery") == n  # already there when submit returned
+                # and noted in the intake inbox, where the watchdog looks for lost messages
+                assert client.hexists("ha-test:inbox", f"ha-producer-{n}")
+                assert client.zscore("ha-test:inbox:due", f"ha-producer-{n}") is not None
         assert replica.proc is not None
         os.kill(replica.proc.pid, signal.SIGSTOP)
         try:
-            with pytest.raises(ReplicationTimeout, match="confirmed the message"):
+            with pytest.raises(ReplicationTimeout, match="confirmed the write"):
                 queue.submit(IMAGE, TEMPLATE, job_id="ha-producer-unconfirmed")
         finally:
             os.kill(replica.proc.pid, signal.SIGCONT)

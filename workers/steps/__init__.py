@@ -10,7 +10,7 @@ from workers.steps.intake import IntakeResult, intake, validate
 from workers.steps.poll import poll
 from workers.steps.prepare import prepare
 from workers.steps.submit import submit
-from workers.steps.watchdog import WatchdogReport, watchdog
+from workers.steps.watchdog import WatchdogReport, resend_lost_intakes, watchdog
 
 __all__ = [
     "CancelResult",
@@ -29,6 +29,7 @@ __all__ = [
     "intake",
     "poll",
     "prepare",
+    "resend_lost_intakes",
     "submit",
     "validate",
     "watchdog",

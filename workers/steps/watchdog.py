@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal, Protocol
 
 from workers.domain.decisions import (
     Finish,
@@ -72,6 +72,57 @@ def watchdog(
         for lane in sorted(lanes):
             admit(svc, lane)
     return WatchdogReport(seen["resumed"], seen["poisoned"], len(accounts), seen["waiting"])
+
+
+class SentIntake(Protocol):
+    job_id: str
+    queue: str
+    sent_at: float
+
+
+class IntakeInbox(Protocol):
+    """New jobs sent and not yet taken by intake (workers.adapters.redis.inbox)."""
+
+    def older_than(self, at: float, limit: int = 100) -> list[Any]: ...
+    def taken(self, *job_ids: str) -> None: ...
+    def again(self, job_id: str, at: float) -> None: ...
+
+
+def resend_lost_intakes(
+    svc: Services,
+    inbox: IntakeInbox,
+    send: Callable[[Any], None],
+    *,
+    grace: float,
+    give_up_after: float = 24 * 3600.0,
+) -> list[str]:
+    """Send again the intake message of each job sent more than ``grace`` ago that has no
+    record: lost in a failover, or popped by a worker that never received it. Not while the
+    intake queue has no consumer or its oldest message has waited as long (it may still be
+    there); a job crossed off meanwhile, or found in the store, only leaves the inbox."""
+    now = svc.clock()
+    queues = svc.queues.waiting() if svc.queues is not None else None
+    resent = []
+    for sent in inbox.older_than(now - grace):
+        if svc.store.get(sent.job_id) is not None:
+            inbox.taken(sent.job_id)
+            continue
+        age = now - sent.sent_at
+        if age > give_up_after:
+            log.error("job %s: its intake message was never taken in %.0f s; given up",
+                      sent.job_id, age)  # fmt: skip
+            inbox.taken(sent.job_id)
+            continue
+        consumers, oldest = (queues or {}).get(sent.queue, (1, 0.0))
+        if consumers == 0 or oldest >= age:
+            continue  # a backlog, not a loss: the message may be waiting its turn
+        send(sent)
+        inbox.again(sent.job_id, now)
+        svc.metrics.inc("watchdog_resumes_total", reason="lost", step="intake")
+        log.warning("job %s: its intake message was lost (sent %.0f s ago, no record); sent "
+                    "again", sent.job_id, age)  # fmt: skip
+        resent.append(sent.job_id)
+    return resent
 
 
 def _step_for(svc: Services, job: Job) -> Step | None:

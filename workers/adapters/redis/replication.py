@@ -78,29 +78,6 @@ class Replication:
             )
         return result
 
-    def barrier(self, key: str) -> None:
-        """Return once the replicas have everything the master took before now, on any
-        connection (one replication stream: a confirmed write confirms all before it). It
-        writes ``INCR key`` to have something to wait for. A producer calls it after sending a
-        message, which kombu sends on a connection of its own. ReplicationTimeout as ``run``."""
-        if self.required == 0:
-            return
-        want = min(self.required, self.connected())
-        if want == 0:
-            self._unreplicated("no_replica")
-            return
-        pipe = self.client.pipeline(transaction=False)
-        pipe.incr(key)
-        pipe.wait(want, self.timeout_ms)
-        _, acked = pipe.execute()
-        if int(acked) < want:
-            self._unreplicated("timeout")
-            self._read_at = float("-inf")
-            raise ReplicationTimeout(
-                f"{acked} of {want} Redis replicas confirmed the message within "
-                f"{self.timeout_ms} ms (REDIS_WAIT_TIMEOUT_MS)"
-            )
-
     def _write_and_wait(
         self, script: Script, keys: Sequence[str], args: Sequence[Any], want: int
     ) -> tuple[Any, int]:

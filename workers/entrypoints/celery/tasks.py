@@ -21,6 +21,7 @@ from celery.signals import worker_process_shutdown, worker_shutdown
 
 from config.celery_app import app, settings
 from workers import logfields, steps
+from workers.adapters.redis.inbox import RedisInbox
 from workers.adapters.redis.queues import Heartbeats, RedisQueues
 from workers.adapters.redis.store import RedisJobStore
 from workers.adapters.redis.timers import Dispatcher, Parked, RedisTimers
@@ -60,6 +61,29 @@ def timers() -> RedisTimers:
     client = svc_lock()
     return RedisTimers(client, prefix=settings.key_prefix,
                        replication=replication(settings, client))  # fmt: skip
+
+
+@functools.cache
+def inbox() -> RedisInbox | None:
+    """The intake inbox, kept only where protected writes are (REDIS_WAIT_REPLICAS > 0)."""
+    if settings.wait_replicas == 0:
+        return None
+    client = svc_lock()
+    return RedisInbox(client, prefix=settings.key_prefix,
+                      replication=replication(settings, client))  # fmt: skip
+
+
+def _send_intake_again(sent: Any) -> None:
+    """The producer's intake message once more, as it was: same task, kwargs and message id."""
+    app.send_task(sent.task, kwargs=sent.kwargs, queue=sent.queue, task_id=sent.message_id)
+
+
+def _taken(result: steps.IntakeResult, kwargs: dict[str, Any], message_id: str) -> None:
+    """Cross the job off the intake inbox, under every id its producer may have noted it by."""
+    box = inbox()
+    if box is not None:
+        named = kwargs.get("job_id")
+        box.taken(result.job_id, named if isinstance(named, str) else "", message_id)
 
 
 def schedule(step: steps.Next | None) -> None:
@@ -204,6 +228,7 @@ PREPARE_LIMITS: dict[str, Any] = {
 def generate(self: Task[Any, Any], *args: Any, **kwargs: Any) -> None:
     """Intake: validate, create the job (id = ``job_id`` or this message's id), then submit."""
     result = steps.intake(services(), kwargs, args, str(self.request.id))
+    _taken(result, kwargs, str(self.request.id))
     schedule(result.next)
 
 
@@ -211,6 +236,7 @@ def generate(self: Task[Any, Any], *args: Any, **kwargs: Any) -> None:
 def make_template(self: Task[Any, Any], *args: Any, **kwargs: Any) -> None:
     """Intake of a template job: a dance video in, an action template id (state READY) out."""
     result = steps.intake(services(), kwargs, args, str(self.request.id), JobKind.TEMPLATE)
+    _taken(result, kwargs, str(self.request.id))
     schedule(result.next)
 
 
@@ -283,6 +309,14 @@ def watchdog(self: Task[Any, Any]) -> None:
         max_resumes=settings.watchdog_max_resumes,
         accounts=sorted(svc.accounts),
     )
+    box = inbox()
+    if box is not None:  # new jobs whose intake message was lost on its way
+        steps.resend_lost_intakes(
+            svc,
+            box,
+            _send_intake_again,
+            grace=settings.watchdog_grace_seconds,
+        )
     log.info("watchdog pass: %d resumed, %d poisoned, %d waiting in a backlog, %d index "
              "entries swept", len(report.resumed), len(report.poisoned), len(report.waiting),
              swept)  # fmt: skip
