@@ -391,3 +391,20 @@ def test_the_exporter_follows_a_failover(ha: RedisHA, caplog: pytest.LogCaptureF
         stop.set()
         thread.join(10)
     assert f"to {new.place.host}:{new.port}; reconnected there" in caplog.text
+
+
+def test_no_master_found_is_one_readable_line(ha: RedisHA) -> None:
+    """Every Sentinel unreachable: the error names each by host:port and why, in one line,
+    without the clients' whole reprs and without a password."""
+    settings = settings_for(ha)
+    client = bootstrap.redis_client(settings, socket_timeout=1.0, connect_timeout=1.0)
+    for sentinel in ha.sentinels:
+        sentinel.kill()
+    with pytest.raises(redis.RedisError) as failed:
+        client.ping()
+    text = str(failed.value)
+    assert "No master found for 'animate-queue'" in text
+    for host, port in (s.address for s in ha.sentinels):
+        assert f"{host}:{port} - network:ConnectionError: Error 111" in text
+    assert "ConnectionPool" not in text and len(text) < 800, text
+    assert PASSWORD not in text and SENTINEL_PASSWORD not in text

@@ -13,6 +13,7 @@ replica): a failover needs no restart. Each change of master is logged once per 
 from __future__ import annotations
 
 import logging
+import re
 import ssl
 import threading
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 import redis
-from redis.sentinel import Sentinel, SentinelConnectionPool
+from redis.sentinel import MasterNotFoundError, Sentinel, SentinelConnectionPool
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +152,22 @@ def _announce(name: str, before: tuple[str, int] | None, now: tuple[str, int]) -
     )
 
 
+# redis-py names each Sentinel that did not answer by its client's whole repr (a few hundred
+# characters, every connection parameter); the host and port say it.
+_CLIENT_REPR = re.compile(r"<redis\.client\.Redis\(.*?host=([^,]+),port=(\d+).*?\)>\)>\)>")
+
+
+class _Sentinels(Sentinel):
+    """redis-py's Sentinel, whose "no master found" says which Sentinels failed in a line."""
+
+    def discover_master(self, service_name: str) -> tuple[str, int]:
+        try:
+            found: tuple[str, int] = super().discover_master(service_name)
+        except MasterNotFoundError as exc:
+            raise MasterNotFoundError(_CLIENT_REPR.sub(r"\1:\2", str(exc))) from None
+        return found
+
+
 def connect(
     address: RedisAddress,
     *,
@@ -169,7 +186,7 @@ def connect(
         if not retry_on_timeout:
             common["retry_on_timeout"] = False
         return redis.Redis.from_url(address.url, **common)
-    sentinel = Sentinel(
+    sentinel = _Sentinels(
         list(address.sentinels),
         sentinel_kwargs=sentinel_kwargs(address, connect_timeout, socket_timeout),
         socket_timeout=socket_timeout,
