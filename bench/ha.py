@@ -349,6 +349,9 @@ def _run_jobs(args: argparse.Namespace, net: Network, ha: RedisHA, s3: S3Server,
         "remote_submissions": int(totals.get("submitted", 0)),
         **pauses(times, faults.events, finished),
         "stale_messages_ignored_on_work_1": stale,
+        "intake_messages_sent_again": sum(
+            w.log().count("its intake message was lost") for w in workers
+        ),
         "transitions_while_work_1_cut": during(
             times, faults.events, "work-1 cut off", "work-1 back"
         ),
