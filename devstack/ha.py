@@ -240,13 +240,18 @@ class RedisHA(Service):
         return f"redis://{auth}sentinel-named-master/{db}"
 
     def start(self) -> Self:
-        self.master.start()
-        for replica in self.replicas:
-            replica.start()
-        wait_until(self.replicas_in_sync, "replicas in sync with the master")
-        for sentinel in self.sentinels:
-            sentinel.start()
-        wait_until(self._sentinels_agree, "Sentinels agreeing on the master and its replicas")
+        """Every node, then every Sentinel; what started is stopped again if a step fails."""
+        try:
+            self.master.start()
+            for replica in self.replicas:
+                replica.start()
+            wait_until(self.replicas_in_sync, "replicas in sync with the master")
+            for sentinel in self.sentinels:
+                sentinel.start()
+            wait_until(self._sentinels_agree, "Sentinels agreeing on the master and its replicas")
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def replicas_in_sync(self) -> bool:

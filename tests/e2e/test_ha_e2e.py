@@ -18,6 +18,7 @@ REASON = unavailable()
 
 pytestmark = [
     pytest.mark.skipif(REASON is not None, reason=f"needs network namespaces: {REASON}"),
+    pytest.mark.slow,
     pytest.mark.timeout(300),
 ]
 

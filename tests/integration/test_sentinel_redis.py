@@ -34,6 +34,8 @@ from workers.domain.states import JobState
 from workers.entrypoints import cli
 from workers.errors import ReplicationTimeout
 
+pytestmark = pytest.mark.slow  # real processes for a while: scheduled first (tests/conftest.py)
+
 PASSWORD, SENTINEL_PASSWORD = "redis-pw-7f3a", "sentinel-pw-91c2"
 IMAGE, TEMPLATE = "https://img.example.com/a.png", "AACT.tmpl-1"
 
@@ -276,8 +278,7 @@ def test_tls_to_redis_and_sentinels(tmp_path: Path) -> None:
     """rediss:// with its CA, REDIS_SENTINEL_TLS: every hop is TLS (the nodes serve nothing
     else), and a protected write still waits for the replica."""
     tls = tls_files(tmp_path / "tls", ["127.0.0.1"])
-    group = RedisHA(password=PASSWORD, tls=tls).start()
-    try:
+    with RedisHA(password=PASSWORD, tls=tls) as group:
         settings = load_settings(
             {
                 "REDIS_URL": group.url(),
@@ -295,8 +296,6 @@ def test_tls_to_redis_and_sentinels(tmp_path: Path) -> None:
             bootstrap.redis_address(settings), *bootstrap.celery_urls(settings)
         )
         assert options["broker_use_ssl"]["ssl_ca_certs"] == tls["tls-ca-cert-file"]
-    finally:
-        group.stop()
 
 
 def test_replication_reads_the_replica_count_at_most_once_a_second(ha: RedisHA) -> None:
