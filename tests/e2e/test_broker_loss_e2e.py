@@ -157,7 +157,7 @@ def test_a_frozen_replica_holds_jobs_back_until_it_answers(
                 queue.submit(remote.image(), remote.template(), job_id=job_id)
                 os.kill(replica.proc.pid, signal.SIGSTOP)
                 try:
-                    time.sleep(6)
+                    time.sleep(3)
                     view = queue.get(job_id)
                     # at most its first step got through before the freeze; nothing was paid
                     assert view is None or view["state"] in ("RECEIVED", "QUEUED"), view

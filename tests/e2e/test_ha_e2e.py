@@ -24,7 +24,7 @@ pytestmark = [
 
 
 def test_failover_and_a_partition_lose_nothing_and_pay_once() -> None:
-    short = "--jobs 24 --kill-at 4 --cut-seconds 12 --settle-seconds 3 --deadline 200"
+    short = "--jobs 16 --kill-at 4 --cut-seconds 12 --settle-seconds 3 --deadline 200"
     args = bench_ha.parse([*short.split(), "--down-after-ms", "2000"])
     result = bench_ha.run(args)
     print(result)

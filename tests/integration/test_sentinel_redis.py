@@ -57,8 +57,16 @@ class Counted:
         return self.counts.get(("redis_writes_unreplicated_total", (("reason", reason),)), 0.0)
 
 
+@pytest.fixture(scope="module")
+def shared_ha() -> Iterator[RedisHA]:
+    """One group for the tests that leave it as they found it (a frozen replica is thawed)."""
+    with RedisHA(password=PASSWORD, sentinel_password=SENTINEL_PASSWORD) as group:
+        yield group
+
+
 @pytest.fixture
 def ha() -> Iterator[RedisHA]:
+    """A group of the test's own, for those that kill a node."""
     group = RedisHA(password=PASSWORD, sentinel_password=SENTINEL_PASSWORD).start()
     try:
         yield group
@@ -112,18 +120,18 @@ def on_replicas(ha: RedisHA, key: str) -> list[dict[bytes, bytes]]:
     return found
 
 
-def test_a_protected_write_is_on_the_replica_when_it_returns(ha: RedisHA) -> None:
+def test_a_protected_write_is_on_the_replica_when_it_returns(shared_ha: RedisHA) -> None:
     """WAIT on the write's own connection: when create or a transition returns, the replica
     already holds that version; nothing had to be counted as unreplicated."""
     metrics = Counted()
-    store = store_for(settings_for(ha), metrics)
+    store = store_for(settings_for(shared_ha), metrics)
     job, created = store.create(new_job("ha-1"))
     assert created
     for _ in range(20):  # each one checked the moment it returns, no sleeping in between
         moved = store.transition(job, JobState.QUEUED, updated_at=time.time())
         assert moved is not None
         job = moved
-        (copy,) = on_replicas(ha, store.key("ha-1"))
+        (copy,) = on_replicas(shared_ha, store.key("ha-1"))
         assert copy[b"version"] == str(job.version).encode()
     assert metrics.counts == {}
 
@@ -156,13 +164,13 @@ def test_clients_follow_a_failover_without_a_restart_and_say_so(
     assert PASSWORD not in caplog.text and SENTINEL_PASSWORD not in caplog.text
 
 
-def test_a_replica_that_does_not_confirm_stops_the_step(ha: RedisHA) -> None:
+def test_a_replica_that_does_not_confirm_stops_the_step(shared_ha: RedisHA) -> None:
     """A replica still connected but frozen (SIGSTOP): WAIT times out, the transition raises
     ReplicationTimeout (a StoreUnavailable: the step is retried or resumed), counted."""
     metrics = Counted()
-    store = store_for(settings_for(ha), metrics)
+    store = store_for(settings_for(shared_ha), metrics)
     job, _ = store.create(new_job("ha-3"))
-    (replica,) = ha.replicas
+    (replica,) = shared_ha.replicas
     assert replica.proc is not None
     os.kill(replica.proc.pid, signal.SIGSTOP)
     try:
@@ -173,7 +181,7 @@ def test_a_replica_that_does_not_confirm_stops_the_step(ha: RedisHA) -> None:
         timers = RedisTimers(
             store.redis,
             prefix="ha-test",
-            replication=bootstrap.replication(settings_for(ha), store.redis),
+            replication=bootstrap.replication(settings_for(shared_ha), store.redis),
         )
         with pytest.raises(ReplicationTimeout):
             timers.park(Parked("poll", "ha-3", 2, "p"), 30.0)
@@ -247,16 +255,16 @@ def test_start_up_check_and_health_report_the_layout(
         get_settings.cache_clear()
 
 
-def test_a_wrong_sentinel_password_is_a_clear_error(ha: RedisHA) -> None:
-    settings = settings_for(ha, REDIS_SENTINEL_PASSWORD="wrong")
+def test_a_wrong_sentinel_password_is_a_clear_error(shared_ha: RedisHA) -> None:
+    settings = settings_for(shared_ha, REDIS_SENTINEL_PASSWORD="wrong")
     client = bootstrap.redis_client(settings, socket_timeout=2.0, retry_on_timeout=False)
     with pytest.raises(redis.RedisError) as failed:
         client.ping()
     assert "wrong" not in str(failed.value)
 
 
-def test_celery_options_carry_master_name_and_sentinel_password(ha: RedisHA) -> None:
-    settings = settings_for(ha)
+def test_celery_options_carry_master_name_and_sentinel_password(shared_ha: RedisHA) -> None:
+    settings = settings_for(shared_ha)
     broker, backend = bootstrap.celery_urls(settings)
     assert broker == backend
     assert broker.count("sentinel://") == 3 and f":{PASSWORD}@" in broker
@@ -298,9 +306,9 @@ def test_tls_to_redis_and_sentinels(tmp_path: Path) -> None:
         assert options["broker_use_ssl"]["ssl_ca_certs"] == tls["tls-ca-cert-file"]
 
 
-def test_replication_reads_the_replica_count_at_most_once_a_second(ha: RedisHA) -> None:
+def test_replication_reads_the_replica_count_at_most_once_a_second(shared_ha: RedisHA) -> None:
     calls = 0
-    client = bootstrap.redis_client(settings_for(ha))
+    client = bootstrap.redis_client(settings_for(shared_ha))
     original = client.role
 
     def counted() -> Any:
@@ -316,21 +324,21 @@ def test_replication_reads_the_replica_count_at_most_once_a_second(ha: RedisHA) 
     assert calls == 1
 
 
-def test_a_producer_returns_once_the_replica_holds_the_message(ha: RedisHA) -> None:
+def test_a_producer_returns_once_the_replica_holds_the_message(shared_ha: RedisHA) -> None:
     """A job exists only as its intake message until a worker takes it: with REDIS_WAIT_REPLICAS
     the producer's submit returns once the replica has that message (a protected write after
     it confirms everything before it), and raises ReplicationTimeout when it cannot know."""
     from workers.producer import AnimateQueue
 
-    settings = settings_for(ha)
+    settings = settings_for(shared_ha)
     queue = AnimateQueue(
-        ha.url(),
+        shared_ha.url(),
         address=bootstrap.redis_address(settings),
         key_prefix="ha-test",
         wait_replicas=1,
         wait_timeout_ms=500,
     )
-    (replica,) = ha.replicas
+    (replica,) = shared_ha.replicas
     try:
         for n in range(1, 6):
             queue.submit(IMAGE, TEMPLATE, job_id=f"ha-producer-{n}")
