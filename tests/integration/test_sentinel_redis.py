@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import time
 from collections.abc import Iterator
@@ -282,6 +283,7 @@ def test_celery_options_carry_master_name_and_sentinel_password(shared_ha: Redis
         queue.close()
 
 
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
 def test_tls_to_redis_and_sentinels(tmp_path: Path) -> None:
     """rediss:// with its CA, REDIS_SENTINEL_TLS: every hop is TLS (the nodes serve nothing
     else), and a protected write still waits for the replica."""
