@@ -55,7 +55,8 @@ class Settings(BaseSettings):
     # is an error and the step stops. A master with no replica connected at all has none to
     # lose them to, and writes go on (counted; docs/ha.md). Unset: 1 with Sentinel, 0 without.
     redis_wait_replicas: int | None = Field(default=None, ge=0, le=10)
-    redis_wait_timeout_ms: int = Field(default=2000, ge=10, le=60_000)
+    # (at most 8 s: below the clients' 10 s socket timeout, so a slow WAIT is a ReplicationTimeout)
+    redis_wait_timeout_ms: int = Field(default=2000, ge=10, le=8000)
 
     # --- DashScope accounts. DASHSCOPE_API_KEY is the account named "default"; more accounts
     # come as JSON: DASHSCOPE_ACCOUNTS='{"main": "sk-...", "backup": "sk-..."}'.

@@ -165,8 +165,9 @@ def quota(settings: Settings, model: str | None = None) -> Quota:
 
 def governor(settings: Settings) -> RedisGovernor:
     spend = quota(settings)
+    client = redis_client(settings)
     return RedisGovernor(
-        redis_client(settings),
+        client,
         prefix=settings.key_prefix,
         model=settings.dashscope_model,
         rates={
@@ -179,6 +180,7 @@ def governor(settings: Settings) -> RedisGovernor:
             **{f"submit:{name}": quota(settings, name).submit for name in models.PROFILES},
         },
         capacity=spend.concurrency + settings.admission_lookahead,
+        replication=replication(settings, client),
     )
 
 

@@ -95,16 +95,16 @@ class AnimateQueue:
         model: str = ANIMATE_ANYONE_GEN2.name,
         governor: RedisGovernor | None = None,
         address: RedisAddress | None = None,
-        wait_replicas: int = 0,
+        wait_replicas: int | None = None,
         wait_timeout_ms: int = 2000,
     ) -> None:
         """``model`` keys the quota buckets and lanes (the workers' DASHSCOPE_MODEL); ``rates``
         and ``capacity`` only label the account views (the CLI passes the workers' governor).
         ``address``: Redis through Sentinel (then ``redis_url`` is its ``url``); the broker and
-        result backend follow it unless given. ``wait_replicas``: a job is enqueued only once
-        that many replicas have its message (REDIS_WAIT_REPLICAS, docs/ha.md); otherwise
-        ReplicationTimeout, and the job may or may not exist: send it again with the same
-        ``job_id``."""
+        result backend follow it unless given. ``wait_replicas`` (REDIS_WAIT_REPLICAS; None: 1
+        through Sentinel, else 0): a job is enqueued only once that many replicas have its
+        message and its note in the intake inbox (docs/ha.md); otherwise ReplicationTimeout,
+        and the job may or may not exist: send it again with the same ``job_id``."""
         self.inputs = inputs  # only needed to send local files, or to download videos
         address = address or RedisAddress(redis_url)
         broker = broker_url or address.celery_url()
@@ -121,6 +121,8 @@ class AnimateQueue:
         self.store = RedisJobStore(client, prefix=key_prefix, final_ttl=0)
         # With replicas to wait for, each new job's message is noted in the intake inbox in a
         # protected write (workers.adapters.redis.inbox): confirmed, or ReplicationTimeout.
+        if wait_replicas is None:
+            wait_replicas = 1 if address.uses_sentinel else 0
         self.inbox = (
             RedisInbox(
                 client,

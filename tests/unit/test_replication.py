@@ -157,6 +157,10 @@ class Noted:
     task: str = "animate.generate"
 
 
+def EMPTY(queue: str) -> int:
+    return 0
+
+
 class FakeInbox:
     def __init__(self, *entries: Noted) -> None:
         self.entries = {e.job_id: e for e in entries}
@@ -184,10 +188,10 @@ def test_a_job_without_a_record_long_after_its_message_is_sent_again() -> None:
     now = svc.clock()
     inbox = FakeInbox(Noted("lost", "celery", now - 60), Noted("young", "celery", now - 5))
     sent: list[str] = []
-    resent = resend_lost_intakes(svc, inbox, lambda s: sent.append(s.job_id), grace=30)
+    resent = resend_lost_intakes(svc, inbox, lambda s: sent.append(s.job_id), EMPTY, grace=30)
     assert resent == sent == ["lost"]
     assert inbox.rescored == {"lost": now}  # looked at again one grace later, not every pass
-    assert resend_lost_intakes(svc, inbox, lambda s: sent.append(s.job_id), grace=30) == []
+    assert resend_lost_intakes(svc, inbox, lambda s: sent.append(s.job_id), EMPTY, grace=30) == []
 
 
 def test_a_job_with_a_record_only_leaves_the_inbox() -> None:
@@ -198,19 +202,44 @@ def test_a_job_with_a_record_only_leaves_the_inbox() -> None:
     svc = make_services()
     svc.store.create(new_job("arrived"))
     inbox = FakeInbox(Noted("arrived", "celery", svc.clock() - 600))
-    assert resend_lost_intakes(svc, inbox, lambda s: pytest.fail("sent again"), grace=30) == []
+    assert (
+        resend_lost_intakes(svc, inbox, lambda s: pytest.fail("sent again"), EMPTY, grace=30) == []
+    )
     assert inbox.crossed == ["arrived"]
 
 
-@pytest.mark.parametrize("waiting", [(0, 0.0), (2, 120.0)], ids=["no consumer", "a backlog"])
-def test_a_message_that_may_still_be_queued_is_not_sent_again(waiting: tuple[int, float]) -> None:
+@pytest.mark.parametrize(
+    ("consumers", "length"), [(0, 0), (2, 1), (2, 5000)], ids=["no consumer", "one", "a backlog"]
+)
+def test_a_message_that_may_still_be_queued_is_not_sent_again(consumers: int, length: int) -> None:
+    """Messages waiting in the queue (however young its head: a long queue that drains keeps
+    a young head) may include this one: no resend until the queue is empty."""
     from tests.fakes import FakeQueueWatch, make_services
     from workers.steps.watchdog import resend_lost_intakes
 
-    svc = make_services(queues=FakeQueueWatch({"celery": waiting}))
+    svc = make_services(queues=FakeQueueWatch({"celery": (consumers, 0.5)}))
     inbox = FakeInbox(Noted("queued", "celery", svc.clock() - 90))
-    assert resend_lost_intakes(svc, inbox, lambda s: pytest.fail("sent again"), grace=30) == []
+    fail = lambda s: pytest.fail("sent again")  # noqa: E731
+    assert resend_lost_intakes(svc, inbox, fail, lambda q: length, grace=30) == []
     assert inbox.entries  # still watched
+
+
+def test_one_entry_that_fails_does_not_stop_the_others() -> None:
+    from tests.fakes import make_services
+    from workers.steps.watchdog import resend_lost_intakes
+
+    svc = make_services()
+    inbox = FakeInbox(
+        Noted("a", "celery", svc.clock() - 90), Noted("b", "celery", svc.clock() - 80)
+    )
+    sent: list[str] = []
+
+    def send(s: Noted) -> None:
+        if s.job_id == "a":
+            raise ConnectionError("broker down")
+        sent.append(s.job_id)
+
+    assert resend_lost_intakes(svc, inbox, send, EMPTY, grace=30) == ["b"] == sent
 
 
 def test_after_a_day_the_inbox_gives_up() -> None:
@@ -219,5 +248,16 @@ def test_after_a_day_the_inbox_gives_up() -> None:
 
     svc = make_services()
     inbox = FakeInbox(Noted("ancient", "celery", svc.clock() - 2 * 86400))
-    assert resend_lost_intakes(svc, inbox, lambda s: pytest.fail("sent again"), grace=30) == []
+    assert (
+        resend_lost_intakes(svc, inbox, lambda s: pytest.fail("sent again"), EMPTY, grace=30) == []
+    )
     assert inbox.crossed == ["ancient"]
+
+
+def test_a_password_is_read_as_redis_py_reads_it_and_never_shown() -> None:
+    """Percent-escapes decoded (kombu and redis-py's from_url do the same for the broker), and
+    the URL, which holds it, is not in the address's repr."""
+    address = RedisAddress("redis://user%3A1:p%40ss@sentinel/2", (("s1", 26379),))
+    assert address.server_kwargs() == {"db": 2, "username": "user:1", "password": "p@ss"}
+    assert "p%40ss" not in repr(address) and "p@ss" not in repr(address)
+    assert "p%40ss" not in address.describe()

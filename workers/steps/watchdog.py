@@ -92,32 +92,38 @@ def resend_lost_intakes(
     svc: Services,
     inbox: IntakeInbox,
     send: Callable[[Any], None],
+    waiting: Callable[[str], int],
     *,
     grace: float,
     give_up_after: float = 24 * 3600.0,
 ) -> list[str]:
     """Send again the intake message of each job sent more than ``grace`` ago that has no
-    record: lost in a failover, or popped by a worker that never received it. Not while the
-    intake queue has no consumer or its oldest message has waited as long (it may still be
-    there); a job crossed off meanwhile, or found in the store, only leaves the inbox."""
+    record: lost in a failover, or popped by a worker that never received it. Only while its
+    queue is empty (``waiting``: messages in it) and consumed: a message still queued would be
+    a backlog, not a loss. A job found in the store only leaves the inbox. One entry's failure
+    (Redis, the broker) is logged and the others go on."""
     now = svc.clock()
-    queues = svc.queues.waiting() if svc.queues is not None else None
+    consumers = svc.queues.waiting() if svc.queues is not None else {}
     resent = []
     for sent in inbox.older_than(now - grace):
-        if svc.store.get(sent.job_id) is not None:
-            inbox.taken(sent.job_id)
+        try:
+            if svc.store.get(sent.job_id) is not None:
+                inbox.taken(sent.job_id)
+                continue
+            age = now - sent.sent_at
+            if age > give_up_after:
+                log.error("job %s: its intake message was never taken in %.0f s; given up",
+                          sent.job_id, age)  # fmt: skip
+                inbox.taken(sent.job_id)
+                continue
+            if consumers.get(sent.queue, (1, 0.0))[0] == 0 or waiting(sent.queue) > 0:
+                continue  # nobody consumes it, or it may be waiting its turn
+            send(sent)
+            inbox.again(sent.job_id, now)
+        except Exception as exc:  # the next pass tries again
+            log.warning("job %s: could not check or resend its intake message: %s",
+                        sent.job_id, exc)  # fmt: skip
             continue
-        age = now - sent.sent_at
-        if age > give_up_after:
-            log.error("job %s: its intake message was never taken in %.0f s; given up",
-                      sent.job_id, age)  # fmt: skip
-            inbox.taken(sent.job_id)
-            continue
-        consumers, oldest = (queues or {}).get(sent.queue, (1, 0.0))
-        if consumers == 0 or oldest >= age:
-            continue  # a backlog, not a loss: the message may be waiting its turn
-        send(sent)
-        inbox.again(sent.job_id, now)
         svc.metrics.inc("watchdog_resumes_total", reason="lost", step="intake")
         log.warning("job %s: its intake message was lost (sent %.0f s ago, no record); sent "
                     "again", sent.job_id, age)  # fmt: skip

@@ -18,7 +18,7 @@ import ssl
 import threading
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 import redis
 from redis.sentinel import MasterNotFoundError, Sentinel, SentinelConnectionPool
@@ -33,7 +33,7 @@ class RedisAddress:
     """Where Redis is. ``url`` alone, or ``sentinels`` naming ``master_name``; then ``url`` gives
     only the database, credentials and TLS (``rediss://``, ``ssl_*`` query parameters)."""
 
-    url: str
+    url: str = field(repr=False)  # it may hold the password
     sentinels: tuple[tuple[str, int], ...] = ()
     master_name: str = "animate-queue"
     sentinel_password: str | None = field(default=None, repr=False)
@@ -75,9 +75,9 @@ class RedisAddress:
         parts = urlsplit(self.url)
         kwargs: dict[str, Any] = {"db": self.db}
         if parts.username:
-            kwargs["username"] = parts.username
+            kwargs["username"] = unquote(parts.username)
         if parts.password is not None:
-            kwargs["password"] = parts.password
+            kwargs["password"] = unquote(parts.password)  # as redis-py and kombu read it
         if parts.scheme == "rediss":
             kwargs.update(tls_kwargs(self.url))
         return kwargs

@@ -19,12 +19,15 @@ A queued job costs one list entry and its record: no message, no timer, no poll.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 
 from workers.domain.job import Job
 from workers.errors import StoreUnavailable
+
+if TYPE_CHECKING:
+    from workers.adapters.redis.replication import Replication
 
 # Token bucket with 429 feedback. The clock is Redis's own, so hosts need not agree on time.
 # A 429 halves the bucket's rate (down to min_factor) and empties it; the rate then recovers
@@ -189,8 +192,11 @@ class RedisGovernor:
         model: str,
         rates: dict[str, float],
         capacity: int,
+        replication: Replication | None = None,
     ) -> None:
+        """``replication``: admission (which moves job records) is a protected write."""
         self.redis = client
+        self.replication = replication
         self.prefix = prefix
         self.model = model
         self.rates = rates
@@ -259,7 +265,13 @@ class RedisGovernor:
         """Job ids moved from the queue into the remote slot's reach, in order, each already
         marked admitted on its record (admitted_at, due now, its submit message outstanding):
         the caller sends the messages."""
-        ids = self._call(self._admit, lane, str(self.capacity))
+        if self.replication is None:
+            ids = self._call(self._admit, lane, str(self.capacity))
+        else:
+            try:
+                ids = self.replication.run(self._admit, [], [self.prefix, lane, str(self.capacity)])
+            except redis.RedisError as exc:
+                raise StoreUnavailable(f"admission: {exc}") from exc
         return [_text(i) for i in ids]
 
     def release(self, lane: str, job_id: str) -> None:

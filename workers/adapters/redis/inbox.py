@@ -18,12 +18,15 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import redis
 
 from workers.errors import StoreUnavailable
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from workers.adapters.redis.replication import Replication
@@ -100,16 +103,27 @@ class RedisInbox:
         for (job_id, score), entry in zip(due, raw, strict=True):
             if entry is None:  # crossed off between the two reads
                 continue
-            task, queue, message_id, kwargs = json.loads(_text(entry))
+            try:
+                task, queue, message_id, kwargs = json.loads(_text(entry))
+            except ValueError:
+                log.error("intake inbox: unreadable entry for %s; dropped", _text(job_id))
+                self.taken(_text(job_id))
+                continue
             found.append(Sent(_text(job_id), task, queue, message_id, kwargs, float(score)))
         return found
 
     def again(self, job_id: str, at: float) -> None:
         """Sent again at ``at``: looked at again one wait later."""
-        self.redis.zadd(self.due_key, {job_id: at}, xx=True)
+        try:
+            self.redis.zadd(self.due_key, {job_id: at}, xx=True)
+        except redis.RedisError as exc:
+            raise StoreUnavailable(f"intake inbox: {exc}") from exc
 
     def count(self) -> int:
-        return int(self.redis.zcard(self.due_key))
+        try:
+            return int(self.redis.zcard(self.due_key))
+        except redis.RedisError as exc:
+            raise StoreUnavailable(f"intake inbox: {exc}") from exc
 
 
 def _text(value: bytes | str) -> str:

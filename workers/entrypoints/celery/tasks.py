@@ -64,6 +64,12 @@ def timers() -> RedisTimers:
 
 
 @functools.cache
+def broker_client() -> Any:
+    """The broker's Redis (the job store's unless CELERY_BROKER_URL names another)."""
+    return broker_redis(settings) or svc_lock()
+
+
+@functools.cache
 def inbox() -> RedisInbox | None:
     """The intake inbox, kept only where protected writes are (REDIS_WAIT_REPLICAS > 0)."""
     if settings.wait_replicas == 0:
@@ -315,6 +321,7 @@ def watchdog(self: Task[Any, Any]) -> None:
             svc,
             box,
             _send_intake_again,
+            lambda queue: int(broker_client().llen(queue)),
             grace=settings.watchdog_grace_seconds,
         )
     log.info("watchdog pass: %d resumed, %d poisoned, %d waiting in a backlog, %d index "
