@@ -35,8 +35,46 @@ class Place:
         return ["ip", "netns", "exec", self.netns, *args] if self.netns else args
 
 
+class _Process:
+    """A redis-server process (a node or a Sentinel) at ``place``:``port``: its client, whether
+    it answers, SIGKILL and stop. Subclasses are dataclasses with these fields."""
+
+    place: Place
+    port: int
+    password: str | None
+    tls: dict[str, str] | None
+    proc: subprocess.Popen[bytes] | None
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self.place.host, self.port
+
+    def client(self, timeout: float = 2.0) -> redis.Redis:
+        return _client(self.place.host, self.port, self.password, self.tls, timeout)
+
+    def _answers(self) -> bool:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise RuntimeError(f"{type(self).__name__} on {self.place.host}:{self.port} exited")
+        try:
+            with self.client(0.5) as client:
+                return bool(client.ping())
+        except redis.RedisError:
+            return False
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash or a lost host would."""
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+            self.proc = None
+
+    def stop(self) -> None:
+        terminate(self.proc)
+        self.proc = None
+
+
 @dataclass
-class Node:
+class Node(_Process):
     """One redis-server, master or replica (``replica_of``), in ``place``."""
 
     place: Place
@@ -46,10 +84,6 @@ class Node:
     tls: dict[str, str] | None = None  # tls-cert-file etc.: serve TLS on ``port`` only
     dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="aq-ha-redis-")))
     proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def address(self) -> tuple[str, int]:
-        return self.place.host, self.port
 
     def start(self) -> Self:
         args = [redis_server_binary(), "--bind", self.place.host, "--dir", str(self.dir),
@@ -74,37 +108,14 @@ class Node:
         wait_until(lambda: self._answers(), f"redis-server at {self.place.host}:{self.port}")
         return self
 
-    def client(self, timeout: float = 2.0) -> redis.Redis:
-        return _client(self.place.host, self.port, self.password, self.tls, timeout)
-
-    def _answers(self) -> bool:
-        if self.proc is not None and self.proc.poll() is not None:
-            raise RuntimeError(f"redis-server on {self.place.host}:{self.port} exited")
-        try:
-            with self.client(0.5) as client:
-                return bool(client.ping())
-        except redis.RedisError:
-            return False
-
     def role(self) -> str:
         with self.client() as client:
             answer = client.role()
         return answer[0].decode() if isinstance(answer[0], bytes) else str(answer[0])
 
-    def kill(self) -> None:
-        """SIGKILL, as a crash or a lost host would."""
-        if self.proc is not None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(10)
-            self.proc = None
-
-    def stop(self) -> None:
-        terminate(self.proc)
-        self.proc = None
-
 
 @dataclass
-class SentinelNode:
+class SentinelNode(_Process):
     """One Sentinel (``redis-server <conf> --sentinel``) watching ``master``."""
 
     place: Place
@@ -118,10 +129,6 @@ class SentinelNode:
     tls: dict[str, str] | None = None  # as Node's: TLS to clients and to the Redis nodes
     dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="aq-ha-sentinel-")))
     proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def address(self) -> tuple[str, int]:
-        return self.place.host, self.port
 
     def start(self) -> Self:
         conf = self.dir / "sentinel.conf"
@@ -157,18 +164,6 @@ class SentinelNode:
         wait_until(self._answers, f"sentinel at {self.place.host}:{self.port}")
         return self
 
-    def client(self, timeout: float = 2.0) -> redis.Redis:
-        return _client(self.place.host, self.port, self.password, self.tls, timeout)
-
-    def _answers(self) -> bool:
-        if self.proc is not None and self.proc.poll() is not None:
-            raise RuntimeError(f"sentinel on {self.place.host}:{self.port} exited")
-        try:
-            with self.client(0.5) as client:
-                return bool(client.ping())
-        except redis.RedisError:
-            return False
-
     def master_address(self) -> tuple[str, int] | None:
         with self.client() as client:
             found = client.sentinel_get_master_addr_by_name(MASTER_NAME)
@@ -176,16 +171,6 @@ class SentinelNode:
             return None
         host, port = found
         return (host.decode() if isinstance(host, bytes) else str(host)), int(port)
-
-    def kill(self) -> None:
-        if self.proc is not None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(10)
-            self.proc = None
-
-    def stop(self) -> None:
-        terminate(self.proc)
-        self.proc = None
 
 
 class RedisHA(Service):

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
+from workers.adapters.redis.replication import protected
 from workers.domain.job import Job
 from workers.errors import StoreUnavailable
 
@@ -265,13 +266,12 @@ class RedisGovernor:
         """Job ids moved from the queue into the remote slot's reach, in order, each already
         marked admitted on its record (admitted_at, due now, its submit message outstanding):
         the caller sends the messages."""
-        if self.replication is None:
-            ids = self._call(self._admit, lane, str(self.capacity))
-        else:
-            try:
-                ids = self.replication.run(self._admit, [], [self.prefix, lane, str(self.capacity)])
-            except redis.RedisError as exc:
-                raise StoreUnavailable(f"admission: {exc}") from exc
+        try:
+            ids = protected(
+                self.replication, self._admit, [], [self.prefix, lane, str(self.capacity)]
+            )
+        except redis.RedisError as exc:
+            raise StoreUnavailable(f"admission: {exc}") from exc
         return [_text(i) for i in ids]
 
     def release(self, lane: str, job_id: str) -> None:

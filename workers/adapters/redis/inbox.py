@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
+from workers.adapters.redis.replication import protected
 from workers.errors import StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -68,12 +69,8 @@ class RedisInbox:
     ) -> None:
         """Note a message just sent (a protected write when ``replication`` is given)."""
         entry = json.dumps([task, queue, message_id, kwargs], separators=(",", ":"))
-        keys, args = [self.key, self.due_key], [job_id, entry]
         try:
-            if self.replication is None:
-                self._sent(keys=keys, args=args)
-            else:
-                self.replication.run(self._sent, keys, args)
+            protected(self.replication, self._sent, [self.key, self.due_key], [job_id, entry])
         except redis.RedisError as exc:
             raise StoreUnavailable(f"noting the intake of {job_id}: {exc}") from exc
 

@@ -132,6 +132,16 @@ class Replication:
             )
 
 
+def protected(
+    replication: Replication | None, script: Script, keys: Sequence[str], args: Sequence[Any]
+) -> Any:
+    """``script`` as a protected write through ``replication``, or plainly where there is none
+    (one server, or REDIS_WAIT_REPLICAS=0)."""
+    if replication is None:
+        return script(keys=keys, args=args)
+    return replication.run(script, keys, args)
+
+
 def replication_status(client: redis.Redis) -> dict[str, Any]:
     """What the master says of its replication: ``role``, ``replicas`` ("host:port" each),
     ``min_replicas_to_write`` (None where CONFIG is not allowed)."""

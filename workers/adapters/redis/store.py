@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
+from workers.adapters.redis.replication import protected
 from workers.errors import StoreUnavailable
 
 if TYPE_CHECKING:
@@ -639,9 +640,7 @@ class RedisJobStore(WorkflowRecords):
 
     def _protected(self, script: Script, keys: list[str], args: list[Any]) -> Any:
         """A write a failover must not lose (workers.adapters.redis.replication)."""
-        if self.replication is None:
-            return script(keys=keys, args=args)
-        return self.replication.run(script, keys, args)
+        return protected(self.replication, script, keys, args)
 
     def _moved(self, before: Job, after: Job) -> None:
         """One structured log line per change of state, and the time the job spent in the last."""

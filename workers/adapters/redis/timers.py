@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import redis
 
+from workers.adapters.redis.replication import protected
 from workers.errors import StoreUnavailable
 from workers.ports import LEASE_SECONDS, Parked, Taken
 
@@ -96,11 +97,7 @@ class RedisTimers:
     def park(self, parked: Parked, delay: float) -> None:
         """Due ``delay`` seconds from now (Redis's clock)."""
         try:
-            keys, args = [self.key], [repr(delay), parked.member()]
-            if self.replication is None:
-                self._park(keys=keys, args=args)
-            else:
-                self.replication.run(self._park, keys, args)
+            protected(self.replication, self._park, [self.key], [repr(delay), parked.member()])
         except redis.RedisError as exc:
             raise StoreUnavailable(f"cannot park {parked.step} of {parked.job_id}: {exc}") from exc
 
