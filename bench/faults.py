@@ -112,6 +112,9 @@ def stack(args: argparse.Namespace, extra_env: dict[str, str] | None = None) -> 
                 {
                     "WATCHDOG_INTERVAL_SECONDS": "2",
                     "WATCHDOG_GRACE_SECONDS": "5",
+                    # A SIGKILL between a job's QUEUED transition and its enqueue leaves it out of
+                    # its lane's queue until this recheck (production: an hour); seen under load.
+                    "QUEUED_RECHECK_SECONDS": "10",
                     "DASHSCOPE_CONNECT_TIMEOUT": "2",
                     "DASHSCOPE_READ_TIMEOUT": "3",
                 }
