@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -75,15 +75,20 @@ def watchdog(
 
 
 class SentIntake(Protocol):
-    job_id: str
-    queue: str
-    sent_at: float
+    """One noted intake message (workers.adapters.redis.inbox.Sent)."""
+
+    @property
+    def job_id(self) -> str: ...
+    @property
+    def queue(self) -> str: ...
+    @property
+    def sent_at(self) -> float: ...
 
 
 class IntakeInbox(Protocol):
     """New jobs sent and not yet taken by intake (workers.adapters.redis.inbox)."""
 
-    def older_than(self, at: float, limit: int = 100) -> list[Any]: ...
+    def older_than(self, at: float, limit: int = 100) -> Sequence[SentIntake]: ...
     def taken(self, *job_ids: str) -> None: ...
     def again(self, job_id: str, at: float) -> None: ...
 
@@ -91,7 +96,7 @@ class IntakeInbox(Protocol):
 def resend_lost_intakes(
     svc: Services,
     inbox: IntakeInbox,
-    send: Callable[[Any], None],
+    send: Callable[[Any], None],  # gets the entry back (the inbox's own type)
     waiting: Callable[[str], int],
     *,
     grace: float,

@@ -116,12 +116,6 @@ class RedisInbox:
         except redis.RedisError as exc:
             raise StoreUnavailable(f"intake inbox: {exc}") from exc
 
-    def count(self) -> int:
-        try:
-            return int(self.redis.zcard(self.due_key))
-        except redis.RedisError as exc:
-            raise StoreUnavailable(f"intake inbox: {exc}") from exc
-
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
